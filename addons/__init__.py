@@ -1,0 +1,1 @@
+"""Routing addon, in-process relay and upstream client: everything that touches mitmproxy."""

@@ -1,0 +1,1 @@
+"""Extraction, storage, export and the read endpoint. Imports neither mitmproxy nor Textual."""
