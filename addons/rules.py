@@ -183,9 +183,10 @@ class Rules:
                 return route
         return None
 
-    def intercept_hosts(self) -> set[str]:
-        """Hosts the proxy listener decrypts: every provider's, built-in and configured."""
-        return {p.host.lower() for p in self.providers.values() if p.host}
+    def intercept_addresses(self) -> set[tuple[str, int]]:
+        """(host, port) pairs the proxy listener decrypts: every provider's, built-in and
+        configured. By port too, so a local model server does not make all of 127.0.0.1 ours."""
+        return {(p.host.lower(), p.port) for p in self.providers.values() if p.host}
 
 
 def default_rules() -> Rules:

@@ -31,6 +31,29 @@ APIS = (
     API_OTHER,
 )
 
+def detect_api(method: str, path: str) -> str:
+    """The dialect of a request from its method and URL path (any gateway or base prefix).
+
+    Decided from the path alone so that the proxy can classify a call before reading its body,
+    and a body that is not JSON still gets the right `api`.
+    """
+    if method.upper() != "POST":
+        return API_OTHER
+    p = path.split("?", 1)[0].rstrip("/")
+    if p.endswith("/chat/completions"):
+        return API_OPENAI_CHAT
+    if p.endswith("/responses"):
+        return API_OPENAI_RESPONSES
+    if p.endswith("/messages") and not p.endswith("/threads/messages"):
+        return API_ANTHROPIC_MESSAGES
+    if p.endswith("/api/chat"):
+        return API_OLLAMA_CHAT
+    tail = p.rsplit("/", 1)[-1]
+    if "/models/" in p and (tail.endswith(":generateContent") or tail.endswith(":streamGenerateContent")):
+        return API_GEMINI_GENERATE
+    return API_OTHER
+
+
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ulid_lock = threading.Lock()
 _ulid_last: tuple[int, int] = (0, 0)

@@ -35,7 +35,7 @@ def test_gateway_path_maps_onto_the_providers_base_url() -> None:
     # Same host, another port or a path outside the base: not that provider.
     assert rules.provider_for_url("http", "10.0.0.5", 8001, "/v1/models") is None
     assert rules.provider_for_url("http", "10.0.0.5", 8000, "/v10/models") is None
-    assert "openrouter.ai" in rules.intercept_hosts() and "api.anthropic.com" in rules.intercept_hosts()
+    assert {("openrouter.ai", 443), ("api.anthropic.com", 443), ("10.0.0.5", 8000)} <= rules.intercept_addresses()
 
 
 def test_first_matching_route_wins_and_narrowing_globs_apply() -> None:

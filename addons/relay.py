@@ -1,0 +1,505 @@
+"""The in-process relay: upstream attempts with fallbacks, and the tee of the stream.
+
+mitmproxy cannot fall back inside its own upstream connection (FACTS.md): once it has asked an
+upstream, an error is what the client gets. So the routing addon points every LLM flow at this
+relay, served on 127.0.0.1 inside the same process, and hands it a `Plan` keyed by a header.
+The relay tries the plan's targets in order while nothing has reached the client, then forwards
+the chosen answer chunk by chunk. Each forwarded chunk is appended to the record after it was
+written, so recording never delays the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError
+from llmtap.recorder.record import Attempt, Call, Sink, utcnow
+from llmtap.recorder.redact import redact_headers
+
+log = logging.getLogger("llmtap.relay")
+
+PLAN_HEADER = "x-llmtap-plan"
+# Headers that describe one connection, not the message (RFC 9110 7.6.1); never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# What one exchange may hold in memory for the record; the stream itself is never capped.
+RECORD_BODY_LIMIT = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Retry behaviour of one plan (from its route, or the defaults when none matched)."""
+
+    attempts: int = 1
+    backoff_ms: int = 200
+    on_connect: bool = True
+    on_timeout: bool = True
+    statuses: Callable[[int], bool] = lambda status: False
+    retry_after_cap_s: float = 30.0
+    connect_s: float = 10.0
+    first_byte_s: float = 120.0
+
+
+@dataclass(slots=True)
+class Target:
+    """One place to send the request, with everything needed to build it."""
+
+    provider: str | None  # None: pass-through to where the client addressed it
+    origin: Origin
+    target: str  # request-target (path and query) on that origin
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    model: str | None
+
+    @property
+    def url(self) -> str:
+        default = 443 if self.origin.tls else 80
+        port = "" if self.origin.port == default else f":{self.origin.port}"
+        return f"{self.origin.scheme}://{self.origin.host}{port}{self.target}"
+
+
+@dataclass(slots=True)
+class Plan:
+    call: Call
+    method: str
+    targets: list[Target]
+    policy: Policy
+    api_family: str  # openai | anthropic | ollama | gemini | other: shapes llmtap's own errors
+    created: float = field(default_factory=time.monotonic)
+
+
+class Cooldown:
+    """Skips a provider that keeps failing, so every call does not pay for it first."""
+
+    def __init__(self, threshold: int = 3, seconds: float = 30.0) -> None:
+        self.threshold = threshold
+        self.seconds = seconds
+        self._fails: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def cooling(self, provider: str | None) -> bool:
+        if provider is None:
+            return False
+        until = self._until.get(provider)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            # Half-open: the next call tries it again; one more failure re-arms at once.
+            del self._until[provider]
+            self._fails[provider] = self.threshold - 1
+            return False
+        return True
+
+    def failure(self, provider: str | None) -> None:
+        if provider is None or self.threshold <= 0:
+            return
+        count = self._fails.get(provider, 0) + 1
+        self._fails[provider] = count
+        if count >= self.threshold:
+            self._until[provider] = time.monotonic() + self.seconds
+
+    def success(self, provider: str | None) -> None:
+        if provider is not None:
+            self._fails.pop(provider, None)
+            self._until.pop(provider, None)
+
+
+class Relay:
+    """HTTP/1.1 server on 127.0.0.1 whose only client is this process's mitmproxy."""
+
+    def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
+                 on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+        self.sink = sink
+        self.pool = pool or Pool()
+        self.cooldown = cooldown or Cooldown()
+        self.on_finished = on_finished
+        self._plans: dict[str, Plan] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.port = 0
+
+    # -- plans -------------------------------------------------------------------------------
+    def add_plan(self, plan: Plan) -> str:
+        key = secrets.token_hex(12)
+        self._plans[key] = plan
+        return key
+
+    def drop_plan(self, key: str) -> Plan | None:
+        """Called when mitmproxy never delivered a planned request (its own error)."""
+        return self._plans.pop(key, None)
+
+    # -- server ------------------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._connection, host, port, limit=1 << 20)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.pool.aclose()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                except asyncio.LimitOverrunError:
+                    await _send_simple(writer, 431, b"request head too large")
+                    return
+                key, length = _parse_head(head)
+                if length:
+                    await reader.readexactly(length)
+                plan = self._plans.pop(key, None) if key else None
+                if plan is None:
+                    await _send_simple(writer, 404, b"unknown llmtap plan")
+                    return
+                keep = await self._serve(plan, reader, writer)
+                if not keep:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    # -- one exchange ------------------------------------------------------------------------
+    async def _serve(self, plan: Plan, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one planned request; returns whether the connection can be reused."""
+        exchange = _Exchange(self, plan, writer)
+        work = asyncio.ensure_future(exchange.run())
+        # mitmproxy sends nothing more on this connection until our answer ends, so any
+        # readable event before then is the client going away: stop spending tokens at once.
+        watch = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            work.cancel()
+            watch.cancel()
+            exchange.disconnected("llmtap is shutting down")
+            raise
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            exchange.disconnected("client disconnected")
+            return False
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watch
+        try:
+            return work.result()
+        except Exception as exc:  # a bug of ours must not take the call down unrecorded
+            log.exception("relay failed")
+            exchange.finish(error=f"llmtap internal error: {exc!r}")
+            return False
+
+    def _finished(self, call: Call, attempts: list[Attempt]) -> None:
+        try:
+            self.sink.call_finished(call, attempts)
+        except Exception:
+            log.exception("recorder refused a finished call")
+        if self.on_finished is not None:
+            try:
+                self.on_finished(call, attempts)
+            except Exception:
+                log.exception("call line printer failed")
+
+
+class _Exchange:
+    """The state of one call while the relay answers it."""
+
+    def __init__(self, relay: Relay, plan: Plan, writer: asyncio.StreamWriter) -> None:
+        self.relay = relay
+        self.plan = plan
+        self.call = plan.call
+        self.writer = writer
+        self.attempts: list[Attempt] = []
+        self.parts: list[bytes] = []
+        self.recorded = 0
+        self.t0 = time.monotonic()
+        self.sent_head = False
+        self.done = False
+
+    # Every path out of run() ends in finish(); disconnected() covers cancellation.
+    async def run(self) -> bool:
+        plan, policy, cooldown = self.plan, self.plan.policy, self.relay.cooldown
+        last_error: tuple[Response, bytes] | None = None
+        usable = [t for t in plan.targets if not cooldown.cooling(t.provider)]
+        if not usable:  # everything is cooling down: trying beats refusing
+            usable = list(plan.targets)
+        skipped = [t for t in plan.targets if t not in usable]
+        for target in skipped:
+            self._attempt(target).error = "skipped: provider cooling down after repeated failures"
+        total = len(usable) * policy.attempts
+        tried = 0
+        for target in usable:
+            for i in range(policy.attempts):
+                tried += 1
+                is_last = tried == total
+                attempt = self._attempt(target)
+                t_start = time.monotonic()
+                try:
+                    resp = await self.relay.pool.request(
+                        plan.method, target.origin, target.target, target.headers, target.body,
+                        connect_timeout=policy.connect_s, first_byte_timeout=policy.first_byte_s,
+                        # Reasoning models may pause long between events once streaming.
+                        idle_timeout=max(policy.first_byte_s, 300.0),
+                    )
+                except UpstreamError as exc:
+                    attempt.error = str(exc)
+                    attempt.duration_ms = _ms(t_start)
+                    cooldown.failure(target.provider)
+                    retry = policy.on_connect if exc.kind == "connect" else policy.on_timeout
+                    if not retry:
+                        return await self._fail(last_error)
+                    if not is_last and i + 1 < policy.attempts:
+                        await asyncio.sleep(policy.backoff_ms * (2**i) / 1000)
+                    continue
+                attempt.status = resp.status
+                attempt.ttfb_ms = _ms(t_start)
+                if resp.status >= 400 and policy.statuses(resp.status) and not is_last:
+                    body = await resp.aread()
+                    attempt.duration_ms = _ms(t_start)
+                    attempt.error = _error_summary(body)
+                    cooldown.failure(target.provider)
+                    last_error = (resp, body)
+                    if i + 1 < policy.attempts:
+                        await asyncio.sleep(self._backoff(policy, i, resp))
+                    continue
+                if resp.status < 500 and resp.status != 429:
+                    cooldown.success(target.provider)
+                elif policy.statuses(resp.status):
+                    cooldown.failure(target.provider)
+                # The last target's error goes to the client as sent, streamed like any answer.
+                gave_up = resp.status >= 400 and policy.statuses(resp.status)
+                return await self._forward(target, attempt, resp, t_start, gave_up=gave_up)
+        return await self._fail(last_error)
+
+    def _attempt(self, target: Target) -> Attempt:
+        attempt = Attempt(
+            call_id=self.call.id, n=len(self.attempts) + 1, provider=target.provider,
+            url=target.url, model_sent=target.model, started_at=utcnow(),
+        )
+        self.attempts.append(attempt)
+        return attempt
+
+    @staticmethod
+    def _backoff(policy: Policy, i: int, resp: Response) -> float:
+        wait = policy.backoff_ms * (2**i) / 1000
+        hint = _retry_after_s(resp.header(b"retry-after"))
+        if hint is not None:
+            wait = max(wait, min(hint, policy.retry_after_cap_s))
+        return wait
+
+    async def _forward(self, target: Target, attempt: Attempt, resp: Response, t_start: float,
+                       gave_up: bool = False) -> bool:
+        call = self.call
+        call.provider = target.provider
+        call.model_sent = target.model
+        call.status = resp.status
+        headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
+        has_length = any(k == b"content-length" for k, _ in headers)
+        call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+        head = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason or b"-")]
+        head += [k + b": " + v + b"\r\n" for k, v in headers]
+        if not has_length:
+            head.append(b"transfer-encoding: chunked\r\n")
+        head.append(b"\r\n")
+        writer = self.writer
+        writer.write(b"".join(head))
+        self.sent_head = True
+        error: str | None = None
+        try:
+            async for chunk in resp.aiter_raw():
+                if not chunk:
+                    continue
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if not has_length else chunk)
+                await writer.drain()
+                if call.ttfb_ms is None:
+                    call.ttfb_ms = _ms(self.t0)
+                self._tee(chunk)
+            if not has_length:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except StreamCut as exc:
+            error = f"upstream cut the stream: {exc}"
+        attempt.duration_ms = _ms(t_start)
+        if error:
+            attempt.error = error
+        cut = error is not None
+        if not cut and gave_up:
+            attempt.error = _error_summary(b"".join(self.parts))
+            error = self._all_failed()
+        self.finish(error=error)
+        # After a cut the client must see the truncation, so the connection is dropped.
+        return not cut
+
+    def _tee(self, chunk: bytes) -> None:
+        if self.recorded < RECORD_BODY_LIMIT:
+            self.parts.append(chunk)
+            self.recorded += len(chunk)
+            if self.recorded >= RECORD_BODY_LIMIT:
+                self.call.notes.append(
+                    f"response body over {RECORD_BODY_LIMIT >> 20} MiB: the record keeps the first "
+                    f"{RECORD_BODY_LIMIT >> 20} MiB; the client got all of it"
+                )
+        try:
+            self.relay.sink.call_chunk(self.call.id, chunk)
+        except Exception:
+            log.exception("recorder refused a chunk")
+
+    async def _fail(self, last_error: tuple[Response, bytes] | None) -> bool:
+        """Every target failed: the last upstream error as sent, or llmtap's own 502."""
+        call = self.call
+        if last_error is not None:
+            resp, body = last_error
+            call.status = resp.status
+            call.provider = self.attempts[-1].provider if self.attempts else None
+            headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != b"content-length"]
+            call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+            status, reason = resp.status, resp.reason or b"-"
+        else:
+            body = _own_error(self.plan.api_family, self.attempts)
+            headers = [(b"content-type", b"application/json")]
+            call.response_headers = {"content-type": "application/json"}
+            call.status = 502
+            status, reason = 502, b"Bad Gateway"
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        head += [k + b": " + v + b"\r\n" for k, v in headers]
+        head.append(b"content-length: %d\r\n\r\n" % len(body))
+        self.writer.write(b"".join(head) + body)
+        self.sent_head = True
+        await self.writer.drain()
+        call.ttfb_ms = _ms(self.t0)
+        self._tee(body)
+        self.finish(error=self._all_failed())
+        return True
+
+    def _all_failed(self) -> str:
+        real = [a for a in self.attempts if not (a.error or "").startswith("skipped")]
+        summary = "; ".join(f"#{a.n} {a.provider or a.url}: {a.status or ''} {a.error or ''}".strip() for a in real)
+        return f"all {len(real)} attempts failed: {summary}"
+
+    def disconnected(self, reason: str) -> None:
+        if self.done:
+            return
+        for attempt in self.attempts:
+            if attempt.duration_ms is None:
+                attempt.duration_ms = (utcnow() - attempt.started_at).total_seconds() * 1000
+                attempt.error = attempt.error or reason
+        self.finish(error=reason, status=self.call.status if self.sent_head else 499)
+
+    def finish(self, *, error: str | None = None, status: int | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        call = self.call
+        if status is not None:
+            call.status = status
+        call.duration_ms = _ms(self.t0)
+        call.attempts = sum(1 for a in self.attempts if not (a.error or "").startswith("skipped"))
+        call.response_body = b"".join(self.parts)
+        if error:
+            call.error = error
+        self.relay._finished(call, self.attempts)
+
+
+def _parse_head(head: bytes) -> tuple[str | None, int]:
+    key: str | None = None
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == PLAN_HEADER.encode():
+            key = value.strip().decode("latin-1")
+        elif name == b"content-length":
+            length = int(value.strip() or 0)
+    return key, length
+
+
+async def _send_simple(writer: asyncio.StreamWriter, status: int, text: bytes) -> None:
+    writer.write(b"HTTP/1.1 %d -\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                 % (status, len(text), text))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+def _ms(t0: float) -> float:
+    return round((time.monotonic() - t0) * 1000, 3)
+
+
+def _retry_after_s(value: bytes | None) -> float | None:
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(text) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_summary(body: bytes) -> str:
+    """A one-line reason from a provider's error body, for the attempts table."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return body[:200].decode("utf-8", "replace")
+    err = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(err, dict):
+        return str(err.get("message") or err.get("type") or err)[:300]
+    return str(err)[:300]
+
+
+def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
+    """llmtap's 502 when no upstream answered at all, in the request's own error format so
+    the client's SDK shows a readable message."""
+    tried = [
+        {"n": a.n, "provider": a.provider, "url": a.url, "model": a.model_sent, "error": a.error}
+        for a in attempts
+    ]
+    lines = "; ".join(f"#{a['n']} {a['provider'] or urlsplit(a['url']).netloc}: {a['error']}" for a in tried)
+    message = f"llmtap: no upstream answered ({lines or 'no target to try'})"
+    if api_family == "anthropic":
+        payload: object = {"type": "error", "error": {"type": "api_error", "message": message}, "llmtap_attempts": tried}
+    elif api_family == "ollama":
+        payload = {"error": message, "llmtap_attempts": tried}
+    elif api_family == "gemini":
+        payload = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}, "llmtap_attempts": tried}
+    else:
+        payload = {"error": {"message": message, "type": "upstream_unavailable", "param": None,
+                             "code": "llmtap_no_upstream", "attempts": tried}}
+    return json.dumps(payload).encode()

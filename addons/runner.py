@@ -1,0 +1,247 @@
+"""Start mitmproxy, the relay and the recorder in one process, on one asyncio loop.
+
+`DumpMaster` would exit the process when anything logs an error at start-up (a busy port),
+so a bare `Master` with mitmproxy's default addons is used and start-up failures are turned
+into one clear message here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mitmproxy import addons as mitm_addons
+from mitmproxy import master as mitm_master
+from mitmproxy import options as mitm_options
+
+from llmtap.addons import rules as rules_mod
+from llmtap.addons.relay import Cooldown, Relay
+from llmtap.addons.routing import Router
+from llmtap.recorder.record import Attempt, Call, Sink
+
+log = logging.getLogger("llmtap")
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    proxy: tuple[str, int] | None = ("127.0.0.1", 8080)
+    gateway: tuple[str, int] | None = ("127.0.0.1", 8081)
+    rules_path: Path | None = None  # None: built-in providers only, no routes
+    confdir: Path = field(default_factory=lambda: Path.home() / ".mitmproxy")
+    reload_interval_s: float = 1.0
+
+
+def parse_hostport(text: str, flag: str) -> tuple[str, int]:
+    """'8080', ':8080', 'HOST:PORT' or '[::1]:8080' -> (host, port), host defaulting to loopback."""
+    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*))?:?(?P<port>\d+)", text.strip())
+    if not m or not (0 <= int(m["port"]) < 65536):
+        raise StartupError(f"{flag} {text!r}: expected HOST:PORT, e.g. {flag} 127.0.0.1:8080")
+    return (m["v6"] or m["host"] or "127.0.0.1", int(m["port"]))
+
+
+class RulesHolder:
+    """The rules in force. Watches the file and reloads it; a bad edit keeps the last good
+    rules and says why, once per change."""
+
+    def __init__(self, path: Path | None, on_change: Callable[[rules_mod.Rules], None] | None = None) -> None:
+        self.path = path
+        self.on_change = on_change
+        self.current = rules_mod.load_rules(path) if path is not None else rules_mod.default_rules()
+        self._stamp = self._stat()
+
+    def __call__(self) -> rules_mod.Rules:
+        return self.current
+
+    def _stat(self) -> tuple[float, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def check(self) -> bool:
+        """Reload if the file changed; returns True when new rules took effect."""
+        stamp = self._stat()
+        if stamp == self._stamp or self.path is None:
+            return False
+        self._stamp = stamp
+        if stamp is None:
+            log.warning("%s disappeared; keeping the rules loaded before", self.path)
+            return False
+        try:
+            new = rules_mod.load_rules(self.path)
+        except rules_mod.RulesError as exc:
+            log.error("%s has errors; keeping the last good rules:\n%s", self.path, exc)
+            return False
+        self.current = new
+        log.warning("reloaded %s: %d providers, %d routes", self.path, len(new.providers), len(new.routes))
+        if self.on_change is not None:
+            self.on_change(new)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check()
+            except Exception:  # never let the watcher die silently
+                log.exception("rules reload failed")
+
+
+def allow_hosts(rules: rules_mod.Rules, relay_port: int) -> list[str]:
+    """Regexes for mitmproxy's allow_hosts: LLM API hosts and the relay; all else is a raw tunnel."""
+    pats = [rf"^{re.escape(host)}:{port}$" for host, port in sorted(rules.intercept_addresses())]
+    # The gateway's reverse target is the relay; without this its traffic would be tunnelled.
+    pats.append(rf"^127\.0\.0\.1:{relay_port}$")
+    return pats
+
+
+class Proxy:
+    """The running proxy. `await start()`, then `await wait()`; `stop()` is safe from signals."""
+
+    def __init__(self, config: RunConfig, sink: Sink,
+                 on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+        self.config = config
+        self.sink = sink
+        try:
+            self.rules = RulesHolder(config.rules_path, self._rules_changed)
+        except rules_mod.RulesError as exc:
+            raise StartupError(str(exc)) from None
+        self.relay = Relay(sink, cooldown=Cooldown(seconds=getattr(self.rules.current, "cooldown_s", 30.0)),
+                           on_finished=on_finished)
+        self.master: mitm_master.Master | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.proxy_addr: tuple[str, int] | None = None
+        self.gateway_addr: tuple[str, int] | None = None
+
+    def _rules_changed(self, rules: rules_mod.Rules) -> None:
+        if self.master is not None:
+            self.master.options.update(allow_hosts=allow_hosts(rules, self.relay.port))
+
+    async def start(self) -> None:
+        relay_port = await self.relay.start()
+        opts = mitm_options.Options()
+        master = mitm_master.Master(opts, event_loop=asyncio.get_running_loop())
+        master.addons.add(*mitm_addons.default_addons())
+        master.addons.add(Router(self.relay, self.rules))
+        modes: list[str] = []
+        if self.config.proxy is not None:
+            host, port = self.config.proxy
+            modes.append(f"regular@{_fmt_host(host)}:{port}")
+        if self.config.gateway is not None:
+            host, port = self.config.gateway
+            modes.append(f"reverse:http://127.0.0.1:{relay_port}@{_fmt_host(host)}:{port}")
+        self.config.confdir.mkdir(parents=True, exist_ok=True)
+        # Options declared by addons exist only once the addons are added.
+        opts.update(
+            confdir=str(self.config.confdir),
+            mode=modes[:1] if len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0") else modes,
+            # Upstream failures must reach the addon (FACTS.md); eager would answer CONNECT 502.
+            connection_strategy="lazy",
+            allow_hosts=allow_hosts(self.rules.current, relay_port),
+        )
+        self.master = master
+        ps = master.addons.get("proxyserver")
+        ok = await ps.setup_servers()
+        if ok and len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0"):
+            # mitmproxy refuses two listeners on the same "host:0" even though the OS would
+            # give each its own port: start one, pin it to the port it got, then add the other.
+            port = next(iter(ps.servers)).listen_addrs[0][1]
+            opts.update(mode=[modes[0][:-2] + f":{port}", modes[1]])
+            ok = await ps.setup_servers()
+        if not ok:
+            problems = []
+            for server in ps.servers:
+                if server.last_exception is not None:
+                    spec = server.mode.full_spec
+                    what = "--proxy" if spec.startswith("regular") else "--gateway"
+                    problems.append(f"cannot listen for {what} at {server.mode.listen_host()}:"
+                                    f"{server.mode.listen_port()}: {server.last_exception}. "
+                                    f"Is another llmtap or proxy running? Choose another port with {what} HOST:PORT.")
+            await self.relay.stop()
+            raise StartupError("\n".join(problems) or "mitmproxy could not start its listeners")
+        for server in ps.servers:
+            addrs = server.listen_addrs
+            if not addrs:
+                continue
+            addr = (addrs[0][0], addrs[0][1])
+            if server.mode.full_spec.startswith("regular"):
+                self.proxy_addr = addr
+            else:
+                self.gateway_addr = addr
+        await master.running()
+        if self.config.rules_path is not None:
+            self._tasks.append(asyncio.create_task(self.rules.watch(self.config.reload_interval_s)))
+
+    async def wait(self) -> None:
+        assert self.master is not None
+        await self.master.should_exit.wait()
+
+    def stop(self) -> None:
+        if self.master is not None:
+            self.master.shutdown()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.master is not None:
+            ps = self.master.addons.get("proxyserver")
+            self.master.options.update(mode=[], server=False)
+            try:
+                await ps.servers.update([])
+            except Exception:  # already down
+                pass
+            await self.master.done()
+        await self.relay.stop()
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop)
+        except (NotImplementedError, RuntimeError):  # not on the main thread, or Windows
+            pass
+
+
+async def serve(config: RunConfig, sink: Sink, *, ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
+                on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or `proxy.stop()`); raises StartupError on a bad start."""
+    proxy = Proxy(config, sink, on_finished=on_finished)
+    await proxy.start()
+    install_signal_handlers(proxy.stop)
+    try:
+        if ready is not None:
+            result = ready(proxy)
+            if asyncio.iscoroutine(result):
+                await result
+        await proxy.wait()
+    finally:
+        await proxy.close()
+
+
+def configure_logging(stream=sys.stderr, verbose: bool = False) -> None:
+    """llmtap's messages go to stderr; mitmproxy's own chatter only from warnings up."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("llmtap: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
