@@ -540,6 +540,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     own = [p for p in rules.providers.values() if not p.builtin]
     print(f"{path}: OK, {_plural(len(own), 'provider')} of its own (+{len(rules.providers) - len(own)} "
           f"built in), {_plural(len(rules.routes), 'route')}")
+    builtin = sorted(p.name for p in rules.providers.values() if p.builtin)
+    if builtin:
+        print(f"  built-in providers: {', '.join(builtin)}")
     for route in rules.routes:
         globs = " ".join(f"{k}={v}" for k, v in route.match.items())
         chain = " → ".join(f"{t.provider}:{t.model or '(as asked)'}" for t in route.targets)

@@ -1,0 +1,94 @@
+"""The `llmtap` command as a user runs it: start-up lines, one line per call, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+from fakeprovider import FakeProvider
+
+
+def llmtap(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmtap", *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+class Lines:
+    """Reads a pipe on a thread so the test can wait for a line without blocking forever."""
+
+    def __init__(self, pipe) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
+
+    def _read(self, pipe) -> None:
+        for line in pipe:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        with self._cond:
+            found = self._cond.wait_for(lambda: next((l for l in self.lines if text in l), None), timeout)
+        assert found, f"no line with {text!r} in {self.lines}"
+        return found
+
+
+def test_run_prints_where_it_listens_a_line_per_call_and_stops_on_sigterm(tmp_path: Path, fake: FakeProvider) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n"
+                     "routes:\n  - match: {model: fast}\n    targets: [{provider: local, model: real-model}]\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "run", "--no-record", "--rules", str(rules), "--confdir", str(tmp_path / "ca"),
+         "--proxy", "127.0.0.1:0", "--gateway", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        err, out = Lines(proc.stderr), Lines(proc.stdout)
+        gateway = err.wait_for("gateway").split()[1].split("/<provider>")[0]
+        assert "(1 routes)" in err.wait_for("rules")
+        r = httpx.post(f"{gateway}/local/chat/completions", timeout=30, headers={"user-agent": "agent/1.0"},
+                       json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+        line = out.wait_for("fast → real-model")
+        assert "agent/1.0" in line and "local" in line and " 200 " in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_rules_file_ends_start_up_with_the_problem(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("routes:\n  - match: {model: x}\n    targets: [{provider: opnai}]\n")
+    r = llmtap("run", "--no-record", "--rules", str(rules), "--confdir", str(tmp_path / "ca"))
+    assert r.returncode == 2
+    assert f"{rules}:3: route `route 1`: unknown provider `opnai`; did you mean `openai`?" in r.stderr
+
+
+def test_env_and_wrap_send_a_tool_through_the_proxy(tmp_path: Path) -> None:
+    r = llmtap("env", "--proxy", "127.0.0.1:9999", "--confdir", str(tmp_path / "ca"))
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
+    assert exports["HTTPS_PROXY"] == "http://127.0.0.1:9999"
+    bundle = Path(exports["SSL_CERT_FILE"])
+    ca = (tmp_path / "ca" / "mitmproxy-ca-cert.pem").read_text()
+    # The bundle trusts llmtap's CA and still the public CAs (tunnelled hosts must verify).
+    assert ca in bundle.read_text() and bundle.read_text().count("BEGIN CERTIFICATE") > 10
+    assert exports["NODE_EXTRA_CA_CERTS"] == str(tmp_path / "ca" / "mitmproxy-ca-cert.pem")
+    w = llmtap("wrap", "--proxy", "127.0.0.1:9999", "--confdir", str(tmp_path / "ca"), "--",
+               sys.executable, "-c", "import os; print(os.environ['HTTPS_PROXY'], os.environ['REQUESTS_CA_BUNDLE'])")
+    assert w.returncode == 0 and w.stdout.split() == ["http://127.0.0.1:9999", str(bundle)]
+
+
+def test_help_teaches_both_ways_in() -> None:
+    r = llmtap("run", "--help")
+    assert "HTTPS_PROXY" in r.stdout and "http://127.0.0.1:8081/openai" in r.stdout and "--rules" in r.stdout
+    top = llmtap("--help")
+    for command in ("run", "env", "wrap", "rules"):
+        assert command in top.stdout
