@@ -88,7 +88,8 @@ class Router:
             rest = "/" + rest
         else:
             shown_url = req.pretty_url
-            found = rules.provider_for_url(req.scheme, req.pretty_host, req.port, path)
+            found = rules.provider_for_url(req.scheme, req.pretty_host, req.port, path,
+                                           _family(detect_api(req.method, path)))
             if found is None and (req.pretty_host.lower(), req.port) not in rules.intercept_addresses():
                 return  # plain-HTTP traffic to a host that is no LLM API: not ours to touch
             addressed, rest = found if found else (None, path)

@@ -147,13 +147,14 @@ class Rules:
     source: str | None = None
     cooldown_s: float = 30.0
 
-    def provider_for_url(self, scheme: str, host: str, port: int, path: str) -> tuple[Provider, str] | None:
+    def provider_for_url(self, scheme: str, host: str, port: int, path: str,
+                         api: str | None = None) -> tuple[Provider, str] | None:
         """The provider whose base URL the request falls under, and the path after it.
 
-        The longest base path wins, and a user's own provider beats a built-in one on the
-        same prefix, so `openrouter.ai/api/v1` is never mistaken for a provider at `/`.
+        The longest base path wins, then one speaking the request's `api` (one server may
+        serve several formats), then a user's own provider over a built-in one.
         """
-        best: tuple[int, bool, Provider] | None = None
+        best: tuple[int, bool, bool, Provider] | None = None
         host = host.lower()
         for p in self.providers.values():
             if p.host.lower() != host or p.port != port or p.scheme != scheme:
@@ -161,12 +162,12 @@ class Rules:
             base = p.base_path
             if base and not (path == base or path.startswith(base + "/")):
                 continue
-            rank = (len(base), not p.builtin)
-            if best is None or rank > best[:2]:
-                best = (rank[0], rank[1], p)
+            rank = (len(base), p.api == api, not p.builtin)
+            if best is None or rank > best[:3]:
+                best = (*rank, p)
         if best is None:
             return None
-        provider = best[2]
+        provider = best[3]
         return provider, path[len(provider.base_path):] or "/"
 
     def match(self, *, model: str | None, host: str | None, path: str | None, client: str | None,

@@ -41,6 +41,9 @@ providers:
   deadhost: {{base_url: "http://127.0.0.1:{dead}/v1", api: openai}}
   claude:   {{base_url: "{p1}", api: anthropic}}
   claude2:  {{base_url: "{p2}", api: anthropic}}
+  llama:    {{base_url: "{p1}", api: ollama}}
+  llama2:   {{base_url: "{p2}", api: ollama}}
+  gem:      {{base_url: "{p1}", api: gemini}}
 routes:
   - name: smart
     match: {{model: "smart*"}}
@@ -65,6 +68,16 @@ routes:
       - {{provider: claude}}
       - {{provider: claude2, model: claude-backup}}
     retry: {{attempts: 1, backoff_ms: 1, on: [connect, 5xx, 529]}}
+  - name: local
+    match: {{model: "local*"}}
+    targets:
+      - {{provider: llama, model: qwen3}}
+      - {{provider: llama2, model: qwen3-backup}}
+    retry: {{attempts: 1, backoff_ms: 1, on: [connect, 5xx]}}
+  - name: gem
+    match: {{model: "gem-fast"}}
+    targets:
+      - {{provider: gem, model: gemini-2.5-flash}}
 """
 
 
@@ -294,6 +307,34 @@ def test_proxy_listener_decrypts_llm_hosts_and_routes(proxy: RunningProxy, fake:
     call, _ = proxy.memory.wait_finished(1)[0]
     assert call.url == "https://api.openai.com/v1/chat/completions"
     assert call.route == "intercepted" and call.provider == "primary"
+
+
+def test_ollama_ndjson_streams_through_plain_http_proxy_and_fallback(proxy: RunningProxy, fake: FakeProvider,
+                                                                     fake2: FakeProvider) -> None:
+    fake.script_for_model("qwen3", status(503))
+    fake2.script(slow(0.05, chunks=30))
+    with httpx.Client(proxy=proxy.proxy_url, timeout=20) as c, c.stream(
+        "POST", f"{fake.url}/api/chat", json={"model": "local-smart", "messages": [{"role": "user", "content": "hi"}]},
+    ) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(lines))
+        # NDJSON is not buffered: the first line arrives while the upstream is still writing.
+        assert first["done"] is False and first["model"] == "qwen3-backup"
+        last = json.loads(list(lines)[-1])
+    assert last["done"] is True
+    call, attempts = proxy.memory.wait_finished(1)[0]
+    assert call.api == "ollama.chat" and call.route == "local"
+    assert [(a.provider, a.status) for a in attempts] == [("llama", 503), ("llama2", 200)]
+
+
+def test_gemini_model_in_the_path_is_rewritten(proxy: RunningProxy, fake: FakeProvider) -> None:
+    r = httpx.post(f"{proxy.gateway_url}/gem/v1beta/models/gem-fast:streamGenerateContent?alt=sse&key=AIza-client",
+                   json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, timeout=20)
+    assert r.status_code == 200 and r.text.startswith("data:")
+    assert fake.requests[0].path == "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse&key=AIza-client"
+    call, _ = proxy.memory.wait_finished(1)[0]
+    assert call.model_requested == "gem-fast" and call.model_sent == "gemini-2.5-flash"
+    assert "AIza-client" not in call.url  # the key in the query is redacted in the record
 
 
 def _self_signed_server():
