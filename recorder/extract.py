@@ -1,0 +1,1023 @@
+"""Reasoning, answer text, tool calls, usage and finish reason from LLM response bytes.
+
+Pure and incremental: an `Extractor` is fed the body exactly as the network delivered it (any
+split, compressed or not) and can report what it knows at any moment, so the same code serves
+the live view of a call in progress and the record written when it ends. Only the standard
+library is imported; the optional `brotli` / `zstandard` decoders are imported lazily.
+
+Every dialect's rules follow the wire-transcript corpus (`fixtures/README.md`): where each
+provider puts reasoning text, which token count means what, and what ends a stream normally.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtap.recorder.record import (
+    API_ANTHROPIC_MESSAGES,
+    API_GEMINI_GENERATE,
+    API_OLLAMA_CHAT,
+    API_OPENAI_CHAT,
+    API_OPENAI_RESPONSES,
+    API_OTHER,
+)
+from llmtap.recorder.record import detect_api as _detect_api_from_path
+
+# A garbage stream could otherwise produce one note per line.
+_MAX_NOTES = 20
+# Error bodies that are not JSON are kept as their text, up to this many characters.
+_MAX_ERROR_TEXT = 2000
+
+Headers = dict[str, str] | list[tuple[str, str]] | None
+
+
+def detect_api(method: str, path: str, body: bytes = b"") -> str:
+    """The wire dialect of a request, decided from its method and URL path (any prefix).
+
+    `body` is accepted so callers can pass what they have; the path alone decides, so that a
+    request whose body is not JSON is still classified. Never raises.
+    """
+    try:
+        return _detect_api_from_path(method or "", path or "")
+    except Exception:
+        return API_OTHER
+
+
+@dataclass
+class Extraction:
+    """What one response said, as far as it could be understood."""
+
+    stream: bool | None = None
+    complete: bool | None = None
+    reasoning: str | None = None  # None when the model produced none
+    content: str | None = None
+    tool_calls: list[dict] | None = None  # [{"id", "name", "arguments"}], arguments verbatim
+    model: str | None = None  # what the upstream reports, not the alias asked for
+    finish_reason: str | None = None  # the provider's own value, not normalised
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    # {status, type, code, message, request_id, retry_after_seconds}
+    error: dict | None = None
+    redacted_reasoning_blocks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class _Text:
+    """Appended pieces, joined lazily; joining collapses the list so repeated reads stay cheap."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+
+    def add(self, piece: Any) -> None:
+        if isinstance(piece, str) and piece:
+            self._parts.append(piece)
+
+    def set(self, text: str) -> None:
+        self._parts = [text] if text else []
+
+    def value(self) -> str:
+        parts = self._parts
+        n = len(parts)
+        if n > 1:
+            # Replace only the pieces joined: a live view may read while another thread feeds.
+            parts[:n] = ["".join(parts[:n])]
+        return parts[0] if parts else ""
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _dig(obj: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(k)
+    return obj
+
+
+def _dumps(obj: Any) -> str:
+    # Compact, like the models' own argument strings.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class _State:
+    """Everything accumulated so far; dialect handlers write into it."""
+
+    def __init__(self) -> None:
+        self.reasoning = _Text()
+        # Responses API summary parts, keyed by (item_id, part); joined with blank lines.
+        self.reasoning_groups: dict[tuple, _Text] = {}
+        self.content = _Text()
+        self.tools: dict[Any, dict] = {}
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+        self.total_tokens: int | None = None
+        self.error: dict | None = None
+        self.complete: bool | None = None
+        self.redacted = 0
+        self.notes: list[str] = []
+
+    def note(self, text: str) -> None:
+        if len(self.notes) < _MAX_NOTES:
+            self.notes.append(text)
+        elif len(self.notes) == _MAX_NOTES:
+            self.notes.append("further notes omitted")
+
+    def tool(self, key: Any) -> dict:
+        t = self.tools.get(key)
+        if t is None:
+            t = self.tools[key] = {"id": None, "name": None, "args": _Text()}
+        return t
+
+    def set_model(self, m: Any) -> None:
+        if isinstance(m, str) and m:
+            self.model = m
+
+    def fail(self, err: dict) -> None:
+        self.error = err
+        self.complete = False
+
+    def extraction(self, stream: bool | None) -> Extraction:
+        reasoning = self.reasoning.value()
+        if self.reasoning_groups:
+            groups = [g.value() for g in list(self.reasoning_groups.values())]
+            reasoning = "\n\n".join([g for g in ([reasoning] + groups) if g])
+        tools = [
+            {"id": t["id"], "name": t["name"], "arguments": t["args"].value()} for t in list(self.tools.values())
+        ]
+        return Extraction(
+            stream=stream,
+            complete=self.complete,
+            reasoning=reasoning or None,
+            content=self.content.value() or None,
+            tool_calls=tools or None,
+            model=self.model,
+            finish_reason=self.finish_reason,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            total_tokens=self.total_tokens,
+            error=dict(self.error) if self.error else None,
+            redacted_reasoning_blocks=self.redacted,
+            notes=list(self.notes),
+        )
+
+
+def _norm_error(obj: Any, status: int | None) -> dict:
+    """One shape for every provider's error: OpenAI `{error:{...}}`, Anthropic `{type:error,
+    error:{...}}`, Gemini `{error:{code,status,message}}`, Ollama `{error:"text"}`, an event."""
+    out: dict[str, Any] = {
+        "status": status, "type": None, "code": None, "message": None, "request_id": None, "retry_after_seconds": None
+    }
+    if isinstance(obj, list) and obj:  # Gemini sometimes wraps the error in an array
+        obj = obj[0]
+    if not isinstance(obj, dict):
+        out["message"] = str(obj)[:_MAX_ERROR_TEXT]
+        return out
+    inner = obj.get("error", obj)
+    if isinstance(inner, str):
+        inner = {"message": inner}
+    if not isinstance(inner, dict):
+        inner = {"message": str(inner)}
+    typ = inner.get("type")
+    if not isinstance(typ, str) or typ == "error":
+        typ = inner.get("status") if isinstance(inner.get("status"), str) else None
+    out["type"] = typ
+    out["code"] = inner.get("code")
+    msg = inner.get("message")
+    out["message"] = msg if isinstance(msg, str) else (None if msg is None else str(msg))
+    rid = obj.get("request_id") or inner.get("request_id")
+    out["request_id"] = rid if isinstance(rid, str) else None
+    return out
+
+
+# --- dialects -------------------------------------------------------------------------------
+
+
+class _Dialect:
+    """Turns parsed JSON objects (one per SSE event / NDJSON line / whole body) into state."""
+
+    # Whether the dialect has an end-of-stream marker, so a stream without one was cut.
+    has_terminator = True
+
+    def __init__(self, st: _State) -> None:
+        self.st = st
+
+    def event(self, name: str | None, obj: Any) -> None:
+        raise NotImplementedError
+
+    def done(self) -> None:
+        """`data: [DONE]`."""
+        self.st.complete = True if self.st.error is None else False
+
+    def whole(self, obj: Any) -> None:
+        """A complete non-streamed body that parsed as JSON with a 2xx status."""
+        if isinstance(obj, dict) and ("error" in obj and obj.get("error") or obj.get("type") == "error"):
+            self.st.fail(_norm_error(obj, None))
+            return
+        self.event(None, obj)
+        if self.st.error is None:
+            self.st.complete = True
+
+
+class _OpenAIChat(_Dialect):
+    """Chat Completions and its many compatible servers (OpenRouter, DeepSeek, vLLM, ...)."""
+
+    def event(self, name: str | None, obj: Any) -> None:
+        st = self.st
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error"):
+            # OpenRouter reports upstream failures in-band, next to a `finish_reason: error`.
+            st.fail(_norm_error(obj, None))
+        st.set_model(obj.get("model"))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            # DeepSeek puts usage on the finish_reason chunk, OpenAI on a choice-less one.
+            st.input_tokens = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+            st.output_tokens = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+            st.total_tokens = _int(usage.get("total_tokens"))
+            st.reasoning_tokens = _int(_dig(usage, "completion_tokens_details", "reasoning_tokens"))
+        for choice in obj.get("choices") or ():
+            # n > 1 would interleave unrelated answers; record the first one only.
+            if not isinstance(choice, dict) or choice.get("index", 0) not in (0, None):
+                continue
+            msg = choice.get("delta")
+            if not isinstance(msg, dict):
+                msg = choice.get("message")
+            if isinstance(msg, dict):
+                self._message(msg, is_delta="delta" in choice)
+            st.content.add(choice.get("text"))  # legacy /completions
+            if isinstance(choice.get("finish_reason"), str):
+                st.finish_reason = choice["finish_reason"]
+
+    def _message(self, msg: dict, is_delta: bool) -> None:
+        st = self.st
+        # Providers mirror one text in several fields (OpenRouter: reasoning + reasoning_details,
+        # some vLLM builds: reasoning + reasoning_content); take the first that carries text.
+        for key in ("reasoning", "reasoning_content"):
+            text = msg.get(key)
+            if isinstance(text, str) and text:
+                st.reasoning.add(text)
+                break
+        else:
+            for d in msg.get("reasoning_details") or ():
+                if isinstance(d, dict):
+                    st.reasoning.add(d.get("text") if d.get("type") != "reasoning.summary" else d.get("summary"))
+        for d in msg.get("reasoning_details") or ():
+            # Encrypted reasoning exists but cannot be read: count it like a redacted block.
+            if isinstance(d, dict) and d.get("type") == "reasoning.encrypted":
+                st.redacted += 1
+        content = msg.get("content")
+        if isinstance(content, list):  # some compatible servers send content parts
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in (None, "text", "output_text"):
+                    st.content.add(part.get("text"))
+        else:
+            st.content.add(content)
+        for pos, tc in enumerate(msg.get("tool_calls") or ()):
+            if not isinstance(tc, dict):
+                continue
+            idx = tc.get("index")
+            if not isinstance(idx, int):
+                idx = pos if not is_delta else self._unindexed(tc.get("id"))
+            t = st.tool(("i", idx))
+            if tc.get("id"):
+                t["id"] = tc["id"]
+            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+            if fn.get("name"):
+                t["name"] = fn["name"]
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                t["args"].add(args)
+            elif args is not None:
+                t["args"].add(_dumps(args))
+
+    def _unindexed(self, call_id: Any) -> int:
+        """Servers that omit `index`: a new id starts a call, a bare fragment continues the last."""
+        for key, t in self.st.tools.items():
+            if call_id and t["id"] == call_id:
+                return key[1]
+        last = len(self.st.tools) - 1
+        return last + 1 if call_id or last < 0 else last
+
+
+class _OpenAIResponses(_Dialect):
+    """The Responses API: typed events, or one `response` object when not streamed."""
+
+    def __init__(self, st: _State) -> None:
+        super().__init__(st)
+        self._content_keys: set[tuple] = set()
+
+    def event(self, name: str | None, obj: Any) -> None:
+        st = self.st
+        if not isinstance(obj, dict):
+            return
+        typ = obj.get("type") or name
+        if typ == "response.reasoning_summary_text.delta":
+            self._group(obj.get("item_id"), obj.get("summary_index")).add(obj.get("delta"))
+        elif typ == "response.reasoning_text.delta":
+            self._group(obj.get("item_id"), ("text", obj.get("content_index"))).add(obj.get("delta"))
+        elif typ == "response.output_text.delta":
+            self._content_keys.add((obj.get("item_id"), obj.get("content_index")))
+            st.content.add(obj.get("delta"))
+        elif typ == "response.function_call_arguments.delta":
+            st.tool(obj.get("item_id")).get("args").add(obj.get("delta"))
+        elif typ in ("response.reasoning_summary_text.done", "response.reasoning_text.done"):
+            # `done` repeats the whole text: use it only where no delta arrived.
+            sub = obj.get("summary_index") if typ.endswith("summary_text.done") else ("text", obj.get("content_index"))
+            g = self._group(obj.get("item_id"), sub)
+            if not g.value() and isinstance(obj.get("text"), str):
+                g.set(obj["text"])
+        elif typ == "response.output_text.done":
+            key = (obj.get("item_id"), obj.get("content_index"))
+            if key not in self._content_keys:
+                self._content_keys.add(key)
+                st.content.add(obj.get("text"))
+        elif typ in ("response.output_item.added", "response.output_item.done"):
+            self._item(obj.get("item"))
+        elif typ in ("response.created", "response.in_progress"):
+            st.set_model(_dig(obj, "response", "model"))
+        elif typ in ("response.completed", "response.incomplete", "response.failed"):
+            self._response(obj.get("response"))
+        elif typ == "error":
+            st.fail(_norm_error(obj, None))
+        elif name is None and obj.get("object") == "response":
+            self._response(obj)
+
+    def _group(self, item_id: Any, sub: Any) -> _Text:
+        key = (item_id, sub)
+        g = self.st.reasoning_groups.get(key)
+        if g is None:
+            g = self.st.reasoning_groups[key] = _Text()
+        return g
+
+    def _item(self, item: Any) -> None:
+        """An output item in full: fills whatever its deltas did not (or a non-streamed body)."""
+        if not isinstance(item, dict):
+            return
+        iid, typ = item.get("id"), item.get("type")
+        if typ == "reasoning":
+            for i, s in enumerate(item.get("summary") or ()):
+                g = self._group(iid, i)
+                if isinstance(s, dict) and not g.value() and isinstance(s.get("text"), str):
+                    g.set(s["text"])
+            for i, c in enumerate(item.get("content") or ()):
+                if isinstance(c, dict) and c.get("type") == "reasoning_text":
+                    g = self._group(iid, ("text", i))
+                    if not g.value() and isinstance(c.get("text"), str):
+                        g.set(c["text"])
+        elif typ == "message":
+            for i, c in enumerate(item.get("content") or ()):
+                if isinstance(c, dict) and c.get("type") == "output_text" and (iid, i) not in self._content_keys:
+                    self._content_keys.add((iid, i))
+                    self.st.content.add(c.get("text"))
+        elif typ == "function_call":
+            t = self.st.tool(iid)
+            t["id"] = item.get("call_id") or t["id"] or iid
+            t["name"] = item.get("name") or t["name"]
+            if not t["args"].value() and isinstance(item.get("arguments"), str):
+                t["args"].set(item["arguments"])
+
+    def _response(self, resp: Any) -> None:
+        st = self.st
+        if not isinstance(resp, dict):
+            return
+        st.set_model(resp.get("model"))
+        for item in resp.get("output") or ():
+            self._item(item)
+        usage = resp.get("usage")
+        if isinstance(usage, dict):
+            st.input_tokens = _int(usage.get("input_tokens"))
+            st.output_tokens = _int(usage.get("output_tokens"))
+            st.total_tokens = _int(usage.get("total_tokens"))
+            st.reasoning_tokens = _int(_dig(usage, "output_tokens_details", "reasoning_tokens"))
+        status = resp.get("status")
+        if isinstance(status, str):
+            st.finish_reason = status
+        if resp.get("error") or status == "failed":
+            st.fail(_norm_error({"error": resp.get("error") or {"message": "response failed"}}, None))
+        elif status in ("completed", "incomplete"):
+            # `incomplete` (max_output_tokens) is a normal end, like `length` elsewhere.
+            st.complete = True
+
+
+class _AnthropicMessages(_Dialect):
+    """Messages API: typed SSE events, or one `message` object when not streamed."""
+
+    def event(self, name: str | None, obj: Any) -> None:
+        st = self.st
+        if not isinstance(obj, dict):
+            return
+        typ = obj.get("type") or name
+        if typ == "content_block_delta":
+            d = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+            dt = d.get("type")
+            if dt == "text_delta":
+                st.content.add(d.get("text"))
+            elif dt == "thinking_delta":
+                st.reasoning.add(d.get("thinking"))
+            elif dt == "input_json_delta":
+                t = st.tools.get(obj.get("index"))
+                if t is not None:
+                    t["args"].add(d.get("partial_json"))
+            # signature_delta and citations_delta carry no text of their own.
+        elif typ == "content_block_start":
+            self._block(obj.get("index"), obj.get("content_block"), streamed=True)
+        elif typ == "message_start":
+            msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+            st.set_model(msg.get("model"))
+            # message_start's output_tokens is a placeholder (1); the real count comes later.
+            st.input_tokens = _int(_dig(msg, "usage", "input_tokens"))
+        elif typ == "message_delta":
+            if isinstance(_dig(obj, "delta", "stop_reason"), str):
+                st.finish_reason = obj["delta"]["stop_reason"]
+            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            if _int(usage.get("input_tokens")) is not None:
+                st.input_tokens = usage["input_tokens"]
+            if _int(usage.get("output_tokens")) is not None:
+                st.output_tokens = usage["output_tokens"]
+        elif typ == "message_stop":
+            st.complete = True if st.error is None else False
+        elif typ == "error":
+            st.fail(_norm_error(obj, None))
+        elif typ == "message" and name is None:
+            st.set_model(obj.get("model"))
+            for i, block in enumerate(obj.get("content") or ()):
+                self._block(i, block, streamed=False)
+            if isinstance(obj.get("stop_reason"), str):
+                st.finish_reason = obj["stop_reason"]
+            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            st.input_tokens = _int(usage.get("input_tokens"))
+            st.output_tokens = _int(usage.get("output_tokens"))
+
+    def _block(self, index: Any, block: Any, *, streamed: bool) -> None:
+        st = self.st
+        if not isinstance(block, dict):
+            return
+        typ = block.get("type")
+        if typ == "thinking":
+            st.reasoning.add(block.get("thinking"))
+        elif typ == "redacted_thinking":
+            st.redacted += 1
+        elif typ == "text":
+            st.content.add(block.get("text"))
+        elif typ in ("tool_use", "server_tool_use"):
+            t = st.tool(index)
+            t["id"], t["name"] = block.get("id"), block.get("name")
+            inp = block.get("input")
+            if not streamed:
+                t["args"].set(_dumps(inp if inp is not None else {}))
+            else:
+                # The start block carries `input: {}`; the real input follows as deltas.
+                t["fallback"] = _dumps(inp if inp is not None else {})
+
+    def finalize(self) -> None:
+        # A tool_use streamed without any input_json_delta still had an input: `{}`.
+        for t in self.st.tools.values():
+            if "fallback" in t and not t["args"].value():
+                t["args"].set(t["fallback"])
+
+
+class _Ollama(_Dialect):
+    """Ollama's native /api/chat: one JSON object per line, the last with `done: true`."""
+
+    def event(self, name: str | None, obj: Any) -> None:
+        st = self.st
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error"):
+            st.fail(_norm_error(obj, None))
+            return
+        st.set_model(obj.get("model"))
+        msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        st.reasoning.add(msg.get("thinking"))
+        st.content.add(msg.get("content"))
+        for tc in msg.get("tool_calls") or ():
+            if not isinstance(tc, dict):
+                continue
+            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+            # Ollama sends each call whole (arguments as an object), never as fragments.
+            t = st.tool(("n", len(st.tools)))
+            t["id"], t["name"] = tc.get("id"), fn.get("name")
+            args = fn.get("arguments")
+            t["args"].set(args if isinstance(args, str) else _dumps(args if args is not None else {}))
+        if obj.get("done") is True:
+            if isinstance(obj.get("done_reason"), str):
+                st.finish_reason = obj["done_reason"]
+            st.input_tokens = _int(obj.get("prompt_eval_count"))
+            st.output_tokens = _int(obj.get("eval_count"))
+            st.complete = True
+
+
+class _Gemini(_Dialect):
+    """generateContent / streamGenerateContent: every chunk is a whole GenerateContentResponse."""
+
+    def event(self, name: str | None, obj: Any) -> None:
+        st = self.st
+        if isinstance(obj, list):  # streamGenerateContent without alt=sse: a JSON array
+            for o in obj:
+                self.event(name, o)
+            return
+        if not isinstance(obj, dict):
+            return
+        if obj.get("error"):
+            st.fail(_norm_error(obj, None))
+            return
+        st.set_model(obj.get("modelVersion"))
+        cands = obj.get("candidates") or ()
+        for cand in cands[:1]:  # candidateCount > 1 would interleave answers
+            if not isinstance(cand, dict):
+                continue
+            for part in _dig(cand, "content", "parts") or ():
+                if not isinstance(part, dict):
+                    continue
+                (st.reasoning if part.get("thought") is True else st.content).add(part.get("text"))
+                fc = part.get("functionCall")
+                if isinstance(fc, dict):
+                    t = st.tool(("n", len(st.tools)))
+                    t["id"], t["name"] = fc.get("id"), fc.get("name")
+                    t["args"].set(_dumps(fc.get("args") if fc.get("args") is not None else {}))
+            if isinstance(cand.get("finishReason"), str):
+                st.finish_reason = cand["finishReason"]
+                st.complete = True
+        block = _dig(obj, "promptFeedback", "blockReason")
+        if isinstance(block, str) and not cands:
+            st.finish_reason = block
+            st.complete = True
+        usage = obj.get("usageMetadata")
+        if isinstance(usage, dict):
+            # Cumulative and repeated on every chunk: the last one wins, field by field.
+            st.input_tokens = _int(usage.get("promptTokenCount"))
+            st.output_tokens = _int(usage.get("candidatesTokenCount"))
+            st.reasoning_tokens = _int(usage.get("thoughtsTokenCount"))
+            st.total_tokens = _int(usage.get("totalTokenCount"))
+
+
+class _Auto(_Dialect):
+    """For paths no dialect claims: picks one from the first object that looks familiar."""
+
+    has_terminator = False
+
+    def __init__(self, st: _State) -> None:
+        super().__init__(st)
+        self.inner: _Dialect | None = None
+
+    def _pick(self, name: str | None, obj: Any) -> _Dialect | None:
+        o = obj[0] if isinstance(obj, list) and obj else obj
+        if not isinstance(o, dict):
+            return None
+        typ = o.get("type") or name or ""
+        if "choices" in o:
+            return _OpenAIChat(self.st)
+        if "candidates" in o or "usageMetadata" in o:
+            return _Gemini(self.st)
+        if typ.startswith("message") or typ.startswith("content_block") or typ == "ping":
+            return _AnthropicMessages(self.st)
+        if typ.startswith("response.") or o.get("object") == "response":
+            return _OpenAIResponses(self.st)
+        if "done" in o and ("message" in o or "response" in o):
+            return _Ollama(self.st)
+        return None
+
+    def event(self, name: str | None, obj: Any) -> None:
+        if self.inner is None:
+            self.inner = self._pick(name, obj)
+            if self.inner is None:
+                return
+            self.has_terminator = True
+        self.inner.event(name, obj)
+
+    def whole(self, obj: Any) -> None:
+        inner = self._pick(None, obj)
+        if inner is not None:
+            inner.whole(obj)
+        elif isinstance(obj, dict) and obj.get("error"):
+            self.st.fail(_norm_error(obj, None))
+        else:
+            self.st.complete = True
+
+
+_DIALECTS: dict[str, type[_Dialect]] = {
+    API_OPENAI_CHAT: _OpenAIChat,
+    API_OPENAI_RESPONSES: _OpenAIResponses,
+    API_ANTHROPIC_MESSAGES: _AnthropicMessages,
+    API_OLLAMA_CHAT: _Ollama,
+    API_GEMINI_GENERATE: _Gemini,
+}
+
+
+# --- framing --------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Splits bytes on LF, keeping only the unfinished tail (as pieces, never re-scanned)."""
+
+    def __init__(self) -> None:
+        self._tail: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        start = 0
+        while (i := data.find(b"\n", start)) >= 0:
+            piece = data[start:i]
+            if self._tail:
+                self._tail.append(piece)
+                piece = b"".join(self._tail)
+                self._tail = []
+            out.append(piece[:-1] if piece.endswith(b"\r") else piece)
+            start = i + 1
+        if start < len(data):
+            self._tail.append(data[start:])
+        return out
+
+    def rest(self) -> bytes:
+        rest = b"".join(self._tail)
+        self._tail = []
+        return rest[:-1] if rest.endswith(b"\r") else rest
+
+
+def _text(line: bytes, st: _State, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        st.note(f"{where} is not valid UTF-8")
+        return line.decode("utf-8", errors="replace")
+
+
+def _loads(text: str | bytes) -> tuple[bool, Any]:
+    try:
+        return True, json.loads(text)
+    except (ValueError, RecursionError):
+        return False, None
+
+
+class _Decoder:
+    """Undoes content-encoding chunk by chunk. Once `dead`, the body cannot be read."""
+
+    def __init__(self, encodings: list[str], st: _State) -> None:
+        self.st = st
+        self.encodings = list(reversed(encodings))  # the last encoding applied is undone first
+        self.steps: list[Any] = [None] * len(self.encodings)  # made on first data
+        self.dead = False
+        self.started = False
+
+    def _make(self, enc: str, first: bytes) -> Any:
+        if enc in ("gzip", "x-gzip"):
+            return zlib.decompressobj(wbits=47)  # 32+15: gzip or zlib header, auto-detected
+        if enc == "deflate":
+            # RFC 9110 says zlib-wrapped, but many servers send raw deflate.
+            wrapped = first[:1] == b"\x1f" or (first[:1] and first[0] & 0x0F == 8)
+            return zlib.decompressobj(wbits=47 if wrapped else -15)
+        if enc == "br":
+            try:
+                import brotli  # mitmproxy depends on it; optional for this module
+
+                return brotli.Decompressor()
+            except Exception:
+                self.st.note("br body could not be decoded: the brotli module is not installed")
+                return None
+        if enc == "zstd":
+            try:
+                import zstandard
+
+                return zstandard.ZstdDecompressor().decompressobj()
+            except Exception:
+                self.st.note("zstd body could not be decoded: the zstandard module is not installed")
+                return None
+        self.st.note(f"body has content-encoding {enc!r}, which is not understood")
+        return None
+
+    def feed(self, data: bytes) -> bytes:
+        if self.dead:
+            return b""
+        original, first = data, not self.started
+        self.started = True
+        for i, enc in enumerate(self.encodings):
+            if not data:
+                break
+            try:
+                if self.steps[i] is None:
+                    self.steps[i] = self._make(enc, data)
+                    if self.steps[i] is None:
+                        self.dead = True
+                        return b""
+                obj = self.steps[i]
+                data = obj.process(data) if hasattr(obj, "process") else obj.decompress(data)
+            except Exception:
+                if first and i == 0 and original.lstrip()[:1] in (b"{", b"[", b"d", b"e", b":"):
+                    # Decoded already somewhere upstream while the header stayed: read it plain.
+                    self.st.note(f"content-encoding says {enc} but the body is plain; read as is")
+                    self.encodings, self.steps = [], []
+                    return original
+                self.st.note(f"{enc} body could not be decoded")
+                self.dead = True
+                return b""
+        return data
+
+    def flush(self) -> bytes:
+        out = b""
+        for enc, obj in zip(self.encodings, self.steps):
+            if self.dead or obj is None:
+                return b""
+            try:
+                if out:
+                    out = obj.process(out) if hasattr(obj, "process") else obj.decompress(out)
+                if hasattr(obj, "flush"):
+                    out += obj.flush()
+                if getattr(obj, "eof", True) is False or (hasattr(obj, "is_finished") and not obj.is_finished()):
+                    self.st.note(f"{enc} body is truncated")
+            except Exception:
+                self.st.note(f"{enc} body could not be decoded")
+                self.dead = True
+                return b""
+        return out
+
+
+def _headers(headers: Headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    items = headers.items() if isinstance(headers, dict) else (headers or ())
+    for k, v in items:
+        k = str(k).lower()
+        out[k] = f"{out[k]}, {v}" if k in out else str(v)
+    return out
+
+
+def _sniff(head: bytes, api: str) -> str:
+    """Framing from the first bytes, for bodies labelled application/json or nothing at all."""
+    head = head.lstrip()
+    if head[:5] in (b"data:", b"event") or head[:1] == b":" or head[:3] == b"id:":
+        return "sse"
+    if api == API_OLLAMA_CHAT and head[:1] == b"{":
+        return "ndjson"  # Ollama streams NDJSON whatever the label says
+    return "whole"
+
+
+class Extractor:
+    """Incremental extraction for one response body. No method ever raises."""
+
+    def __init__(self, api: str, status: int | None, headers: Headers) -> None:
+        self.st = _State()
+        self.api = api
+        self.status = status
+        self._finished: Extraction | None = None
+        try:
+            self.headers = _headers(headers)
+        except Exception:
+            self.headers = {}
+        self.dialect: _Dialect = _DIALECTS.get(api, _Auto)(self.st)
+        ctype = self.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        self.declared_ndjson = ctype in ("application/x-ndjson", "application/ndjson", "application/jsonl")
+        encs = [e.strip().lower() for e in self.headers.get("content-encoding", "").split(",")]
+        encs = [e for e in encs if e and e != "identity"]
+        self.decoder = _Decoder(encs, self.st) if encs else None
+        self.is_error = isinstance(status, int) and status >= 400
+        self.mode = (
+            "whole" if self.is_error
+            else "sse" if ctype == "text/event-stream"
+            else "ndjson" if self.declared_ndjson
+            else "sniff"
+        )
+        # Whole bodies, the bytes read while sniffing, and Ollama's in-case-it-was-not-NDJSON copy.
+        self.raw: list[bytes] = []
+        self.raw_len = 0
+        self.lines = _Lines()
+        self.line_no = 0
+        self.sse_event: str | None = None
+        self.sse_data: list[str] = []
+        self.objects = 0
+        self.bad_lines = 0
+        self.first_line_bad = False
+
+    def feed(self, chunk: bytes) -> None:
+        """Bytes as the network delivered them, in order."""
+        if self._finished is not None or not chunk:
+            return
+        try:
+            data = self.decoder.feed(bytes(chunk)) if self.decoder else bytes(chunk)
+            if data:
+                self._consume(data)
+        except Exception as exc:  # a surprise in the body must never reach the proxy
+            self.st.note(f"extraction failed: {type(exc).__name__}: {exc}")
+
+    def snapshot(self) -> Extraction:
+        """What is known so far; `complete` stays None until the body shows how it ended."""
+        if self._finished is not None:
+            return self._finished
+        try:
+            return self.st.extraction(self._stream())
+        except Exception as exc:
+            return Extraction(notes=[f"extraction failed: {type(exc).__name__}: {exc}"])
+
+    def finish(self) -> Extraction:
+        """The body ended: settle `complete` and return the final extraction."""
+        if self._finished is None:
+            try:
+                self._finish()
+                inner = self.dialect.inner if isinstance(self.dialect, _Auto) else self.dialect
+                if isinstance(inner, _AnthropicMessages):
+                    inner.finalize()
+            except Exception as exc:
+                self.st.note(f"extraction failed: {type(exc).__name__}: {exc}")
+            try:
+                self._finished = self.st.extraction(self._stream())
+            except Exception as exc:
+                self._finished = Extraction(notes=[f"extraction failed: {type(exc).__name__}: {exc}"])
+        return self._finished
+
+    def _stream(self) -> bool | None:
+        if self.mode == "sse":
+            return True
+        if self.mode == "ndjson":
+            # A lone object on an application/json Ollama answer was a non-streamed reply.
+            return self.declared_ndjson or self.objects > 1
+        return False if self.mode == "whole" else None
+
+    def _consume(self, data: bytes) -> None:
+        if self.mode == "sniff":
+            self.raw.append(data)
+            self.raw_len += len(data)
+            head = b"".join(self.raw)  # only a few bytes: sniffing stops at the first line
+            if len(head.lstrip()) < 6 and b"\n" not in head.lstrip() and self.raw_len < 64:
+                return
+            self.mode, self.raw, self.raw_len = _sniff(head, self.api), [], 0
+            data = head
+        if self.mode == "whole":
+            self.raw.append(data)
+            return
+        if self.mode == "ndjson" and not self.declared_ndjson:
+            self.raw.append(data)
+        for line in self.lines.feed(data):
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        st = self.st
+        self.line_no += 1
+        if self.mode == "ndjson":
+            if line.strip():
+                ok, obj = _loads(line)
+                if ok:
+                    self.objects += 1
+                    self.dialect.event(None, obj)
+                else:
+                    self.first_line_bad = self.first_line_bad or (self.objects == 0 and self.bad_lines == 0)
+                    self.bad_lines += 1
+                    st.note(f"line {self.line_no} is not JSON")
+            return
+        if not line:
+            self._dispatch()
+        elif line[:1] != b":":  # `:` starts a comment / keep-alive
+            name, _, value = line.partition(b":")
+            if value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self.sse_data.append(_text(value, st, f"line {self.line_no}"))
+            elif name == b"event":
+                self.sse_event = _text(value, st, f"line {self.line_no}").strip()
+
+    def _dispatch(self, at_end: bool = False) -> None:
+        data, name = "\n".join(self.sse_data), self.sse_event
+        self.sse_data, self.sse_event = [], None
+        if not data.strip():
+            return
+        ok, obj = _loads(data)
+        if not ok and len(data.splitlines()) > 1:
+            # Servers that end events with a single newline glue several into one.
+            for piece in data.splitlines():
+                self._dispatch_one(name, piece, at_end, _loads(piece))
+        else:
+            self._dispatch_one(name, data, at_end, (ok, obj))
+
+    def _dispatch_one(self, name: str | None, data: str, at_end: bool, parsed: tuple[bool, Any]) -> None:
+        ok, obj = parsed
+        if data.strip() == "[DONE]":
+            self.dialect.done()
+        elif not ok:
+            if data.strip():
+                self.st.note("stream ended inside an event" if at_end else f"line {self.line_no - 1} is not JSON")
+        else:
+            self.objects += 1
+            if name == "error" and isinstance(obj, dict) and "error" not in obj:
+                obj = {"type": "error", "error": obj}
+            self.dialect.event(name, obj)
+
+    def _finish(self) -> None:
+        st = self.st
+        if self.decoder is not None:
+            tail = self.decoder.flush()
+            if tail:
+                self._consume(tail)
+        if self.mode == "sniff":
+            head = b"".join(self.raw)
+            self.mode, self.raw = _sniff(head, self.api), []
+            if head:
+                self._consume(head)
+        dead = self.decoder is not None and self.decoder.dead
+        if self.mode == "whole":
+            if dead:
+                if self.is_error:
+                    st.fail(self._error(None, b""))
+            else:
+                self._whole(b"".join(self.raw))
+            return
+        rest = self.lines.rest()
+        if self.mode == "ndjson":
+            if rest.strip():
+                ok, obj = _loads(rest)
+                if ok:
+                    self.objects += 1
+                    self.dialect.event(None, obj)
+                elif self.objects:
+                    st.note("stream ended inside a line")
+                else:
+                    self.first_line_bad = True
+            if self.raw and self.first_line_bad and not dead:
+                # Not NDJSON after all (e.g. pretty-printed JSON): start over on the whole body.
+                notes = [n for n in st.notes if not n.startswith("line ")]
+                self.st = _State()
+                self.st.notes = notes
+                self.dialect = type(self.dialect)(self.st)
+                self.mode = "whole"
+                self._whole(b"".join(self.raw))
+                return
+        else:
+            if rest.strip():
+                self._line(rest)
+            self._dispatch(at_end=True)
+        if st.complete is None and self.dialect.has_terminator:
+            # (A dialect picked by no path has no known normal end: `complete` stays unknown.)
+            st.complete = False
+            if st.error is None and not dead:
+                cut = "stream ended without its terminator"
+                st.note(cut if self.objects else "stream carried nothing that was understood")
+
+    def _whole(self, body: bytes) -> None:
+        st = self.st
+        if self.is_error:
+            ok, obj = _loads(body) if body.strip() else (False, None)
+            if not ok:
+                obj = body.decode("utf-8", errors="replace").strip() or None
+            st.fail(self._error(obj, body))
+            if isinstance(obj, dict):
+                st.set_model(obj.get("model"))
+            return
+        if not body.strip():
+            if self.api != API_OTHER:
+                st.note("response body is empty")
+            return
+        ok, obj = _loads(body)
+        if ok:
+            self.dialect.whole(obj)
+            return
+        try:
+            body.decode("utf-8")
+            st.note("response body is not JSON")
+        except UnicodeDecodeError:
+            st.note("response body is not valid UTF-8 and not JSON")
+
+    def _error(self, obj: Any, body: bytes) -> dict:
+        err = _norm_error(obj if obj is not None else {"message": None}, self.status)
+        if err["message"] is None and body:
+            err["message"] = body.decode("utf-8", errors="replace")[:_MAX_ERROR_TEXT] or None
+        if err["request_id"] is None:
+            err["request_id"] = self.headers.get("request-id") or self.headers.get("x-request-id")
+        err["retry_after_seconds"] = _retry_after(self.headers)
+        return err
+
+
+def _retry_after(headers: dict[str, str]) -> int | float | None:
+    for name, scale in (("retry-after", 1.0), ("retry-after-ms", 0.001)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            secs = float(value.strip()) * scale
+        except ValueError:
+            continue  # an HTTP date: left to whoever needs the wall clock
+        return int(secs) if secs == int(secs) else secs
+    return None
+
+
+def make_extractor(
+    api: str, *, status: int | None, headers: dict[str, str] | list[tuple[str, str]] | None
+) -> Extractor:
+    """An extractor for one response of dialect `api` (see `detect_api`) with these headers."""
+    return Extractor(api, status, headers)
+
+
+def extract(api: str, status: int | None, headers: Headers, body: bytes) -> Extraction:
+    """Extraction of a whole body in one call."""
+    ex = make_extractor(api, status=status, headers=headers)
+    ex.feed(body)
+    return ex.finish()
