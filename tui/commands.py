@@ -1,9 +1,112 @@
-"""Subcommands of this area, registered on the `llmtap` parser."""
+"""`llmtap tui` and the `--tui` mode of `llmtap run`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmtap import paths
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this area's subcommands; each sets `func` to a callable(args) -> exit code."""
+    tui = sub.add_parser(
+        "tui",
+        help="browse recorded calls in a terminal UI (live while `llmtap run` records)",
+        description="Browse the calls in the DuckDB file: filter, open a call's conversation, "
+        "reasoning, response, fallback attempts and raw bodies, see per-model stats, export to "
+        "Parquet. When a running `llmtap run` holds the file, the UI attaches to it and "
+        "updates live. Press ? inside for every key.",
+        epilog="filter examples:  model:gpt-4o*  provider:openrouter status:5xx  fallbacks since:2h  "
+        "\"rate limit\"",
+    )
+    tui.add_argument("--db", metavar="PATH", type=Path, default=None,
+                     help=f"DuckDB file to read (default: {paths.default_db()})")
+    tui.set_defaults(func=cmd_tui)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from llmtap.recorder.reader import ReaderError, open_reader
+
+    db = args.db or paths.default_db()
+    try:
+        reader = open_reader(db)
+    except ReaderError as exc:
+        # The reader's message is written for people (never DuckDB's lock error).
+        print(f"llmtap: {exc}", file=sys.stderr)
+        return 2
+    from llmtap.tui.app import LlmtapApp
+
+    source = f"{db}" + ("  (live, attached to llmtap run)" if reader.kind == "remote" else "")
+    try:
+        app = LlmtapApp(reader, source=source)
+        code = app.run()
+    finally:
+        reader.close()
+    return int(code or 0)
+
+
+class _UILogHandler(logging.Handler):
+    """Routes log records to toasts: a StreamHandler on the real stderr would scribble over the
+    screen Textual draws."""
+
+    def __init__(self, app: Any, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(logging.WARNING)
+        self.app = app
+        self.loop = loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            severity = "error" if record.levelno >= logging.ERROR else "warning"
+            loop = self.loop or getattr(self.app, "_loop", None)
+            if loop is None or loop.is_closed():
+                return
+            # Records come from the loop thread and from recorder threads alike.
+            loop.call_soon_threadsafe(lambda: self.app.notify(msg, severity=severity, timeout=8))
+        except Exception:  # logging must never take the UI down
+            pass
+
+
+def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
+    """`llmtap run --tui`: the proxy runs on the UI's event loop; quitting stops it cleanly.
+
+    Returns the exit code: 2 with the message on stderr when the proxy cannot start."""
+    from llmtap.addons.runner import Proxy
+    from llmtap.tui.app import LlmtapApp
+
+    reader = None
+    note = None
+    if recorder is not None:
+        from llmtap.recorder.reader import InProcessReader
+
+        reader = InProcessReader(recorder)
+        source = str(getattr(recorder, "path", getattr(recorder, "db", "")) or "")
+    else:
+        source = "not recording"
+        note = "not recording (--no-record): calls are proxied but not kept"
+    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note)
+
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    for h in saved:
+        root.removeHandler(h)
+    handler = _UILogHandler(app)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(handler)
+    try:
+        code = app.run()
+    finally:
+        root.removeHandler(handler)
+        for h in saved:
+            root.addHandler(h)
+        if reader is not None:
+            reader.close()
+    if app.startup_error:
+        print(f"llmtap: {app.startup_error}", file=sys.stderr)
+        return 2
+    return int(code or 0)

@@ -1,0 +1,94 @@
+"""Messages that workers post back to the UI thread (DB work never runs on the event loop)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from textual.message import Message
+
+Record = dict[str, Any]
+
+
+@dataclass
+class SchemaLoaded(Message):
+    schema: Any  # query.Schema
+
+
+@dataclass
+class PageLoaded(Message):
+    """A page of the call list. `generation` drops pages of a filter that has since changed."""
+
+    generation: int
+    records: list[Record]
+    append: bool
+    exhausted: bool
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class PageFailed(Message):
+    generation: int
+    error: str
+
+
+@dataclass
+class LiveRows(Message):
+    """Fresh list columns for calls that started or finished; `asked` minus the returned ids
+    are calls the filter no longer admits."""
+
+    generation: int
+    records: list[Record]
+    asked: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LiveProgress(Message):
+    ids: list[str]
+
+
+@dataclass
+class LiveFinished(Message):
+    ids: list[str]
+
+
+@dataclass
+class LiveReset(Message):
+    pass
+
+
+@dataclass
+class LiveError(Message):
+    error: str
+
+
+@dataclass
+class DetailLoaded(Message):
+    record: Record | None
+    attempts: list[Record]
+
+
+@dataclass
+class PartialLoaded(Message):
+    partial: Record | None
+
+
+@dataclass
+class StatsLoaded(Message):
+    rows: list[Record]
+    timeline: list[int]
+    histogram: list[tuple[int, int]]
+    error: str | None = None
+
+
+@dataclass
+class ExportProgress(Message):
+    done: int
+    total: int
+
+
+@dataclass
+class ExportDone(Message):
+    path: str
+    count: int
+    error: str | None = None
