@@ -1,9 +1,129 @@
-"""Subcommands of this area, registered on the `llmtap` parser."""
+"""`llmtap export` and `llmtap stats`: both work while `llmtap run` holds the file."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from llmtap import paths
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this area's subcommands; each sets `func` to a callable(args) -> exit code."""
+def register(sub: argparse._SubParsersAction) -> None:
+    exp = sub.add_parser(
+        "export",
+        help="export recorded calls to Parquet or JSON lines",
+        description="Export the calls table (one row per call, every column) with DuckDB's own COPY. "
+        "Works while `llmtap run` is recording: the export then runs inside it.",
+        epilog="examples:\n"
+        "  llmtap export --out calls.parquet\n"
+        "  llmtap export --out today.jsonl --since 2026-11-23\n"
+        "  llmtap export --out claude.parquet --model 'claude-*' --since 2026-11-01 --until 2026-12-01",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    exp.add_argument("--db", type=Path, default=None, metavar="PATH",
+                     help=f"the DuckDB file (default: {paths.default_db()})")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write")
+    exp.add_argument("--format", choices=("parquet", "jsonl"), default=None,
+                     help="default: from FILE's suffix (.jsonl/.json -> jsonl), else parquet")
+    exp.add_argument("--since", metavar="ISO", help="calls started at or after, e.g. 2026-11-01 or 2026-11-01T08:00")
+    exp.add_argument("--until", metavar="ISO", help="calls started before")
+    exp.add_argument("--model", metavar="GLOB", help="model asked for or sent matches, e.g. 'gpt-4o*'")
+    exp.set_defaults(func=cmd_export)
+
+    st = sub.add_parser(
+        "stats",
+        help="calls, errors, fallbacks, tokens and latency per model and provider",
+        description="Per model and provider: calls, errors and error rate, fallbacks (calls that "
+        "needed more than one attempt), tokens in/out/reasoning, and TTFB and duration p50/p95/p99 in ms.",
+        epilog="examples:\n  llmtap stats\n  llmtap stats --since 2026-11-20 --json | jq '.[0]'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    st.add_argument("--db", type=Path, default=None, metavar="PATH",
+                    help=f"the DuckDB file (default: {paths.default_db()})")
+    st.add_argument("--since", metavar="ISO", help="only calls started at or after")
+    st.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+    st.set_defaults(func=cmd_stats)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llmtap.recorder.export import ExportError, parse_time
+    from llmtap.recorder.reader import ReaderError, open_reader
+
+    fmt = args.format or ("jsonl" if args.out.suffix.lower() in (".jsonl", ".json", ".ndjson") else "parquet")
+    try:
+        since = parse_time(args.since, "--since")
+        until = parse_time(args.until, "--until")
+        reader = open_reader(args.db or paths.default_db())
+    except (ExportError, ReaderError) as exc:
+        print(f"llmtap export: {exc}", file=sys.stderr)
+        return 2
+    bar = Progress(TextColumn("exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True, console=None)
+    task = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal task
+        if total < 20_000 and task is None:
+            return  # small exports finish before a bar would be read
+        if task is None:
+            bar.start()
+            task = bar.add_task("export", total=total)
+        bar.update(task, completed=done)
+
+    try:
+        rows = reader.export(args.out, fmt, since=since, until=until, model=args.model, progress=progress)
+    except (ExportError, ReaderError) as exc:
+        print(f"llmtap export: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if task is not None:
+            bar.stop()
+        reader.close()
+    via = " (through the running llmtap)" if reader.kind == "remote" else ""
+    print(f"exported {rows} calls to {args.out}{via}", file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmtap.recorder.export import ExportError, parse_time
+    from llmtap.recorder.reader import ReaderError, open_reader
+    from llmtap.recorder.stats import stats_rows
+
+    try:
+        since = parse_time(args.since, "--since")
+        reader = open_reader(args.db or paths.default_db())
+    except (ExportError, ReaderError) as exc:
+        print(f"llmtap stats: {exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = stats_rows(reader, since)
+    except ReaderError as exc:
+        print(f"llmtap stats: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        reader.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"{sum(r['calls'] for r in rows)} calls", title_justify="left")
+    for name in ("model", "provider", "calls", "errors", "err %", "fallbacks", "tokens in", "out", "reasoning",
+                 "ttfb p50/p95/p99", "duration p50/p95/p99"):
+        table.add_column(name, justify="left" if name in ("model", "provider") else "right")
+
+    def ms(*values: float | None) -> str:
+        return "/".join("-" if v is None else f"{v:.0f}" for v in values)
+
+    for r in rows:
+        table.add_row(r["model"], r["provider"], str(r["calls"]), str(r["errors"]), f"{r['error_rate'] * 100:.1f}",
+                      str(r["fallbacks"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["reasoning_tokens"]),
+                      ms(r["ttfb_p50"], r["ttfb_p95"], r["ttfb_p99"]),
+                      ms(r["duration_p50"], r["duration_p95"], r["duration_p99"]))
+    Console().print(table if rows else "no calls recorded yet")
+    return 0

@@ -1,0 +1,219 @@
+"""Reads for other processes while `llmtap run` holds the DuckDB file.
+
+DuckDB lets one process open a file that is being written, and refuses even read-only
+readers from elsewhere. So the recording process serves reads itself: an HTTP server on
+127.0.0.1 with a token in a discovery file only the user can read (`<db>.endpoint.json`).
+Each request runs on its own cursor, so a slow reader never holds up the writer.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import hmac
+import json
+import os
+import re
+import secrets
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from llmtap.recorder import schema
+
+if TYPE_CHECKING:
+    from llmtap.recorder.recorder import Recorder
+
+MAX_ROWS = 100_000
+_READ_ONLY = re.compile(r"^\s*(select|with|describe|from)\b", re.IGNORECASE)
+
+
+def discovery_path(db: Path) -> Path:
+    return db.with_name(db.name + ".endpoint.json")
+
+
+def check_read_only(sql: str) -> str | None:
+    """Why `sql` is refused, or None. One read statement only: the file is the user's record."""
+    body = sql.strip().rstrip(";")
+    if ";" in body:
+        return "one statement only"
+    if not _READ_ONLY.match(body):
+        return "only SELECT / WITH / DESCRIBE queries are served"
+    return None
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (uuid.UUID, dt.timedelta)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    return value
+
+
+class Endpoint:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.token = secrets.token_urlsafe(32)
+        self.path = discovery_path(recorder.db_path)
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        endpoint = self
+
+        class Handler(_Handler):
+            owner = endpoint
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="llmtap-endpoint", daemon=True)
+        self._thread.start()
+        info = {"url": self.url, "token": self.token, "pid": os.getpid(), "db": str(self.recorder.db_path)}
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.path)
+
+    def stop(self) -> None:
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    owner: Endpoint
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: the proxy owns stderr
+        pass
+
+    def _send(self, status: int, payload: Any) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _authorized(self) -> bool:
+        given = self.headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.owner.token}".encode()):
+            return True
+        self._send(401, {"error": "missing or wrong token; read it from the endpoint file beside the DB"})
+        return False
+
+    def _json_body(self) -> dict:
+        length = int(self.headers.get("content-length") or 0)
+        data = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        return data
+
+    def do_GET(self) -> None:
+        if not self._authorized():
+            return
+        url = urlsplit(self.path)
+        q = {k: v[0] for k, v in parse_qs(url.query).items()}
+        rec = self.owner.recorder
+        try:
+            if url.path == "/health":
+                self._send(200, {"ok": True, "pid": os.getpid(), "db": str(rec.db_path),
+                                 "schema_version": schema.SCHEMA_VERSION, "seq": rec.hub.seq})
+            elif url.path == "/live":
+                seq, events = rec.hub.events_after(int(q.get("after", 0)), min(float(q.get("timeout", 10)), 30.0))
+                self._send(200, {"seq": seq, "events": events})
+            elif url.path == "/partial":
+                part = rec.hub.partial(q.get("id", ""))
+                self._send(200 if part is not None else 404, part or {"error": "not in progress"})
+            else:
+                self._send(404, {"error": f"no such endpoint {url.path}"})
+        except (ValueError, KeyError) as exc:
+            self._send(400, {"error": str(exc)})
+
+    def do_POST(self) -> None:
+        if not self._authorized():
+            return
+        url = urlsplit(self.path)
+        try:
+            data = self._json_body()
+        except ValueError as exc:
+            self._send(400, {"error": f"bad JSON body: {exc}"})
+            return
+        if url.path == "/query":
+            self._query(data)
+        elif url.path == "/export":
+            self._export(data)
+        else:
+            self._send(404, {"error": f"no such endpoint {url.path}"})
+
+    def _query(self, data: dict) -> None:
+        sql = str(data.get("sql", ""))
+        why = check_read_only(sql)
+        if why:
+            self._send(400, {"error": why})
+            return
+        try:
+            cur = self.owner.recorder.cursor()
+            try:
+                res = cur.execute(sql, data.get("params") or [])
+                columns = [d[0] for d in res.description or []]
+                rows = res.fetchmany(MAX_ROWS + 1)
+            finally:
+                cur.close()
+        except Exception as exc:  # a user's SQL error, reported as such
+            self._send(400, {"error": str(exc)})
+            return
+        self._send(200, {"columns": columns, "rows": jsonable(rows[:MAX_ROWS]), "truncated": len(rows) > MAX_ROWS})
+
+    def _export(self, data: dict) -> None:
+        """Streams NDJSON progress lines, then the result, so a remote export shows progress."""
+        from llmtap.recorder.export import ExportError, export
+
+        self.send_response(200)
+        self.send_header("content-type", "application/x-ndjson")
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def progress(done: int, total: int) -> None:
+            self.wfile.write(json.dumps({"done": done, "total": total}).encode() + b"\n")
+            self.wfile.flush()
+
+        cur = self.owner.recorder.cursor()
+        try:
+            rows = export(cur, Path(data["out"]), data.get("format", "parquet"), since=data.get("since"),
+                          until=data.get("until"), model=data.get("model"), where_sql=data.get("where_sql"),
+                          params=data.get("params"), progress=progress)
+            result: dict = {"ok": True, "rows": rows, "out": data["out"]}
+        except (ExportError, KeyError, OSError) as exc:
+            result = {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            result = {"ok": False, "error": f"export failed: {exc}"}
+        finally:
+            cur.close()
+        self.wfile.write(json.dumps(result).encode() + b"\n")

@@ -1,0 +1,242 @@
+"""One way to read the record, wherever it is: held by a running proxy or a file at rest.
+
+`open_reader(db)` attaches to the `llmtap run` that holds the file (through its endpoint)
+or opens the file read-only when nobody does. A user never sees DuckDB's lock error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import duckdb
+
+from llmtap.recorder.endpoint import discovery_path, check_read_only
+from llmtap.recorder.export import ExportError, export as export_calls
+
+if TYPE_CHECKING:
+    from llmtap.recorder.recorder import Recorder
+
+
+class ReaderError(Exception):
+    """The record cannot be read; the message says why and what to do."""
+
+
+class Reader(Protocol):
+    kind: str  # "local" | "remote" | "inprocess"
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]: ...
+    def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]: ...
+    def partial(self, call_id: str) -> dict | None: ...
+    def export(self, out: Path, fmt: str = "parquet", *, since: str | None = None, until: str | None = None,
+               model: str | None = None, where_sql: str | None = None, params: list | None = None,
+               progress: Callable[[int, int], None] | None = None) -> int: ...
+    def close(self) -> None: ...
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_reader(db: Path) -> Reader:
+    db = Path(db).expanduser().absolute()
+    remote = _attach(db)
+    if remote is not None:
+        return remote
+    if not db.exists():
+        raise ReaderError(f"no database at {db} yet: run `llmtap run` first (it records there), or pass --db PATH")
+    try:
+        return LocalReader(db)
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise ReaderError(
+                f"{db} is held by another program that is not a running `llmtap run` (a DuckDB shell or "
+                "script?). Close it and try again; while `llmtap run` records, llmtap reads through it."
+            ) from None
+        raise ReaderError(f"cannot open {db}: {exc}") from None
+
+
+def _attach(db: Path) -> RemoteReader | None:
+    path = discovery_path(db)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(int(info.get("pid", 0))):
+        try:  # left behind by a killed proxy
+            path.unlink()
+        except OSError:
+            pass
+        return None
+    reader = RemoteReader(info["url"], info["token"])
+    try:
+        health = reader._get("/health")
+    except ReaderError:
+        reader.close()
+        return None
+    if Path(health.get("db", "")) != db:
+        reader.close()
+        return None
+    return reader
+
+
+class LocalReader:
+    """The file opened read-only; nobody records into it meanwhile."""
+
+    kind = "local"
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.con = duckdb.connect(str(db), read_only=True)
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        why = check_read_only(sql)
+        if why:
+            raise ReaderError(why)
+        cur = self.con.cursor()
+        try:
+            res = cur.execute(sql, params or [])
+            return [d[0] for d in res.description or []], res.fetchall()
+        finally:
+            cur.close()
+
+    def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
+        time.sleep(timeout)  # nothing records into a file at rest
+        return seq, []
+
+    def partial(self, call_id: str) -> dict | None:
+        return None
+
+    def export(self, out: Path, fmt: str = "parquet", **kw: Any) -> int:
+        return export_calls(self.con.cursor(), out, fmt, **kw)
+
+    def close(self) -> None:
+        self.con.close()
+
+
+class InProcessReader:
+    """Inside the recording process (`llmtap run --tui`): cursors on the writer's database."""
+
+    kind = "inprocess"
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        why = check_read_only(sql)
+        if why:
+            raise ReaderError(why)
+        cur = self.recorder.cursor()
+        try:
+            res = cur.execute(sql, params or [])
+            return [d[0] for d in res.description or []], res.fetchall()
+        finally:
+            cur.close()
+
+    def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
+        return self.recorder.hub.events_after(seq, timeout)
+
+    def partial(self, call_id: str) -> dict | None:
+        return self.recorder.hub.partial(call_id)
+
+    def export(self, out: Path, fmt: str = "parquet", **kw: Any) -> int:
+        cur = self.recorder.cursor()
+        try:
+            return export_calls(cur, out, fmt, **kw)
+        finally:
+            cur.close()
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteReader:
+    """A running `llmtap run` holds the file: read through its local endpoint."""
+
+    kind = "remote"
+
+    def __init__(self, url: str, token: str) -> None:
+        import httpx
+
+        self.url = url
+        self._client = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"},
+                                    timeout=httpx.Timeout(60.0, connect=5.0), trust_env=False)
+
+    def _get(self, path: str, **params: Any) -> dict:
+        import httpx
+
+        try:
+            r = self._client.get(path, params=params)
+        except httpx.HTTPError as exc:
+            raise ReaderError(f"the running llmtap at {self.url} does not answer: {exc}") from None
+        return self._json(r)
+
+    def _json(self, r: Any) -> dict:
+        try:
+            data = r.json()
+        except ValueError:
+            raise ReaderError(f"the running llmtap answered {r.status_code} without JSON") from None
+        if r.status_code >= 400 and r.status_code != 404:
+            raise ReaderError(data.get("error") or f"error {r.status_code}")
+        return data
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        import httpx
+
+        try:
+            r = self._client.post("/query", json={"sql": sql, "params": params or []})
+        except httpx.HTTPError as exc:
+            raise ReaderError(f"the running llmtap at {self.url} does not answer: {exc}") from None
+        data = self._json(r)
+        return data["columns"], [tuple(_unblob(v) for v in row) for row in data["rows"]]
+
+    def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
+        data = self._get("/live", after=seq, timeout=timeout)
+        return data["seq"], data["events"]
+
+    def partial(self, call_id: str) -> dict | None:
+        data = self._get("/partial", id=call_id)
+        return None if "error" in data else data
+
+    def export(self, out: Path, fmt: str = "parquet", *, progress: Callable[[int, int], None] | None = None,
+               **kw: Any) -> int:
+        import httpx
+
+        payload = {"out": str(Path(out).expanduser().absolute()), "format": fmt, **kw}
+        result: dict = {}
+        try:
+            with self._client.stream("POST", "/export", json=payload, timeout=None) as r:
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    item = json.loads(line)
+                    if "done" in item and progress:
+                        progress(item["done"], item["total"])
+                    elif "ok" in item:
+                        result = item
+        except httpx.HTTPError as exc:
+            raise ReaderError(f"the running llmtap at {self.url} stopped answering: {exc}") from None
+        if not result.get("ok"):
+            raise ExportError(result.get("error") or "the running llmtap did not finish the export")
+        return int(result["rows"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _unblob(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"base64"}:
+        import base64
+
+        return base64.b64decode(value["base64"])
+    return value

@@ -1,0 +1,404 @@
+"""The recorder: the proxy's Sink, one writer thread that owns the DuckDB file.
+
+The proxy calls the Sink methods on its event loop; they only append to a deque. Every
+`flush_interval_s` the writer takes what arrived, runs the extraction, and commits one batch
+with the appender, so a record waits at most that long and a kill -9 loses at most that window
+(DuckDB's WAL keeps every committed batch). When the database cannot be written the records go
+to an append-only spool beside it, imported on the next start: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import zlib
+from collections import deque
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from llmtap.recorder import schema
+from llmtap.recorder.extract import Extraction, Extractor, extract, make_extractor
+from llmtap.recorder.live import LiveHub
+from llmtap.recorder.record import Attempt, Call
+from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
+
+log = logging.getLogger("llmtap.recorder")
+
+CALL_COLUMNS = (
+    "id", "started_at", "client", "api", "method", "url", "status", "model_requested", "model_sent",
+    "model_reported", "provider", "route", "attempts", "stream", "complete", "ttfb_ms", "duration_ms",
+    "request_headers", "request_body", "response_headers", "response_body", "reasoning", "content",
+    "tool_calls", "finish_reason", "input_tokens", "output_tokens", "reasoning_tokens", "total_tokens",
+    "error", "notes", "request_body_raw", "response_body_raw",
+)
+ATTEMPT_COLUMNS = ("call_id", "n", "provider", "url", "model_sent", "status", "error", "started_at",
+                   "duration_ms", "ttfb_ms")
+
+
+class RecorderError(Exception):
+    """The database cannot be opened at start; the message says what to do."""
+
+
+def spool_path(db: Path) -> Path:
+    return db.with_name(db.name + ".spool.jsonl")
+
+
+class Recorder:
+    def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
+                 serve: bool = True) -> None:
+        self.db_path = Path(db_path).expanduser().absolute()
+        self.flush_interval_s = flush_interval_s
+        self.queue_limit = queue_limit
+        self.serve = serve
+        self.hub = LiveHub()
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self.endpoint: Any = None
+        self._queue: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._extractors: dict[str, tuple[Extractor | None, int]] = {}  # id -> (extractor, bytes fed)
+        self._calls: dict[str, Call] = {}  # started, not yet finished
+        self._in_progress: set[str] = set()  # ids with an in-progress row in the DB
+        self._dropped = 0
+        self._failing = False
+        self.written = 0  # finished calls committed (or spooled)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.db_path))
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise RecorderError(
+                    f"{self.db_path} is held by another process (another `llmtap run`, or a DuckDB "
+                    "program with it open). Stop that process, or record elsewhere with --db PATH."
+                ) from None
+            raise RecorderError(f"cannot open {self.db_path}: {exc}") from None
+        schema.migrate(self.con)
+        self._import_spool()
+        self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
+        self._thread.start()
+        if self.serve:
+            from llmtap.recorder.endpoint import Endpoint
+
+            self.endpoint = Endpoint(self)
+            self.endpoint.start()
+
+    def close(self) -> None:
+        """Commit everything queued, stop the threads, release the file."""
+        if self.endpoint is not None:
+            self.endpoint.stop()
+            self.endpoint = None
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of the writer's database for a reader thread: MVCC lets it read while the
+        writer commits, and it never takes a lock the writer waits on."""
+        assert self.con is not None, "recorder not started"
+        return self.con.cursor()
+
+    # -- Sink: on the proxy's event loop; append only ------------------------------------------------
+    def call_started(self, call: Call) -> None:
+        self._put(("started", call))
+
+    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+        if len(self._queue) < self.queue_limit:  # chunks only feed live views: safe to skip
+            self._queue.append(("chunk", call_id, chunk))
+
+    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+        self._put(("finished", call, attempts))
+
+    def _put(self, item: tuple) -> None:
+        if len(self._queue) >= self.queue_limit * 2:
+            self._dropped += 1
+            return
+        self._queue.append(item)
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            stopping = self._stop
+            self._wake.clear()
+            try:
+                self._write_batch()
+            except Exception:  # the writer must survive anything; the batch went to the spool
+                log.exception("llmtap recorder: unexpected error while writing")
+            if stopping and not self._queue:
+                return
+
+    def _drain(self) -> list[tuple]:
+        items = []
+        q = self._queue
+        while q:
+            items.append(q.popleft())
+        return items
+
+    def _write_batch(self) -> None:
+        items = self._drain()
+        dropped, self._dropped = self._dropped, 0
+        if not items and not dropped:
+            return
+        started: dict[str, Call] = {}
+        progressed: list[str] = []
+        finished: list[tuple[Call, list[Attempt]]] = []
+        for item in items:
+            kind = item[0]
+            if kind == "started":
+                call = item[1]
+                started[call.id] = call
+                self._calls[call.id] = call
+                self._extractors[call.id] = (None, 0)
+                self.hub.track(call.id, None)
+            elif kind == "chunk":
+                self._feed(item[1], item[2])
+                if item[1] not in progressed:
+                    progressed.append(item[1])
+            else:
+                finished.append((item[1], item[2]))
+        done_ids = {c.id for c, _ in finished}
+        new_rows = [self._call_row(c) for cid, c in started.items() if cid not in done_ids]
+        final_rows, attempt_rows = [], []
+        for call, attempts in finished:
+            final_rows.append(self._call_row(call, self._extraction(call)))
+            attempt_rows += [_attempt_row(a) for a in attempts]
+        replace = [c.id for c, _ in finished if c.id in self._in_progress]
+        try:
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped)
+        except Exception as exc:
+            self._spool(final_rows, attempt_rows, dropped, exc)
+        else:
+            if self._failing:
+                log.error("llmtap recorder: writing to %s works again", self.db_path)
+                self._failing = False
+            self._in_progress.update(r[0] for r in new_rows)
+        self._in_progress.difference_update(done_ids)
+        self.written += len(final_rows)
+        for cid in done_ids:
+            self._extractors.pop(cid, None)
+            self._calls.pop(cid, None)
+            self.hub.untrack(cid)
+        self.hub.publish("started", [r[0] for r in new_rows])
+        self.hub.publish("progress", [cid for cid in progressed if cid not in done_ids])
+        self.hub.publish("finished", [c.id for c, _ in finished])
+
+    def _commit(self, new_rows: list[tuple], final_rows: list[tuple], attempt_rows: list[tuple],
+                replace: list[str], dropped: int) -> None:
+        con = self.con
+        if con is None:
+            raise RuntimeError("the database is closed")
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if replace:
+                con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [replace])
+            if new_rows or final_rows:
+                appender = con.appender("calls")
+                appender.append_rows(new_rows + final_rows)
+                appender.flush()
+            if attempt_rows:
+                appender = con.appender("attempts")
+                appender.append_rows(attempt_rows)
+                appender.flush()
+            if dropped:
+                con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
+                            [dropped, f"the recorder's queue was over {self.queue_limit * 2} records"])
+            con.execute("COMMIT")
+        except BaseException:
+            try:
+                con.execute("ROLLBACK")
+            except Exception:
+                pass
+            raise
+
+    # -- extraction ------------------------------------------------------------------------------
+    def _feed(self, call_id: str, chunk: bytes) -> None:
+        entry = self._extractors.get(call_id)
+        if entry is None:
+            return
+        extractor, fed = entry
+        if extractor is None and fed == 0:
+            call = self._calls.get(call_id)
+            # The Call is shared with the proxy, which set the status and response headers
+            # before it forwarded the first chunk.
+            if call is not None:
+                extractor = make_extractor(call.api, status=call.status, headers=call.response_headers)
+                self.hub.track(call_id, extractor)
+        if extractor is not None:
+            extractor.feed(chunk)
+        self._extractors[call_id] = (extractor, fed + len(chunk))
+        self.hub.grow(call_id, chunk)
+
+    def _extraction(self, call: Call) -> Extraction:
+        extractor, fed = self._extractors.get(call.id, (None, 0))
+        if extractor is not None and fed == len(call.response_body):
+            return extractor.finish()
+        return extract(call.api, call.status, call.response_headers, call.response_body)
+
+    # -- rows --------------------------------------------------------------------------------------
+    def _call_row(self, call: Call, ex: Extraction | None = None) -> tuple:
+        notes = list(call.notes)
+        req_text, req_raw = _text(call.request_body)
+        resp_bytes = call.response_body
+        encoding = (call.response_headers.get("content-encoding") or "").lower()
+        if ex is not None and encoding and resp_bytes:
+            decoded = _decode(resp_bytes, encoding)
+            if decoded is None:
+                notes.append(f"response body is {encoding}-encoded and could not be decoded; kept raw")
+            else:
+                resp_bytes = decoded
+        resp_text, resp_raw = _text(resp_bytes) if ex is not None else (None, None)
+        if req_raw is not None:
+            notes.append("request body is not UTF-8: kept in request_body_raw")
+        if resp_raw is not None:
+            notes.append("response body is not UTF-8: kept in response_body_raw")
+        error = call.error
+        if ex is not None:
+            notes += [n for n in ex.notes if n not in notes]
+            if error is None and ex.error:
+                error = ex.error.get("message") or json.dumps(ex.error)
+        return (
+            call.id, call.started_at, call.client, call.api, call.method, redact_url(call.url),
+            call.status if ex is not None else None,
+            call.model_requested, call.model_sent, ex.model if ex else None, call.provider, call.route,
+            call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
+            ex.complete if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
+            json.dumps(_scrub(call.request_headers), ensure_ascii=False), req_text,
+            json.dumps(_scrub(call.response_headers), ensure_ascii=False) if ex is not None else None, resp_text,
+            ex.reasoning if ex else None, ex.content if ex else None,
+            json.dumps(ex.tool_calls) if ex and ex.tool_calls is not None else None,
+            ex.finish_reason if ex else None,
+            ex.input_tokens if ex else None, ex.output_tokens if ex else None,
+            ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,
+            error, json.dumps(notes) if notes else None, req_raw, resp_raw,
+        )
+
+    # -- failure: spool --------------------------------------------------------------------------
+    def _spool(self, rows: list[tuple], attempts: list[tuple], dropped: int, exc: BaseException) -> None:
+        path = spool_path(self.db_path)
+        if not self._failing:
+            log.error("llmtap recorder: cannot write to %s (%s). Proxying goes on; records are kept in %s "
+                      "and imported on the next start. Free disk space or release the file, then restart.",
+                      self.db_path, exc, path)
+            self._failing = True
+        lines = [json.dumps({"call": [_jsonable(v) for v in row]}) for row in rows]
+        lines += [json.dumps({"attempt": [_jsonable(v) for v in row]}) for row in attempts]
+        if dropped:
+            lines.append(json.dumps({"dropped": dropped}))
+        if not lines:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            # Nowhere left to put them: say exactly how many were lost.
+            log.error("llmtap recorder: %d records lost: cannot write the spool %s either (%s)",
+                      len(rows), path, err)
+
+    def _import_spool(self) -> None:
+        path = spool_path(self.db_path)
+        if not path.exists():
+            return
+        assert self.con is not None
+        calls, attempts, dropped, bad = [], [], 0, 0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                item = json.loads(line)
+            except ValueError:
+                bad += 1  # a line cut by a crash mid-write
+                continue
+            if "call" in item:
+                calls.append(_from_jsonable(item["call"], CALL_COLUMNS))
+            elif "attempt" in item:
+                attempts.append(_from_jsonable(item["attempt"], ATTEMPT_COLUMNS))
+            elif "dropped" in item:
+                dropped += int(item["dropped"])
+        ids = [c[0] for c in calls]
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [ids])
+        cols = ", ".join(CALL_COLUMNS)
+        if calls:
+            self.con.executemany(f"INSERT INTO calls ({cols}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})", calls)
+        if attempts:
+            self.con.executemany(f"INSERT INTO attempts VALUES ({', '.join('?' * len(ATTEMPT_COLUMNS))})", attempts)
+        if dropped or bad:
+            self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
+                             [dropped + bad, "lost before the spool could keep them"])
+        self.con.execute("COMMIT")
+        path.unlink()
+        log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
+                    len(calls), path)
+
+
+def _attempt_row(a: Attempt) -> tuple:
+    return (a.call_id, a.n, a.provider, redact_url(a.url), a.model_sent, a.status, a.error, a.started_at,
+            a.duration_ms, a.ttfb_ms)
+
+
+def _scrub(headers: dict[str, str]) -> dict[str, str]:
+    """Redact again in case a caller forgot; a fingerprint (with its '…') is left as it is."""
+    return {k: (fingerprint(v) if k.lower() in SECRET_HEADERS and "…" not in v else v) for k, v in headers.items()}
+
+
+def _text(body: bytes) -> tuple[str | None, bytes | None]:
+    if not body:
+        return (None, None)
+    try:
+        return body.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, bytes(body)
+
+
+def _decode(body: bytes, encoding: str) -> bytes | None:
+    try:
+        if encoding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, 47)
+        if encoding == "deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, -15)
+        if encoding == "br":
+            import brotli  # a dependency of mitmproxy
+
+            return brotli.decompress(body)
+    except Exception:
+        return None
+    return None if encoding not in ("identity", "") else body
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"t": value.isoformat()}
+    if isinstance(value, (bytes, bytearray)):
+        return {"b": base64.b64encode(value).decode()}
+    return value
+
+
+def _from_jsonable(values: list, columns: tuple[str, ...]) -> list:
+    out = []
+    for v in values:
+        if isinstance(v, dict) and "t" in v:
+            out.append(datetime.fromisoformat(v["t"]))
+        elif isinstance(v, dict) and "b" in v:
+            out.append(base64.b64decode(v["b"]))
+        else:
+            out.append(v)
+    return out
