@@ -125,5 +125,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                       str(r["fallbacks"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["reasoning_tokens"]),
                       ms(r["ttfb_p50"], r["ttfb_p95"], r["ttfb_p99"]),
                       ms(r["duration_p50"], r["duration_p95"], r["duration_p99"]))
-    Console().print(table if rows else "no calls recorded yet")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 170))  # piped: never squash the columns
+    console.print(table if rows else "no calls recorded yet")
     return 0

@@ -155,7 +155,7 @@ class Recorder:
         if not items and not dropped:
             return
         started: dict[str, Call] = {}
-        progressed: list[str] = []
+        progressed: dict[str, None] = {}  # ordered set
         finished: list[tuple[Call, list[Attempt]]] = []
         for item in items:
             kind = item[0]
@@ -167,8 +167,7 @@ class Recorder:
                 self.hub.track(call.id, None)
             elif kind == "chunk":
                 self._feed(item[1], item[2])
-                if item[1] not in progressed:
-                    progressed.append(item[1])
+                progressed[item[1]] = None
             else:
                 finished.append((item[1], item[2]))
         done_ids = {c.id for c, _ in finished}

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Recorder benchmark, each part against a baseline measured in the same run.
+
+  --append N   sustained rate of realistic records (4 KB request, 8 KB SSE response handed over
+               as 40 chunks, extraction included) through the Recorder, vs raw appender writes
+               of the same finished rows (the floor DuckDB itself sets)
+  --big N      a generated N-call DB (scripts/make_big_db.py): bytes per call, `llmtap stats`
+               time, `llmtap export` to Parquet time, vs a bare `SELECT count(*)` over it
+  --kill N     N times: a child records at ~200 calls/s and is killed with SIGKILL at a random
+               moment; the file must open, and records lost are counted against what the child
+               had handed over (at most the 250 ms window is expected)
+
+    .venv/bin/python scripts/bench_recorder.py --append 20000 --big 1000000 --kill 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
+from llmtap.recorder.recorder import Recorder  # noqa: E402
+
+PY = sys.executable
+REQUEST = json.dumps({"model": "gpt-4o", "stream": True, "messages": [
+    {"role": "system", "content": "You are a careful agent. " * 60},
+    {"role": "user", "content": "context " * 300}]}).encode()[:4096]
+EVENT = b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n'
+RESPONSE = EVENT * (8192 // len(EVENT)) + b"data: [DONE]\n\n"
+CHUNKS = [RESPONSE[i:i + len(RESPONSE) // 40 + 1] for i in range(0, len(RESPONSE), len(RESPONSE) // 40 + 1)]
+
+
+def make_call() -> Call:
+    return Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
+                api="openai.chat", client="bench/1.0", model_requested="gpt-4o", stream=True,
+                request_headers={"content-type": "application/json", "authorization": "Bearer sk-…abcd"},
+                request_body=REQUEST)
+
+
+def finish(call: Call) -> None:
+    call.status, call.model_sent, call.provider, call.attempts = 200, "gpt-4o", "openai", 1
+    call.response_headers = {"content-type": "text/event-stream"}
+    call.response_body, call.ttfb_ms, call.duration_ms = RESPONSE, 20.0, 400.0
+
+
+def bench_append(n: int, tmp: Path) -> dict:
+    rec = Recorder(tmp / "append.duckdb", serve=False)
+    rec.start()
+    calls = [make_call() for _ in range(n)]
+    t0 = time.perf_counter()
+    for call in calls:
+        rec.call_started(call)
+        for chunk in CHUNKS:
+            rec.call_chunk(call.id, chunk)
+        finish(call)
+        rec.call_finished(call, [])
+    while rec.written < n:
+        time.sleep(0.01)
+    rate = n / (time.perf_counter() - t0)
+    rows = [rec._call_row(c, rec._extraction(c)) for c in calls[:2000]]
+    rec.close()
+    # Baseline: the same finished rows, appended raw in batches of 500.
+    con = duckdb.connect(str(tmp / "append.duckdb"))
+    con.execute("CREATE TABLE raw AS SELECT * FROM calls LIMIT 0")
+    t0 = time.perf_counter()
+    for i in range(0, n, 500):
+        batch = rows[: min(500, n - i)]
+        batch = [(f"{r[0]}-{i}-{j}",) + r[1:] for j, r in enumerate(batch)]
+        ap = con.appender("raw")
+        ap.append_rows(batch)
+        ap.flush()
+    base = n / (time.perf_counter() - t0)
+    con.close()
+    return {"recorder_calls_per_s": round(rate), "raw_appender_rows_per_s": round(base),
+            "ratio_recorder_vs_raw": round(rate / base, 2)}
+
+
+def bench_big(n: int, tmp: Path) -> dict:
+    db = tmp / "big.duckdb"
+    t0 = time.perf_counter()
+    subprocess.run([PY, str(ROOT / "scripts" / "make_big_db.py"), "--db", str(db), "--calls", str(n)], check=True)
+    gen = time.perf_counter() - t0
+
+    def timed(*args: str) -> float:
+        t = time.perf_counter()
+        subprocess.run([PY, "-m", "llmtap", *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+    base = timed("stats", "--db", str(db), "--since", "2100-01-01")  # process start + open, no rows
+    stats = timed("stats", "--db", str(db), "--json")
+    export = timed("export", "--db", str(db), "--out", str(tmp / "big.parquet"))
+    return {"calls": n, "generate_s": round(gen, 1), "bytes_per_call": round(db.stat().st_size / n),
+            "stats_s": round(stats, 2), "export_parquet_s": round(export, 1),
+            "baseline_empty_stats_s": round(base, 2),
+            "parquet_bytes_per_call": round((tmp / "big.parquet").stat().st_size / n)}
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {scripts!r})
+    from pathlib import Path
+    from bench_recorder import make_call, finish
+    from llmtap.recorder.recorder import Recorder
+    rec = Recorder(Path({db!r}), serve=False)
+    rec.start()
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        call = make_call()
+        finish(call)
+        rec.call_finished(call, [])
+        n += 1
+        print(n, flush=True)
+        time.sleep(max(0.0, t0 + n / 200 - time.perf_counter()))
+""")
+
+
+def bench_kill(times: int, tmp: Path) -> dict:
+    lost: list[int] = []
+    opened = 0
+    total = 0
+    for k in range(times):
+        db = tmp / f"kill{k}.duckdb"
+        child = subprocess.Popen([PY, "-c", CHILD.format(root=str(ROOT), scripts=str(ROOT / "scripts"), db=str(db))],
+                                 stdout=subprocess.PIPE, text=True)
+        target = random.uniform(1.0, 3.0)
+        t0 = time.monotonic()
+        handed = 0
+        while time.monotonic() - t0 < target:
+            line = child.stdout.readline()
+            if not line:
+                break
+            handed = int(line)
+        os.kill(child.pid, signal.SIGKILL)
+        for line in child.stdout:  # counts printed before the kill landed
+            handed = int(line)
+        child.wait()
+        with duckdb.connect(str(db)) as con:
+            opened += 1
+            have = con.execute("SELECT count(*) FROM calls").fetchone()[0]
+        total += handed
+        lost.append(handed - have)
+    return {"kills": times, "file_opened": opened, "handed_over": total, "lost_total": sum(lost),
+            "lost_max_per_kill": max(lost), "lost_mean_per_kill": round(sum(lost) / times, 1),
+            "window_at_200_per_s": 50}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--append", type=int, default=0, metavar="N")
+    ap.add_argument("--big", type=int, default=0, metavar="N")
+    ap.add_argument("--kill", type=int, default=0, metavar="N")
+    a = ap.parse_args()
+    if not (a.append or a.big or a.kill):
+        ap.error("choose at least one of --append N, --big N, --kill N")
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="llmtap-bench-") as d:
+        tmp = Path(d)
+        if a.append:
+            print(f"append: {a.append} calls ...", file=sys.stderr)
+            out["append"] = bench_append(a.append, tmp)
+        if a.big:
+            print(f"big: generating {a.big} calls ...", file=sys.stderr)
+            out["big"] = bench_big(a.big, tmp)
+        if a.kill:
+            print(f"kill -9: {a.kill} times ...", file=sys.stderr)
+            out["kill"] = bench_kill(a.kill, tmp)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

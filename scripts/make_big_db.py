@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Generate a realistic llmtap DuckDB file for benchmarks: N calls spread over a year.
+
+Rows are built by DuckDB itself (range() and string functions), so a million calls take
+seconds rather than the hours Python loops would: ~4 KB request bodies, ~8 KB SSE response
+bodies with reasoning and content, varied models, providers, clients, statuses and fallbacks.
+
+    .venv/bin/python scripts/make_big_db.py --db /tmp/big.duckdb --calls 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmtap.recorder.schema import migrate  # noqa: E402
+
+SLICE = 100_000
+
+INSERT = """
+INSERT INTO calls
+SELECT
+  -- ULID-like ids: 10 chars of time then 16 of the row number, so they sort by time
+  lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0') AS id,
+  ts AS started_at,
+  ['Cline/3.38', 'local-deep-research/0.6', 'OpenAI/Python 2.8', 'Anthropic/Python 0.72', 'curl/8.5'][1 + i % 5] AS client,
+  ['openai.chat', 'anthropic.messages', 'openai.chat', 'ollama.chat', 'openai.responses'][1 + i % 5] AS api,
+  'POST', 'http://127.0.0.1:8081/' || ['openrouter', 'anthropic', 'openai', 'ollama', 'openai'][1 + i % 5] || '/chat/completions',
+  CASE WHEN i % 53 = 0 THEN 529 WHEN i % 41 = 0 THEN 429 WHEN i % 97 = 0 THEN 500 ELSE 200 END AS status,
+  ['gpt-4o', 'claude-sonnet-4-5', 'o3-mini', 'qwen3:14b', 'gpt-5'][1 + i % 5] AS model_requested,
+  ['openai/gpt-4o', 'claude-sonnet-4-5', 'o3-mini', 'qwen3:14b', 'gpt-5'][1 + i % 5] AS model_sent,
+  ['openai/gpt-4o', 'claude-sonnet-4-5-20250929', 'o3-mini-2025-01-31', 'qwen3:14b', 'gpt-5-2025-08-07'][1 + i % 5],
+  ['openrouter', 'anthropic', 'openai', 'ollama', 'openai'][1 + i % 5] AS provider,
+  CASE WHEN i % 3 = 0 THEN 'main' END AS route,
+  CASE WHEN i % 17 = 0 THEN 2 ELSE 1 END AS attempts,
+  TRUE, i % 211 <> 0 AS complete,
+  20 + (i * 7919) % 900 AS ttfb_ms, 300 + (i * 104729) % 30000 AS duration_ms,
+  '{"content-type": "application/json", "authorization": "Bearer sk-…3f9a", "user-agent": "agent"}',
+  '{"model": "m", "stream": true, "messages": [{"role": "system", "content": "' || repeat('You are a careful research agent. ', 60)
+     || '"}, {"role": "user", "content": "question ' || i || ': ' || repeat('context ', 250) || '"}]}' AS request_body,
+  '{"content-type": "text/event-stream"}',
+  repeat('data: {"choices":[{"delta":{"content":"token "}}]}' || chr(10) || chr(10), 160) || 'data: [DONE]' AS response_body,
+  'Thinking about question ' || i || ': ' || repeat('consider the layers, then double them. ', 20) AS reasoning,
+  'Answer ' || i || ': ' || repeat('the paper has 32 holes. ', 30) AS content,
+  CASE WHEN i % 7 = 0 THEN '[{"id": "call_1", "name": "search", "arguments": "{\\"q\\": \\"paper\\"}"}]' END,
+  'stop', 800 + i % 3000, 200 + i % 900, (i % 4) * 150, 1000 + i % 4000,
+  CASE WHEN i % 53 = 0 THEN 'Overloaded' END, NULL, NULL, NULL
+FROM (SELECT i, TIMESTAMPTZ '2025-11-23 00:00:00+00' + to_milliseconds(i * (@SPAN@ // @TOTAL@)) AS ts
+      FROM range(@START@, @STOP@) t(i))
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--db", type=Path, required=True)
+    ap.add_argument("--calls", type=int, default=1_000_000)
+    a = ap.parse_args()
+    if a.db.exists():
+        print(f"{a.db} exists; remove it first", file=sys.stderr)
+        return 2
+    con = duckdb.connect(str(a.db))
+    migrate(con)
+    span_ms = 365 * 24 * 3600 * 1000
+    t0 = time.perf_counter()
+    for start in range(0, a.calls, SLICE):
+        stop = min(a.calls, start + SLICE)
+        sql = INSERT
+        for token, value in (("@START@", start), ("@STOP@", stop), ("@TOTAL@", a.calls), ("@SPAN@", span_ms)):
+            sql = sql.replace(token, str(value))
+        con.execute(sql)
+        print(f"  {stop:,} / {a.calls:,} calls  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    # Each fallback call gets its failed first attempt (the answering one is implied).
+    con.execute("INSERT INTO attempts SELECT id, 1, 'primary', url, model_sent, 529, 'Overloaded', started_at, 50, 40 "
+                "FROM calls WHERE attempts = 2")
+    con.execute("CHECKPOINT")
+    con.close()
+    size = a.db.stat().st_size
+    print(f"{a.db}: {a.calls:,} calls, {size / 2**20:.0f} MiB ({size / a.calls:.0f} bytes per call), "
+          f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
