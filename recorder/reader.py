@@ -90,6 +90,18 @@ def _attach(db: Path) -> RemoteReader | None:
     return reader
 
 
+def _query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | None) -> tuple[list[str], list[tuple]]:
+    """Run one read statement on its own cursor, closed afterwards."""
+    try:
+        why = check_read_only(sql)
+        if why:
+            raise ReaderError(why)
+        res = cur.execute(sql, params or [])
+        return [d[0] for d in res.description or []], res.fetchall()
+    finally:
+        cur.close()
+
+
 class LocalReader:
     """The file opened read-only; nobody records into it meanwhile."""
 
@@ -100,15 +112,7 @@ class LocalReader:
         self.con = duckdb.connect(str(db), read_only=True)
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
-        why = check_read_only(sql)
-        if why:
-            raise ReaderError(why)
-        cur = self.con.cursor()
-        try:
-            res = cur.execute(sql, params or [])
-            return [d[0] for d in res.description or []], res.fetchall()
-        finally:
-            cur.close()
+        return _query(self.con.cursor(), sql, params)
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         time.sleep(timeout)  # nothing records into a file at rest
@@ -133,15 +137,7 @@ class InProcessReader:
         self.recorder = recorder
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
-        why = check_read_only(sql)
-        if why:
-            raise ReaderError(why)
-        cur = self.recorder.cursor()
-        try:
-            res = cur.execute(sql, params or [])
-            return [d[0] for d in res.description or []], res.fetchall()
-        finally:
-            cur.close()
+        return _query(self.recorder.cursor(), sql, params)
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         return self.recorder.hub.events_after(seq, timeout)
