@@ -14,7 +14,6 @@ import decimal
 import hmac
 import json
 import os
-import re
 import secrets
 import threading
 import uuid
@@ -23,13 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+import duckdb
+
 from llmtap.recorder import schema
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
 
 MAX_ROWS = 100_000
-_READ_ONLY = re.compile(r"^\s*(select|with|describe|from)\b", re.IGNORECASE)
+_parser: duckdb.DuckDBPyConnection | None = None
+_parser_lock = threading.Lock()
 
 
 def discovery_path(db: Path) -> Path:
@@ -37,12 +39,22 @@ def discovery_path(db: Path) -> Path:
 
 
 def check_read_only(sql: str) -> str | None:
-    """Why `sql` is refused, or None. One read statement only: the file is the user's record."""
-    body = sql.strip().rstrip(";")
-    if ";" in body:
-        return "one statement only"
-    if not _READ_ONLY.match(body):
-        return "only SELECT / WITH / DESCRIBE queries are served"
+    """Why `sql` is refused, or None. One read statement only: the file is the user's record.
+
+    DuckDB's own parser decides, because a prefix check is fooled by `WITH x AS (...) DELETE`.
+    """
+    global _parser
+    with _parser_lock:
+        if _parser is None:
+            _parser = duckdb.connect()  # in memory, used only to parse
+        try:
+            statements = _parser.extract_statements(sql)
+        except duckdb.Error as exc:
+            return str(exc)
+    if len(statements) != 1:
+        return "one statement only" if statements else "no statement given"
+    if statements[0].type != duckdb.StatementType.SELECT:
+        return "only SELECT / WITH / FROM / DESCRIBE / SHOW / SUMMARIZE queries are served"
     return None
 
 
@@ -182,13 +194,17 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 res = cur.execute(sql, data.get("params") or [])
                 columns = [d[0] for d in res.description or []]
+                # Types travel with the rows so the client can turn ISO strings back into
+                # datetimes: every reader returns the same Python values.
+                types = [str(d[1]) for d in res.description or []]
                 rows = res.fetchmany(MAX_ROWS + 1)
             finally:
                 cur.close()
         except Exception as exc:  # a user's SQL error, reported as such
             self._send(400, {"error": str(exc)})
             return
-        self._send(200, {"columns": columns, "rows": jsonable(rows[:MAX_ROWS]), "truncated": len(rows) > MAX_ROWS})
+        self._send(200, {"columns": columns, "types": types, "rows": jsonable(rows[:MAX_ROWS]),
+                         "truncated": len(rows) > MAX_ROWS})
 
     def _export(self, data: dict) -> None:
         """Streams NDJSON progress lines, then the result, so a remote export shows progress."""
@@ -216,4 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
             result = {"ok": False, "error": f"export failed: {exc}"}
         finally:
             cur.close()
-        self.wfile.write(json.dumps(result).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(result).encode() + b"\n")
+        except OSError:
+            pass  # the client went away; the file (or its absence) tells the rest

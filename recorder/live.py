@@ -19,6 +19,9 @@ class LiveHub:
         self._events: deque[dict[str, Any]] = deque(maxlen=KEEP_EVENTS)
         self._seq = 0
         self._partial: dict[str, tuple[list[bytes], Any]] = {}  # id -> (body parts, extractor)
+        # Held by the writer while it feeds an extractor and by `partial` while it snapshots
+        # one, so an endpoint thread never reads a parser mid-update.
+        self.lock = threading.Lock()
 
     @property
     def seq(self) -> int:
@@ -47,7 +50,9 @@ class LiveHub:
 
     # -- calls in progress (called by the writer thread) ------------------------------------------
     def track(self, call_id: str, extractor: Any) -> None:
-        self._partial[call_id] = ([], extractor)
+        with self.lock:
+            parts = self._partial.get(call_id, ([], None))[0]
+            self._partial[call_id] = (parts, extractor)
 
     def grow(self, call_id: str, chunk: bytes) -> None:
         entry = self._partial.get(call_id)
@@ -55,16 +60,19 @@ class LiveHub:
             entry[0].append(chunk)
 
     def untrack(self, call_id: str) -> None:
-        self._partial.pop(call_id, None)
+        with self.lock:
+            self._partial.pop(call_id, None)
 
     def partial(self, call_id: str) -> dict[str, Any] | None:
-        entry = self._partial.get(call_id)
-        if entry is None:
-            return None
-        parts, extractor = entry
-        snap = extractor.snapshot() if extractor is not None else None
+        with self.lock:
+            entry = self._partial.get(call_id)
+            if entry is None:
+                return None
+            parts, extractor = entry
+            snap = extractor.snapshot() if extractor is not None else None
+            body = b"".join(parts)
         return {
-            "response_body": b"".join(list(parts)).decode("utf-8", "replace"),
+            "response_body": body.decode("utf-8", "replace"),
             "reasoning": getattr(snap, "reasoning", None),
             "content": getattr(snap, "content", None),
             "tool_calls": getattr(snap, "tool_calls", None),

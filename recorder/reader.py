@@ -6,6 +6,7 @@ or opens the file read-only when nobody does. A user never sees DuckDB's lock er
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import time
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 
-from llmtap.recorder.endpoint import discovery_path, check_read_only
+from llmtap.recorder.endpoint import check_read_only, discovery_path, jsonable
 from llmtap.recorder.export import ExportError, export as export_calls
 
 if TYPE_CHECKING:
@@ -27,10 +28,19 @@ class ReaderError(Exception):
 
 
 class Reader(Protocol):
+    """What the CLI and the terminal UI read through, wherever the record is.
+
+    `query` runs one read statement (SELECT / WITH / DESCRIBE / FROM) and returns column names
+    and rows as Python values (datetimes, bytes) whichever the reader. `events_after` long-polls
+    the live events `{"seq", "kind": "started"|"progress"|"finished"|"reset", "id"}`;
+    `partial` is the growing response of a call still in progress, None otherwise.
+    """
+
     kind: str  # "local" | "remote" | "inprocess"
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]: ...
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]: ...
+    def latest_seq(self) -> int: ...
     def partial(self, call_id: str) -> dict | None: ...
     def export(self, out: Path, fmt: str = "parquet", *, since: str | None = None, until: str | None = None,
                model: str | None = None, where_sql: str | None = None, params: list | None = None,
@@ -118,6 +128,9 @@ class LocalReader:
         time.sleep(timeout)  # nothing records into a file at rest
         return seq, []
 
+    def latest_seq(self) -> int:
+        return 0
+
     def partial(self, call_id: str) -> dict | None:
         return None
 
@@ -141,6 +154,9 @@ class InProcessReader:
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         return self.recorder.hub.events_after(seq, timeout)
+
+    def latest_seq(self) -> int:
+        return self.recorder.hub.seq
 
     def partial(self, call_id: str) -> dict | None:
         return self.recorder.hub.partial(call_id)
@@ -190,15 +206,22 @@ class RemoteReader:
         import httpx
 
         try:
-            r = self._client.post("/query", json={"sql": sql, "params": params or []})
+            r = self._client.post("/query", json={"sql": sql, "params": jsonable(list(params or []))})
         except httpx.HTTPError as exc:
             raise ReaderError(f"the running llmtap at {self.url} does not answer: {exc}") from None
         data = self._json(r)
-        return data["columns"], [tuple(_unblob(v) for v in row) for row in data["rows"]]
+        convert = [_FROM_JSON.get(t.split("(")[0]) for t in data.get("types") or [None] * len(data["columns"])]
+        rows = [tuple(_unblob(v) if f is None or v is None else f(v) for f, v in zip(convert, row))
+                for row in data["rows"]]
+        return data["columns"], rows
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
+        # The server caps a long-poll at 30 s, well inside the client's 60 s read timeout.
         data = self._get("/live", after=seq, timeout=timeout)
         return data["seq"], data["events"]
+
+    def latest_seq(self) -> int:
+        return int(self._get("/health").get("seq", 0))
 
     def partial(self, call_id: str) -> dict | None:
         data = self._get("/partial", id=call_id)
@@ -228,6 +251,13 @@ class RemoteReader:
 
     def close(self) -> None:
         self._client.close()
+
+
+_FROM_JSON: dict[str, Callable[[Any], Any]] = {
+    "TIMESTAMP WITH TIME ZONE": dt.datetime.fromisoformat,
+    "TIMESTAMP": dt.datetime.fromisoformat,
+    "DATE": dt.date.fromisoformat,
+}
 
 
 def _unblob(value: Any) -> Any:

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import os
+import re
 import threading
 import zlib
 from collections import deque
@@ -66,7 +67,10 @@ class Recorder:
         self._extractors: dict[str, tuple[Extractor | None, int]] = {}  # id -> (extractor, bytes fed)
         self._calls: dict[str, Call] = {}  # started, not yet finished
         self._in_progress: set[str] = set()  # ids with an in-progress row in the DB
-        self._dropped = 0
+        # Two counters, each written by one thread only (the proxy's loop / the writer), so
+        # no increment is lost without a lock on the hot path.
+        self.dropped_total = 0  # finished calls dropped from a full queue, ever
+        self._dropped_recorded = 0  # of those, already written to the `dropped` table
         self._failing = False
         self.written = 0  # finished calls committed (or spooled)
 
@@ -78,12 +82,19 @@ class Recorder:
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise RecorderError(
-                    f"{self.db_path} is held by another process (another `llmtap run`, or a DuckDB "
-                    "program with it open). Stop that process, or record elsewhere with --db PATH."
+                    f"{self.db_path} is held by another process: another `llmtap run`, an `llmtap tui` "
+                    "or `llmtap stats` that opened it while no proxy ran, or a DuckDB program. DuckDB "
+                    "lets one process at a time open a file; stop that one, or record elsewhere with --db PATH."
                 ) from None
             raise RecorderError(f"cannot open {self.db_path}: {exc}") from None
-        schema.migrate(self.con)
-        self._import_spool()
+        try:
+            schema.migrate(self.con)
+            self._import_spool()
+        except Exception:
+            # Release the file so the caller (or the user) can retry at once.
+            self.con.close()
+            self.con = None
+            raise
         self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
         self._thread.start()
         if self.serve:
@@ -106,6 +117,11 @@ class Recorder:
             self.con.close()
             self.con = None
 
+    @property
+    def path(self) -> Path:
+        """The DuckDB file (alias of `db_path`, for callers that label the source)."""
+        return self.db_path
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of the writer's database for a reader thread: MVCC lets it read while the
         writer commits, and it never takes a lock the writer waits on."""
@@ -117,17 +133,27 @@ class Recorder:
         self._put(("started", call))
 
     def call_chunk(self, call_id: str, chunk: bytes) -> None:
-        if len(self._queue) < self.queue_limit:  # chunks only feed live views: safe to skip
+        # Chunks only feed live views (the finished call carries its whole body), so when the
+        # writer is behind they are the first thing to skip: they may fill only half the
+        # queue, leaving the other half to starts and ends before any of those is dropped.
+        if len(self._queue) < self.queue_limit // 2:
             self._queue.append(("chunk", call_id, chunk))
 
     def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
         self._put(("finished", call, attempts))
 
     def _put(self, item: tuple) -> None:
-        if len(self._queue) >= self.queue_limit * 2:
-            self._dropped += 1
-            return
-        self._queue.append(item)
+        """Append; over the bound drop the oldest unwritten records (the newest tell the user
+        most about what is happening now) and count the calls lost, for the `dropped` table."""
+        q = self._queue
+        while len(q) >= self.queue_limit:
+            try:
+                old = q.popleft()  # deque ops are atomic: the writer may drain concurrently
+            except IndexError:
+                break
+            if old[0] == "finished":  # a lost start only costs the in-progress row; the call still lands
+                self.dropped_total += 1
+        q.append(item)
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -151,7 +177,8 @@ class Recorder:
 
     def _write_batch(self) -> None:
         items = self._drain()
-        dropped, self._dropped = self._dropped, 0
+        total = self.dropped_total
+        dropped, self._dropped_recorded = total - self._dropped_recorded, total
         if not items and not dropped:
             return
         started: dict[str, Call] = {}
@@ -215,7 +242,8 @@ class Recorder:
                 appender.flush()
             if dropped:
                 con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
-                            [dropped, f"the recorder's queue was over {self.queue_limit * 2} records"])
+                            [dropped, f"finished calls dropped: the recorder's queue was over "
+                                      f"{self.queue_limit} records (the writer fell behind)"])
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -235,37 +263,55 @@ class Recorder:
             # The Call is shared with the proxy, which set the status and response headers
             # before it forwarded the first chunk.
             if call is not None:
-                extractor = make_extractor(call.api, status=call.status, headers=call.response_headers)
+                try:
+                    extractor = make_extractor(call.api, status=call.status, headers=call.response_headers)
+                except Exception:  # a parser bug must not cost the record: the live view just goes without
+                    log.exception("llmtap recorder: extraction failed to start for call %s", call_id)
+                    extractor = None
                 self.hub.track(call_id, extractor)
-        if extractor is not None:
-            extractor.feed(chunk)
+        with self.hub.lock:  # an endpoint thread may be taking a snapshot of this extractor
+            if extractor is not None:
+                try:
+                    extractor.feed(chunk)
+                except Exception:
+                    log.exception("llmtap recorder: live extraction failed for call %s", call_id)
+                    extractor = None
+                    self.hub._partial[call_id] = (self.hub._partial.get(call_id, ([], None))[0], None)
+            self.hub.grow(call_id, chunk)
         self._extractors[call_id] = (extractor, fed + len(chunk))
-        self.hub.grow(call_id, chunk)
 
     def _extraction(self, call: Call) -> Extraction:
+        """The live extractor's result when it saw the whole body (chunks may have been skipped
+        under load), else one pass over the body; never raises, so the row is always written."""
         extractor, fed = self._extractors.get(call.id, (None, 0))
-        if extractor is not None and fed == len(call.response_body):
-            return extractor.finish()
-        return extract(call.api, call.status, call.response_headers, call.response_body)
+        try:
+            if extractor is not None and fed == len(call.response_body):
+                return extractor.finish()
+            return extract(call.api, call.status, call.response_headers, call.response_body)
+        except Exception as exc:
+            log.exception("llmtap recorder: extraction failed for call %s", call.id)
+            return Extraction(notes=[f"extraction failed ({type(exc).__name__}: {exc}); see response_body"])
 
     # -- rows --------------------------------------------------------------------------------------
     def _call_row(self, call: Call, ex: Extraction | None = None) -> tuple:
         notes = list(call.notes)
         req_text, req_raw = _text(call.request_body)
         resp_bytes = call.response_body
-        encoding = (call.response_headers.get("content-encoding") or "").lower()
-        if ex is not None and encoding and resp_bytes:
+        encoding = (call.response_headers.get("content-encoding") or "").lower().strip()
+        if ex is not None and encoding not in ("", "identity") and resp_bytes:
             decoded = _decode(resp_bytes, encoding)
             if decoded is None:
                 notes.append(f"response body is {encoding}-encoded and could not be decoded; kept raw")
             else:
                 resp_bytes = decoded
+                notes.append(f"response body arrived {encoding}-encoded; stored decoded")
         resp_text, resp_raw = _text(resp_bytes) if ex is not None else (None, None)
         if req_raw is not None:
             notes.append("request body is not UTF-8: kept in request_body_raw")
         if resp_raw is not None:
             notes.append("response body is not UTF-8: kept in response_body_raw")
-        error = call.error
+        error = _scrub_text(call.error)
+        notes = [_scrub_text(n) or "" for n in notes]
         if ex is not None:
             notes += [n for n in ex.notes if n not in notes]
             if error is None and ex.error:
@@ -332,11 +378,12 @@ class Recorder:
         ids = [c[0] for c in calls]
         self.con.execute("BEGIN TRANSACTION")
         self.con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [ids])
-        cols = ", ".join(CALL_COLUMNS)
-        if calls:
-            self.con.executemany(f"INSERT INTO calls ({cols}) VALUES ({', '.join('?' * len(CALL_COLUMNS))})", calls)
-        if attempts:
-            self.con.executemany(f"INSERT INTO attempts VALUES ({', '.join('?' * len(ATTEMPT_COLUMNS))})", attempts)
+        # The appender, as in normal writing: a spool of hours of traffic imports in seconds.
+        for table, rows in (("calls", calls), ("attempts", attempts)):
+            if rows:
+                appender = self.con.appender(table)
+                appender.append_rows(rows)
+                appender.flush()
         if dropped or bad:
             self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
                              [dropped + bad, "lost before the spool could keep them"])
@@ -347,13 +394,32 @@ class Recorder:
 
 
 def _attempt_row(a: Attempt) -> tuple:
-    return (a.call_id, a.n, a.provider, redact_url(a.url), a.model_sent, a.status, a.error, a.started_at,
+    return (a.call_id, a.n, a.provider, redact_url(a.url), a.model_sent, a.status, _scrub_text(a.error), a.started_at,
             a.duration_ms, a.ttfb_ms)
 
 
-def _scrub(headers: dict[str, str]) -> dict[str, str]:
-    """Redact again in case a caller forgot; a fingerprint (with its '…') is left as it is."""
-    return {k: (fingerprint(v) if k.lower() in SECRET_HEADERS and "…" not in v else v) for k, v in headers.items()}
+_FINGERPRINT = re.compile(r"^(\S+ )?[A-Za-z_-]{0,8}…[0-9a-f]{4}$")
+# A secret query parameter inside free text (an error message quoting the upstream URL).
+_QUERY_SECRET = re.compile(r"([?&](?:key|api_key|api-key|apikey|access_token|token)=)([^&\s\"']+)", re.IGNORECASE)
+
+
+def _scrub(headers: dict[str, str] | list[tuple[str, str]]) -> dict[str, str]:
+    """Redact again in case a caller forgot; a value that already is a fingerprint is kept
+    (fingerprinting it again would make equal keys look different)."""
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        key = k.lower()
+        if key in SECRET_HEADERS and not _FINGERPRINT.match(v):
+            v = fingerprint(v)
+        out[key] = f"{out[key]}, {v}" if key in out else v
+    return out
+
+
+def _scrub_text(text: str | None) -> str | None:
+    if not text or "=" not in text:
+        return text
+    return _QUERY_SECRET.sub(lambda m: m.group(1) + fingerprint(m.group(2)), text)
 
 
 def _text(body: bytes) -> tuple[str | None, bytes | None]:
@@ -366,6 +432,17 @@ def _text(body: bytes) -> tuple[str | None, bytes | None]:
 
 
 def _decode(body: bytes, encoding: str) -> bytes | None:
+    """Undo a content-encoding (a list is applied in order, so undone in reverse)."""
+    codings = [c.strip() for c in encoding.split(",") if c.strip() not in ("", "identity")]
+    for coding in reversed(codings):
+        out = _decode_one(body, coding)
+        if out is None:
+            return None
+        body = out
+    return body
+
+
+def _decode_one(body: bytes, encoding: str) -> bytes | None:
     try:
         if encoding in ("gzip", "x-gzip"):
             return zlib.decompress(body, 47)
@@ -380,7 +457,7 @@ def _decode(body: bytes, encoding: str) -> bytes | None:
             return brotli.decompress(body)
     except Exception:
         return None
-    return None if encoding not in ("identity", "") else body
+    return None
 
 
 def _jsonable(value: Any) -> Any:

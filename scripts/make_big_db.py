@@ -23,6 +23,14 @@ sys.path.insert(0, str(ROOT))
 from llmtap.recorder.schema import migrate  # noqa: E402
 
 SLICE = 100_000
+POOL = 5000
+WORDS = (
+    "the a of to and in is for on that with as by at from this be are was it an or not but if then so we you "
+    "model token layer agent search paper fold hole answer reason context tool call result error retry stream "
+    "data json value count index first second third double triple check verify assume consider compute return "
+    "function file path query table column row vector matrix graph node edge weight bias gradient loss epoch "
+    "batch source claim evidence summary section figure author year method dataset baseline metric score"
+).split()
 
 INSERT = """
 INSERT INTO calls
@@ -43,17 +51,25 @@ SELECT
   TRUE, i % 211 <> 0 AS complete,
   20 + (i * 7919) % 900 AS ttfb_ms, 300 + (i * 104729) % 30000 AS duration_ms,
   '{"content-type": "application/json", "authorization": "Bearer sk-…3f9a", "user-agent": "agent"}',
-  '{"model": "m", "stream": true, "messages": [{"role": "system", "content": "' || repeat('You are a careful research agent. ', 60)
-     || '"}, {"role": "user", "content": "question ' || i || ': ' || repeat('context ', 250) || '"}]}' AS request_body,
+  -- The system prompt repeats across calls as an agent's does; the rest is put together from
+  -- pools of word-by-word random paragraphs and SSE runs, picked by a hash of the row, so
+  -- the file compresses like real traffic rather than like repeat().
+  '{"model": "m", "stream": true, "messages": [{"role": "system", "content": "' || repeat('You are a careful research agent. ', 30)
+     || '"}, {"role": "user", "content": "question ' || i || ': ' || q1.t || ' ' || q2.t || ' ' || q3.t || '"}]}' AS request_body,
   '{"content-type": "text/event-stream"}',
-  repeat('data: {"choices":[{"delta":{"content":"token "}}]}' || chr(10) || chr(10), 160) || 'data: [DONE]' AS response_body,
-  'Thinking about question ' || i || ': ' || repeat('consider the layers, then double them. ', 20) AS reasoning,
-  'Answer ' || i || ': ' || repeat('the paper has 32 holes. ', 30) AS content,
+  s1.t || s2.t || s3.t || 'data: [DONE]' || chr(10) || chr(10) AS response_body,
+  'Thinking about question ' || i || ': ' || r.t AS reasoning,
+  'Answer ' || i || ': ' || c.t AS content,
   CASE WHEN i % 7 = 0 THEN '[{"id": "call_1", "name": "search", "arguments": "{\\"q\\": \\"paper\\"}"}]' END,
   'stop', 800 + i % 3000, 200 + i % 900, (i % 4) * 150, 1000 + i % 4000,
   CASE WHEN i % 53 = 0 THEN 'Overloaded' END, NULL, NULL, NULL
-FROM (SELECT i, TIMESTAMPTZ '2025-11-23 00:00:00+00' + to_milliseconds(i * (@SPAN@ // @TOTAL@)) AS ts
+FROM (SELECT i, TIMESTAMPTZ '2025-11-23 00:00:00+00' + to_milliseconds(i * (@SPAN@ // @TOTAL@)) AS ts,
+             [hash(i, k) % @NP@ for k in range(8)] AS h
       FROM range(@START@, @STOP@) t(i))
+-- Joins on small pool tables: indexing a pool list per row would copy the list per row.
+JOIN para q1 ON q1.p = h[1] JOIN para q2 ON q2.p = h[2] JOIN para q3 ON q3.p = h[3]
+JOIN sse s1 ON s1.p = h[4] JOIN sse s2 ON s2.p = h[5] JOIN sse s3 ON s3.p = h[6]
+JOIN para r ON r.p = h[7] JOIN para c ON c.p = h[8]
 """
 
 
@@ -67,12 +83,28 @@ def main() -> int:
         return 2
     con = duckdb.connect(str(a.db))
     migrate(con)
+    # Pools built once: paragraphs of 150 random words (~1 KB), and runs of 20 SSE events
+    # of one word each (~2.7 KB).
+    con.execute("CREATE TEMP TABLE words AS SELECT ?::VARCHAR[] AS w", [WORDS])
+    nw = len(WORDS)
+    con.execute(f"""
+        CREATE TEMP TABLE para AS SELECT p::UBIGINT AS p,
+          array_to_string(list_transform(range(150), lambda k: w[1 + (hash(p, k) % {nw})::BIGINT]), ' ') AS t
+        FROM range({POOL}) r(p), words""")
+    con.execute(f"""
+        CREATE TEMP TABLE sse AS SELECT p::UBIGINT AS p,
+          array_to_string(list_transform(range(20), lambda k:
+            'data: {{"id":"chatcmpl-' || p || '","object":"chat.completion.chunk","choices":[{{"index":0,"delta":'
+            || '{{"content":"' || w[1 + (hash(p, k, 9) % {nw})::BIGINT] || ' "}},"finish_reason":null}}]}}'
+            || chr(10) || chr(10)), '') AS t
+        FROM range({POOL}) r(p), words""")
     span_ms = 365 * 24 * 3600 * 1000
     t0 = time.perf_counter()
     for start in range(0, a.calls, SLICE):
         stop = min(a.calls, start + SLICE)
         sql = INSERT
-        for token, value in (("@START@", start), ("@STOP@", stop), ("@TOTAL@", a.calls), ("@SPAN@", span_ms)):
+        for token, value in (("@START@", start), ("@STOP@", stop), ("@TOTAL@", a.calls), ("@SPAN@", span_ms),
+                             ("@NP@", POOL)):
             sql = sql.replace(token, str(value))
         con.execute(sql)
         print(f"  {stop:,} / {a.calls:,} calls  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

@@ -156,7 +156,11 @@ def test_secrets_never_reach_the_file_the_spool_or_an_export(db: Path, tmp_path:
     rec = Recorder(db)
     rec.start()
     call = make_call(url=f"https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key={PLANTED_Q}")
-    rec.call_finished(*finish(call))
+    call, attempts = finish(call)
+    attempts[0].url = f"https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key={PLANTED_Q}"
+    attempts[0].error = f"connect: refused for {attempts[0].url}"
+    call.request_headers = {"Authorization": "Bearer " + PLANTED, "X-Goog-Api-Key": PLANTED_Q}
+    rec.call_finished(call, attempts)
     failing = make_call()
     original = rec._commit
     rec._commit = lambda *a: (_ for _ in ()).throw(OSError("disk full"))  # type: ignore[method-assign]
@@ -195,15 +199,67 @@ def test_records_are_spooled_when_the_db_fails_and_imported_on_next_start(db: Pa
         assert con.execute("SELECT count(*) FROM attempts").fetchone()[0] == 10
 
 
-def test_a_full_queue_records_how_many_were_dropped(db: Path) -> None:
+def test_a_full_queue_drops_the_oldest_and_records_how_many(db: Path) -> None:
     rec = Recorder(db, queue_limit=2)
-    for _ in range(10):  # before start: nothing drains the queue
-        rec.call_finished(*finish(make_call()))
+    calls = [finish(make_call()) for _ in range(10)]
+    for c in calls:  # before start: nothing drains the queue
+        rec.call_finished(*c)
     rec.start()
     rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM calls").fetchone()[0] == 4
-        assert con.execute("SELECT sum(count) FROM dropped").fetchone()[0] == 6
+        kept = {r[0] for r in con.execute("SELECT id FROM calls").fetchall()}
+        assert kept == {c.id for c, _ in calls[-2:]}  # the newest survive
+        count, reason = con.execute("SELECT sum(count), any_value(reason) FROM dropped").fetchone()
+    assert count == 8 and "writer fell behind" in reason
+
+
+def test_a_call_started_and_finished_in_one_batch_is_written_once(db: Path) -> None:
+    rec = Recorder(db, flush_interval_s=60)  # one batch, written at close
+    rec.start()
+    call = make_call()
+    rec.call_started(call)
+    call, attempts = finish(call)
+    for i in range(0, len(ANTHROPIC_SSE), 50):
+        rec.call_chunk(call.id, ANTHROPIC_SSE[i:i + 50])
+    rec.call_finished(call, attempts)
+    rec.close()
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*), max(status), max(reasoning) FROM calls").fetchone() == (
+            1, 200, "Five folds: 2^5 = 32.")
+
+
+def test_a_compressed_response_is_stored_decoded_with_a_note(db: Path) -> None:
+    import gzip
+
+    rec = Recorder(db, serve=False)
+    rec.start()
+    call, attempts = finish(make_call(), gzip.compress(ANTHROPIC_SSE))
+    call.response_headers["content-encoding"] = "gzip"
+    rec.call_finished(call, attempts)
+    rec.close()
+    r = row(db, call.id)
+    assert r["response_body"] == ANTHROPIC_SSE.decode() and r["content"] == "32 holes."
+    assert any("gzip" in n for n in json.loads(r["notes"]))
+
+
+def test_an_extraction_bug_never_costs_the_row(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmtap.recorder.recorder as recorder_mod
+
+    def broken(*a: object, **kw: object) -> None:
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(recorder_mod, "make_extractor", broken)
+    monkeypatch.setattr(recorder_mod, "extract", broken)
+    rec = Recorder(db, serve=False)
+    rec.start()
+    call = make_call()
+    rec.call_started(call)
+    rec.call_chunk(call.id, ANTHROPIC_SSE[:100])
+    rec.call_finished(*finish(call))
+    rec.close()
+    r = row(db, call.id)
+    assert r["status"] == 200 and r["response_body"] == ANTHROPIC_SSE.decode()
+    assert any("extraction failed" in n for n in json.loads(r["notes"]))
 
 
 def llmtap(*args: str) -> subprocess.CompletedProcess:
@@ -247,6 +303,8 @@ def test_endpoint_needs_the_token_and_serves_reads_only(db: Path) -> None:
         assert isinstance(reader, RemoteReader)
         with pytest.raises(ReaderError, match="only SELECT"):
             reader.query("DELETE FROM calls")
+        with pytest.raises(ReaderError, match="only SELECT"):
+            reader.query("WITH x AS (SELECT 1) DELETE FROM calls")
         with pytest.raises(ReaderError, match="one statement"):
             reader.query("SELECT 1; DROP TABLE calls")
         assert reader.query("SELECT 41 + 1 AS answer") == (["answer"], [(42,)])
@@ -336,3 +394,73 @@ def test_writer_does_not_block_the_caller(db: Path) -> None:
     finally:
         gate.set()
         rec.close()
+
+
+def test_every_reader_returns_the_same_python_values(db: Path) -> None:
+    rec = Recorder(db)
+    rec.start()
+    try:
+        call = make_call()
+        call.request_body = b"\xff\xfe not utf-8"
+        rec.call_finished(*finish(call))
+        wait_event(rec, "finished", call.id)
+        sql = "SELECT id, started_at, request_body_raw, tool_calls, duration_ms FROM calls WHERE id = ?"
+        remote = open_reader(db)
+        assert isinstance(remote, RemoteReader) and remote.latest_seq() == rec.hub.seq > 0
+        got_remote = remote.query(sql, [call.id])
+        # A datetime parameter crosses the endpoint too.
+        assert remote.query("SELECT count(*) FROM calls WHERE started_at >= ?", [call.started_at])[1] == [(1,)]
+        remote.close()
+        got_inprocess = InProcessReader(rec).query(sql, [call.id])
+    finally:
+        rec.close()
+    local = open_reader(db)
+    assert local.kind == "local" and local.latest_seq() == 0
+    got_local = local.query(sql, [call.id])
+    local.close()
+    assert got_remote == got_inprocess == got_local
+    assert got_local[1][0][2] == b"\xff\xfe not utf-8"
+
+
+def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmtap.recorder.export as export_mod
+
+    monkeypatch.setattr(export_mod, "SLICE_ROWS", 7)
+    rec = Recorder(db, serve=False)
+    rec.start()
+    ids = []
+    for _ in range(30):
+        c, a = finish(make_call())
+        ids.append(c.id)
+        rec.call_finished(c, a)
+    rec.close()
+    reader = LocalReader(db)
+    for fmt in ("parquet", "jsonl"):
+        seen: list[tuple[int, int]] = []
+        out = tmp_path / f"all.{fmt}"
+        assert reader.export(out, fmt, progress=lambda d, t: seen.append((d, t))) == 30
+        assert seen[-1] == (30, 30) and len(seen) == 5
+        with duckdb.connect() as con:
+            src = f"read_parquet('{out}')" if fmt == "parquet" else f"read_json_auto('{out}')"
+            assert [r[0] for r in con.execute(f"SELECT id FROM {src}").fetchall()] == sorted(ids)
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".llmtap-export-")]
+    reader.close()
+
+
+def test_cli_errors_name_the_flag_and_exit_2(db: Path, tmp_path: Path) -> None:
+    rec = Recorder(db, serve=False)
+    rec.start()
+    rec.call_finished(*finish(make_call()))
+    rec.close()
+    bad = llmtap("export", "--db", str(db), "--out", str(tmp_path / "x.parquet"), "--since", "yesterday")
+    assert bad.returncode == 2 and "--since 'yesterday' is not an ISO date" in bad.stderr and "2026-" in bad.stderr
+    nowhere = llmtap("export", "--db", str(db), "--out", str(tmp_path / "missing" / "x.parquet"))
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    missing = llmtap("stats", "--db", str(tmp_path / "none.duckdb"))
+    assert missing.returncode == 2 and "run `llmtap run` first" in missing.stderr
+    table = llmtap("stats", "--db", str(db))
+    assert table.returncode == 0 and "claude-sonnet-4-5" in table.stdout
+    jsonl = llmtap("export", "--db", str(db), "--out", str(tmp_path / "x.jsonl"))
+    assert jsonl.returncode == 0 and "exported 1 calls" in jsonl.stderr
+    assert json.loads((tmp_path / "x.jsonl").read_text().splitlines()[0])["status"] == 200
