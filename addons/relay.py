@@ -223,7 +223,8 @@ class Relay:
             exchange.finish(error=f"llmtap internal error: {exc!r}")
             return False
 
-    def _finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def finished(self, call: Call, attempts: list[Attempt]) -> None:
+        """The one hand-off of a finished call: to the recorder, then to the line printer."""
         try:
             self.sink.call_finished(call, attempts)
         except Exception:
@@ -431,7 +432,7 @@ class _Exchange:
         call.response_body = b"".join(self.parts)
         if error:
             call.error = error
-        self.relay._finished(call, self.attempts)
+        self.relay.finished(call, self.attempts)
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:

@@ -67,7 +67,7 @@ class Router:
             plan.call.status = 502
             plan.call.duration_ms = 0.0
             plan.call.error = f"proxy error before the relay: {flow.error}"
-            self.relay._finished(plan.call, [])
+            self.relay.finished(plan.call, [])
 
     # routing -------------------------------------------------------------------------------
     def _route(self, flow: http.HTTPFlow) -> None:
@@ -76,6 +76,7 @@ class Router:
         gateway = isinstance(flow.client_conn.proxy_mode, ReverseMode)
         split = urlsplit(req.path)
         path, query = split.path or "/", split.query
+        api = detect_api(req.method, path)
         addressed: rules_mod.Provider | None
         if gateway:
             listen = flow.client_conn.sockname
@@ -88,15 +89,13 @@ class Router:
             rest = "/" + rest
         else:
             shown_url = req.pretty_url
-            found = rules.provider_for_url(req.scheme, req.pretty_host, req.port, path,
-                                           _family(detect_api(req.method, path)))
+            found = rules.provider_for_url(req.scheme, req.pretty_host, req.port, path, _family(api))
             if found is None and (req.pretty_host.lower(), req.port) not in rules.intercept_addresses():
                 return  # plain-HTTP traffic to a host that is no LLM API: not ours to touch
             addressed, rest = found if found else (None, path)
 
         body = req.get_content(strict=False) or b""
         notes: list[str] = []
-        api = detect_api(req.method, path)
         model, stream, doc = self._read_body(req.headers.get("content-type", ""), body, api, path, notes)
         client = req.headers.get("user-agent")
         call = Call(
@@ -220,7 +219,7 @@ class Router:
                     request_body=flow.request.get_content(strict=False) or b"",
                     response_headers={"content-type": "application/json"}, response_body=body,
                     error=message)
-        self.relay._finished(call, [])
+        self.relay.finished(call, [])
 
 
 def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, keep_auth: bool) -> list[tuple[bytes, bytes]]:

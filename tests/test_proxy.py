@@ -7,6 +7,7 @@ actually asked, the fallback chain, and the record handed to the recorder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -232,12 +233,19 @@ def test_anthropic_sdk_streams_thinking_through_fallback(proxy: RunningProxy, fa
 
 
 # -- streaming and disconnects -------------------------------------------------------------
-def test_stream_reaches_client_before_upstream_finishes(proxy: RunningProxy, fake: FakeProvider) -> None:
-    fake.script(slow(0.05, chunks=40))
+@contextlib.contextmanager
+def plain_stream(proxy: RunningProxy) -> Iterator[httpx.Response]:
+    """A streamed chat call through the gateway with no route: the raw bytes as they arrive."""
     with httpx.Client(timeout=20) as c, c.stream(
         "POST", f"{proxy.gateway_url}/primary/chat/completions",
         json={"model": "plain", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
     ) as r:
+        yield r
+
+
+def test_stream_reaches_client_before_upstream_finishes(proxy: RunningProxy, fake: FakeProvider) -> None:
+    fake.script(slow(0.05, chunks=40))
+    with plain_stream(proxy) as r:
         chunks = r.iter_raw()
         first = next(chunks)
         # The upstream is still writing (40 events, 50 ms apart): had anything buffered the
@@ -249,10 +257,7 @@ def test_stream_reaches_client_before_upstream_finishes(proxy: RunningProxy, fak
 
 def test_client_disconnect_closes_upstream(proxy: RunningProxy, fake: FakeProvider) -> None:
     fake.script(slow(0.2, chunks=200))
-    with httpx.Client(timeout=20) as c, c.stream(
-        "POST", f"{proxy.gateway_url}/primary/chat/completions",
-        json={"model": "plain", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
-    ) as r:
+    with plain_stream(proxy) as r:
         next(r.iter_raw())
     # Leaving the block closed the client connection mid-stream.
     fake.wait_disconnects(1, timeout=10)
