@@ -11,7 +11,6 @@ written, so recording never delays the stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
@@ -135,7 +134,7 @@ class Relay:
         self.on_finished = on_finished
         self._plans: dict[str, Plan] = {}
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._conns: set[_RelayConnection] = set()
         self.port = 0
 
     # -- plans -------------------------------------------------------------------------------
@@ -150,78 +149,18 @@ class Relay:
 
     # -- server ------------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        self._server = await asyncio.start_server(self._connection, host, port, limit=1 << 20)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _RelayConnection(self), host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = [t for t in (conn.abort("llmtap is shutting down") for conn in list(self._conns)) if t]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.aclose()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                except asyncio.LimitOverrunError:
-                    await _send_simple(writer, 431, b"request head too large")
-                    return
-                key, length = _parse_head(head)
-                if length:
-                    await reader.readexactly(length)
-                plan = self._plans.pop(key, None) if key else None
-                if plan is None:
-                    await _send_simple(writer, 404, b"unknown llmtap plan")
-                    return
-                keep = await self._serve(plan, reader, writer)
-                if not keep:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            self._tasks.discard(task)
-            writer.close()
-
-    # -- one exchange ------------------------------------------------------------------------
-    async def _serve(self, plan: Plan, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        """Answer one planned request; returns whether the connection can be reused."""
-        exchange = _Exchange(self, plan, writer)
-        work = asyncio.ensure_future(exchange.run())
-        # mitmproxy sends nothing more on this connection until our answer ends, so any
-        # readable event before then is the client going away: stop spending tokens at once.
-        watch = asyncio.ensure_future(reader.read(1))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            work.cancel()
-            watch.cancel()
-            exchange.disconnected("llmtap is shutting down")
-            raise
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-            exchange.disconnected("client disconnected")
-            return False
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await watch
-        try:
-            return work.result()
-        except Exception as exc:  # a bug of ours must not take the call down unrecorded
-            log.exception("relay failed")
-            exchange.finish(error=f"llmtap internal error: {exc!r}")
-            return False
 
     def finished(self, call: Call, attempts: list[Attempt]) -> None:
         """The one hand-off of a finished call: to the recorder, then to the line printer."""
@@ -236,10 +175,135 @@ class Relay:
                 log.exception("call line printer failed")
 
 
+class _RelayConnection(asyncio.Protocol):
+    """One connection from mitmproxy: requests one at a time, each answered by an _Exchange.
+
+    A protocol rather than asyncio streams: it costs one task per request instead of three
+    (the exchange, a reader watching for the client leaving, and the wait on both), which is
+    a measurable share of the relay's per-call overhead. mitmproxy sends nothing more on a
+    connection until our answer ends, so its closing the connection meanwhile can only mean
+    the client went away: connection_lost cancels the exchange, and with it the upstream.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.exchange: _Exchange | None = None
+        self.task: asyncio.Task | None = None
+        self.closed = False
+        self._paused = False
+        self._drain: asyncio.Future | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.relay._conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.task is None:
+            self._next_request()
+
+    def eof_received(self) -> bool:
+        return False  # a half-closed mitmproxy connection is a finished one: close our side
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.relay._conns.discard(self)
+        self._wake(ConnectionResetError("mitmproxy closed the relay connection"))
+        self.abort("client disconnected")
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake(None)
+
+    # -- what _Exchange writes through -----------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("mitmproxy closed the relay connection")
+        if self._paused:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def _wake(self, exc: Exception | None) -> None:
+        waiter, self._drain = self._drain, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    # -- requests --------------------------------------------------------------------------------
+    def _next_request(self) -> None:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > 1 << 20:
+                self._refuse(431, b"request head too large")
+            return
+        try:
+            key, length = _parse_head(bytes(self.buf[:end + 4]))
+        except ValueError:
+            self._refuse(400, b"bad request head")
+            return
+        if len(self.buf) < end + 4 + length:
+            return  # the (unused) body is still arriving
+        del self.buf[:end + 4 + length]
+        plan = self.relay._plans.pop(key, None) if key else None
+        if plan is None:
+            self._refuse(404, b"unknown llmtap plan")
+            return
+        self.exchange = _Exchange(self.relay, plan, self)
+        self.task = asyncio.get_running_loop().create_task(self._serve(self.exchange))
+
+    async def _serve(self, exchange: _Exchange) -> None:
+        try:
+            keep = await exchange.run()
+        except asyncio.CancelledError:
+            return  # abort() recorded why
+        except ConnectionError:
+            keep = False  # mitmproxy went away mid-answer; connection_lost recorded it
+        except Exception as exc:  # a bug of ours must not take the call down unrecorded
+            log.exception("relay failed")
+            exchange.finish(error=f"llmtap internal error: {exc!r}")
+            keep = False
+        self.task = self.exchange = None
+        if not keep:
+            if self.transport is not None:
+                self.transport.close()
+        elif self.buf:
+            self._next_request()
+
+    def abort(self, reason: str) -> asyncio.Task | None:
+        """Stop the exchange in flight (recording why) and drop the connection."""
+        task, exchange = self.task, self.exchange
+        if exchange is not None:
+            exchange.disconnected(reason)
+        if task is not None and not task.done():
+            task.cancel()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        return task
+
+    def _refuse(self, status: int, text: bytes) -> None:
+        self.write(b"HTTP/1.1 %d -\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                   % (status, len(text), text))
+        if self.transport is not None:
+            self.transport.close()
+
+
 class _Exchange:
     """The state of one call while the relay answers it."""
 
-    def __init__(self, relay: Relay, plan: Plan, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, relay: Relay, plan: Plan, writer: _RelayConnection) -> None:
         self.relay = relay
         self.plan = plan
         self.call = plan.call
@@ -354,6 +418,9 @@ class _Exchange:
                 await writer.drain()
         except StreamCut as exc:
             error = f"upstream cut the stream: {exc}"
+        finally:
+            # On a client disconnect (cancellation) this is what stops the upstream at once.
+            await resp.aclose()
         attempt.duration_ms = _ms(t_start)
         if error:
             attempt.error = error
@@ -446,13 +513,6 @@ def _parse_head(head: bytes) -> tuple[str | None, int]:
         elif name == b"content-length":
             length = int(value.strip() or 0)
     return key, length
-
-
-async def _send_simple(writer: asyncio.StreamWriter, status: int, text: bytes) -> None:
-    writer.write(b"HTTP/1.1 %d -\r\ncontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
-                 % (status, len(text), text))
-    with contextlib.suppress(ConnectionError):
-        await writer.drain()
 
 
 def _ms(t0: float) -> float:
