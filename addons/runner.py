@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mitmproxy import master as mitm_master
 from mitmproxy import options as mitm_options
+from mitmproxy.addons.proxyserver import Proxyserver
 
 from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import Cooldown, Relay
@@ -218,8 +219,25 @@ class Proxy:
                 await ps.servers.update([])
             except Exception:  # already down
                 pass
+            await _close_client_connections(ps)
             await self.master.done()
         await self.relay.stop()
+
+
+async def _close_client_connections(ps: Proxyserver, timeout: float = 5.0) -> None:
+    """End the connections clients still hold open (an SDK keeps them alive between calls).
+
+    Stopping the listeners leaves them running; the loop would then cancel their tasks at
+    exit and asyncio would print a traceback on every clean stop while a tool was connected.
+    Cancelling each connection's own handler lets mitmproxy close it the ordinary way.
+    """
+    for handler in list(ps.connections.values()):
+        io = handler.transports.get(handler.client)
+        if io is not None and io.handler is not None:
+            io.handler.cancel("llmtap is stopping")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while ps.connections and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)  # mitmproxy offers no event for "all connections closed"
 
 
 def _fmt_host(host: str) -> str:

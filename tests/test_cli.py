@@ -24,6 +24,7 @@ class Lines:
     def __init__(self, pipe) -> None:
         self.lines: list[str] = []
         self._cond = threading.Condition()
+        self.ended = threading.Event()  # the process closed the pipe
         threading.Thread(target=self._read, args=(pipe,), daemon=True).start()
 
     def _read(self, pipe) -> None:
@@ -31,6 +32,7 @@ class Lines:
             with self._cond:
                 self.lines.append(line)
                 self._cond.notify_all()
+        self.ended.set()
 
     def wait_for(self, text: str, timeout: float = 60) -> str:
         with self._cond:
@@ -51,13 +53,18 @@ def test_run_prints_where_it_listens_a_line_per_call_and_stops_on_sigterm(tmp_pa
         err, out = Lines(proc.stderr), Lines(proc.stdout)
         gateway = err.wait_for("gateway").split()[1].split("/<provider>")[0]
         assert "(1 routes)" in err.wait_for("rules")
-        r = httpx.post(f"{gateway}/local/chat/completions", timeout=30, headers={"user-agent": "agent/1.0"},
-                       json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
-        assert r.status_code == 200
-        line = out.wait_for("fast → real-model")
-        assert "agent/1.0" in line and "local" in line and " 200 " in line
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        # A client keeps its connection alive across calls, as every SDK does, and still holds
+        # it when llmtap is stopped.
+        with httpx.Client(timeout=30) as client:
+            r = client.post(f"{gateway}/local/chat/completions", headers={"user-agent": "agent/1.0"},
+                            json={"model": "fast", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            line = out.wait_for("fast → real-model")
+            assert "agent/1.0" in line and "local" in line and " 200 " in line
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        assert err.ended.wait(10)
+        assert not [l for l in err.lines if "Traceback" in l or "Exception" in l], "".join(err.lines)
     finally:
         if proc.poll() is None:
             proc.kill()
