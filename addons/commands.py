@@ -165,7 +165,7 @@ def format_call_line(call: Call, attempts: list[Attempt]) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from llmtap.addons import rules as rules_mod
-    from llmtap.addons.runner import RunConfig, StartupError, configure_logging, parse_hostport, serve
+    from llmtap.addons.runner import RunConfig, StartupError, configure_logging, parse_hostport, serve, settle_gc
 
     configure_logging()
     try:
@@ -195,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     on_finished = None if (args.quiet or args.tui) else _print_line
 
     async def ready(p) -> None:
+        settle_gc()
         if args.tui:
             return
         rules = p.rules.current

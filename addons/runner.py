@@ -8,6 +8,7 @@ start-up failures are turned into one clear message here.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import signal
@@ -267,6 +268,20 @@ async def serve(config: RunConfig, sink: Sink, *, ready: Callable[[Proxy], Await
         await proxy.wait()
     finally:
         await proxy.close()
+
+
+def settle_gc() -> None:
+    """Tune the garbage collector for a long-running proxy, once start-up is done.
+
+    Each call leaves about a hundred objects in reference cycles (mitmproxy's flows and
+    layers), so the collector runs all the time; a full collection then walks everything
+    start-up created as well (mitmproxy, DuckDB and Textual modules, ~90k objects). Freezing
+    those and collecting the young generation less often cut the collector's time per call
+    by about half in a 6,000-call run (80 to 35 microseconds).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def configure_logging(stream=sys.stderr, verbose: bool = False) -> None:
