@@ -26,6 +26,8 @@ from llmtap.recorder.record import (
 )
 from llmtap.recorder.record import detect_api as _detect_api_from_path
 
+# SSE bytes that may wait unread (see `Extractor.sse_pending`).
+_SSE_BATCH = 64 * 1024
 # A garbage stream could otherwise produce one note per line.
 _MAX_NOTES = 20
 # Error bodies that are not JSON are kept as their text, up to this many characters.
@@ -231,10 +233,45 @@ class _Dialect:
             self.st.complete = True
 
 
+# Keys of a choice and of its delta that `_OpenAIChat.event` may take a shortcut past: each is
+# either read there the way `_event` / `_message` read it, or read by neither. A key the general
+# walk starts to read must leave these sets or be handled in the shortcut too.
+_PLAIN_CHOICE = frozenset(("index", "delta", "finish_reason", "logprobs", "native_finish_reason", "stop_reason"))
+_PLAIN_DELTA = frozenset(("content", "role", "refusal", "reasoning", "reasoning_content"))
+
+
 class _OpenAIChat(_Dialect):
     """Chat Completions and its many compatible servers (OpenRouter, DeepSeek, vLLM, ...)."""
 
     def event(self, name: str | None, obj: Any) -> None:
+        # Nearly every event of a stream is one choice whose delta holds a piece of text: take
+        # those without the general walk, which costs several times more per event.
+        if type(obj) is dict:
+            choices = obj.get("choices")
+            if type(choices) is list and len(choices) == 1:
+                choice = choices[0]
+                if type(choice) is dict and choice.keys() <= _PLAIN_CHOICE:
+                    delta = choice.get("delta")
+                    if type(delta) is dict and delta.keys() <= _PLAIN_DELTA and choice.get("index", 0) in (0, None) \
+                            and not obj.get("error") and type(obj.get("usage")) is not dict:
+                        content = delta.get("content")
+                        if content is None or type(content) is str:
+                            st = self.st
+                            st.set_model(obj.get("model"))
+                            # Of the mirrored reasoning fields the first with text counts, as in `_message`.
+                            reasoning = delta.get("reasoning")
+                            if not (type(reasoning) is str and reasoning):
+                                reasoning = delta.get("reasoning_content")
+                            if reasoning:
+                                st.reasoning.add(reasoning)
+                            if content:
+                                st.content.add(content)
+                            if isinstance(choice.get("finish_reason"), str):
+                                st.finish_reason = choice["finish_reason"]
+                            return
+        self._event(obj)
+
+    def _event(self, obj: Any) -> None:
         st = self.st
         if not isinstance(obj, dict):
             return
@@ -656,6 +693,13 @@ def _text(line: bytes, st: _State, where: str) -> str:
         return line.decode("utf-8", errors="replace")
 
 
+# The C scanner behind `json.loads`, called without its two whitespace regexes and Python
+# frames. It also says where the value ended, which tells whether it was the whole payload.
+# (Events are parsed one by one, not joined into one JSON array: payloads that are not JSON
+# alone can be JSON together, `[1` and `2]`, and one C call for many saved only ~10%.)
+_scan_json = json.JSONDecoder().scan_once
+
+
 def _loads(text: str | bytes) -> tuple[bool, Any]:
     try:
         return True, json.loads(text)
@@ -792,7 +836,13 @@ class Extractor:
         # Whole bodies, the bytes read while sniffing, and Ollama's in-case-it-was-not-NDJSON copy.
         self.raw: list[bytes] = []
         self.raw_len = 0
-        self.lines = _Lines()
+        self.lines = _Lines()  # NDJSON
+        # SSE bytes not read yet: reading them per network read would cost more in framing than
+        # in the events, so they wait for `snapshot`, `finish` or `_SSE_BATCH` bytes.
+        self.sse_pending: list[bytes] = []
+        self.sse_pending_len = 0
+        # SSE bytes after the last blank line (an event still arriving); see `_sse_feed`.
+        self.sse_buf = bytearray()
         self.line_no = 0
         self.sse_event: str | None = None
         self.sse_data: list[str] = []
@@ -816,6 +866,8 @@ class Extractor:
         if self._finished is not None:
             return self._finished
         try:
+            if self.mode == "sse":
+                self._sse_catch_up()
             return self.st.extraction(self._stream())
         except Exception as exc:
             return Extraction(notes=[f"extraction failed: {type(exc).__name__}: {exc}"])
@@ -856,10 +908,120 @@ class Extractor:
         if self.mode == "whole":
             self.raw.append(data)
             return
-        if self.mode == "ndjson" and not self.declared_ndjson:
+        if self.mode == "sse":
+            self.sse_pending.append(data)
+            self.sse_pending_len += len(data)
+            if self.sse_pending_len >= _SSE_BATCH:
+                self._sse_read()
+            return
+        if not self.declared_ndjson:
             self.raw.append(data)
         for line in self.lines.feed(data):
             self._line(line)
+
+    def _sse_read(self) -> None:
+        if self.sse_pending:
+            data = b"".join(self.sse_pending)
+            self.sse_pending, self.sse_pending_len = [], 0
+            self._sse_feed(data)
+
+    def _sse_catch_up(self) -> None:
+        """Read everything that arrived, as `feed` did before reading was put off."""
+        try:
+            self._sse_read()
+            self._sse_settle()
+        except Exception as exc:  # as in `feed`: noted, and the next bytes are still read
+            self.st.note(f"extraction failed: {type(exc).__name__}: {exc}")
+
+    def _sse_feed(self, data: bytes) -> None:
+        """Buffer up to the last blank line, then read those whole events at once."""
+        buf = self.sse_buf
+        start = max(len(buf) - 2, 0)  # a terminator may begin in what was buffered before
+        buf += data
+        # A blank line is LF LF, or LF CR LF where lines end in CRLF.
+        lf, crlf = buf.rfind(b"\n\n", start), buf.rfind(b"\n\r\n", start)
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 3 if crlf >= 0 else 0)
+        if end:
+            events = bytes(buf[:end])
+            del buf[:end]
+            self._sse_events(events)
+
+    def _sse_events(self, blob: bytes) -> None:
+        """Whole events (`blob` ends with a blank line). The usual shapes, one `data:` line with
+        or without an `event:` line before it, skip the line parser; anything else, and an
+        event continuing what `_sse_settle` already read, goes through `_line` as before."""
+        try:
+            text = blob.decode("utf-8")
+        except UnicodeDecodeError:
+            # The line parser notes each line that is not UTF-8 and still reads the others.
+            for line in blob.split(b"\n")[:-1]:
+                self._line(line[:-1] if line.endswith(b"\r") else line)
+            return
+        if "\r" in text:
+            # One CR before each LF is part of the line ending; any other CR stays in its line.
+            text = text.replace("\r\n", "\n")
+        pieces = text.split("\n\n")
+        # After the last separator: blank lines (each a no-op event) or nothing.
+        tail = pieces.pop()
+        if self.sse_data or self.sse_event is not None:
+            self._sse_slow(pieces.pop(0))  # the event `_sse_settle` began reading
+        # Counters are kept in locals for speed and stored back before the line parser runs.
+        line_no, objects = self.line_no, self.objects
+        event, scan = self.dialect.event, _scan_json
+        for piece in pieces:
+            name: str | None = None
+            if "\n" not in piece:
+                if not piece or piece[0] == ":":  # a blank line, or a keep-alive comment
+                    line_no += 2
+                    continue
+                payload, lines = piece, 2  # its line and the blank line after it
+            else:
+                head, _, payload = piece.partition("\n")
+                if head[:6] == "event:" and "\n" not in payload:
+                    name, lines = head[6:].strip(), 3
+                else:
+                    payload, lines = "", 0  # not a shape taken here: to the line parser
+            if payload[:5] == "data:":
+                at = 6 if payload[5:6] == " " else 5
+                try:
+                    obj, end = scan(payload, at)
+                except (StopIteration, ValueError, RecursionError):
+                    end = -1
+                if end == len(payload):
+                    line_no += lines
+                    objects += 1
+                    if name == "error" and isinstance(obj, dict) and "error" not in obj:
+                        obj = {"type": "error", "error": obj}
+                    event(name, obj)
+                    continue
+                if payload[at:] == "[DONE]":
+                    line_no += lines
+                    self.dialect.done()
+                    continue
+                # Otherwise not exactly one JSON value: `_dispatch` has the rules for those.
+            self.line_no, self.objects = line_no, objects
+            self._sse_slow(piece)
+            line_no, objects = self.line_no, self.objects
+        self.line_no, self.objects = line_no, objects
+        for line in tail.split("\n")[:-1]:
+            self._line(line.encode("utf-8"))
+
+    def _sse_slow(self, piece: str) -> None:
+        """One event (its lines, then the blank line that ended it) through the line parser."""
+        for line in piece.split("\n"):
+            self._line(line.encode("utf-8"))
+        self._line(b"")
+
+    def _sse_settle(self) -> None:
+        """Read the complete lines of the event still arriving, as the line parser always did,
+        so a snapshot shows what they noted; the rest of that event then takes `_sse_slow`."""
+        buf = self.sse_buf
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            lines = bytes(buf[:cut])
+            del buf[:cut]
+            for line in lines.split(b"\n")[:-1]:
+                self._line(line[:-1] if line.endswith(b"\r") else line)
 
     def _line(self, line: bytes) -> None:
         st = self.st
@@ -931,8 +1093,8 @@ class Extractor:
             else:
                 self._whole(b"".join(self.raw))
             return
-        rest = self.lines.rest()
         if self.mode == "ndjson":
+            rest = self.lines.rest()
             if rest.strip():
                 ok, obj = _loads(rest)
                 if ok:
@@ -952,6 +1114,10 @@ class Extractor:
                 self._whole(b"".join(self.raw))
                 return
         else:
+            self._sse_catch_up()
+            rest = bytes(self.sse_buf)
+            self.sse_buf.clear()
+            rest = rest[:-1] if rest.endswith(b"\r") else rest
             if rest.strip():
                 self._line(rest)
             self._dispatch(at_end=True)

@@ -322,6 +322,163 @@ def test_unknown_path_sniffs_the_dialect() -> None:
     assert models.complete is True and models.notes == []
 
 
+# --- whole events read at once vs the line parser --------------------------------------------
+# Complete SSE events are read a batch at a time, the usual shapes without the line parser.
+# Fed a byte at a time with a snapshot after each byte, every line goes through the line parser
+# as it completes, so that run is the reference the batched reading must match exactly.
+
+
+def line_by_line(api: str, body: bytes, headers: dict[str, str] | None = None) -> Extraction:
+    ex = make_extractor(api, status=200, headers=headers or SSE)
+    for i in range(len(body)):
+        ex.feed(body[i : i + 1])
+        ex.snapshot()
+    return ex.finish()
+
+
+def split_everywhere(api: str, body: bytes, headers: dict[str, str] | None = None) -> list[Extraction]:
+    """The body whole, and in two pieces cut at every point, without snapshots."""
+    out = [extract(api, 200, headers or SSE, body)]
+    for cut in range(1, len(body)):
+        ex = make_extractor(api, status=200, headers=headers or SSE)
+        ex.feed(body[:cut])
+        ex.feed(body[cut:])
+        out.append(ex.finish())
+    return out
+
+
+def ev(text: str) -> str:
+    return json.dumps(chat_chunk(content=text))
+
+
+TRICKY_SSE = {
+    "comments_and_blank_lines": f"\n: keep-alive\n\n\n\ndata: {ev('a')}\n\n:\n\ndata:{ev('b')}\n\n\ndata: [DONE]\n\n",
+    "crlf": f"data: {ev('a')}\r\n\r\ndata: {ev('b')}\r\n\r\ndata: [DONE]\r\n\r\n",
+    "mixed_endings_and_stray_cr": f"data: {ev('a')}\r\n\ndata: {ev('x')}\r\r\n\r\ndata: {ev('b')}\n\r\n",
+    "cr_inside_a_string": 'data: {"model":"m","choices":[{"index":0,"delta":{"content":"a\rb"}}]}\r\n\r\n',
+    "json_over_two_data_lines": 'data: {"model":"m","choices":[{"index":0,\ndata: "delta":{"content":"a"}}]}\n\n',
+    "value_over_two_lines_of_one_field": 'data: {"model":"m",\n"choices":[]}\n\n' + f"data: {ev('b')}\n\n",
+    "glued_by_single_newlines": f"data: {ev('a')}\ndata: {ev('b')}\ndata: [DONE]\n\n",
+    "malformed_between_good": f"data: {ev('a')}\n\ndata: {{nope\n\ndata: {ev('b')}\n\n",
+    "malformed_after_comments": f": c\n\n\n\nevent: x\ndata: {ev('a')}\n\n:\n\ndata: {{nope\n\n",
+    "values_that_only_parse_together": f"data: [1\n\ndata: 2]\n\ndata: 3, 4\n\ndata: {ev('a')}\n\n",
+    "whitespace_around_payloads": f"data:  {ev('a')}\n\ndata: {ev('b')} \n\ndata: \n\ndata:\n\ndata:  [DONE] \n\n",
+    "event_names_and_other_fields": (
+        f"id: 1\nevent: x\ndata: {ev('a')}\n\nevent:y\ndata:{ev('b')}\n\nretry: 5\n\n"
+        f"event: error\ndata: {{\"message\": \"boom\"}}\n\nevent: lonely\n\ndata\n\n"
+    ),
+    "cut_inside_an_event": f"data: {ev('a')}\n\nevent: e\ndata: {ev('b')}",
+    "cut_inside_a_line": f"data: {ev('a')}\n\ndata: {ev('b')[:20]}",
+    "last_event_without_blank_line": f"data: {ev('a')}\n\ndata: {ev('b')}\n",
+    "non_ascii": f"data: {ev('π≈3.14 🥧')}\n\ndata: {json.dumps(chat_chunk(content='Grüße'), ensure_ascii=False)}\n\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRICKY_SSE))
+def test_batched_events_read_like_the_line_parser(name: str) -> None:
+    body = TRICKY_SSE[name].encode()
+    want = line_by_line("openai.chat", body)
+    for got in split_everywhere("openai.chat", body):
+        assert got == want
+
+
+def test_batched_events_with_event_names_read_like_the_line_parser() -> None:
+    body = body_of(fixture("anthropic_stream_tool_use_redacted"))
+    want = line_by_line("anthropic.messages", body)
+    assert want.tool_calls and want.complete is True
+    for got in split_everywhere("anthropic.messages", body):
+        assert got == want
+    crlf = body.replace(b"\n", b"\r\n")
+    assert split_everywhere("anthropic.messages", crlf)[0] == line_by_line("anthropic.messages", crlf) == want
+
+
+def test_a_line_that_is_not_utf8_is_noted_in_a_batch_too() -> None:
+    body = sse(chat_chunk(content="before"), done=False) + b"data: \xff\xfe\n\n"
+    body += sse(chat_chunk(content=" after"), FINISH)
+    want = line_by_line("openai.chat", body)
+    assert want.content == "before after" and "line 3 is not valid UTF-8" in want.notes
+    for got in split_everywhere("openai.chat", body):
+        assert got == want
+
+
+def test_a_malformed_event_in_a_batch_is_noted_with_its_line() -> None:
+    body = sse(chat_chunk(content="a"), done=False) + b"data: {oops\n\n" + sse(chat_chunk(content="b"), FINISH)
+    got = extract("openai.chat", 200, SSE, body)
+    assert (got.content, got.complete) == ("ab", True)
+    assert got.notes == ["line 3 is not JSON"]
+    assert got == line_by_line("openai.chat", body)
+
+
+def test_event_boundary_split_across_reads_at_every_point() -> None:
+    for sep in ("\n", "\r\n"):
+        body = sse(chat_chunk(content="one "), chat_chunk(content="two"), FINISH, sep=sep)
+        for got in split_everywhere("openai.chat", body):
+            assert (got.content, got.complete, got.notes) == ("one two", True, []), sep
+
+
+def test_snapshots_between_reads_see_the_same_as_one_pass() -> None:
+    body = TRICKY_SSE["event_names_and_other_fields"].encode() + sse(chat_chunk(content="z"), FINISH)
+    want = extract("openai.chat", 200, SSE, body)
+    for step in (1, 7, 40):
+        ex = make_extractor("openai.chat", status=200, headers=SSE)
+        for i in range(0, len(body), step):
+            ex.feed(body[i : i + step])
+            if i % (3 * step) == 0:
+                ex.snapshot()
+        assert ex.finish() == want, step
+
+
+def test_a_long_stream_without_snapshots_is_read_as_it_grows() -> None:
+    # Unread bytes are capped: a stream longer than that is read while it arrives.
+    from llmtap.recorder.extract import _SSE_BATCH
+
+    body = sse(*[chat_chunk(content=f"{i} ") for i in range(3000)], FINISH)
+    ex = make_extractor("openai.chat", status=200, headers=SSE)
+    half = len(body) // 2
+    for i in range(0, half, 100):
+        ex.feed(body[i : min(i + 100, half)])
+    assert ex.sse_pending_len < _SSE_BATCH <= half
+    for i in range(half, len(body), 100):
+        ex.feed(body[i : i + 100])
+    assert ex.finish().content == "".join(f"{i} " for i in range(3000))
+
+
+# Chat deltas that hold only text take a shortcut past the general walk; these shapes must give
+# what the general walk gives, whether they take the shortcut or not.
+CHAT_SHAPES = [
+    chat_chunk(content="t"),
+    chat_chunk(role="assistant", content=""),
+    chat_chunk(content=None, reasoning_content="r"),
+    chat_chunk(content="c", reasoning_content=None),
+    chat_chunk(reasoning="R", reasoning_content="R"),  # mirrored: counted once
+    chat_chunk(reasoning="", reasoning_content="rc"),
+    chat_chunk(reasoning={"text": "not a string"}, reasoning_content="rc"),
+    chat_chunk(content="c", refusal=None),
+    chat_chunk(content=[{"type": "text", "text": "part"}]),
+    chat_chunk(content="c", reasoning_details=[{"type": "reasoning.encrypted", "data": "x"}]),
+    chat_chunk(tool_calls=[{"index": 0, "id": "t", "function": {"name": "f", "arguments": "{}"}}]),
+    {"model": "m", "choices": [{"index": 1, "delta": {"content": "second choice"}}]},
+    {"model": "m", "choices": [{"index": None, "delta": {"content": "n"}, "finish_reason": "stop"}]},
+    {"model": "m", "choices": [{"delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}]},
+    {"model": "m", "choices": [{"index": 0, "delta": {"content": "u"}}], "usage": {"prompt_tokens": 2}},
+    {"model": "m", "choices": [{"index": 0, "delta": {"content": "e"}}], "error": {"message": "late"}},
+    {"model": "m", "choices": [{"index": 0, "delta": {}, "text": "legacy"}]},
+    {"model": "", "usage": None, "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": 5}]},
+]
+
+
+@pytest.mark.parametrize("shape", CHAT_SHAPES, ids=range(len(CHAT_SHAPES)))
+def test_chat_delta_shortcut_gives_what_the_general_walk_gives(
+    shape: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmtap.recorder import extract as mod
+
+    body = sse(chat_chunk(content="<"), shape, chat_chunk(content=">"), FINISH)
+    got = extract("openai.chat", 200, SSE, body)
+    monkeypatch.setattr(mod._OpenAIChat, "event", lambda self, name, obj: self._event(obj))
+    assert got == extract("openai.chat", 200, SSE, body)
+
+
 # --- encodings and garbage ------------------------------------------------------------------
 
 
