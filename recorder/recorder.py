@@ -76,7 +76,8 @@ class Recorder:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        # The file holds every prompt and answer: a folder llmtap makes is the user's alone.
+        self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self.con = duckdb.connect(str(self.db_path))
         except duckdb.IOException as exc:

@@ -152,6 +152,14 @@ def test_non_utf8_and_cut_bodies_are_kept_raw_with_notes(db: Path) -> None:
     assert any("not UTF-8" in n for n in json.loads(r["notes"]))
 
 
+def test_a_data_folder_llmtap_creates_is_private(tmp_path: Path) -> None:
+    # Prompts and answers are in the file: other local users must not read them.
+    rec = Recorder(tmp_path / "new" / "llmtap.duckdb", serve=False)
+    rec.start()
+    rec.close()
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+
+
 def test_secrets_never_reach_the_file_the_spool_or_an_export(db: Path, tmp_path: Path) -> None:
     rec = Recorder(db)
     rec.start()
