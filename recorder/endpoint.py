@@ -120,6 +120,10 @@ class Endpoint:
 class _Handler(BaseHTTPRequestHandler):
     owner: Endpoint
     protocol_version = "HTTP/1.1"
+    # A reply goes out as two writes (headers, then body). With Nagle's algorithm on, the body
+    # waits for the ACK of the headers, which the client delays ~40 ms: every query and every
+    # live update of an attached UI took 44 ms however small.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the proxy owns stderr
         pass
