@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -152,6 +153,128 @@ def test_filter_semantics(tmp_path: Path) -> None:
     assert models("since:2026-11-20T11:00Z until:2026-11-20T12:00:01Z") == {"gpt-4o"}
 
 
+# Strings where case-insensitive matching is subtle: non-ASCII code points lowercasing to ASCII
+# (İ, the Kelvin sign), ß, final sigma, LIKE's own wildcards and escape, regex syntax.
+TRICKY_TEXTS = ["İstanbul", "the KELVIN sign \u212a", "Straße", "STRASSE", "ſtop", "ΣΑΣ", "σας", "a_b", "a%b",
+                "back\\slash", "Rate Limit hit", "x.y", "[a]", "", "naïve", "NAÏVE", "emoji 😀 here",
+                "line\nbreak", "Weather", "WEATHER", "wEaThEr", "50%", "(?i)", "A" * 300, "tab\there", None]
+TRICKY_PATTERNS = ["weather", "WEATHER", "i", "k", "K", "I", "%", "_", "\\", "a_b", "50%", "ß", "ss", "İ",
+                   "straße", "", "rate limit", "x.y", "[a]", "(?i)", "$", "ſ", "s", "σ", "Σ", "ï", "😀", "\n",
+                   "a" * 64, "a" * 65, "a" * 300, "a" * 301, "\t", "-", "kelvin \u212a", "{1}", "^", "ǅ"]
+
+
+def test_text_search_matches_exactly_what_ilike_matched() -> None:
+    """The faster search clauses admit the same rows as `ILIKE '%text%' ESCAPE '\\'` did."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE calls (id INTEGER, content VARCHAR, reasoning VARCHAR)")
+    for i, text in enumerate(TRICKY_TEXTS):
+        con.execute("INSERT INTO calls VALUES (?, ?, NULL), (?, NULL, ?)", [2 * i, text, 2 * i + 1, text])
+    schema = q.Schema(calls=frozenset({"id", "content", "reasoning"}))
+    for pattern in TRICKY_PATTERNS:
+        like = "%" + q._like_escape(pattern) + "%"
+        old = {r[0] for r in con.execute("SELECT id FROM calls WHERE content ILIKE ? ESCAPE '\\' "
+                                         "OR reasoning ILIKE ? ESCAPE '\\'", [like, like]).fetchall()}
+        clause, params = q._text_clause(pattern, schema)
+        new = {r[0] for r in con.execute(f"SELECT id FROM calls WHERE {clause}", params).fetchall()}
+        assert new == old, pattern
+        negated = {r[0] for r in con.execute(f"SELECT id FROM calls WHERE NOT COALESCE(({clause}), false)",
+                                             params).fetchall()}
+        assert negated == set(range(2 * len(TRICKY_TEXTS))) - old, pattern
+
+
+def test_the_table_of_non_ascii_letters_lowering_to_ascii_is_duckdbs() -> None:
+    """The RE2 classes add these code points to `i` and `k`; a DuckDB whose lower() maps more
+    code points onto ASCII letters must fail here rather than make searches miss rows."""
+    rows = duckdb.connect().execute(
+        "SELECT lower(chr(i::INTEGER)), chr(i::INTEGER) FROM range(128, 1114112) t(i) "
+        "WHERE (i < 55296 OR i > 57343) AND lower(chr(i::INTEGER)) < chr(128)").fetchall()
+    found: dict[str, str] = {}
+    for low, char in rows:
+        found[low] = found.get(low, "") + char
+    assert found == q.NON_ASCII_LOWERING_TO_ASCII
+
+
+def test_cheap_filters_run_before_text_searches() -> None:
+    flt = q.parse_filter('"rate limit" model:gpt* -weather status:5xx', SCHEMA)
+    kinds = ["regexp_matches" in c for c in flt.clauses]
+    assert kinds == [False, False, True, True]
+    assert flt.params[:3] == ("gpt%",) * 3 and flt.params[3:5] == (500, 599)
+
+
+# Where the matches of "needle" lie among 60 calls (0 oldest): one in the newest window of
+# 3 calls, two in the next 9, the rest further back.
+NEEDLES = {58, 55, 50, 40, 33, 20, 7, 2, 1}
+WINDOWS = (3, 12)
+
+
+def reader_with_needles(tmp_path: Path) -> DuckReader:
+    reader = make_reader(tmp_path, [])
+    for i in range(60):
+        reader.insert(started_at=BASE_TIME + timedelta(seconds=i), reasoning=None,
+                      content=f"a Needle {i}" if i in NEEDLES else f"hay {i}", status=503 if i % 4 == 0 else 200)
+    return reader
+
+
+def page_ids(page: q.Page) -> list[str]:
+    return [str(row[page.columns.index("id")]) for row in page.rows]
+
+
+def test_windowed_pages_return_exactly_what_one_query_did(tmp_path: Path) -> None:
+    reader = reader_with_needles(tmp_path)
+    schema = q.load_schema(reader)
+    bounds = q.window_bounds(reader, WINDOWS)
+    assert len(bounds) == 2
+    for text in ["needle", "status:5xx", "", "-needle", "nothing-matches-this"]:
+        flt = q.parse_filter(text, schema)
+        cols, rows = reader.query(*q.page_sql(schema, flt, None, limit=1000))
+        one_query = [str(r[cols.index("id")]) for r in rows]
+        for limit in (1, 2, 4, 200):
+            got: list[str] = []
+            before: str | None = None
+            while True:
+                shown: list[str] = []
+                page = q.load_page(reader, schema, flt, before, bounds, limit, offsets=WINDOWS,
+                                   on_rows=lambda c, rs: shown.extend(str(r[c.index("id")]) for r in rs))
+                assert page is not None
+                ids = page_ids(page)
+                assert len(ids) <= limit and ids[:len(shown)] == shown  # early rows are the page's first
+                got += ids
+                if page.exhausted:
+                    break
+                before = ids[-1]
+            assert got == one_query, (text, limit)
+    reader.close()
+
+
+def test_a_search_spread_over_windows_reads_them_newest_first(tmp_path: Path) -> None:
+    reader = reader_with_needles(tmp_path)
+    schema = q.load_schema(reader)
+    bounds = q.window_bounds(reader, WINDOWS)
+    flt = q.parse_filter("needle", schema)
+    shown: list[list[str]] = []
+    page = q.load_page(reader, schema, flt, None, bounds, 4, offsets=WINDOWS,
+                       on_rows=lambda c, rs: shown.append([str(r[c.index("id")]) for r in rs]))
+    assert page is not None and page.windows == 3 and not page.exhausted
+    assert [len(batch) for batch in shown] == [1, 2]  # the newest window's match first, then the next two
+    contents = [reader.query("SELECT content FROM calls WHERE id = ?", [i])[1][0][0] for i in page_ids(page)]
+    assert contents == ["a Needle 58", "a Needle 55", "a Needle 50", "a Needle 40"]
+    reader.close()
+
+
+def test_a_search_matching_nothing_reads_the_rest_in_one_query(tmp_path: Path) -> None:
+    reader = reader_with_needles(tmp_path)
+    schema = q.load_schema(reader)
+    bounds = q.window_bounds(reader, WINDOWS)
+    before = len(reader.queries)
+    page = q.load_page(reader, schema, q.parse_filter("nothing-matches-this", schema), None, bounds, offsets=WINDOWS)
+    assert page is not None and page.rows == [] and page.exhausted
+    assert page.windows == 2 and len(reader.queries) - before == 2  # the newest window, then all older calls
+    # A replaced filter stops between windows.
+    assert q.load_page(reader, schema, q.parse_filter("needle", schema), None, bounds, 4, offsets=WINDOWS,
+                       cancelled=lambda: True) is None
+    reader.close()
+
+
 # -- rendering ------------------------------------------------------------------------------------
 def test_conversation_of_every_dialect() -> None:
     openai = render.conversation({"messages": [
@@ -246,8 +369,9 @@ async def test_filter_narrows_the_list_and_errors_inline(tmp_path: Path) -> None
         assert table(app).row_count == 1
         # Nothing matches: the empty state says so.
         await pilot.press("ctrl+a", "ctrl+k", *"model:nothing*", "enter")
-        await wait_for(pilot, lambda: bool(app.calls.query_one("#empty").display), "the no-match message")
-        assert "No call matches" in static_text(app.calls.query_one("#empty", Static))
+        empty = app.calls.query_one("#empty", Static)
+        await wait_for(pilot, lambda: bool(empty.display) and "No call matches" in static_text(empty),
+                       "the no-match message")
     reader.close()
 
 
@@ -455,6 +579,106 @@ async def test_paging_loads_more_near_the_end(tmp_path: Path) -> None:
     # Only narrow columns in the list queries: never a body.
     page_queries = [s for s in reader.queries if "ORDER BY id DESC" in s]
     assert page_queries and not any("request_body" in s or "response_body" in s for s in page_queries)
+    reader.close()
+
+
+async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small windows and pages, so that pages span windows; the list must end up as one query
+    with the former ILIKE search would have listed it."""
+    from llmtap.tui import app as app_module
+
+    monkeypatch.setattr(q, "WINDOW_OFFSETS", WINDOWS)
+    monkeypatch.setattr(q, "PAGE_SIZE", 4)
+    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # the next page when the cursor is on the last row
+    reader = reader_with_needles(tmp_path)
+    _, rows = reader.query("SELECT id FROM calls WHERE content ILIKE '%needle%' ESCAPE '\\' "
+                           "OR reasoning ILIKE '%needle%' ESCAPE '\\' ORDER BY id DESC")
+    expected = [str(r[0]) for r in rows]
+    assert len(expected) == len(NEEDLES)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.calls
+        await loaded(pilot, app, 4)
+        await pilot.press("slash", *"NEEDLE", "enter")
+        await wait_for(pilot, lambda: screen.pages_loaded > 1, "the search's first page")
+        assert screen.last_page_windows > 1
+        while not screen.exhausted:
+            n = screen.pages_loaded
+            await pilot.press("end")
+            await wait_for(pilot, lambda: screen.pages_loaded > n, "the next page")
+        assert [str(k.value) for k in table(app).rows] == expected
+        # And a search that matches nothing says so.
+        await pilot.press("slash", "ctrl+a", "ctrl+k", *"no-such-text", "enter")
+        empty = screen.query_one("#empty", Static)
+        await wait_for(pilot, lambda: bool(empty.display) and "No call matches" in static_text(empty),
+                       "the no-match message")
+        assert screen.exhausted and table(app).row_count == 0
+    assert any("id >= ?" in sql for sql in reader.queries)  # it did search by windows
+    reader.close()
+
+
+async def test_a_slow_search_says_it_is_searching(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path)
+    release = threading.Event()
+    query = reader.query
+
+    def slow_search(sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        if "regexp_matches" in sql:
+            release.wait(20)
+        return query(sql, params)
+
+    reader.query = slow_search  # type: ignore[method-assign]
+    app = LlmtapApp(reader)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app, 3)
+            assert app.calls.apply_filter("weather")
+            empty = app.calls.query_one("#empty", Static)
+            await wait_for(pilot, lambda: bool(empty.display) and static_text(empty) == "Searching…", "the hint")
+            release.set()
+            await wait_for(pilot, lambda: table(app).row_count == 1 and not empty.display, "the search's result")
+    finally:
+        release.set()
+        reader.close()
+
+
+async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtap.tui import app as app_module
+
+    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 6)
+    monkeypatch.setattr(app_module, "LIVE_KEEP_ROWS", 3)
+    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # else 3 rows would page the rest in at once
+    reader = make_reader(tmp_path, [{} for _ in range(2)])
+    # Events of the past (before the UI opened) are not replayed to it.
+    old_ids = [str(r[0]) for r in reader.query("SELECT id FROM calls")[1]]
+    for call_id in old_ids:
+        reader.publish("finished", call_id)
+    fetched: list[Any] = []  # the parameters of every live fetch
+    query = reader.query
+
+    def recording_query(sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        if "id IN (" in sql:
+            fetched.extend(params or [])
+        return query(sql, params)
+
+    reader.query = recording_query  # type: ignore[method-assign]
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 2)
+        for i in range(5):
+            call_id = reader.insert(started_at=BASE_TIME + timedelta(minutes=1, seconds=i), model_requested=f"live-{i}")
+            reader.publish("started", call_id)
+        await wait_for(pilot, lambda: table(app).row_count == 3, "the list cut back to the newest rows")
+        _, rows = reader.query("SELECT id FROM calls ORDER BY id DESC")
+        everything = [str(r[0]) for r in rows]
+        assert [str(k.value) for k in table(app).rows] == everything[:3]
+        assert app.calls.oldest_id == everything[2] and not app.calls.exhausted
+        # Scrolling brings the older calls back, in order.
+        await pilot.press("end")
+        await wait_for(pilot, lambda: table(app).row_count == 7, "the older calls paged in again")
+        assert [str(k.value) for k in table(app).rows] == everything
+    assert len(fetched) == 5 and not set(old_ids) & set(fetched)
     reader.close()
 
 

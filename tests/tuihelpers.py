@@ -53,6 +53,10 @@ class DuckReader:
             self._cond.wait_for(lambda: len(self._events) > seq, timeout)
             return len(self._events), list(self._events[seq:])
 
+    def latest_seq(self) -> int:
+        with self._cond:
+            return len(self._events)
+
     def partial(self, call_id: str) -> dict | None:
         return self.partials.get(call_id)
 

@@ -63,6 +63,14 @@ log = logging.getLogger("llmtap.tui")
 
 LIVE_POLL_S = 0.5  # long-poll timeout: also how long quitting may wait for the poller
 LOAD_MORE_MARGIN = 40  # rows before the end at which the next page is fetched
+SEARCHING_HINT_AFTER_S = 0.15
+WINDOW_BOUNDS_MAX_AGE_S = 60.0  # then the newest window has grown by a minute of traffic
+# A list left open on a busy proxy would otherwise hold every call of the session (100 calls/s
+# is 360,000 rows an hour, ~5 KB each). While the cursor is at the top, once the table holds
+# LIVE_MAX_ROWS it is cut back to the newest LIVE_KEEP_ROWS; older calls page in again by
+# scrolling. One rebuild every so often, because DataTable.remove_row costs O(rows) per row.
+LIVE_MAX_ROWS = 2000
+LIVE_KEEP_ROWS = 2 * q.PAGE_SIZE
 EMPTY_HELP = (
     "No calls recorded yet.\n\n"
     "Start the proxy with `llmtap run` (or `llmtap run --tui`), then send traffic through it:\n"
@@ -74,6 +82,10 @@ EMPTY_HELP = (
 
 def _rows_to_records(cols: list[str], rows: list[tuple]) -> list[Record]:
     return [dict(zip(cols, row)) for row in rows]
+
+
+def _cell_id(cell: IdCell) -> str:
+    return cell.id
 
 
 class IdCell:
@@ -197,6 +209,14 @@ class CallsScreen(Screen[None]):
         # Where the time of the last page went (read by scripts/bench_tui.py).
         self.last_page_sql_s = 0.0
         self.last_page_ui_s = 0.0
+        self.last_page_windows = 0
+        # Called with the records of calls a live update has just added to the table (the
+        # benchmark times rows from the client's send to here).
+        self.live_rows_added: Callable[[list[Record]], None] | None = None
+        # Ids where the newest-first search windows end (see query.load_page), and when
+        # they were looked up: written by page workers, read by the next one.
+        self._window_bounds: tuple[str, ...] | None = None
+        self._window_bounds_at = 0.0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -230,11 +250,16 @@ class CallsScreen(Screen[None]):
     def _load_schema(self) -> None:
         assert self.reader is not None
         try:
+            # The live feed's position before the first page is read: later events are then
+            # exactly those the page may not show. From 0 instead, attaching to a proxy that
+            # has been busy replays its whole event window (or a reset and a second reload).
+            latest = getattr(self.reader, "latest_seq", None)
+            seq = int(latest()) if latest is not None else 0
             schema = q.load_schema(self.reader)
         except Exception as exc:  # shown, never a traceback on the terminal
             self.post_message(PageFailed(self.generation, f"cannot read the DB: {exc}"))
             return
-        self.post_message(SchemaLoaded(schema))
+        self.post_message(SchemaLoaded(schema, seq))
 
     @on(SchemaLoaded)
     def _schema_loaded(self, message: SchemaLoaded) -> None:
@@ -243,7 +268,7 @@ class CallsScreen(Screen[None]):
             self._show_empty()
             return
         self._reload()
-        self._live()
+        self._live(message.seq)
 
     def _reload(self) -> None:
         self.generation += 1
@@ -252,37 +277,66 @@ class CallsScreen(Screen[None]):
         self.table.clear()
         self._paging = True
         self._load_page(self.generation, self.filter, None)
+        # A search that matches little reads every body (~0.5 s on a million calls): say so
+        # if it takes a while, but not for the usual few ms, where it would only flash.
+        generation = self.generation
+        self.set_timer(SEARCHING_HINT_AFTER_S,
+                       lambda: self._show_empty() if generation == self.generation and self._paging else None)
 
     @work(thread=True, group="page")
     def _load_page(self, generation: int, flt: q.Filter, before_id: str | None) -> None:
         assert self.reader is not None
+        worker = get_current_worker()
+        append = before_id is not None
+
+        def partial(cols: list[str], rows: list[tuple]) -> None:
+            self.post_message(PageLoaded(generation, _rows_to_records(cols, rows), append=append,
+                                         exhausted=False, final=False))
+
         t0 = time.perf_counter()
         try:
-            sql, params = q.page_sql(self.schema, flt, before_id)
-            cols, rows = self.reader.query(sql, params)
+            # A page for a filter the user has replaced stops at the next window: its scan
+            # would only compete for the cores with the one now wanted. No bounds yet (the
+            # first page) means one window: the plain list needs no more.
+            page = q.load_page(self.reader, self.schema, flt, before_id, self._window_bounds or (),
+                               on_rows=partial,
+                               cancelled=lambda: worker.is_cancelled or self.generation != generation)
         except Exception as exc:
             self.post_message(PageFailed(generation, str(exc)))
             return
-        self.post_message(PageLoaded(generation, _rows_to_records(cols, rows), append=before_id is not None,
-                                     exhausted=len(rows) < q.PAGE_SIZE, elapsed_s=time.perf_counter() - t0))
+        if page is None:
+            return
+        self.post_message(PageLoaded(generation, _rows_to_records(page.columns, page.rows), append=append,
+                                     exhausted=page.exhausted, elapsed_s=time.perf_counter() - t0,
+                                     windows=page.windows))
+        # Looked up after the page is out, so the first page does not wait for them.
+        if self._window_bounds is None or time.monotonic() - self._window_bounds_at > WINDOW_BOUNDS_MAX_AGE_S:
+            try:
+                self._window_bounds, self._window_bounds_at = q.window_bounds(self.reader), time.monotonic()
+            except Exception:
+                log.debug("window bounds unavailable", exc_info=True)  # searches then use one window
 
     @on(PageLoaded)
     def _page_loaded(self, message: PageLoaded) -> None:
         if message.generation != self.generation:
             return  # a page for a filter the user has already replaced
         t0 = time.perf_counter()
-        self._paging = False
-        self.exhausted = message.exhausted
         table = self.table
         for rec in message.records:
-            if rec["id"] not in table.rows:
+            if rec["id"] not in table.rows:  # the final message repeats rows already shown
                 table.add_row(*list_cells(rec), key=rec["id"])
         if message.records:
             self.oldest_id = min(str(r["id"]) for r in message.records) if self.oldest_id is None else min(
                 self.oldest_id, *(str(r["id"]) for r in message.records))
+        if not message.final:
+            self._show_empty()
+            return
+        self._paging = False
+        self.exhausted = message.exhausted
         self.pages_loaded += 1
         self.last_page_sql_s = message.elapsed_s
         self.last_page_ui_s = time.perf_counter() - t0
+        self.last_page_windows = message.windows
         if self.first_page_s is None:
             self.first_page_s = time.perf_counter()
         self._show_empty()
@@ -303,6 +357,8 @@ class CallsScreen(Screen[None]):
             if self.reader is None:
                 empty.update("Not recording (--no-record): the proxy is running, nothing is kept.\n\n"
                              + EMPTY_HELP.split("\n\n", 1)[1])
+            elif self._paging:
+                empty.update("Searching…")
             elif self.filter.clauses:
                 empty.update("No call matches the filter.")
             else:
@@ -324,11 +380,10 @@ class CallsScreen(Screen[None]):
 
     # -- live -----------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="live")
-    def _live(self) -> None:
-        """Long-poll the reader's event feed; fetch list columns of calls that changed."""
+    def _live(self, seq: int) -> None:
+        """Long-poll the reader's event feed from `seq`; fetch list columns of calls that changed."""
         assert self.reader is not None
         worker = get_current_worker()
-        seq = 0
         failing = False
         while not worker.is_cancelled:
             try:
@@ -342,34 +397,35 @@ class CallsScreen(Screen[None]):
             failing = False
             if not events or worker.is_cancelled:
                 continue
-            changed: list[str] = []
-            progress: list[str] = []
+            # Dicts as ordered sets: a busy proxy hands over thousands of events at once.
+            changed: dict[str, None] = {}
+            progress: dict[str, None] = {}
             finished: list[str] = []
             for ev in events:
                 kind, call_id = ev.get("kind"), ev.get("id")
                 if kind == "reset":
                     self.post_message(LiveReset())
-                    changed, progress, finished = [], [], []
+                    changed, progress, finished = {}, {}, []
                     continue
                 if not call_id:
                     continue
-                if kind in ("started", "finished") and call_id not in changed:
-                    changed.append(call_id)
+                if kind in ("started", "finished"):
+                    changed[call_id] = None
                 if kind == "finished":
                     finished.append(call_id)
-                elif kind == "progress" and call_id not in progress:
-                    progress.append(call_id)
+                elif kind == "progress":
+                    progress[call_id] = None
             if changed:
                 generation, flt = self.generation, self.filter  # read once: the UI may change them
                 try:
-                    sql, params = q.rows_by_id_sql(self.schema, flt, changed)
+                    sql, params = q.rows_by_id_sql(self.schema, flt, list(changed))
                     cols, rows = self.reader.query(sql, params)
                 except Exception as exc:
                     self.post_message(LiveError(f"live update failed: {exc}"))
                     continue
-                self.post_message(LiveRows(generation, _rows_to_records(cols, rows), changed))
+                self.post_message(LiveRows(generation, _rows_to_records(cols, rows), list(changed)))
             if progress:
-                self.post_message(LiveProgress(progress))
+                self.post_message(LiveProgress(list(progress)))
             if finished:
                 self.post_message(LiveFinished(finished))
 
@@ -380,7 +436,7 @@ class CallsScreen(Screen[None]):
         table = self.table
         at_top = table.cursor_row <= 0
         cursor_key = self._cursor_key()
-        added = False
+        added: list[Record] = []
         returned = {str(r["id"]) for r in message.records}
         for rec in message.records:
             key = str(rec["id"])
@@ -391,17 +447,33 @@ class CallsScreen(Screen[None]):
             elif self.exhausted or self.oldest_id is None or key > self.oldest_id:
                 # Inside the loaded window; older calls arrive with their page instead.
                 table.add_row(*cells, key=key)
-                added = True
+                added.append(rec)
         for key in message.asked:
             if key not in returned and key in table.rows:
                 table.remove_row(key)  # no longer admitted by the filter (e.g. `live` ended)
         if added:
-            table.sort("time", reverse=True)
+            # The key compares ids as str in C rather than through IdCell.__lt__ in Python.
+            table.sort("time", key=_cell_id, reverse=True)
             if at_top:
+                if table.row_count > LIVE_MAX_ROWS and not self._paging:
+                    self._keep_newest(LIVE_KEEP_ROWS)
                 table.move_cursor(row=0)
             elif cursor_key is not None and cursor_key in table.rows:
                 table.move_cursor(row=table.get_row_index(cursor_key), scroll=False)
         self._show_empty()
+        if added and self.live_rows_added is not None:
+            self.live_rows_added(added)
+
+    def _keep_newest(self, n: int) -> None:
+        """Hold only the newest `n` rows (the table is sorted newest first); the rest of the
+        list is reached by paging again, as after a fresh load."""
+        table = self.table
+        kept = [(row.key, table.get_row(row.key)) for row in table.ordered_rows[:n]]
+        table.clear()
+        for key, cells in kept:
+            table.add_row(*cells, key=key.value)
+        self.oldest_id = str(kept[-1][0].value) if kept else None
+        self.exhausted = not kept
 
     @on(LiveProgress)
     def _live_progress(self, message: LiveProgress) -> None:

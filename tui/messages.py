@@ -13,6 +13,7 @@ Record = dict[str, Any]
 @dataclass
 class SchemaLoaded(Message):
     schema: Any  # query.Schema
+    seq: int = 0  # the live feed's position when the schema was read
 
 
 @dataclass
@@ -24,6 +25,10 @@ class PageLoaded(Message):
     append: bool
     exhausted: bool
     elapsed_s: float = 0.0
+    # False for the rows of one window while older windows are still being searched: they
+    # are shown at once, and the page is complete with the final message.
+    final: bool = True
+    windows: int = 0
 
 
 @dataclass
