@@ -58,7 +58,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def open_reader(db: Path) -> Reader:
+def open_reader(db: Path, *, memory_limit: str | None = None) -> Reader:
+    """A reader for `db`: through the `llmtap run` holding it, else the file itself.
+    `memory_limit` (a DuckDB size, "200MB") bounds DuckDB's cache when the file is opened here."""
     db = Path(db).expanduser().absolute()
     remote = _attach(db)
     if remote is not None:
@@ -66,7 +68,7 @@ def open_reader(db: Path) -> Reader:
     if not db.exists():
         raise ReaderError(f"no database at {db} yet: run `llmtap run` first (it records there), or pass --db PATH")
     try:
-        return LocalReader(db)
+        return LocalReader(db, memory_limit=memory_limit)
     except duckdb.IOException as exc:
         if "lock" in str(exc).lower():
             raise ReaderError(
@@ -117,9 +119,11 @@ class LocalReader:
 
     kind = "local"
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, memory_limit: str | None = None) -> None:
         self.db = db
-        self.con = duckdb.connect(str(db), read_only=True)
+        self.memory_limit = memory_limit
+        config = {"memory_limit": memory_limit} if memory_limit else {}
+        self.con = duckdb.connect(str(db), read_only=True, config=config)
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         return _query(self.con.cursor(), sql, params)
@@ -135,7 +139,15 @@ class LocalReader:
         return None
 
     def export(self, out: Path, fmt: str = "parquet", **kw: Any) -> int:
-        return export_calls(self.con.cursor(), out, fmt, **kw)
+        if not self.memory_limit:
+            return export_calls(self.con.cursor(), out, fmt, **kw)
+        # An export sorts what it writes and a read-only file has nowhere to spill to: under
+        # the browsing limit a big one fails for memory. Lifted for the export only.
+        self.con.execute("RESET memory_limit")
+        try:
+            return export_calls(self.con.cursor(), out, fmt, **kw)
+        finally:
+            self.con.execute("SET memory_limit = ?", [self.memory_limit])
 
     def close(self) -> None:
         self.con.close()

@@ -184,8 +184,9 @@ def run_db(args: argparse.Namespace) -> int:
         print(f"  done in {time.perf_counter() - t:.1f}s, {db.stat().st_size / 1e6:,.0f} MB", file=sys.stderr)
     rss_start = rss_mb()
     from llmtap.recorder.reader import open_reader
+    from llmtap.tui.commands import UI_MEMORY_LIMIT
 
-    reader = open_reader(db)
+    reader = open_reader(db, memory_limit=UI_MEMORY_LIMIT)  # as `llmtap tui` opens it
     _, rows = reader.query("SELECT count(*) FROM calls")
     total = rows[0][0]
     result = asyncio.run(measure(reader, FILTERS, EXTRA_SEARCHES, args.rounds))

@@ -19,6 +19,7 @@ from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import InProcessReader, LocalReader, ReaderError, RemoteReader, open_reader
 from llmtap.recorder.record import Attempt, Call, new_id, utcnow
 from llmtap.recorder.recorder import Recorder, RecorderError, spool_path
+from llmtap.recorder.schema import migrate
 
 PLANTED = "sk-live-PLANTED-123456789abcdef"
 PLANTED_Q = "AIzaPLANTEDquerykey987654"
@@ -272,6 +273,24 @@ def test_an_extraction_bug_never_costs_the_row(db: Path, monkeypatch: pytest.Mon
 
 def llmtap(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmtap", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_reader_with_a_memory_bound_still_exports_what_needs_more(tmp_path: Path) -> None:
+    # `llmtap tui` bounds DuckDB's cache; an export from it sorts more than that bound.
+    db = tmp_path / "bounded.duckdb"
+    con = duckdb.connect(str(db))
+    migrate(con)
+    con.execute("INSERT INTO calls (id, started_at, api, method, url, attempts, response_body) "
+                "SELECT lpad(i::VARCHAR, 26, '0'), now(), 'other', 'POST', 'u', 1, repeat(md5(i::VARCHAR), 128) "
+                "FROM range(6000) t(i)")
+    con.close()
+    reader = open_reader(db, memory_limit="8MB")
+    try:
+        assert reader.export(tmp_path / "all.parquet", "parquet") == 6000
+        assert reader.query("SELECT current_setting('memory_limit')")[1][0][0].startswith("7.")  # bound again
+    finally:
+        reader.close()
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'all.parquet'}'").fetchall() == [(6000,)]
 
 
 def test_another_process_reads_stats_and_exports_while_the_file_is_held(db: Path, tmp_path: Path) -> None:

@@ -29,12 +29,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     tui.set_defaults(func=cmd_tui)
 
 
+# DuckDB keeps what it read cached up to its limit, 80% of RAM by default: a few searches
+# over a year of bodies would leave the UI holding over 600 MB. With this bound it stays under
+# 300 MB on a million calls; a search that reads every body is then ~1.6x slower.
+UI_MEMORY_LIMIT = "192MB"
+
+
 def cmd_tui(args: argparse.Namespace) -> int:
     from llmtap.recorder.reader import ReaderError, open_reader
 
     db = args.db or paths.default_db()
     try:
-        reader = open_reader(db)
+        reader = open_reader(db, memory_limit=UI_MEMORY_LIMIT)
     except ReaderError as exc:
         # The reader's message is written for people (never DuckDB's lock error).
         print(f"llmtap: {exc}", file=sys.stderr)
