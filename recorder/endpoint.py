@@ -128,6 +128,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # quiet: the proxy owns stderr
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:
+            # The reader left mid-reply (a UI quit during a long poll): nothing to answer, and
+            # socketserver would print a traceback onto the proxy's terminal.
+            pass
+
     def _send(self, status: int, payload: Any) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)

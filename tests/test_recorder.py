@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import duckdb
@@ -291,6 +294,28 @@ def test_a_reader_with_a_memory_bound_still_exports_what_needs_more(tmp_path: Pa
     finally:
         reader.close()
     assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'all.parquet'}'").fetchall() == [(6000,)]
+
+
+def test_a_reader_leaving_mid_poll_prints_nothing_on_the_proxy_terminal(db: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    rec = Recorder(db)
+    rec.start()
+    try:
+        info = json.loads(discovery_path(db).read_text())
+        host, port = info["url"].removeprefix("http://").split(":")
+        before = threading.active_count()
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(f"GET /live?after=999999&timeout=0.3 HTTP/1.1\r\nhost: x\r\n"
+                     f"authorization: Bearer {info['token']}\r\n\r\n".encode())
+        # Closed with data unread: the reply then meets a reset, as when a UI quits.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        deadline = time.monotonic() + 10
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.02)  # the handler thread ends once its reply failed
+        assert threading.active_count() <= before
+    finally:
+        rec.close()
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_another_process_reads_stats_and_exports_while_the_file_is_held(db: Path, tmp_path: Path) -> None:
