@@ -682,6 +682,29 @@ async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monke
     reader.close()
 
 
+async def test_live_rows_wait_while_the_user_reads_below_a_full_list(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtap.tui import app as app_module
+
+    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 4)
+    reader = make_reader(tmp_path, [{} for _ in range(4)])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 4)
+        await pilot.press("down", "down")
+        new_ids = []
+        for i in range(3):
+            new_ids.append(reader.insert(started_at=BASE_TIME + timedelta(minutes=1, seconds=i),
+                                         model_requested=f"live-{i}"))
+            reader.publish("started", new_ids[-1])
+        await wait_for(pilot, lambda: app.calls.held_back == 3, "the live rows held back")
+        assert table(app).row_count == 4 and not set(new_ids) & {str(k.value) for k in table(app).rows}
+        await pilot.press("home")
+        await wait_for(pilot, lambda: table(app).row_count == 7, "the list reloaded from the top")
+        assert first_key(app) == new_ids[-1] and app.calls.held_back == 0
+    reader.close()
+
+
 async def test_stats_screen(tmp_path: Path) -> None:
     reader = reader_with_rows(tmp_path)
     app = LlmtapApp(reader)

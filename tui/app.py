@@ -210,6 +210,9 @@ class CallsScreen(Screen[None]):
         self.last_page_sql_s = 0.0
         self.last_page_ui_s = 0.0
         self.last_page_windows = 0
+        # Live calls not added because the user was reading below the top of a full list.
+        self.held_back = 0
+        self._held_back_told = False
         # Called with the records of calls a live update has just added to the table (the
         # benchmark times rows from the client's send to here).
         self.live_rows_added: Callable[[list[Record]], None] | None = None
@@ -272,6 +275,7 @@ class CallsScreen(Screen[None]):
 
     def _reload(self) -> None:
         self.generation += 1
+        self.held_back, self._held_back_told = 0, False
         self.oldest_id = None
         self.exhausted = False
         self.table.clear()
@@ -376,6 +380,9 @@ class CallsScreen(Screen[None]):
 
     @on(DataTable.RowHighlighted, "#calls")
     def _row_highlighted(self, _: DataTable.RowHighlighted) -> None:
+        if self.held_back and self.table.cursor_row <= 0:
+            self._reload()  # back at the top: the calls held back meanwhile, newest first
+            return
         self._maybe_load_more()
 
     # -- live -----------------------------------------------------------------------------
@@ -446,6 +453,11 @@ class CallsScreen(Screen[None]):
                     table.update_cell(key, col, cell)
             elif self.exhausted or self.oldest_id is None or key > self.oldest_id:
                 # Inside the loaded window; older calls arrive with their page instead.
+                if not at_top and table.row_count >= LIVE_MAX_ROWS:
+                    # The user is reading further down: rows cannot be cut above them, so new
+                    # ones wait in the DB until they go back to the top (bounded memory).
+                    self.held_back += 1
+                    continue
                 table.add_row(*cells, key=key)
                 added.append(rec)
         for key in message.asked:
@@ -460,6 +472,9 @@ class CallsScreen(Screen[None]):
                 table.move_cursor(row=0)
             elif cursor_key is not None and cursor_key in table.rows:
                 table.move_cursor(row=table.get_row_index(cursor_key), scroll=False)
+        if self.held_back and not self._held_back_told:
+            self._held_back_told = True
+            self.notify("Newer calls are waiting while you read further down; Home shows them.", timeout=8)
         self._show_empty()
         if added and self.live_rows_added is not None:
             self.live_rows_added(added)
