@@ -40,6 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_proxy import free_port, start_fake  # noqa: E402  (this folder: one way to start the fake)
+
 FILTERS = [
     "model:gpt-4o*", "model:claude*", "provider:openrouter", "provider:anthropic", "client:cline",
     "status:5xx", "status:429", "status:2xx", "errors", "fallbacks", "incomplete", "since:2h", "since:1d",
@@ -244,14 +246,6 @@ def run_db(args: argparse.Namespace) -> int:
 
 
 # -- live ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[Any], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -330,14 +324,8 @@ class Live:
 
     def start(self) -> None:
         py = sys.executable
-        fake = subprocess.Popen([py, str(ROOT / "tests" / "fakeprovider.py"), "--port", "0", "--bench"],
-                                stdout=subprocess.PIPE, text=True)
+        fake, fport = start_fake("--bench")
         self.procs.append(fake)
-        assert fake.stdout is not None
-        line = fake.stdout.readline()
-        if not line.startswith("READY "):
-            raise RuntimeError(f"fake provider did not start: {line!r}")
-        fport = int(line.rsplit(":", 1)[1])
         rules = self.tmp / "rules.yaml"
         rules.write_text(f"providers:\n  fake: {{base_url: 'http://127.0.0.1:{fport}/v1', api: openai}}\n")
         gport, pport = free_port(), free_port()
