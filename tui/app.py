@@ -212,7 +212,6 @@ class CallsScreen(Screen[None]):
         self.last_page_windows = 0
         # Live calls not added because the user was reading below the top of a full list.
         self.held_back = 0
-        self._held_back_told = False
         # Called with the records of calls a live update has just added to the table (the
         # benchmark times rows from the client's send to here).
         self.live_rows_added: Callable[[list[Record]], None] | None = None
@@ -275,7 +274,7 @@ class CallsScreen(Screen[None]):
 
     def _reload(self) -> None:
         self.generation += 1
-        self.held_back, self._held_back_told = 0, False
+        self.held_back = 0
         self.oldest_id = None
         self.exhausted = False
         self.table.clear()
@@ -444,6 +443,7 @@ class CallsScreen(Screen[None]):
         at_top = table.cursor_row <= 0
         cursor_key = self._cursor_key()
         added: list[Record] = []
+        held_before = self.held_back
         returned = {str(r["id"]) for r in message.records}
         for rec in message.records:
             key = str(rec["id"])
@@ -472,8 +472,7 @@ class CallsScreen(Screen[None]):
                 table.move_cursor(row=0)
             elif cursor_key is not None and cursor_key in table.rows:
                 table.move_cursor(row=table.get_row_index(cursor_key), scroll=False)
-        if self.held_back and not self._held_back_told:
-            self._held_back_told = True
+        if self.held_back and not held_before:  # said once, when calls first start to wait
             self.notify("Newer calls are waiting while you read further down; Home shows them.", timeout=8)
         self._show_empty()
         if added and self.live_rows_added is not None:
