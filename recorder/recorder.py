@@ -16,7 +16,9 @@ import os
 import re
 import sys
 import threading
+import time
 import zlib
+from collections.abc import Callable
 from collections import deque
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +31,7 @@ from llmtap.recorder.extract import Extraction, Extractor, extract, make_extract
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import Attempt, Call
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
+from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 
 log = logging.getLogger("llmtap.recorder")
 # json.dumps with options builds a new encoder per call; headers are encoded twice per call.
@@ -43,6 +46,13 @@ CALL_COLUMNS = (
 )
 ATTEMPT_COLUMNS = ("call_id", "n", "provider", "url", "model_sent", "status", "error", "started_at",
                    "duration_ms", "ttfb_ms")
+
+
+# A batch this small leaves the writer time to index the next chunk of calls for search; past
+# INDEX_BACKLOG_CALLS unindexed calls it indexes one chunk per batch even when busy, so that a
+# proxy that is never idle still has bounded searches.
+INDEX_IDLE_ITEMS = 64
+INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
 
 
 class RecorderError(Exception):
@@ -76,6 +86,9 @@ class Recorder:
         self._dropped_recorded = 0  # of those, already written to the `dropped` table
         self._failing = False
         self.written = 0  # finished calls committed (or spooled)
+        self.index: SearchIndex | None = None
+        self._index_due = True  # calls may be waiting to be indexed
+        self._indexed_at_written = 0  # `written` when the last chunk was built
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,6 +109,7 @@ class Recorder:
             raise RecorderError(f"cannot open {self.db_path}: {exc}") from None
         try:
             schema.migrate(self.con)
+            self.index = SearchIndex(self.con)
             self._import_spool()
         except Exception:
             # Release the file so the caller (or the user) can retry at once.
@@ -164,17 +178,45 @@ class Recorder:
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        batch_at = time.monotonic()
         while True:
-            self._wake.wait(self.flush_interval_s)
+            # Timed from the start of the last batch, so that indexing after a batch does not
+            # stretch the window a record waits in.
+            self._wake.wait(max(0.0, batch_at + self.flush_interval_s - time.monotonic()))
+            batch_at = time.monotonic()
             stopping = self._stop
             self._wake.clear()
             self._follow_feeder()
+            items = 0
             try:
-                self._write_batch()
+                items = self._write_batch()
             except Exception:  # the writer must survive anything; the batch went to the spool
                 log.exception("llmtap recorder: unexpected error while writing")
             if stopping and not self._queue:
                 return
+            if not stopping:
+                self._index_step(items)
+
+    def _index_step(self, items: int) -> None:
+        """Index the next chunk of calls for search when the last batch was small, or when
+        the unindexed backlog has grown past INDEX_BACKLOG_CALLS."""
+        index = self.index
+        if index is None or not self._index_due:
+            return
+        if items > INDEX_IDLE_ITEMS and self.written - self._indexed_at_written < INDEX_BACKLOG_CALLS:
+            return
+        below = min(self._in_progress) if self._in_progress else None
+        try:
+            worked = index.step(below)
+        except Exception:
+            # Searches read unindexed calls anyway: slower, still right. Not worth a retry loop.
+            log.exception("llmtap recorder: building the search index failed; searches read every body instead")
+            self.index = None
+            return
+        if worked:
+            self._indexed_at_written = self.written
+        else:
+            self._index_due = False  # until more calls are written
 
     def _follow_feeder(self) -> None:
         """Run the next batch on the CPU the proxy's thread last ran on (Linux only).
@@ -206,12 +248,13 @@ class Recorder:
             items.append(q.popleft())
         return items
 
-    def _write_batch(self) -> None:
+    def _write_batch(self) -> int:
+        """Write what the queue holds; returns how many items that was."""
         items = self._drain()
         total = self.dropped_total
         dropped, self._dropped_recorded = total - self._dropped_recorded, total
         if not items and not dropped:
-            return
+            return 0
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
         finished: list[tuple[Call, list[Attempt]]] = []
@@ -246,7 +289,7 @@ class Recorder:
             attempt_rows += [_attempt_row(a) for a in attempts]
         replace = [c.id for c, _ in finished if c.id in self._in_progress]
         try:
-            self._commit(new_rows, final_rows, attempt_rows, replace, dropped)
+            self._commit_indexed(new_rows, final_rows, attempt_rows, replace, dropped)
         except Exception as exc:
             self._spool(final_rows, attempt_rows, dropped, exc)
         else:
@@ -263,9 +306,28 @@ class Recorder:
         self.hub.publish("started", [r[0] for r in new_rows])
         self.hub.publish("progress", [cid for cid in progressed if cid not in done_ids])
         self.hub.publish("finished", [c.id for c, _ in finished])
+        if final_rows:
+            self._index_due = True
+        return len(items)
+
+    def _commit_indexed(self, new_rows: list[tuple], final_rows: list[tuple], attempt_rows: list[tuple],
+                        replace: list[str], dropped: int) -> None:
+        """_commit, with the words of calls that land in an already indexed chunk added in the
+        same transaction. Should that part fail, the rows still go in, and their chunks are
+        dropped from the index instead (searches then read those calls)."""
+        index = self.index
+        ids = [r[0] for r in final_rows]
+        if index is None or not ids or min(ids) > index.covered_to:
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped)
+            return
+        try:
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.add_late(ids))
+        except Exception:
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.uncover(ids))
+            log.exception("llmtap recorder: indexing late calls failed; their chunks are left out of the index")
 
     def _commit(self, new_rows: list[tuple], final_rows: list[tuple], attempt_rows: list[tuple],
-                replace: list[str], dropped: int) -> None:
+                replace: list[str], dropped: int, also: Callable[[], None] | None = None) -> None:
         con = self.con
         if con is None:
             raise RuntimeError("the database is closed")
@@ -285,6 +347,8 @@ class Recorder:
                 con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
                             [dropped, f"finished calls dropped: the recorder's queue was over "
                                       f"{self.queue_limit} records (the writer fell behind)"])
+            if also is not None:
+                also()
             con.execute("COMMIT")
         except BaseException:
             try:
@@ -428,6 +492,8 @@ class Recorder:
         if dropped or bad:
             self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
                              [dropped + bad, "lost before the spool could keep them"])
+        if self.index is not None:
+            self.index.add_late(ids)
         self.con.execute("COMMIT")
         path.unlink()
         log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",

@@ -81,8 +81,26 @@ def _m001_calls_and_attempts(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _m002_search_index(con: duckdb.DuckDBPyConnection) -> None:
+    # Internal (underscore): the recorder rebuilds what is missing; see search_index.py.
+    con.execute(
+        """
+        CREATE TABLE _search_chunks (
+            chunk    INTEGER PRIMARY KEY,
+            after_id VARCHAR NOT NULL,                 -- covers calls with after_id < id <= last_id
+            last_id  VARCHAR NOT NULL,
+            calls    BIGINT NOT NULL,
+            level    INTEGER NOT NULL,                 -- 0 as built, +1 per merge of MERGE_FANIN
+            built_at TIMESTAMPTZ NOT NULL
+        )
+        """
+    )
+    con.execute("CREATE TABLE _search_terms (chunk INTEGER NOT NULL, term VARCHAR NOT NULL)")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
+    ("m002_search_index", _m002_search_index),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

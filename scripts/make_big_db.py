@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmtap.recorder.schema import migrate  # noqa: E402
+from llmtap.recorder.search_index import SearchIndex  # noqa: E402
 
 SLICE = 100_000
 POOL = 5000
@@ -31,6 +32,11 @@ WORDS = (
     "function file path query table column row vector matrix graph node edge weight bias gradient loss epoch "
     "batch source claim evidence summary section figure author year method dataset baseline metric score"
 ).split()
+
+# Real answers draw on a large vocabulary (Heaps' law: ~50k distinct words in a few thousand
+# answers), which is what sizes the search index: a quarter of the words in paragraphs are made-up
+# words of 6-10 letters from a vocabulary this big.
+RARE_WORDS = 50_000
 
 INSERT = """
 INSERT INTO calls
@@ -88,9 +94,14 @@ def main() -> int:
     con.execute("CREATE TEMP TABLE words AS SELECT ?::VARCHAR[] AS w", [WORDS])
     nw = len(WORDS)
     con.execute(f"""
+        CREATE TEMP TABLE rare AS SELECT list(word) AS r FROM (
+          SELECT array_to_string(list_transform(range(6 + (hash(v) % 5)::BIGINT), lambda j: chr(97 + (hash(v, j) % 26)::INTEGER)), '') AS word
+          FROM range({RARE_WORDS}) t(v))""")
+    con.execute(f"""
         CREATE TEMP TABLE para AS SELECT p::UBIGINT AS p,
-          array_to_string(list_transform(range(150), lambda k: w[1 + (hash(p, k) % {nw})::BIGINT]), ' ') AS t
-        FROM range({POOL}) r(p), words""")
+          array_to_string(list_transform(range(150), lambda k: CASE WHEN hash(p, k, 7) % 4 = 0
+            THEN r[1 + ((hash(p, k, 8) >> 20) % {RARE_WORDS})::BIGINT] ELSE w[1 + (hash(p, k) % {nw})::BIGINT] END), ' ') AS t
+        FROM range({POOL}) r(p), words, rare""")
     con.execute(f"""
         CREATE TEMP TABLE sse AS SELECT p::UBIGINT AS p,
           array_to_string(list_transform(range(20), lambda k:
@@ -111,6 +122,9 @@ def main() -> int:
     # Each fallback call gets its failed first attempt (the answering one is implied).
     con.execute("INSERT INTO attempts SELECT id, 1, 'primary', url, model_sent, 529, 'Overloaded', started_at, 50, 40 "
                 "FROM calls WHERE attempts = 2")
+    t1 = time.perf_counter()
+    indexed = SearchIndex(con).build_all()
+    print(f"  search index: {indexed:,} calls in {time.perf_counter() - t1:.0f} s", file=sys.stderr)
     con.execute("CHECKPOINT")
     con.close()
     size = a.db.stat().st_size

@@ -280,7 +280,8 @@ class CallsScreen(Screen[None]):
         self.table.clear()
         self._paging = True
         self._load_page(self.generation, self.filter, None)
-        # A search that matches little reads every body (~0.5 s on a million calls): say so
+        # A search of common words that matches little reads every body (~0.5 s on a million
+        # calls; the search index only skips calls missing a word): say so
         # if it takes a while, but not for the usual few ms, where it would only flash.
         generation = self.generation
         self.set_timer(SEARCHING_HINT_AFTER_S,

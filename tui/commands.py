@@ -31,7 +31,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 # DuckDB keeps what it read cached up to its limit, 80% of RAM by default: a few searches
 # over a year of bodies would leave the UI holding over 600 MB. With this bound it stays under
-# 300 MB on a million calls; a search that reads every body is then ~1.6x slower.
+# 300 MB on a million calls; a search that reads every body (common words, rare text) is then
+# ~1.6x slower.
 UI_MEMORY_LIMIT = "192MB"
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
+from llmtap.recorder.search_index import MAX_TERM, PIECE_STEP, split_words
+
 PAGE_SIZE = 200
 
 # The columns the call list shows. Bodies are deliberately absent: on a million rows the list
@@ -67,6 +69,9 @@ class Filter:
     text: str = ""
     clauses: tuple[str, ...] = ()
     params: tuple[Any, ...] = ()
+    # The free text every admitted call must contain (negated text excluded): what the search
+    # index can narrow by (see index_clause).
+    texts: tuple[str, ...] = ()
 
     @property
     def where_sql(self) -> str | None:
@@ -81,6 +86,7 @@ class Schema:
     calls: frozenset[str] = field(default_factory=frozenset)
     attempts: frozenset[str] = field(default_factory=frozenset)
     has_attempts_table: bool = True
+    has_search_index: bool = False  # the recorder's _search_chunks / _search_terms (schema m002)
 
     def col(self, name: str) -> str:
         """A column reference, or NULL when this DB predates the column."""
@@ -107,11 +113,13 @@ def _select_one(name: str, have: frozenset[str]) -> str:
 def load_schema(reader: Reader) -> Schema:
     cols, rows = reader.query(
         "SELECT table_name, column_name FROM information_schema.columns "
-        "WHERE table_name IN ('calls', 'attempts') AND table_schema = 'main'"
+        "WHERE table_name IN ('calls', 'attempts', '_search_chunks', '_search_terms') AND table_schema = 'main'"
     )
     calls = frozenset(str(r[1]) for r in rows if r[0] == "calls")
     attempts = frozenset(str(r[1]) for r in rows if r[0] == "attempts")
-    return Schema(calls=calls, attempts=attempts, has_attempts_table=bool(attempts))
+    index = {str(r[0]) for r in rows if r[0] in ("_search_chunks", "_search_terms")}
+    return Schema(calls=calls, attempts=attempts, has_attempts_table=bool(attempts),
+                  has_search_index=len(index) == 2 and {"content", "reasoning"} <= calls)
 
 
 # -- the filter language ---------------------------------------------------------------------
@@ -181,6 +189,7 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
     narrow: list[tuple[str, list[Any]]] = []  # (clause, its parameters) on small columns
     searches: list[tuple[str, list[Any]]] = []  # those reading content and reasoning
     words: list[str] = []
+    texts: list[str] = []
     for token in tokens:
         negate = token.startswith("-") and len(token) > 1 and not token[1].isdigit()
         body = token[1:] if negate else token
@@ -212,6 +221,8 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
             else:  # text:
                 clause, p = _text_clause(value, schema)
                 searches_text = True
+                if not negate:
+                    texts.append(value)
         elif sep and re.fullmatch(r"[a-z_]+", key) and not value.startswith("/"):
             # A typo such as `modle:x` should say so rather than silently search for it.
             known = ", ".join(sorted(_KEYS))
@@ -240,19 +251,21 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
         (searches if searches_text else narrow).append((clause, p))
     for word in words:
         searches.append(_text_clause(word, schema))
+        texts.append(word)
     # Narrow column tests first: DuckDB evaluates an AND left to right on the rows still
     # selected and does not reorder two function calls by cost, so a search placed after
     # `model:x` reads bodies only for the rows the model test kept (measured: 1.9x faster).
     ordered = narrow + searches
     return Filter(text=text, clauses=tuple(cl for cl, _ in ordered),
-                  params=tuple(v for _, ps in ordered for v in ps))
+                  params=tuple(v for _, ps in ordered for v in ps), texts=tuple(texts))
 
 
 # Free text matches exactly where `col ILIKE '%text%' ESCAPE '\'` would (DuckDB lowercases
 # both sides code point by code point, then compares), but that form is the slowest DuckDB
 # has: on a million calls it scanned the bodies in ~1.1 s where the forms below take ~0.43 s
-# (RE2) and ~0.5 s (lower + contains). A search matching nothing reads every body, so this
-# cost is the search's latency.
+# (RE2) and ~0.5 s (lower + contains). A search whose words are everywhere but whose text is
+# rare still reads every body (the search index rules out only calls missing a word), so this
+# cost is that search's latency.
 # Longer text uses lower+contains: RE2's automaton grows with the pattern, and past ~64
 # characters it was no faster on the 1M-call DB (and 4x slower on highly repetitive text).
 _TEXT_REGEX_MAX = 64
@@ -287,6 +300,86 @@ def _text_clause(value: str, schema: Schema) -> tuple[str, list[Any]]:
         return " OR ".join(f"regexp_matches({col}, ?)" for col in cols), [rx, rx]
     # Other scripts: DuckDB's lower() on both sides is ILIKE's own definition.
     return " OR ".join(f"contains(lower({col}), lower(?))" for col in cols), [value, value]
+
+
+# -- the search index -------------------------------------------------------------------------
+# Past this many separate id ranges the text is common enough that the windowed search finds a
+# page of it early, and a long OR would cost more than it saves (each range ~9 ms when empty).
+INDEX_MAX_RANGES = 24
+
+
+def _term_test(run: str, left: bool, right: bool) -> tuple[str, list[Any]]:
+    """A test on `_search_terms.term` true for some term of every chunk holding a body that
+    contains the run (see recorder/search_index.py): the whole word where a separator bounds
+    the run on both sides, else a word or piece starting, ending or containing it; '' and '*'
+    stand for words too long to be sure of."""
+    n = len(run)
+    if left and right:
+        return ("term = lower(?)", [run]) if n <= MAX_TERM else ("term IN ('', '*')", [])
+    if left or right:
+        fn = "starts_with" if left else "ends_with"
+        return (f"(term = '*' OR {fn}(term, lower(?)))", [run]) if n <= MAX_TERM else ("term IN ('', '*')", [])
+    markers = "term = '*'" if n <= PIECE_STEP + 1 else "term IN ('', '*')"
+    return f"({markers} OR contains(term, lower(?)))", [run]
+
+
+def index_clause(reader: Reader, schema: Schema, flt: Filter) -> tuple[str, list[Any]] | None:
+    """A clause on `id` that keeps only the calls the search index cannot rule out for
+    `flt.texts`, or None when it rules out nothing worth saying (no index, no words in the
+    text, or matches in too many places)."""
+    if not schema.has_search_index or not flt.texts:
+        return None
+    tests = [_term_test(*run) for text in flt.texts for run in split_words(text)]
+    if not tests:
+        return None  # punctuation only: every call may hold it
+    any_sql = " OR ".join(t for t, _ in tests)
+    all_sql = " AND ".join(f"bool_or({t})" for t, _ in tests)
+    params = [p for _, ps in tests for p in ps]
+    _, rows = reader.query(
+        f"SELECT after_id, last_id, chunk IN (SELECT chunk FROM _search_terms WHERE {any_sql} "
+        f"GROUP BY chunk HAVING {all_sql}) FROM _search_chunks ORDER BY after_id",
+        params + params)
+    if not rows:
+        return None
+    # Ranges (after, last] to read: chunks with a hit, gaps no chunk covers, and the calls
+    # after the last chunk (last = None).
+    ranges: list[list[str | None]] = []
+    pos = ""
+    for after, last, hit in rows:
+        after, last = str(after), str(last)
+        if after > pos:
+            ranges.append([pos, after])  # a gap: read it
+        if hit:
+            ranges.append([after, last])
+        pos = max(pos, last)
+    ranges.append([pos, None])
+    merged: list[list[str | None]] = []
+    for lo, hi in ranges:
+        if merged and merged[-1][1] is not None and merged[-1][1] >= lo:  # type: ignore[operator]
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    if len(merged) > INDEX_MAX_RANGES or (len(merged) == 1 and merged[0][0] == ""):
+        return None
+    parts: list[str] = []
+    out: list[Any] = []
+    for lo, hi in merged:
+        if hi is None:
+            parts.append("id > ?")
+            out.append(lo)
+        else:
+            parts.append("(id > ? AND id <= ?)")
+            out += [lo, hi]
+    return " OR ".join(parts), out
+
+
+def narrow_by_index(reader: Reader, schema: Schema, flt: Filter) -> Filter:
+    """`flt` with index_clause's restriction in front (a narrow test on id, so it runs first)."""
+    found = index_clause(reader, schema, flt)
+    if found is None:
+        return flt
+    clause, params = found
+    return Filter(text=flt.text, clauses=(clause, *flt.clauses), params=(*params, *flt.params), texts=flt.texts)
 
 
 # -- queries --------------------------------------------------------------------------------
@@ -379,10 +472,12 @@ def load_page(reader: Reader, schema: Schema, flt: Filter, before_id: str | None
     searched (so a rare match shows before the scan ends); the returned page holds all rows.
     None when `cancelled()` turned true between two windows."""
     limit = PAGE_SIZE if limit is None else limit
+    t0 = time.perf_counter()
+    flt = narrow_by_index(reader, schema, flt)
+    sql_s = time.perf_counter() - t0
     columns: list[str] = []
     found: list[tuple] = []
     plan = windows(bounds, before_id, offsets)
-    sql_s = 0.0
     searched = 0  # calls in the windows searched so far, about
     n = 0
     while plan:
