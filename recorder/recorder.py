@@ -18,8 +18,8 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
