@@ -331,8 +331,7 @@ class Recorder:
         con = self.con
         if con is None:
             raise RuntimeError("the database is closed")
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with schema.transaction(con):
             if replace:
                 con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [replace])
             if new_rows or final_rows:
@@ -349,13 +348,6 @@ class Recorder:
                                       f"{self.queue_limit} records (the writer fell behind)"])
             if also is not None:
                 also()
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
 
     # -- extraction ------------------------------------------------------------------------------
     def _feed(self, call_id: str, chunk: bytes) -> None:
@@ -481,20 +473,19 @@ class Recorder:
             elif "dropped" in item:
                 dropped += int(item["dropped"])
         ids = [c[0] for c in calls]
-        self.con.execute("BEGIN TRANSACTION")
-        self.con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [ids])
-        # The appender, as in normal writing: a spool of hours of traffic imports in seconds.
-        for table, rows in (("calls", calls), ("attempts", attempts)):
-            if rows:
-                appender = self.con.appender(table)
-                appender.append_rows(rows)
-                appender.flush()
-        if dropped or bad:
-            self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
-                             [dropped + bad, "lost before the spool could keep them"])
-        if self.index is not None:
-            self.index.add_late(ids)
-        self.con.execute("COMMIT")
+        with schema.transaction(self.con):
+            self.con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [ids])
+            # The appender, as in normal writing: a spool of hours of traffic imports in seconds.
+            for table, rows in (("calls", calls), ("attempts", attempts)):
+                if rows:
+                    appender = self.con.appender(table)
+                    appender.append_rows(rows)
+                    appender.flush()
+            if dropped or bad:
+                self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
+                                 [dropped + bad, "lost before the spool could keep them"])
+            if self.index is not None:
+                self.index.add_late(ids)
         path.unlink()
         log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
                     len(calls), path)

@@ -6,7 +6,8 @@ mistakes forward with a new migration; never edit one that has shipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import duckdb
 
@@ -106,6 +107,21 @@ MIGRATIONS: list[Migration] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    """BEGIN … COMMIT; rolled back when anything inside raises (the error goes on)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except Exception:  # the connection itself is gone: nothing left to undo
+            pass
+        raise
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
     """Apply every migration not yet recorded in `_migrations`; return the names applied."""
     con.execute(
@@ -116,13 +132,8 @@ def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
     for name, fn in MIGRATIONS:
         if name in done:
             continue
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             fn(con)
             con.execute("INSERT INTO _migrations (name) VALUES (?)", [name])
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         applied.append(name)
     return applied

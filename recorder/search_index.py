@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import duckdb
 
+from llmtap.recorder.schema import transaction
+
 CHUNK_CALLS = 4096
 # Once MERGE_FANIN neighbouring chunks of one level exist they are merged into one of the next
 # level, up to MAX_LEVEL (4096 * 4^2 = 65,536 calls): a common word is then stored once per
@@ -130,18 +132,10 @@ class SearchIndex:
         if last is None:  # the table shrank under us: try again next time
             return 0
         chunk, last_id = self.last_chunk + 1, str(last[0])
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute(f"INSERT INTO _search_terms SELECT DISTINCT ?, term FROM ({_words_sql('id > ? AND id <= ?')})",
                         [chunk, *_TRANSLATE, self.covered_to, last_id])
             con.execute("INSERT INTO _search_chunks VALUES (?, ?, ?, ?, 0, now())", [chunk, self.covered_to, last_id, n])
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
         self.last_chunk, self.covered_to = chunk, last_id
         return n
 
@@ -162,21 +156,13 @@ class SearchIndex:
             return False
         olds = [g[0] for g in group]
         chunk = self.last_chunk + 1
-        con.execute("BEGIN TRANSACTION")
-        try:
+        with transaction(con):
             con.execute("INSERT INTO _search_terms SELECT DISTINCT ?, term FROM _search_terms "
                         "WHERE chunk IN (SELECT unnest(?))", [chunk, olds])
             con.execute("INSERT INTO _search_chunks SELECT ?, min(after_id), max(last_id), sum(calls), ?, now() "
                         "FROM _search_chunks WHERE chunk IN (SELECT unnest(?))", [chunk, group[0][3] + 1, olds])
             con.execute("DELETE FROM _search_terms WHERE chunk IN (SELECT unnest(?))", [olds])
             con.execute("DELETE FROM _search_chunks WHERE chunk IN (SELECT unnest(?))", [olds])
-            con.execute("COMMIT")
-        except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except Exception:
-                pass
-            raise
         self.last_chunk = chunk
         return True
 
