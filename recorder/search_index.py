@@ -91,10 +91,13 @@ class SearchIndex:
 
     def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
         self.con = con
-        row = con.execute("SELECT max(chunk), max(last_id) FROM _search_chunks").fetchone()
-        self.last_chunk: int = int(row[0]) if row and row[0] is not None else 0
+        # Numbers of dropped chunks may still label words (uncover leaves them): never reuse one.
+        row = con.execute("SELECT greatest((SELECT coalesce(max(chunk), 0) FROM _search_chunks), "
+                          "(SELECT coalesce(max(chunk), 0) FROM _search_terms)), "
+                          "(SELECT coalesce(max(last_id), '') FROM _search_chunks)").fetchone()
+        self.last_chunk: int = int(row[0]) if row else 0
         # Calls with ids up to here belong to a chunk (or to a gap the UI reads anyway).
-        self.covered_to: str = str(row[1]) if row and row[1] is not None else ""
+        self.covered_to: str = str(row[1]) if row else ""
 
     def add_late(self, ids: Sequence[str]) -> None:
         """Words of calls just written whose ids fall in chunks already built; call it in the
@@ -125,7 +128,8 @@ class SearchIndex:
         row = con.execute(f"SELECT count(*) FROM (SELECT 1 FROM calls WHERE {bound} LIMIT ?)",
                           [*params, size]).fetchone()
         n = int(row[0]) if row else 0
-        if n == 0 or n < min(size if min_calls is None else min_calls, size):
+        needed = size if min_calls is None else max(1, min(min_calls, size))
+        if n < needed:
             return 0
         last = con.execute(f"SELECT id FROM calls WHERE {bound} ORDER BY id LIMIT 1 OFFSET ?",
                            [*params, n - 1]).fetchone()
