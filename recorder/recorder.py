@@ -19,7 +19,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,12 @@ from typing import Any
 import duckdb
 
 from llmtap.recorder import schema
-from llmtap.recorder.extract import Extraction, Extractor, extract, make_extractor
+from llmtap.recorder.extract import Extraction, Extractor, make_extractor
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import Attempt, Call
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
+from llmtap.recorder.workers import Helpers, Job, extract_job
 
 log = logging.getLogger("llmtap.recorder")
 # json.dumps with options builds a new encoder per call; headers are encoded twice per call.
@@ -53,6 +54,11 @@ ATTEMPT_COLUMNS = ("call_id", "n", "provider", "url", "model_sent", "status", "e
 # proxy that is never idle still has bounded searches.
 INDEX_IDLE_ITEMS = 64
 INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
+# Rows are built and appended this many at a time, so that with helpers the writer appends one
+# part while they extract the next.
+ROWS_PART = 32
+# A batch finishing more calls than this is committed in parts of this many (see `_write_batch`).
+COMMIT_CALLS = 1024
 
 
 class RecorderError(Exception):
@@ -65,7 +71,9 @@ def spool_path(db: Path) -> Path:
 
 class Recorder:
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
-                 serve: bool = True) -> None:
+                 serve: bool = True, helpers: int | None = None, offload_min: int = 32) -> None:
+        """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
+        bodies of any batch that finishes `offload_min` calls or more; see `workers`."""
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
         self.queue_limit = queue_limit
@@ -89,6 +97,11 @@ class Recorder:
         self.index: SearchIndex | None = None
         self._index_due = True  # calls may be waiting to be indexed
         self._indexed_at_written = 0  # `written` when the last chunk was built
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if helpers is None:
+            helpers = 2 if len(cpus or ()) >= 2 or (cpus is None and (os.cpu_count() or 1) >= 2) else 0
+        self.helpers = Helpers(helpers, cpus)
+        self.offload_min = offload_min
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -134,6 +147,7 @@ class Recorder:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.helpers.stop()
         if self.con is not None:
             self.con.close()
             self.con = None
@@ -283,40 +297,50 @@ class Recorder:
                 finished.append((item[1], item[2]))
         done_ids = {c.id for c, _ in finished}
         new_rows = [self._call_row(c) for cid, c in started.items() if cid not in done_ids]
-        final_rows, attempt_rows = [], []
-        for call, attempts in finished:
-            final_rows.append(self._call_row(call, self._extraction(call)))
-            attempt_rows += [_attempt_row(a) for a in attempts]
-        replace = [c.id for c, _ in finished if c.id in self._in_progress]
-        try:
-            self._commit_indexed(new_rows, final_rows, attempt_rows, replace, dropped)
-        except Exception as exc:
-            self._spool(final_rows, attempt_rows, dropped, exc)
-        else:
-            if self._failing:
-                log.error("llmtap recorder: writing to %s works again", self.db_path)
-                self._failing = False
-            self._in_progress.update(r[0] for r in new_rows)
-        self._in_progress.difference_update(done_ids)
-        self.written += len(final_rows)
+        # A long backlog is committed in parts, and the helpers are handed the bodies of the
+        # next part before this one commits: they extract while DuckDB writes.
+        parts = [finished[i:i + COMMIT_CALLS] for i in range(0, len(finished), COMMIT_CALLS)] or [[]]
+        extractions = self._extractions([c for c, _ in parts[0]])
+        for n, part in enumerate(parts):
+            calls = [c for c, _ in part]
+            final_rows = _Rows(calls, self._final_rows(calls, extractions))
+            if n + 1 < len(parts):
+                extractions = self._extractions([c for c, _ in parts[n + 1]])
+            attempt_rows = [_attempt_row(a) for _, attempts in part for a in attempts]
+            replace = [c.id for c in calls if c.id in self._in_progress]
+            first = n == 0
+            try:
+                self._commit_indexed(new_rows if first else [], final_rows, attempt_rows, replace,
+                                     dropped if first else 0)
+            except Exception as exc:
+                self._spool(final_rows.all(), attempt_rows, dropped if first else 0, exc)
+            else:
+                if self._failing:
+                    log.error("llmtap recorder: writing to %s works again", self.db_path)
+                    self._failing = False
+                if first:
+                    self._in_progress.update(r[0] for r in new_rows)
+            self._in_progress.difference_update(final_rows.ids)
+            self.written += len(calls)
+            if first:
+                self.hub.publish("started", [r[0] for r in new_rows])
+            self.hub.publish("finished", final_rows.ids)
         for cid in done_ids - brief:
             self._extractors.pop(cid, None)
             self._calls.pop(cid, None)
             self.hub.untrack(cid)
-        self.hub.publish("started", [r[0] for r in new_rows])
         self.hub.publish("progress", [cid for cid in progressed if cid not in done_ids])
-        self.hub.publish("finished", [c.id for c, _ in finished])
-        if final_rows:
+        if finished:
             self._index_due = True
         return len(items)
 
-    def _commit_indexed(self, new_rows: list[tuple], final_rows: list[tuple], attempt_rows: list[tuple],
+    def _commit_indexed(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
                         replace: list[str], dropped: int) -> None:
         """_commit, with the words of calls that land in an already indexed chunk added in the
         same transaction. Should that part fail, the rows still go in, and their chunks are
         dropped from the index instead (searches then read those calls)."""
         index = self.index
-        ids = [r[0] for r in final_rows]
+        ids = final_rows.ids
         if index is None or not ids or min(ids) > index.covered_to:
             self._commit(new_rows, final_rows, attempt_rows, replace, dropped)
             return
@@ -326,7 +350,7 @@ class Recorder:
             self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.uncover(ids))
             log.exception("llmtap recorder: indexing late calls failed; their chunks are left out of the index")
 
-    def _commit(self, new_rows: list[tuple], final_rows: list[tuple], attempt_rows: list[tuple],
+    def _commit(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
                 replace: list[str], dropped: int, also: Callable[[], None] | None = None) -> None:
         con = self.con
         if con is None:
@@ -334,9 +358,12 @@ class Recorder:
         with schema.transaction(con):
             if replace:
                 con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [replace])
-            if new_rows or final_rows:
+            if new_rows or final_rows.ids:
                 appender = con.appender("calls")
-                appender.append_rows(new_rows + final_rows)
+                if new_rows:
+                    appender.append_rows(new_rows)
+                for part in final_rows:
+                    appender.append_rows(part)
                 appender.flush()
             if attempt_rows:
                 appender = con.appender("attempts")
@@ -377,17 +404,36 @@ class Recorder:
             self.hub.grow(call_id, chunk)
         self._extractors[call_id] = (extractor, fed + len(chunk))
 
+    def _extractions(self, calls: list[Call]) -> Iterator[Extraction]:
+        """The extractions of finished calls, in order. `offload_min` calls or more are handed
+        to the helpers at once, whole bodies, even where a live extractor has read part of one:
+        their time is not taken from the proxy. Fewer are extracted here, as they are read."""
+        if len(calls) >= self.offload_min and self.helpers.count:
+            answers = self.helpers.map([_job(c) for c in calls], ROWS_PART)
+            return (ex for part in answers for ex in part)
+        return (self._extraction(c) for c in calls)
+
+    def _final_rows(self, calls: list[Call], extractions: Iterator[Extraction]) -> Iterator[list[tuple]]:
+        """The rows of finished calls, ROWS_PART at a time, as their extractions arrive."""
+        part: list[tuple] = []
+        for call, ex in zip(calls, extractions):
+            part.append(self._call_row(call, ex))
+            if len(part) == ROWS_PART:
+                yield part
+                part = []
+        if part:
+            yield part
+
     def _extraction(self, call: Call) -> Extraction:
         """The live extractor's result when it saw the whole body (chunks may have been skipped
         under load), else one pass over the body; never raises, so the row is always written."""
         extractor, fed = self._extractors.get(call.id, (None, 0))
-        try:
-            if extractor is not None and fed == len(call.response_body):
+        if extractor is not None and fed == len(call.response_body):
+            try:
                 return extractor.finish()
-            return extract(call.api, call.status, call.response_headers, call.response_body)
-        except Exception as exc:
-            log.exception("llmtap recorder: extraction failed for call %s", call.id)
-            return Extraction(notes=[f"extraction failed ({type(exc).__name__}: {exc}); see response_body"])
+            except Exception:
+                log.exception("llmtap recorder: live extraction failed for call %s", call.id)
+        return extract_job(_job(call))
 
     # -- rows --------------------------------------------------------------------------------------
     def _call_row(self, call: Call, ex: Extraction | None = None) -> tuple:
@@ -489,6 +535,29 @@ class Recorder:
         path.unlink()
         log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
                     len(calls), path)
+
+
+class _Rows:
+    """Rows made part by part as their extractions arrive. Iterating again (a failed commit is
+    retried or spooled) gives the parts already made, then makes the rest; nothing twice."""
+
+    def __init__(self, calls: list[Call], parts: Iterator[list[tuple]]) -> None:
+        self.ids = [c.id for c in calls]
+        self._parts = parts
+        self._made: list[list[tuple]] = []
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        yield from list(self._made)
+        for part in self._parts:
+            self._made.append(part)
+            yield part
+
+    def all(self) -> list[tuple]:
+        return [row for part in self for row in part]
+
+
+def _job(call: Call) -> Job:
+    return (call.api, call.status, call.response_headers, call.response_body)
 
 
 def _attempt_row(a: Attempt) -> tuple:

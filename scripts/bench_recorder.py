@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Recorder benchmark, each part against a baseline measured in the same run.
 
-  --append N   sustained rate of realistic records (4 KB request, 8 KB SSE response handed over
-               as 40 chunks, extraction included) through the Recorder, vs raw appender writes
-               of the same finished rows (the floor DuckDB itself sets)
+  --append N   rate of realistic records (4 KB request, 8 KB SSE response handed over as 40
+               chunks, extraction included) through the Recorder when N are handed over at
+               once, vs raw appender writes of the same finished rows (what DuckDB alone does)
+  --steady R   R calls/s handed over evenly for 4 s, as a proxy would: whether the writer keeps
+               up (the most calls waiting at any moment, and how long after the last handover
+               everything was committed; 250 ms plus one batch's work is keeping up)
   --big N      a generated N-call DB (scripts/make_big_db.py): bytes per call, `llmtap stats`
                time, `llmtap export` to Parquet time, vs a bare `SELECT count(*)` over it
   --kill N     N times: a child records at ~200 calls/s and is killed with SIGKILL at a random
                moment; the file must open, and records lost are counted against what the child
                had handed over (at most the 250 ms window is expected)
 
-    .venv/bin/python scripts/bench_recorder.py --append 20000 --big 1000000 --kill 20
+    .venv/bin/python scripts/bench_recorder.py --append 20000 --steady 5000 --big 1000000 --kill 20
 """
 
 from __future__ import annotations
@@ -104,6 +107,38 @@ def bench_append(n: int, tmp: Path) -> dict:
             "ratio_recorder_vs_raw": round(rate / base, 2)}
 
 
+def bench_steady(rate: int, tmp: Path, seconds: float = 4.0) -> dict:
+    rec = Recorder(tmp / "steady.duckdb", serve=False)
+    rec.start()
+    n = int(rate * seconds)
+    calls = [make_call() for _ in range(n)]
+    handed = 0
+    most_waiting = 0
+    t0 = time.perf_counter()
+    while handed < n:
+        # Hand over what is due by now, in the bursts a busy event loop would produce.
+        due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+        for call in calls[handed:due]:
+            rec.call_started(call)
+            for chunk in CHUNKS:
+                rec.call_chunk(call.id, chunk)
+            finish(call)
+            rec.call_finished(call, [])
+        handed = due
+        most_waiting = max(most_waiting, handed - rec.written)
+        time.sleep(0.005)
+    fed = time.perf_counter() - t0
+    last_handover = time.perf_counter()
+    while rec.written + rec.dropped_total < n:
+        time.sleep(0.002)
+    drained_ms = (time.perf_counter() - last_handover) * 1000
+    rec.close()
+    return {"rate_asked": rate, "rate_handed_over": round(n / fed), "written": rec.written,
+            "dropped": rec.dropped_total, "most_calls_waiting": most_waiting,
+            "most_waiting_in_ms_of_load": round(most_waiting / rate * 1000),
+            "all_committed_ms_after_last_handover": round(drained_ms)}
+
+
 def bench_big(n: int, tmp: Path) -> dict:
     db = tmp / "big.duckdb"
     t0 = time.perf_counter()
@@ -184,17 +219,21 @@ def bench_kill(times: int, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--append", type=int, default=0, metavar="N")
+    ap.add_argument("--steady", type=int, default=0, metavar="R")
     ap.add_argument("--big", type=int, default=0, metavar="N")
     ap.add_argument("--kill", type=int, default=0, metavar="N")
     a = ap.parse_args()
-    if not (a.append or a.big or a.kill):
-        ap.error("choose at least one of --append N, --big N, --kill N")
+    if not (a.append or a.steady or a.big or a.kill):
+        ap.error("choose at least one of --append N, --steady R, --big N, --kill N")
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-") as d:
         tmp = Path(d)
         if a.append:
             print(f"append: {a.append} calls ...", file=sys.stderr)
             out["append"] = bench_append(a.append, tmp)
+        if a.steady:
+            print(f"steady: {a.steady} calls/s ...", file=sys.stderr)
+            out["steady"] = bench_steady(a.steady, tmp)
         if a.big:
             print(f"big: generating {a.big} calls ...", file=sys.stderr)
             out["big"] = bench_big(a.big, tmp)

@@ -256,12 +256,13 @@ def test_a_compressed_response_is_stored_decoded_with_a_note(db: Path) -> None:
 
 def test_an_extraction_bug_never_costs_the_row(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import llmtap.recorder.recorder as recorder_mod
+    import llmtap.recorder.workers as workers_mod
 
     def broken(*a: object, **kw: object) -> None:
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr(recorder_mod, "make_extractor", broken)
-    monkeypatch.setattr(recorder_mod, "extract", broken)
+    monkeypatch.setattr(workers_mod, "extract", broken)
     rec = Recorder(db, serve=False)
     rec.start()
     call = make_call()
@@ -516,3 +517,84 @@ def test_cli_errors_name_the_flag_and_exit_2(db: Path, tmp_path: Path) -> None:
     jsonl = llmtap("export", "--db", str(db), "--out", str(tmp_path / "x.jsonl"))
     assert jsonl.returncode == 0 and "exported 1 calls" in jsonl.stderr
     assert json.loads((tmp_path / "x.jsonl").read_text().splitlines()[0])["status"] == 200
+
+
+WIRE = Path(__file__).resolve().parent / "fixtures" / "wire"
+EXTRACTED = ("status", "stream", "complete", "model_reported", "reasoning", "content", "tool_calls", "finish_reason",
+             "input_tokens", "output_tokens", "reasoning_tokens", "error", "notes", "response_body", "response_body_raw")
+
+
+def wire_calls(copies: int) -> list[Call]:
+    """Every response of the own wire corpus (gzip, CRLF, cut streams, errors, ...), `copies` times."""
+    import base64
+
+    from llmtap.recorder.extract import detect_api
+
+    calls = []
+    for path in sorted(WIRE.glob("*.json")) * copies:
+        fx = json.loads(path.read_text(encoding="utf-8"))
+        req, resp = fx["request"], fx["response"]
+        call = make_call()
+        call.api = detect_api(req["method"], req["path"], json.dumps(req.get("body")).encode())
+        call.status, call.response_headers = int(resp["status"]), dict(resp["headers"])
+        call.response_body = base64.b64decode(resp["body_b64"]) if "body_b64" in resp else resp["body_raw"].encode()
+        calls.append(call)
+    return calls
+
+
+def extracted(db: Path) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(f"SELECT {', '.join(EXTRACTED)} FROM calls ORDER BY id").fetchall()
+
+
+def record_all(db: Path, calls: list[Call], **kw: object) -> Recorder:
+    rec = Recorder(db, serve=False, flush_interval_s=60, **kw)  # one batch, written at close
+    rec.start()
+    for call in calls:
+        rec.call_finished(call, [])
+    return rec
+
+
+def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_path: Path) -> None:
+    calls = wire_calls(3)
+    rec = record_all(tmp_path / "helped.duckdb", calls, helpers=2, offload_min=8)
+    rec.flush_interval_s = 0.01
+    rec._wake.set()
+    deadline = time.monotonic() + 60
+    while rec.written < len(calls) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pids = rec.helpers.pids()
+    # They ran and are still there: nothing failed over to the writer's own thread.
+    assert len(pids) == 2 and rec.helpers.running == 2
+    # Ctrl-C in the terminal reaches the helpers too; only the proxy decides when they stop.
+    os.kill(pids[0], signal.SIGINT)
+    more = wire_calls(1)
+    for call in more:
+        rec.call_finished(call, [])
+    rec.close()
+    for pid in pids:  # stopped and reaped with the recorder
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    alone = tmp_path / "alone.duckdb"
+    record_all(alone, calls + more, helpers=0).close()
+    assert extracted(tmp_path / "helped.duckdb") == extracted(alone)
+    assert any(r[5] for r in extracted(alone))  # the corpus has answers to compare
+
+
+def test_a_helper_that_dies_costs_no_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    calls = wire_calls(2)
+    rec = record_all(tmp_path / "helped.duckdb", calls, helpers=1, offload_min=4)
+    rec.flush_interval_s = 0.01
+    rec._wake.set()
+    while rec.written < len(calls):
+        time.sleep(0.01)
+    (pid,) = rec.helpers.pids()
+    os.kill(pid, signal.SIGKILL)
+    more = wire_calls(2)
+    for call in more:
+        rec.call_finished(call, [])
+    rec.close()
+    assert "an extraction helper failed" in caplog.text
+    alone = tmp_path / "alone.duckdb"
+    record_all(alone, calls + more, helpers=0).close()
+    assert extracted(tmp_path / "helped.duckdb") == extracted(alone)
