@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import shlex
 import subprocess
@@ -226,6 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.close()
+        # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings then print
+        # a screen of "nanobind: leaked ..." on every stop.
+        gc.unfreeze()
     return 0
 
 
