@@ -167,7 +167,7 @@ class Helpers:
             try:
                 while len(self._helpers) < self.count:
                     self._helpers.append(_Helper(self._cpus))
-            except OSError as exc:
+            except Exception as exc:  # no process to start (no sys.executable, no fds left): work on
                 log.error("llmtap recorder: cannot start an extraction helper (%s); the writer extracts "
                           "in its own thread", exc)
         return self._helpers

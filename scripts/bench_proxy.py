@@ -6,7 +6,8 @@ Measures, for direct / mitmdump (reverse) / llmtap gateway / llmtap proxy listen
     over direct; llmtap's added latency as a ratio of mitmdump's (target <= 1.25x);
   - throughput at concurrency 16 (target llmtap >= 0.8x mitmdump);
   - streamed time-to-first-byte with 5 ms between chunks (target within 5 ms of direct);
-  - llmtap with recording on vs off (target within 10%);
+  - llmtap with recording on vs off (target within 10%): throughput at c=16, and the latency
+    added at c=1;
   - a soak: N calls through a route whose primary fails 6% of the time at random (503, 429,
     reset), with a healthy fallback; target: zero failures seen by the client.
 
@@ -225,6 +226,8 @@ def main() -> int:
             "gateway_throughput_vs_mitmdump": round(out["throughput_c16_rps"]["llmtap-gateway"] / out["throughput_c16_rps"]["mitmdump"], 2),
             "proxy_throughput_vs_mitmdump": round(out["throughput_c16_rps"]["llmtap-proxy"] / out["throughput_c16_rps"]["mitmdump"], 2),
             "recording_on_vs_off_throughput": round(out["throughput_c16_rps"]["llmtap-gateway"] / out["throughput_c16_rps"]["llmtap-norecord"], 2),
+            # One call at a time, as an agent makes them: the latency the proxy adds, with and without recording.
+            "recording_on_vs_off_added_latency": round(g_add / out["added_p50_ms"]["llmtap-norecord"], 2),
             "stream_ttfb_minus_direct_ms": round(out["ttfb_p50_ms"]["llmtap-gateway"] - out["ttfb_p50_ms"]["direct"], 2),
         }
         out["soak"] = {"calls": soak_n, "client_failures": soak_err, "rate_rps": round(soak_rate, 1)}
