@@ -2,9 +2,10 @@
 
 The proxy calls the Sink methods on its event loop; they only append to a deque. Every
 `flush_interval_s` the writer takes what arrived, runs the extraction (in helper processes when
-the batch is large, see `workers`), and commits the batch with the appender, so a record waits at most that long and a kill -9 loses at most that window
-(DuckDB's WAL keeps every committed batch). When the database cannot be written the records go
-to an append-only spool beside it, imported on the next start: nothing is dropped silently.
+the batch is large, see `workers`), and commits the batch with the appender, so a record waits
+at most that long and a kill -9 loses at most that window (DuckDB's WAL keeps every committed
+batch). When the database cannot be written the records go to an append-only spool beside it,
+imported on the next start: nothing is dropped silently.
 """
 
 from __future__ import annotations

@@ -571,6 +571,9 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     more = wire_calls(1)
     for call in more:
         rec.call_finished(call, [])
+    while rec.written < len(calls) + len(more):
+        time.sleep(0.01)
+    assert rec.helpers.pids() == pids  # neither stopped, nor was replaced after failing
     rec.close()
     for pid in pids:  # stopped and reaped with the recorder
         with pytest.raises(ProcessLookupError):
