@@ -100,7 +100,8 @@ class Recorder:
         self._indexed_at_written = 0  # `written` when the last chunk was built
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         if helpers is None:
-            helpers = 2 if len(cpus or ()) >= 2 or (cpus is None and (os.cpu_count() or 1) >= 2) else 0
+            usable = len(cpus) if cpus is not None else os.cpu_count() or 1
+            helpers = 2 if usable >= 2 else 0
         self.helpers = Helpers(helpers, cpus)
         self.offload_min = offload_min
 

@@ -60,17 +60,22 @@ def finish(call: Call) -> None:
     call.response_body, call.ttfb_ms, call.duration_ms = RESPONSE, 20.0, 400.0
 
 
+def hand_over(rec: Recorder, call: Call) -> None:
+    """One streamed call, as the proxy hands it to the recorder: start, chunks, end."""
+    rec.call_started(call)
+    for chunk in CHUNKS:
+        rec.call_chunk(call.id, chunk)
+    finish(call)
+    rec.call_finished(call, [])
+
+
 def bench_append(n: int, tmp: Path) -> dict:
     rec = Recorder(tmp / "append.duckdb", serve=False)
     rec.start()
     calls = [make_call() for _ in range(n)]
     t0 = time.perf_counter()
     for call in calls:
-        rec.call_started(call)
-        for chunk in CHUNKS:
-            rec.call_chunk(call.id, chunk)
-        finish(call)
-        rec.call_finished(call, [])
+        hand_over(rec, call)
     handed = time.perf_counter() - t0
     deadline = time.monotonic() + 600
     while rec.written + rec.dropped_total < n and time.monotonic() < deadline:
@@ -119,11 +124,7 @@ def bench_steady(rate: int, tmp: Path, seconds: float = 4.0) -> dict:
         # Hand over what is due by now, in the bursts a busy event loop would produce.
         due = min(n, int((time.perf_counter() - t0) * rate) + 1)
         for call in calls[handed:due]:
-            rec.call_started(call)
-            for chunk in CHUNKS:
-                rec.call_chunk(call.id, chunk)
-            finish(call)
-            rec.call_finished(call, [])
+            hand_over(rec, call)
         handed = due
         most_waiting = max(most_waiting, handed - rec.written)
         time.sleep(0.005)
