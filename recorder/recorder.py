@@ -1,6 +1,7 @@
 """The recorder: the proxy's Sink, one writer thread that owns the DuckDB file.
 
-The proxy calls the Sink methods on its event loop; they only append to a deque. Every
+The proxy calls the Sink methods on its event loop (under `llmtap run`, the recorder process's
+reader calls them; see `process`); they only append to a deque. Every
 `flush_interval_s` the writer takes what arrived, runs the extraction (in helper processes when
 the batch is large, see `workers`), and commits the batch with the appender, so a record waits
 at most that long and a kill -9 loses at most that window (DuckDB's WAL keeps every committed
@@ -15,7 +16,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import zlib
@@ -29,6 +29,7 @@ import duckdb
 
 from llmtap.recorder import schema
 from llmtap.recorder.extract import Extraction, Extractor, make_extractor
+from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import Attempt, Call
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
@@ -95,6 +96,8 @@ class Recorder:
         self._dropped_recorded = 0  # of those, already written to the `dropped` table
         self._failing = False
         self.written = 0  # finished calls committed (or spooled)
+        # Told `written` after each batch that finished calls (the recorder process reports it).
+        self.on_written: Callable[[int], None] | None = None
         self.index: SearchIndex | None = None
         self._index_due = True  # calls may be waiting to be indexed
         self._indexed_at_written = 0  # `written` when the last chunk was built
@@ -108,8 +111,7 @@ class Recorder:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         # The thread that starts the recorder is the one that will feed it (the proxy's loop).
-        self._feeder_tid = threading.get_native_id() if sys.platform.startswith("linux") else None
-        self._cpu: int | None = None
+        self._follow = CpuFollower()
         # The file holds every prompt and answer: a folder llmtap makes is the user's alone.
         self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
@@ -179,6 +181,11 @@ class Recorder:
     def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
         self._put(("finished", call, attempts))
 
+    def adopt(self, ids: list[str]) -> None:
+        """Calls that a recorder before this one (a process that died) may have written, in
+        progress or finished: their finished rows handed over next replace those."""
+        self._queue.append(("adopt", ids))
+
     def _put(self, item: tuple) -> None:
         """Append; over the bound drop the oldest unwritten records (the newest tell the user
         most about what is happening now) and count the calls lost, for the `dropped` table."""
@@ -205,7 +212,7 @@ class Recorder:
             batch_at = time.monotonic()
             stopping = self._stop
             self._wake.clear()
-            self._follow_feeder()
+            self._follow.step()
             items = 0
             try:
                 items = self._write_batch()
@@ -237,29 +244,6 @@ class Recorder:
             self._indexed_at_written = self.written
         else:
             self._index_due = False  # until more calls are written
-
-    def _follow_feeder(self) -> None:
-        """Run the next batch on the CPU the proxy's thread last ran on (Linux only).
-
-        The writer's Python work contends with the proxy's thread for the GIL. On two CPUs the
-        lock and the objects both threads touch bounce between cores, which cost the proxy
-        thread about as much again as the writer's own work. Measured at ~1,000 calls/s on two
-        CPUs: the proxy recording served 0.79-0.88x the calls of one not recording, and
-        0.92-0.98x with the writer following. The GIL never let the two run Python at once, so
-        little is lost. The proxy's thread is not pinned (the scheduler stays free to move it),
-        and DuckDB's own threads are not affected.
-        """
-        tid = self._feeder_tid
-        if tid is None:
-            return
-        try:
-            with open(f"/proc/self/task/{tid}/stat", "rb") as fh:
-                cpu = int(fh.read().rsplit(b")", 1)[1].split()[36])  # field 39, `processor`
-            if cpu != self._cpu:
-                os.sched_setaffinity(0, {cpu})  # 0: this thread
-                self._cpu = cpu
-        except (OSError, ValueError, IndexError, AttributeError):
-            self._feeder_tid = None  # not Linux, or not allowed: run wherever
 
     def _drain(self) -> list[tuple]:
         items = []
@@ -299,6 +283,8 @@ class Recorder:
                     continue
                 self._feed(item[1], item[2])
                 progressed[item[1]] = None
+            elif kind == "adopt":
+                self._in_progress.update(item[1])
             else:
                 finished.append((item[1], item[2]))
         done_ids = {c.id for c, _ in finished}
@@ -338,6 +324,8 @@ class Recorder:
         self.hub.publish("progress", [cid for cid in progressed if cid not in done_ids])
         if finished:
             self._index_due = True
+            if self.on_written is not None:
+                self.on_written(self.written)
         return len(items)
 
     def _commit_indexed(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
