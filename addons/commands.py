@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="routing rules (default: ./rules.yaml if present, else "
                      f"{paths.config_dir() / 'rules.yaml'}; none found: built-in providers, no routes)")
     run.add_argument("--db", metavar="PATH", type=Path, default=None,
-                     help=f"DuckDB file to record into (default: {paths.default_db()})")
+                     help=f"DuckDB file to record into, held by a recorder process beside the proxy "
+                          f"(default: {paths.default_db()})")
     run.add_argument("--no-record", action="store_true",
                      help="proxy without recording (to measure llmtap's own overhead)")
     run.add_argument("--confdir", metavar="DIR", type=Path, default=None,
@@ -190,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     db = args.db or paths.default_db()
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir)
 
-    sink, recorder = _make_sink(db, args.no_record)
+    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
     if recorder is None and not args.no_record:
         return 2
     on_finished = None if (args.quiet or args.tui) else _print_line
@@ -240,13 +241,17 @@ def _print_line(call: Call, attempts: list[Attempt]) -> None:
         pass
 
 
-def _make_sink(db: Path, no_record: bool):
-    """(sink, recorder): the recorder when recording, else a sink that keeps nothing."""
+def _make_sink(db: Path, no_record: bool, in_process: bool):
+    """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
+
+    The recorder runs in a process of its own (see llmtap.recorder.process), except with the
+    TUI in the same process, which reads the recorder directly."""
     if no_record:
         return _NullSink(), None
+    from llmtap.recorder.process import RecorderProcess
     from llmtap.recorder.recorder import Recorder
 
-    recorder = Recorder(db)
+    recorder = Recorder(db) if in_process else RecorderProcess(db)
     try:
         recorder.start()
     except Exception as exc:

@@ -1,0 +1,394 @@
+"""The recorder in a process of its own, for `llmtap run`.
+
+In one process, the recorder's writer shares the GIL and the CPU caches with the proxy's
+event loop. DuckDB's append and commit cost about 20 us of CPU per small call, and they take
+the GIL back a dozen times per batch (a signal check, then re-entry after each native step).
+At saturation on two CPUs the loop lost about three times the writer's own time: the proxy
+recording served 0.86x the calls of one not recording. Here the proxy only hands over what it
+recorded, pickled as plain tuples, from a thread that wakes every SEND_INTERVAL_S and follows
+the loop's CPU. Everything else runs in the child, `python -m llmtap.recorder.process DB
+FLUSH_S`, which owns the DuckDB file and serves the read endpoint (see `Recorder`).
+
+The child lives as long as its input. The proxy closes it on a graceful stop, and a kill -9
+of the proxy closes it too: either way the child commits everything it was handed, then
+exits. It ignores SIGINT and SIGTERM, which a terminal or a service manager sends to the whole
+process group, so that the proxy decides when recording ends.
+
+Should the child die (a crash in DuckDB, the OOM killer), the proxy keeps proxying and says
+so. It keeps every finished call it handed over until the child reports it committed, and
+hands those again to a new child, which replaces any row the dead one left. A new child
+starts at once, later ones at most once a minute; meanwhile records wait in the bounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from llmtap.recorder.follow import CpuFollower
+from llmtap.recorder.record import Attempt, Call
+
+if TYPE_CHECKING:
+    from llmtap.recorder.recorder import Recorder
+
+log = logging.getLogger("llmtap.recorder")
+
+_LEN = struct.Struct("<Q")
+# Plain tuples pickle in half the time of the dataclasses they are taken from.
+_call_fields = operator.attrgetter(*Call.__slots__)
+_attempt_fields = operator.attrgetter(*Attempt.__slots__)
+# The proxy hands records over this often; the child commits every flush interval minus
+# this, so that a record still waits at most the flush interval in all.
+SEND_INTERVAL_S = 0.025
+RESTART_EVERY_S = 60.0
+
+
+class RecorderProcess:
+    """The proxy's Sink when the recorder runs in a child process; see the module docstring."""
+
+    def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000) -> None:
+        self.db_path = Path(db_path).expanduser().absolute()
+        self.flush_interval_s = flush_interval_s
+        self.queue_limit = queue_limit
+        self.proc: subprocess.Popen | None = None
+        self._queue: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.dropped_total = 0  # finished calls dropped from a full queue; written by the loop only
+        self._dropped_sent = 0
+        self._open: dict[str, Call] = {}  # calls whose start was handed over, until they finish
+        self._headed: set[str] = set()  # of those, the ones whose response head was handed over
+        self._pending: list[tuple] = []  # items the last child did not take, for the next one
+        self._handed = 0  # finished calls written to the current child
+        self._committed = 0  # of those, committed (or spooled), as the child last said
+        self._unacked: deque[tuple] = deque()  # the finished items handed but not yet committed
+        self._exited = threading.Event()  # the current child closed its output
+        self._progress: threading.Thread | None = None
+        self._restarted_at: float | None = None
+        self.restarts = 0
+        self._bug_said = False
+
+    @property
+    def path(self) -> Path:
+        return self.db_path
+
+    @property
+    def handed_over(self) -> int:
+        """Finished calls written to the current recorder process."""
+        return self._handed
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the child and wait until it holds the file; raises RecorderError with the
+        child's own message (the file is locked, say) when it cannot."""
+        self._follow = CpuFollower()  # the thread that starts the recorder is the proxy's loop
+        self._spawn()
+        self._thread = threading.Thread(target=self._run, name="llmtap-record-send", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Hand over everything queued, then let the child commit it and exit."""
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _spawn(self) -> None:
+        from llmtap.recorder.recorder import RecorderError
+
+        child_flush = max(0.01, self.flush_interval_s - SEND_INTERVAL_S)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "llmtap.recorder.process", str(self.db_path), str(child_flush)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as exc:
+            raise RecorderError(f"cannot start the recorder process: {exc}") from None
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode("utf-8", "replace").rstrip("\n")
+        if line != "READY":
+            proc.wait()
+            raise RecorderError(line.removeprefix("ERROR ") or
+                                f"the recorder process exited with code {proc.returncode} before it was ready")
+        self.proc = proc
+        self._handed = self._committed = 0
+        self._exited = threading.Event()
+        self._progress = threading.Thread(target=self._read_progress, args=(proc, self._exited),
+                                          name="llmtap-record-progress", daemon=True)
+        self._progress.start()
+
+    def _read_progress(self, proc: subprocess.Popen, exited: threading.Event) -> None:
+        """The child prints how many finished calls it has committed, after each batch."""
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                try:
+                    self._committed = int(line)
+                except ValueError:
+                    pass
+        finally:
+            exited.set()
+
+    # -- Sink: on the proxy's event loop; append only ----------------------------------------------
+    def call_started(self, call: Call) -> None:
+        self._put(("started", call))
+
+    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+        if len(self._queue) < self.queue_limit // 2:  # live views only; see Recorder.call_chunk
+            self._queue.append(("chunk", call_id, chunk))
+
+    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+        self._put(("finished", call, attempts))
+
+    def _put(self, item: tuple) -> None:
+        """As Recorder._put: over the bound the oldest records go, and are counted."""
+        q = self._queue
+        while len(q) >= self.queue_limit:
+            try:
+                old = q.popleft()
+            except IndexError:
+                break
+            if old[0] == "finished":
+                self.dropped_total += 1
+        q.append(item)
+
+    # -- the sender thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(SEND_INTERVAL_S)
+            stopping = self._stop
+            try:
+                if self._round(stopping):
+                    return
+            except Exception:  # a bug of ours: say so once, and keep the proxy proxying
+                if not self._bug_said:
+                    log.exception("llmtap recorder: unexpected error while handing records over")
+                    self._bug_said = True
+                if stopping:
+                    return
+
+    def _round(self, stopping: bool) -> bool:
+        """Hand over what the queue holds; True once everything is committed after a stop."""
+        self._follow.step()
+        if self.proc is not None and self._exited.is_set():
+            self._child_died()
+        if self.proc is None and not self._respawn(force=stopping):
+            if stopping:
+                left = len(self._unacked) + sum(1 for item in [*self._pending, *self._queue] if item[0] == "finished")
+                log.error("llmtap recorder: %d calls were not recorded: no recorder process could start", left)
+            return stopping
+        while len(self._unacked) > self._handed - self._committed:
+            self._unacked.popleft()
+        items = self._pending + self._items()
+        self._pending = []
+        if items:
+            if not self._send(items):
+                self._pending = items
+                self._child_died()
+                return False
+            finished = [item for item in items if item[0] == "finished"]
+            self._handed += len(finished)
+            self._unacked.extend(finished)
+        return stopping and not self._queue and self._end_child()
+
+    def _end_child(self) -> bool:
+        """Close the child's input and wait for it to commit and exit; False if it died instead."""
+        proc = self.proc
+        assert proc is not None
+        _close(proc.stdin)
+        if proc.wait() == 0:
+            if self._progress is not None:
+                self._progress.join()
+            self.proc = None
+            return True
+        self._child_died()
+        return False
+
+    def _items(self) -> list[tuple]:
+        """What the queue holds, as the child takes it (see the comments inside)."""
+        q = self._queue
+        items = []
+        while q:
+            items.append(q.popleft())
+        # A call that started and ended since the last hand-over goes as its finished item
+        # alone: no live view can have seen it, and the child's writer would skip the rest.
+        ending = {item[1].id for item in items if item[0] == "finished"}
+        out: list[tuple] = []
+        for item in items:
+            kind = item[0]
+            if kind == "chunk":
+                cid = item[1]
+                if cid in ending:
+                    continue
+                call = self._open.get(cid)
+                if call is not None and cid not in self._headed:
+                    # The child's copy of the call was taken at its start; its live
+                    # extraction needs the status and headers the first chunk came with.
+                    self._headed.add(cid)
+                    out.append(("head", cid, call.status, dict(call.response_headers)))
+                out.append(item)
+            elif kind == "started":
+                if item[1].id not in ending:
+                    self._open[item[1].id] = item[1]
+                    out.append(("started", _call_fields(item[1])))
+            else:
+                call = item[1]
+                if self._open.pop(call.id, None) is not None:
+                    self._headed.discard(call.id)
+                out.append(("finished", _call_fields(call), [_attempt_fields(a) for a in item[2]]))
+        total = self.dropped_total
+        if total != self._dropped_sent:
+            out.append(("dropped", total - self._dropped_sent))
+            self._dropped_sent = total
+        return out
+
+    def _send(self, items: list[tuple]) -> bool:
+        proc = self.proc
+        if proc is None or proc.stdin is None:
+            return False
+        frame = pickle.dumps(items, protocol=5)
+        view = memoryview(_LEN.pack(len(frame)) + frame)
+        try:
+            while view:
+                view = view[proc.stdin.write(view) or 0:]
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _child_died(self) -> None:
+        """Reap the child, and queue for the next one what this one may not have committed."""
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        _close(proc.stdin)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # alive but not reading: as good as dead
+            proc.kill()
+            code = proc.wait()
+        if self._progress is not None:
+            self._progress.join(timeout=10)
+        while len(self._unacked) > self._handed - self._committed:
+            self._unacked.popleft()
+        again = [*self._unacked, *self._pending]
+        self._unacked.clear()
+        self._handed = self._committed = 0
+        # Calls still open may have rows in progress, and the calls handed again may have been
+        # committed after all: the next child replaces both.
+        ids = [*self._open, *(item[1][0] for item in again if item[0] == "finished")]
+        self._pending = [("adopt", ids), *again]
+        log.error("llmtap recorder: the recorder process stopped unexpectedly (exit code %s); proxying goes on. "
+                  "The %d finished calls it had not committed go to a new recorder process, which starts %s.",
+                  code, sum(1 for item in again if item[0] == "finished"), "now" if self._restarted_at is None else
+                  f"within {RESTART_EVERY_S:.0f} s")
+
+    def _respawn(self, force: bool) -> bool:
+        from llmtap.recorder.recorder import RecorderError
+
+        now = time.monotonic()
+        if not force and self._restarted_at is not None and now - self._restarted_at < RESTART_EVERY_S:
+            return False
+        self._restarted_at = now
+        try:
+            self._spawn()
+        except RecorderError as exc:
+            log.error("llmtap recorder: a new recorder process could not start (%s); trying again in %.0f s",
+                      exc, RESTART_EVERY_S)
+            return False
+        self.restarts += 1
+        log.error("llmtap recorder: a new recorder process records into %s", self.db_path)
+        return True
+
+
+def _close(fh) -> None:
+    try:
+        if fh is not None:
+            fh.close()
+    except OSError:
+        pass
+
+
+# -- the child ---------------------------------------------------------------------------------------
+def _main(argv: list[str]) -> int:
+    from llmtap.recorder.recorder import Recorder, RecorderError
+
+    # The proxy decides when recording ends, by closing our input; see the module docstring.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llmtap: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.WARNING)
+    db, flush = Path(argv[0]), float(argv[1])
+    out = sys.stdout.buffer
+    recorder = Recorder(db, flush_interval_s=flush)
+    try:
+        recorder.start()
+    except Exception as exc:
+        message = str(exc) if isinstance(exc, RecorderError) else f"cannot open {db}: {exc}"
+        out.write(("ERROR " + " ".join(message.split()) + "\n").encode())
+        out.flush()
+        return 2
+
+    def written(count: int) -> None:
+        try:
+            out.write(b"%d\n" % count)
+            out.flush()
+        except (OSError, ValueError):
+            pass  # the proxy is gone; we finish on the end of our input
+
+    recorder.on_written = written
+    out.write(b"READY\n")
+    out.flush()
+    try:
+        _feed(recorder, sys.stdin.buffer)
+    finally:
+        recorder.close()
+    return 0
+
+
+def _feed(recorder: Recorder, inp: BinaryIO) -> None:
+    """Hand the recorder the items of each frame, until the end of the input."""
+    calls: dict[str, Call] = {}  # started, not finished: their response head may follow
+    while True:
+        head = inp.read(_LEN.size)
+        if len(head) < _LEN.size:
+            return
+        (size,) = _LEN.unpack(head)
+        frame = inp.read(size)
+        if len(frame) < size:
+            return  # the proxy died mid-frame: what came before is whole
+        for item in pickle.loads(frame):
+            kind = item[0]
+            if kind == "chunk":
+                recorder.call_chunk(item[1], item[2])
+            elif kind == "finished":
+                call = Call(*item[1])
+                calls.pop(call.id, None)
+                recorder.call_finished(call, [Attempt(*a) for a in item[2]])
+            elif kind == "started":
+                call = Call(*item[1])
+                calls[call.id] = call
+                recorder.call_started(call)
+            elif kind == "head":
+                call = calls.get(item[1])
+                if call is not None:
+                    call.status, call.response_headers = item[2], item[3]
+            elif kind == "dropped":
+                recorder.dropped_total += item[1]
+            elif kind == "adopt":
+                recorder.adopt(item[1])
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
