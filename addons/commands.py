@@ -248,10 +248,14 @@ def _make_sink(db: Path, no_record: bool, in_process: bool):
     TUI in the same process, which reads the recorder directly."""
     if no_record:
         return _NullSink(), None
-    from llmtap.recorder.process import RecorderProcess
-    from llmtap.recorder.recorder import Recorder
+    if in_process:
+        from llmtap.recorder.recorder import Recorder
 
-    recorder = Recorder(db) if in_process else RecorderProcess(db)
+        recorder = Recorder(db)
+    else:  # the proxy's process then never loads DuckDB
+        from llmtap.recorder.process import RecorderProcess
+
+        recorder = RecorderProcess(db)
     try:
         recorder.start()
     except Exception as exc:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from llmtap.recorder.follow import CpuFollower
-from llmtap.recorder.record import Attempt, Call
+from llmtap.recorder.record import Attempt, Call, RecorderError
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -106,8 +106,6 @@ class RecorderProcess:
             self._thread = None
 
     def _spawn(self) -> None:
-        from llmtap.recorder.recorder import RecorderError
-
         child_flush = max(0.01, self.flush_interval_s - SEND_INTERVAL_S)
         try:
             proc = subprocess.Popen(
@@ -293,8 +291,6 @@ class RecorderProcess:
                   f"within {RESTART_EVERY_S:.0f} s")
 
     def _respawn(self, force: bool) -> bool:
-        from llmtap.recorder.recorder import RecorderError
-
         now = time.monotonic()
         if not force and self._restarted_at is not None and now - self._restarted_at < RESTART_EVERY_S:
             return False
@@ -320,7 +316,7 @@ def _close(fh) -> None:
 
 # -- the child ---------------------------------------------------------------------------------------
 def _main(argv: list[str]) -> int:
-    from llmtap.recorder.recorder import Recorder, RecorderError
+    from llmtap.recorder.recorder import Recorder
 
     # The proxy decides when recording ends, by closing our input; see the module docstring.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

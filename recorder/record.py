@@ -142,6 +142,10 @@ class Call:
     total_tokens: int | None = None
 
 
+class RecorderError(Exception):
+    """The database cannot be opened at start; the message says what to do."""
+
+
 class Sink(Protocol):
     """Where the proxy hands records. Every method must return at once (it runs on the
     proxy's event loop) and must never raise."""

@@ -31,7 +31,7 @@ from llmtap.recorder import schema
 from llmtap.recorder.extract import Extraction, Extractor, make_extractor
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.record import Attempt, Call
+from llmtap.recorder.record import Attempt, Call, RecorderError
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -61,10 +61,6 @@ INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
 ROWS_PART = 32
 # A batch finishing more calls than this is committed in parts of this many (see `_write_batch`).
 COMMIT_CALLS = 1024
-
-
-class RecorderError(Exception):
-    """The database cannot be opened at start; the message says what to do."""
 
 
 def spool_path(db: Path) -> Path:

@@ -9,9 +9,12 @@
                everything was committed; 250 ms plus one batch's work is keeping up)
   --big N      a generated N-call DB (scripts/make_big_db.py): bytes per call, `llmtap stats`
                time, `llmtap export` to Parquet time, vs a bare `SELECT count(*)` over it
-  --kill N     N times: a child records at ~200 calls/s and is killed with SIGKILL at a random
-               moment; the file must open, and records lost are counted against what the child
-               had handed over (at most the 250 ms window is expected)
+  --kill N     N times each: a child hands over ~200 calls/s and is killed with SIGKILL at a
+               random moment; the file must open, and records lost are counted against what the
+               child had handed over. Two children: one holding the recorder in-process (what a
+               killed recorder process loses: at most the 250 ms window), and one handing over to
+               a recorder process as `llmtap run` does (what a killed proxy loses: the recorder
+               process commits what it got and exits)
 
     .venv/bin/python scripts/bench_recorder.py --append 20000 --steady 5000 --big 1000000 --kill 20
 """
@@ -167,14 +170,21 @@ def bench_big(n: int, tmp: Path) -> dict:
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {scripts!r})
     from pathlib import Path
     from bench_recorder import make_call, finish
-    from llmtap.recorder.recorder import Recorder
-    rec = Recorder(Path({db!r}), serve=False)
-    rec.start()
+    if {separate!r}:
+        from llmtap.recorder.process import RecorderProcess
+        rec = RecorderProcess(Path({db!r}))
+        rec.start()
+        print(rec.proc.pid, flush=True)  # the process holding the file
+    else:
+        from llmtap.recorder.recorder import Recorder
+        rec = Recorder(Path({db!r}), serve=False)
+        rec.start()
+        print(os.getpid(), flush=True)
     n = 0
     t0 = time.perf_counter()
     while True:
@@ -187,14 +197,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def bench_kill(times: int, tmp: Path) -> dict:
+def bench_kill(times: int, tmp: Path, separate: bool) -> dict:
     lost: list[int] = []
     opened = 0
     total = 0
     for k in range(times):
-        db = tmp / f"kill{k}.duckdb"
-        child = subprocess.Popen([PY, "-c", CHILD.format(root=str(ROOT), scripts=str(ROOT / "scripts"), db=str(db))],
+        db = tmp / f"kill{k}{'p' if separate else ''}.duckdb"
+        child = subprocess.Popen([PY, "-c", CHILD.format(root=str(ROOT), scripts=str(ROOT / "scripts"), db=str(db),
+                                                         separate=separate)],
                                  stdout=subprocess.PIPE, text=True)
+        holder = int(child.stdout.readline())
         target = random.uniform(1.0, 3.0)
         t0 = time.monotonic()
         handed = 0
@@ -207,6 +219,8 @@ def bench_kill(times: int, tmp: Path) -> dict:
         for line in child.stdout:  # counts printed before the kill landed
             handed = int(line)
         child.wait()
+        while _alive(holder):  # a recorder process commits what it was handed, then exits
+            time.sleep(0.01)
         with duckdb.connect(str(db)) as con:
             opened += 1
             have = con.execute("SELECT count(*) FROM calls").fetchone()[0]
@@ -215,6 +229,14 @@ def bench_kill(times: int, tmp: Path) -> dict:
     return {"kills": times, "file_opened": opened, "handed_over": total, "lost_total": sum(lost),
             "lost_max_per_kill": max(lost), "lost_mean_per_kill": round(sum(lost) / times, 1),
             "window_at_200_per_s": 50}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def main() -> int:
@@ -239,14 +261,16 @@ def main() -> int:
             print(f"big: generating {a.big} calls ...", file=sys.stderr)
             out["big"] = bench_big(a.big, tmp)
         if a.kill:
-            print(f"kill -9: {a.kill} times ...", file=sys.stderr)
-            out["kill"] = bench_kill(a.kill, tmp)
+            print(f"kill -9 of the process holding the recorder: {a.kill} times ...", file=sys.stderr)
+            out["kill_recorder"] = bench_kill(a.kill, tmp, separate=False)
+            print(f"kill -9 of a proxy handing over to a recorder process: {a.kill} times ...", file=sys.stderr)
+            out["kill_proxy"] = bench_kill(a.kill, tmp, separate=True)
     print(json.dumps(out, indent=2))
     # The same figures as a table for a human reading the terminal.
-    print(f"\n{'part':<8} {'measure':<32} {'value':>14}")
+    print(f"\n{'part':<14} {'measure':<32} {'value':>14}")
     for part, figures in out.items():
         for name, value in figures.items():
-            print(f"{part:<8} {name:<32} {value:>14}")
+            print(f"{part:<14} {name:<32} {value:>14}")
     return 0
 
 
