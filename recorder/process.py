@@ -88,6 +88,11 @@ class RecorderProcess:
         """Finished calls written to the current recorder process."""
         return self._handed
 
+    @property
+    def committed(self) -> int:
+        """Of those, the ones it reported committed (or spooled)."""
+        return self._committed
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the child and wait until it holds the file; raises RecorderError with the
@@ -137,14 +142,18 @@ class RecorderProcess:
                     pass
         finally:
             exited.set()
+            self._wake.set()
 
     # -- Sink: on the proxy's event loop; append only ----------------------------------------------
     def call_started(self, call: Call) -> None:
         self._put(("started", call))
 
     def call_chunk(self, call_id: str, chunk: bytes) -> None:
-        if len(self._queue) < self.queue_limit // 2:  # live views only; see Recorder.call_chunk
-            self._queue.append(("chunk", call_id, chunk))
+        q = self._queue
+        if len(q) < self.queue_limit // 2:  # live views only; see Recorder.call_chunk
+            q.append(("chunk", call_id, chunk))
+            if len(q) == 1:
+                self._wake.set()
 
     def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
         self._put(("finished", call, attempts))
@@ -160,11 +169,20 @@ class RecorderProcess:
             if old[0] == "finished":
                 self.dropped_total += 1
         q.append(item)
+        if len(q) == 1:  # the first since the sender's last drain: an idle proxy never wakes it
+            self._wake.set()
 
     # -- the sender thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            self._wake.wait(SEND_INTERVAL_S)
+            # Woken by the first record after a drain, a child's exit or close(); then a batch
+            # gathers for SEND_INTERVAL_S. Without a child, it retries every second; once
+            # stopping, it goes on until everything is committed.
+            if not self._stop:
+                self._wake.wait(None if self.proc is not None and not self._pending else 1.0)
+                if not self._stop:
+                    time.sleep(SEND_INTERVAL_S)
+            self._wake.clear()
             stopping = self._stop
             try:
                 if self._round(stopping):

@@ -3,7 +3,8 @@
 
   --append N   rate of realistic records (4 KB request, 8 KB SSE response handed over as 40
                chunks, extraction included) through the Recorder when N are handed over at
-               once, vs raw appender writes of the same finished rows (what DuckDB alone does)
+               once, vs raw appender writes of the same finished rows (what DuckDB alone does);
+               and through a recorder process, as `llmtap run` records
   --steady R   R calls/s handed over evenly for 4 s, as a proxy would: whether the writer keeps
                up (the most calls waiting at any moment, and how long after the last handover
                everything was committed; 250 ms plus one batch's work is keeping up)
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
+from llmtap.recorder.process import RecorderProcess  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
 
 PY = sys.executable
@@ -63,7 +65,7 @@ def finish(call: Call) -> None:
     call.response_body, call.ttfb_ms, call.duration_ms = RESPONSE, 20.0, 400.0
 
 
-def hand_over(rec: Recorder, call: Call) -> None:
+def hand_over(rec: Recorder | RecorderProcess, call: Call) -> None:
     """One streamed call, as the proxy hands it to the recorder: start, chunks, end."""
     rec.call_started(call)
     for chunk in CHUNKS:
@@ -109,7 +111,20 @@ def bench_append(n: int, tmp: Path) -> dict:
             ex.feed(chunk)
         ex.finish()
     extract_rate = m / (time.perf_counter() - t0)
-    return {"recorder_calls_per_s": round(rate), "handover_calls_per_s": round(n / handed),
+    # As `llmtap run` records: handed over a pipe to a recorder process.
+    proc = RecorderProcess(tmp / "append-process.duckdb")
+    proc.start()
+    calls = [make_call() for _ in range(n)]
+    t0 = time.perf_counter()
+    for call in calls:
+        hand_over(proc, call)
+    deadline = time.monotonic() + 600
+    while proc.committed + proc.dropped_total < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc_rate = n / (time.perf_counter() - t0)
+    proc.close()
+    return {"recorder_calls_per_s": round(rate), "recorder_process_calls_per_s": round(proc_rate),
+            "handover_calls_per_s": round(n / handed),
             "extraction_only_calls_per_s": round(extract_rate),
             "written": rec.written, "dropped": rec.dropped_total, "raw_appender_rows_per_s": round(base),
             "ratio_recorder_vs_raw": round(rate / base, 2)}
