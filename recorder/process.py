@@ -33,7 +33,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.record import Attempt, Call, RecorderError
@@ -324,7 +324,7 @@ class RecorderProcess:
         return True
 
 
-def _close(fh) -> None:
+def _close(fh: IO[bytes] | None) -> None:
     try:
         if fh is not None:
             fh.close()
