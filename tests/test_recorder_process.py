@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -20,6 +22,7 @@ import pytest
 from fakeprovider import FakeProvider
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.process import RecorderProcess
+from llmtap.recorder.record import Call
 from llmtap.recorder.reader import Reader, open_reader
 from llmtap.recorder.recorder import RecorderError
 from test_cli import Lines
@@ -40,6 +43,13 @@ def wait_gone(pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"process {pid} still runs")
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """Kill what a failed test left running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def wait_event(reader: Reader, kind: str, call_id: str, after: int = 0) -> int:
     seq = after
     deadline = time.monotonic() + 30
@@ -50,8 +60,10 @@ def wait_event(reader: Reader, kind: str, call_id: str, after: int = 0) -> int:
     raise AssertionError(f"no {kind} event for {call_id}")
 
 
-def test_a_streamed_call_reads_live_through_the_recorder_process_and_lands_whole(tmp_path: Path) -> None:
-    db = tmp_path / "calls.duckdb"
+@contextmanager
+def a_call_in_progress(db: Path) -> Iterator[tuple[RecorderProcess, Call, Reader, int]]:
+    """A recorder process, a reader of it, and a call whose in-progress row is committed (with
+    the live event's number)."""
     rec = RecorderProcess(db)
     rec.start()
     try:
@@ -59,24 +71,29 @@ def test_a_streamed_call_reads_live_through_the_recorder_process_and_lands_whole
         rec.call_started(call)
         reader = open_reader(db)
         try:
-            seq = wait_event(reader, "started", call.id)
-            # Only now does the response begin: the proxy sets its status and headers before it
-            # forwards the first chunk. The body is gzip, which the child can read live only if
-            # those reached its copy of the call, taken at the start.
-            call.status = 200
-            call.response_headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
-            body = gzip.compress(ANTHROPIC_SSE)
-            rec.call_chunk(call.id, body)
-            wait_event(reader, "progress", call.id, seq)
-            partial = reader.partial(call.id)
-            assert partial is not None and partial["reasoning"] == "Five folds: 2^5 = 32."
+            yield rec, call, reader, wait_event(reader, "started", call.id)
         finally:
             reader.close()
-        call, attempts = finish(call, body)
-        call.response_headers = {"content-type": "text/event-stream", "content-encoding": "gzip"}
-        rec.call_finished(call, attempts)
     finally:
         rec.close()
+
+
+def test_a_streamed_call_reads_live_through_the_recorder_process_and_lands_whole(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    gzipped = {"content-type": "text/event-stream", "content-encoding": "gzip"}
+    body = gzip.compress(ANTHROPIC_SSE)
+    with a_call_in_progress(db) as (rec, call, reader, seq):
+        # Only now does the response begin: the proxy sets its status and headers before it
+        # forwards the first chunk. The body is gzip, which the child can read live only if
+        # those reached its copy of the call, taken at the start.
+        call.status, call.response_headers = 200, gzipped
+        rec.call_chunk(call.id, body)
+        wait_event(reader, "progress", call.id, seq)
+        partial = reader.partial(call.id)
+        assert partial is not None and partial["reasoning"] == "Five folds: 2^5 = 32."
+        call, attempts = finish(call, body)
+        call.response_headers = gzipped
+        rec.call_finished(call, attempts)
     assert rec.proc is None
     with duckdb.connect(str(db), read_only=True) as con:
         got = con.execute("SELECT reasoning, content, complete, status, request_headers FROM calls").fetchall()
@@ -102,22 +119,10 @@ def test_the_recorder_process_reports_a_locked_file_as_the_proxy_did(tmp_path: P
 
 def test_a_call_open_when_the_recorder_process_dies_still_lands_once(tmp_path: Path) -> None:
     db = tmp_path / "calls.duckdb"
-    rec = RecorderProcess(db)
-    rec.start()
-    try:
-        call = make_call()
-        rec.call_started(call)
-        reader = open_reader(db)
-        try:
-            wait_event(reader, "started", call.id)  # its in-progress row is committed
-        finally:
-            reader.close()
+    with a_call_in_progress(db) as (rec, call, _reader, _seq):
         assert rec.proc is not None
-        dead = rec.proc.pid
-        os.kill(dead, signal.SIGKILL)
+        os.kill(rec.proc.pid, signal.SIGKILL)
         rec.call_finished(*finish(call))
-    finally:
-        rec.close()
     assert rec.restarts == 1
     with duckdb.connect(str(db), read_only=True) as con:
         # The new recorder process replaced the row the dead one left in progress.
@@ -159,9 +164,7 @@ def test_a_proxy_killed_with_sigkill_costs_nothing_it_handed_over(tmp_path: Path
             assert con.execute("SELECT count(*), count(reasoning) FROM calls").fetchone() == (20, 20)
         assert not discovery_path(db).exists()
     finally:
-        if proxy.poll() is None:
-            proxy.kill()
-            proxy.wait()
+        reap(proxy)
 
 
 def test_a_recorder_process_that_dies_costs_no_call_and_is_replaced(tmp_path: Path, fake: FakeProvider) -> None:
@@ -199,9 +202,7 @@ def test_a_recorder_process_that_dies_costs_no_call_and_is_replaced(tmp_path: Pa
         # The calls the dead process had not committed were handed to the new one.
         assert [f"call {n}" in body for n, body in enumerate(recorded)] == [True] * 10
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def _rules(tmp_path: Path, fake: FakeProvider) -> Path:
