@@ -79,6 +79,18 @@ def open_reader(db: Path, *, memory_limit: str | None = None) -> Reader:
 
 
 def _attach(db: Path) -> RemoteReader | None:
+    info = _discover(db)
+    if info is None:
+        return None
+    reader = RemoteReader(info["url"], info["token"], db)
+    if not reader._serves(db):
+        reader.close()
+        return None
+    return reader
+
+
+def _discover(db: Path) -> dict | None:
+    """The endpoint of the running `llmtap run` that holds `db`, as its discovery file says."""
     path = discovery_path(db)
     try:
         info = json.loads(path.read_text())
@@ -90,16 +102,7 @@ def _attach(db: Path) -> RemoteReader | None:
         except OSError:
             pass
         return None
-    reader = RemoteReader(info["url"], info["token"])
-    try:
-        health = reader._get("/health")
-    except ReaderError:
-        reader.close()
-        return None
-    if Path(health.get("db", "")) != db:
-        reader.close()
-        return None
-    return reader
+    return info
 
 
 def _query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | None) -> tuple[list[str], list[tuple]]:
@@ -184,17 +187,61 @@ class InProcessReader:
         pass
 
 
+class _Unreachable(ReaderError):
+    """The endpoint did not answer at all (as opposed to answering with an error)."""
+
+
 class RemoteReader:
-    """A running `llmtap run` holds the file: read through its local endpoint."""
+    """A running `llmtap run` holds the file: read through its local endpoint.
+
+    Given the DB path, it follows the endpoint when the process serving it is replaced (a
+    restarted proxy, or a recorder process the proxy started again): a call that finds the old
+    endpoint gone is made once more on the new one, and the live events, which start again
+    from zero there, say `reset`."""
 
     kind = "remote"
 
-    def __init__(self, url: str, token: str) -> None:
+    def __init__(self, url: str, token: str, db: Path | None = None) -> None:
+        self.db = db
+        self._moved = False  # the endpoint changed since the last `events_after`
+        self._connect(url, token)
+
+    def _connect(self, url: str, token: str) -> None:
         import httpx
 
         self.url = url
         self._client = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"},
                                     timeout=httpx.Timeout(60.0, connect=5.0), trust_env=False)
+
+    def _serves(self, db: Path) -> bool:
+        try:
+            health = self._get("/health")
+        except ReaderError:
+            return False
+        return Path(health.get("db", "")) == db
+
+    def _follow(self) -> bool:
+        """Switch to the endpoint now serving the DB, if it is another one that answers."""
+        info = _discover(self.db) if self.db is not None else None
+        if info is None or info["url"] == self.url:
+            return False
+        old = (self.url, self._client)
+        self._connect(info["url"], info["token"])
+        if not self._serves(self.db):
+            self._client.close()
+            self.url, self._client = old
+            return False
+        old[1].close()
+        self._moved = True
+        return True
+
+    def _again(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except _Unreachable:
+            if not self._follow():
+                raise
+            return call()
 
     def _get(self, path: str, **params: Any) -> dict:
         import httpx
@@ -202,7 +249,7 @@ class RemoteReader:
         try:
             r = self._client.get(path, params=params)
         except httpx.HTTPError as exc:
-            raise ReaderError(f"the running llmtap at {self.url} does not answer: {exc}") from None
+            raise _Unreachable(f"the running llmtap at {self.url} does not answer: {exc}") from None
         return self._json(r)
 
     def _json(self, r: Any) -> dict:
@@ -215,28 +262,40 @@ class RemoteReader:
         return data
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
-        import httpx
-
-        try:
-            r = self._client.post("/query", json={"sql": sql, "params": jsonable(list(params or []))})
-        except httpx.HTTPError as exc:
-            raise ReaderError(f"the running llmtap at {self.url} does not answer: {exc}") from None
-        data = self._json(r)
+        data = self._again(lambda: self._post_query(sql, params))
         convert = [_FROM_JSON.get(t.split("(")[0]) for t in data.get("types") or [None] * len(data["columns"])]
         rows = [tuple(_unblob(v) if f is None or v is None else f(v) for f, v in zip(convert, row))
                 for row in data["rows"]]
         return data["columns"], rows
 
+    def _post_query(self, sql: str, params: list | None) -> dict:
+        import httpx
+
+        try:
+            r = self._client.post("/query", json={"sql": sql, "params": jsonable(list(params or []))})
+        except httpx.HTTPError as exc:
+            raise _Unreachable(f"the running llmtap at {self.url} does not answer: {exc}") from None
+        return self._json(r)
+
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
-        # The server caps a long-poll at 30 s, well inside the client's 60 s read timeout.
-        data = self._get("/live", after=seq, timeout=timeout)
-        return data["seq"], data["events"]
+        if not self._moved:
+            try:
+                # The server caps a long-poll at 30 s, well inside the client's 60 s read timeout.
+                data = self._get("/live", after=seq, timeout=timeout)
+                return data["seq"], data["events"]
+            except _Unreachable:
+                if not self._follow():
+                    raise
+        # A new endpoint numbers its events from zero: the reader must reload.
+        self._moved = False
+        latest = self.latest_seq()
+        return latest, [{"seq": latest, "kind": "reset", "id": None}]
 
     def latest_seq(self) -> int:
-        return int(self._get("/health").get("seq", 0))
+        return int(self._again(lambda: self._get("/health")).get("seq", 0))
 
     def partial(self, call_id: str) -> dict | None:
-        data = self._get("/partial", id=call_id)
+        data = self._again(lambda: self._get("/partial", id=call_id))
         return None if "error" in data else data
 
     def export(self, out: Path, fmt: str = "parquet", *, progress: Callable[[int, int], None] | None = None,

@@ -130,6 +130,23 @@ def test_a_call_open_when_the_recorder_process_dies_still_lands_once(tmp_path: P
         assert con.execute("SELECT count(*) FROM dropped").fetchone() == (0,)
 
 
+def test_a_reader_follows_a_recorder_process_started_again(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    with a_call_in_progress(db) as (rec, call, reader, seq):
+        assert rec.proc is not None
+        gone = reader.url
+        os.kill(rec.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while rec.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The UI's reader carries on, on the new endpoint, and is told to reload.
+        assert reader.query("SELECT count(*) FROM calls")[1] == [(1,)]
+        assert reader.url != gone
+        _seq, events = reader.events_after(seq, 1.0)
+        assert [e["kind"] for e in events] == ["reset"]
+        rec.call_finished(*finish(call))
+
+
 PROXY = textwrap.dedent("""
     import sys, time
     from llmtap.recorder.process import RecorderProcess
