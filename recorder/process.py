@@ -349,7 +349,7 @@ def _main(argv: list[str]) -> int:
     try:
         recorder.start()
     except Exception as exc:
-        message = str(exc) if isinstance(exc, RecorderError) else f"cannot open {db}: {exc}"
+        message = str(exc) or type(exc).__name__
         out.write(("ERROR " + " ".join(message.split()) + "\n").encode())
         out.flush()
         return 2
