@@ -228,8 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.close()
-        # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings then print
-        # a screen of "nanobind: leaked ..." on every stop.
+        # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings (loaded
+        # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
         gc.unfreeze()
     return 0
 

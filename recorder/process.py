@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from llmtap.recorder.follow import CpuFollower
-from llmtap.recorder.record import Attempt, Call, RecorderError
+from llmtap.recorder.record import Attempt, Call, QueuedSink, RecorderError, without_brief
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -53,20 +53,18 @@ SEND_INTERVAL_S = 0.025
 RESTART_EVERY_S = 60.0
 
 
-class RecorderProcess:
+class RecorderProcess(QueuedSink):
     """The proxy's Sink when the recorder runs in a child process; see the module docstring."""
 
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000) -> None:
+        super().__init__(queue_limit)
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
-        self.queue_limit = queue_limit
         self.proc: subprocess.Popen | None = None
-        self._queue: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.dropped_total = 0  # finished calls dropped from a full queue; written by the loop only
-        self._dropped_sent = 0
+        self._dropped_sent = 0  # of `dropped_total`, those handed over
         self._open: dict[str, Call] = {}  # calls whose start was handed over, until they finish
         self._headed: set[str] = set()  # of those, the ones whose response head was handed over
         self._pending: list[tuple] = []  # items the last child did not take, for the next one
@@ -144,33 +142,9 @@ class RecorderProcess:
             exited.set()
             self._wake.set()
 
-    # -- Sink: on the proxy's event loop; append only ----------------------------------------------
-    def call_started(self, call: Call) -> None:
-        self._put(("started", call))
-
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
-        q = self._queue
-        if len(q) < self.queue_limit // 2:  # live views only; see Recorder.call_chunk
-            q.append(("chunk", call_id, chunk))
-            if len(q) == 1:
-                self._wake.set()
-
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
-        self._put(("finished", call, attempts))
-
-    def _put(self, item: tuple) -> None:
-        """As Recorder._put: over the bound the oldest records go, and are counted."""
-        q = self._queue
-        while len(q) >= self.queue_limit:
-            try:
-                old = q.popleft()
-            except IndexError:
-                break
-            if old[0] == "finished":
-                self.dropped_total += 1
-        q.append(item)
-        if len(q) == 1:  # the first since the sender's last drain: an idle proxy never wakes it
-            self._wake.set()
+    # -- the Sink (QueuedSink) -------------------------------------------------------------------
+    def _first(self) -> None:
+        self._wake.set()  # an idle proxy never wakes the sender otherwise
 
     # -- the sender thread -------------------------------------------------------------------------
     def _run(self) -> None:
@@ -232,32 +206,21 @@ class RecorderProcess:
         return False
 
     def _items(self) -> list[tuple]:
-        """What the queue holds, as the child takes it (see the comments inside)."""
-        q = self._queue
-        items = []
-        while q:
-            items.append(q.popleft())
-        # A call that started and ended since the last hand-over goes as its finished item
-        # alone: no live view can have seen it, and the child's writer would skip the rest.
-        ending = {item[1].id for item in items if item[0] == "finished"}
+        """What the queue holds, as the child takes it."""
         out: list[tuple] = []
-        for item in items:
+        for item in without_brief(self._drain()):
             kind = item[0]
             if kind == "chunk":
-                cid = item[1]
-                if cid in ending:
-                    continue
-                call = self._open.get(cid)
-                if call is not None and cid not in self._headed:
+                call = self._open.get(item[1])
+                if call is not None and item[1] not in self._headed:
                     # The child's copy of the call was taken at its start; its live
                     # extraction needs the status and headers the first chunk came with.
-                    self._headed.add(cid)
-                    out.append(("head", cid, call.status, dict(call.response_headers)))
+                    self._headed.add(item[1])
+                    out.append(("head", item[1], call.status, dict(call.response_headers)))
                 out.append(item)
             elif kind == "started":
-                if item[1].id not in ending:
-                    self._open[item[1].id] = item[1]
-                    out.append(("started", _call_fields(item[1])))
+                self._open[item[1].id] = item[1]
+                out.append(("started", _call_fields(item[1])))
             else:
                 call = item[1]
                 if self._open.pop(call.id, None) is not None:

@@ -244,10 +244,13 @@ class RemoteReader:
             return call()
 
     def _get(self, path: str, **params: Any) -> dict:
+        return self._request("GET", path, params=params)
+
+    def _request(self, method: str, path: str, **kw: Any) -> dict:
         import httpx
 
         try:
-            r = self._client.get(path, params=params)
+            r = self._client.request(method, path, **kw)
         except httpx.HTTPError as exc:
             raise _Unreachable(f"the running llmtap at {self.url} does not answer: {exc}") from None
         return self._json(r)
@@ -262,20 +265,12 @@ class RemoteReader:
         return data
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
-        data = self._again(lambda: self._post_query(sql, params))
+        payload = {"sql": sql, "params": jsonable(list(params or []))}
+        data = self._again(lambda: self._request("POST", "/query", json=payload))
         convert = [_FROM_JSON.get(t.split("(")[0]) for t in data.get("types") or [None] * len(data["columns"])]
         rows = [tuple(_unblob(v) if f is None or v is None else f(v) for f, v in zip(convert, row))
                 for row in data["rows"]]
         return data["columns"], rows
-
-    def _post_query(self, sql: str, params: list | None) -> dict:
-        import httpx
-
-        try:
-            r = self._client.post("/query", json={"sql": sql, "params": jsonable(list(params or []))})
-        except httpx.HTTPError as exc:
-            raise _Unreachable(f"the running llmtap at {self.url} does not answer: {exc}") from None
-        return self._json(r)
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         if not self._moved:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
@@ -158,6 +159,71 @@ class Sink(Protocol):
 
     def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
         """The exchange ended (normally, by error, or by disconnect)."""
+
+
+class QueuedSink:
+    """The Sink side of a recorder: the proxy's calls only append to a bounded deque, which
+    another thread drains.
+
+    Over the bound the oldest records go (the newest tell the user most about what is
+    happening now), and the finished calls among them are counted in `dropped_total`, for the
+    `dropped` table. A lost start only costs the in-progress row; the call still lands. Chunks
+    only feed live views (the finished call carries its whole body), so when the drainer is
+    behind they are the first to go: they may fill only half the queue, leaving the other half
+    to starts and ends.
+    """
+
+    def __init__(self, queue_limit: int) -> None:
+        self.queue_limit = queue_limit
+        self._queue: deque[tuple] = deque()
+        # Written by the feeding thread only, so no increment is lost without a lock.
+        self.dropped_total = 0
+
+    def call_started(self, call: Call) -> None:
+        self._put(("started", call))
+
+    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+        q = self._queue
+        if len(q) < self.queue_limit // 2:
+            q.append(("chunk", call_id, chunk))
+            if len(q) == 1:
+                self._first()
+
+    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+        self._put(("finished", call, attempts))
+
+    def _put(self, item: tuple) -> None:
+        q = self._queue
+        while len(q) >= self.queue_limit:
+            try:
+                old = q.popleft()  # deque ops are atomic: the drainer may take items meanwhile
+            except IndexError:
+                break
+            if old[0] == "finished":
+                self.dropped_total += 1
+        q.append(item)
+        if len(q) == 1:
+            self._first()
+
+    def _first(self) -> None:
+        """A record arrived in an empty queue (everything before it was drained)."""
+
+    def _drain(self) -> list[tuple]:
+        items = []
+        q = self._queue
+        while q:
+            items.append(q.popleft())
+        return items
+
+
+def without_brief(items: list[tuple]) -> list[tuple]:
+    """Queued items without the start and chunks of a call that also ends among them: no live
+    view can have seen such a call, so its finished item, with the whole body, is all it needs."""
+    ending = {item[1].id for item in items if item[0] == "finished"}
+    if not ending:
+        return items
+    return [item for item in items
+            if not ((item[0] == "started" and item[1].id in ending) or (item[0] == "chunk" and item[1] in ending))]
 
 
 class MemorySink:

@@ -19,7 +19,6 @@ import re
 import threading
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +30,7 @@ from llmtap.recorder import schema
 from llmtap.recorder.extract import Extraction, Extractor, make_extractor
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.record import Attempt, Call, RecorderError
+from llmtap.recorder.record import Attempt, Call, QueuedSink, RecorderError, without_brief
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -67,29 +66,26 @@ def spool_path(db: Path) -> Path:
     return db.with_name(db.name + ".spool.jsonl")
 
 
-class Recorder:
+class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`."""
+        super().__init__(queue_limit)
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
-        self.queue_limit = queue_limit
         self.serve = serve
         self.hub = LiveHub()
         self.con: duckdb.DuckDBPyConnection | None = None
         self.endpoint: Any = None
-        self._queue: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._extractors: dict[str, tuple[Extractor | None, int]] = {}  # id -> (extractor, bytes fed)
         self._calls: dict[str, Call] = {}  # started, not yet finished
         self._in_progress: set[str] = set()  # ids with an in-progress row in the DB
-        # Two counters, each written by one thread only (the proxy's loop / the writer), so
-        # no increment is lost without a lock on the hot path.
-        self.dropped_total = 0  # finished calls dropped from a full queue, ever
-        self._dropped_recorded = 0  # of those, already written to the `dropped` table
+        # Of `dropped_total`, those already in the `dropped` table; written by the writer only.
+        self._dropped_recorded = 0
         self._failing = False
         self.written = 0  # finished calls committed (or spooled)
         # Told `written` after each batch that finished calls (the recorder process reports it).
@@ -163,37 +159,11 @@ class Recorder:
         assert self.con is not None, "recorder not started"
         return self.con.cursor()
 
-    # -- Sink: on the proxy's event loop; append only ------------------------------------------------
-    def call_started(self, call: Call) -> None:
-        self._put(("started", call))
-
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
-        # Chunks only feed live views (the finished call carries its whole body), so when the
-        # writer is behind they are the first thing to skip: they may fill only half the
-        # queue, leaving the other half to starts and ends before any of those is dropped.
-        if len(self._queue) < self.queue_limit // 2:
-            self._queue.append(("chunk", call_id, chunk))
-
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
-        self._put(("finished", call, attempts))
-
+    # -- the Sink (QueuedSink), and what a recorder process adds ----------------------------------
     def adopt(self, ids: list[str]) -> None:
         """Calls that a recorder before this one (a process that died) may have written, in
         progress or finished: their finished rows handed over next replace those."""
         self._queue.append(("adopt", ids))
-
-    def _put(self, item: tuple) -> None:
-        """Append; over the bound drop the oldest unwritten records (the newest tell the user
-        most about what is happening now) and count the calls lost, for the `dropped` table."""
-        q = self._queue
-        while len(q) >= self.queue_limit:
-            try:
-                old = q.popleft()  # deque ops are atomic: the writer may drain concurrently
-            except IndexError:
-                break
-            if old[0] == "finished":  # a lost start only costs the in-progress row; the call still lands
-                self.dropped_total += 1
-        q.append(item)
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -241,16 +211,12 @@ class Recorder:
         else:
             self._index_due = False  # until more calls are written
 
-    def _drain(self) -> list[tuple]:
-        items = []
-        q = self._queue
-        while q:
-            items.append(q.popleft())
-        return items
-
     def _write_batch(self) -> int:
         """Write what the queue holds; returns how many items that was."""
-        items = self._drain()
+        # Most calls start and end within one batch. Without their start and chunks they skip
+        # the live machinery and are read once, whole, at the end (about a tenth less writer
+        # time per short call, time the writer would otherwise take from the proxy).
+        items = without_brief(self._drain())
         total = self.dropped_total
         dropped, self._dropped_recorded = total - self._dropped_recorded, total
         if not items and not dropped:
@@ -258,25 +224,15 @@ class Recorder:
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
         finished: list[tuple[Call, list[Attempt]]] = []
-        # Most calls start and end within one batch. No live view can have seen those, so they
-        # skip the live machinery and are read once, whole, at the end (about a tenth less
-        # writer time per short call, time the writer would otherwise take from the proxy).
-        ending = {item[1].id for item in items if item[0] == "finished"}
-        brief: set[str] = set()
         for item in items:
             kind = item[0]
             if kind == "started":
                 call = item[1]
                 started[call.id] = call
-                if call.id in ending:
-                    brief.add(call.id)
-                    continue
                 self._calls[call.id] = call
                 self._extractors[call.id] = (None, 0)
                 self.hub.track(call.id, None)
             elif kind == "chunk":
-                if item[1] in brief:
-                    continue
                 self._feed(item[1], item[2])
                 progressed[item[1]] = None
             elif kind == "adopt":
@@ -313,10 +269,10 @@ class Recorder:
             if first:
                 self.hub.publish("started", [r[0] for r in new_rows])
             self.hub.publish("finished", final_rows.ids)
-        for cid in done_ids - brief:
-            self._extractors.pop(cid, None)
-            self._calls.pop(cid, None)
-            self.hub.untrack(cid)
+        for cid in done_ids:
+            if self._calls.pop(cid, None) is not None:  # it was tracked live
+                self._extractors.pop(cid, None)
+                self.hub.untrack(cid)
         self.hub.publish("progress", [cid for cid in progressed if cid not in done_ids])
         if finished:
             self._index_due = True
