@@ -90,8 +90,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- env / wrap -----------------------------------------------------------------------------
-def client_env(proxy: str, confdir: Path) -> dict[str, str]:
+def client_env(proxy: str, confdir: Path, *, install_node_support: bool = True) -> dict[str, str]:
     """The variables that make common HTTP stacks use llmtap and trust its CA."""
+    from llmtap.addons.node import node_env
     from llmtap.addons.runner import parse_hostport
 
     host, port = parse_hostport(proxy, "--proxy")
@@ -114,6 +115,7 @@ def client_env(proxy: str, confdir: Path) -> dict[str, str]:
         "REQUESTS_CA_BUNDLE": str(bundle),
         "CURL_CA_BUNDLE": str(bundle),
         "NODE_EXTRA_CA_CERTS": str(ca),
+        **node_env(dict(os.environ), install=install_node_support),
     }
 
 

@@ -36,3 +36,20 @@ fi
 "$py" -m pip install --quiet --upgrade pip
 "$py" -m pip install --quiet -e '.[test]'
 echo "install.sh: ready -- $(.venv/bin/llmtap --version) in .venv"
+
+# Put `llmtap` on the user's PATH: a link in ~/.local/bin (the XDG place for user commands),
+# never over a file there that is not a link to this checkout's llmtap.
+bindir="${XDG_BIN_HOME:-$HOME/.local/bin}"
+link="$bindir/llmtap"
+target="$PWD/.venv/bin/llmtap"
+if [ -L "$link" ] || [ ! -e "$link" ]; then
+  mkdir -p "$bindir" && ln -sfn "$target" "$link"
+  case ":$PATH:" in
+    *":$bindir:"*) echo "install.sh: \`llmtap\` is on your PATH ($link)" ;;
+    *) echo "install.sh: linked $link; $bindir is not on your PATH yet: add"
+       echo "    export PATH=\"$bindir:\$PATH\""
+       echo "  to your shell's profile (~/.bashrc, ~/.zshrc), or run $target directly" ;;
+  esac
+else
+  echo "install.sh: $link exists and is not llmtap's link; left alone. Run $target, or remove it and rerun."
+fi

@@ -63,11 +63,18 @@ class Behaviour:
     after_events: int = 0           # cut after this many events
     rst: bool = True                # reset/cut: RST (SO_LINGER 0) instead of FIN
     then: "Behaviour | None" = None  # stall: what to do once the stall is over
+    tool: str | bool | None = None  # ok: None calls the first declared tool, False none, a name that one
+    tool_args: dict | None = None   # ok: the arguments of that tool call (None: fp.tool_arguments)
 
 
-def ok(chunks: int | None = None, delay_s: float | None = None) -> Behaviour:
-    """Normal answer; stream events spaced ``delay_s`` (non-stream: answer after delay_s)."""
-    return Behaviour("ok", chunks=chunks, delay_s=delay_s)
+def ok(chunks: int | None = None, delay_s: float | None = None, tool: str | bool | None = None,
+       tool_args: dict | None = None) -> Behaviour:
+    """Normal answer; stream events spaced ``delay_s`` (non-stream: answer after delay_s).
+
+    When the request declares tools the answer calls the first of them, or ``tool`` by name
+    (with ``tool_args``), or none with ``tool=False`` -- how an agent loop ends.
+    """
+    return Behaviour("ok", chunks=chunks, delay_s=delay_s, tool=tool, tool_args=tool_args)
 
 
 def slow(delay_s: float, chunks: int | None = None) -> Behaviour:
@@ -246,6 +253,7 @@ class FakeProvider:
         self.split_events = split_events      # write each event as two HTTP chunks
         self.chat_reasoning_field: str | None = None  # "reasoning_content" | "reasoning" | None
         self.tool_arguments: dict | None = None       # None: derived from the tool's schema
+        self._tool_choice: tuple[str | bool | None, dict | None] = (None, None)  # the current ok()'s
         self.input_tokens = 12
         self.models = ["fake-model", "fake-model-mini"]
         self.bench = bench
@@ -759,13 +767,23 @@ class FakeProvider:
 
     def _answer(self, dialect: str, stream: bool, req: RecordedRequest, beh: Behaviour) -> _Answer:
         n = beh.chunks if beh.chunks is not None else self.chunks
-        return getattr(self, "_a_" + dialect)(stream, req, n)
+        # The answer is built synchronously on the fake's one loop, so the behaviour's tool
+        # choice can ride along on the instance for the duration of this call.
+        self._tool_choice = (beh.tool, beh.tool_args)
+        try:
+            return getattr(self, "_a_" + dialect)(stream, req, n)
+        finally:
+            self._tool_choice = (None, None)
 
     def _tool(self, tools: Any, flavour: str) -> tuple[str, dict] | None:
         """(name, args) of the first declared tool, or None."""
-        if not tools or not isinstance(tools, list):
+        want, want_args = self._tool_choice
+        if not tools or not isinstance(tools, list) or want is False:
             return None
-        t = tools[0]
+        t = tools[0] if not isinstance(want, str) else next(
+            (x for x in tools if isinstance(x, dict) and want in (
+                x.get("name"), (x.get("function") or {}).get("name"),
+                ((x.get("functionDeclarations") or x.get("function_declarations") or [{}])[0]).get("name"))), None)
         if not isinstance(t, dict):
             return None
         if flavour == "openai":
@@ -780,7 +798,8 @@ class FakeProvider:
             name, params = decl.get("name"), decl.get("parameters")
         if not name:
             return None
-        args = self.tool_arguments if self.tool_arguments is not None else _fake_args(params)
+        args = (want_args if want_args is not None else self.tool_arguments if self.tool_arguments is not None
+                else _fake_args(params))
         return name, args
 
     # OpenAI chat completions ----------------------------------------------------
