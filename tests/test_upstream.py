@@ -93,14 +93,14 @@ def test_reset_on_a_reused_connection_is_retried_only_under_the_routes_connect_r
 
 class RawUpstream:
     """A scripted HTTP/1.1 server on 127.0.0.1: `answer(conn_index, request_index)` returns the
-    bytes to send for each request, or None to close the connection (FIN) at once."""
+    bytes to send for each request; `close_now` set closes the connection (FIN) after them."""
 
-    def __init__(self, answer: Callable[[int, int], bytes | None]) -> None:
+    def __init__(self, answer: Callable[[int, int], bytes]) -> None:
         self.answer = answer
         self.requests: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        self.close_now = threading.Event()  # close the current connection after its answers
+        self.close_now = threading.Event()
         self.closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
@@ -144,12 +144,9 @@ class RawUpstream:
                     buf += data
                 buf = buf[length:]
                 self.requests.append(head)
-                out = self.answer(index, i)
+                conn.sendall(self.answer(index, i))
                 i += 1
-                if out is None:
-                    return
-                conn.sendall(out)
-                if self.close_now.wait(0) or self.close_now.is_set():
+                if self.close_now.is_set():
                     return
         except OSError:
             return
