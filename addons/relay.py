@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
-from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError
+from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
 from llmtap.recorder.record import Attempt, Call, Sink, utcnow
 from llmtap.recorder.redact import redact_headers
 
@@ -344,7 +344,7 @@ class _Exchange:
                     attempt.error = str(exc)
                     attempt.duration_ms = _ms(t_start)
                     cooldown.failure(target.provider)
-                    retry = policy.on_connect if exc.kind == "connect" else policy.on_timeout
+                    retry = policy.on_timeout if isinstance(exc, UpstreamTimeout) else policy.on_connect
                     if not retry:
                         return await self._fail(last_error)
                     if not is_last and i + 1 < policy.attempts:
@@ -416,8 +416,8 @@ class _Exchange:
             if not has_length:
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
-        except StreamCut as exc:
-            error = f"upstream cut the stream: {exc}"
+        except StreamCut as exc:  # its message says how: reset, closed early, bad framing, idle
+            error = str(exc)
         finally:
             # On a client disconnect (cancellation) this is what stops the upstream at once.
             await resp.aclose()

@@ -37,6 +37,11 @@ class RulesError(Exception):
         super().__init__(head + "\n" + "\n".join(f"  {p}" for p in problems))
 
 
+class EmptyRulesError(RulesError):
+    """The file holds nothing: 0 bytes, blanks or only comments. Never taken as "no rules": an
+    editor truncates a file while saving it, and a file cut short can be all comments."""
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
     name: str
@@ -196,11 +201,14 @@ def default_rules() -> Rules:
 
 
 def load_rules(path: Path) -> Rules:
+    return parse_rules(read_rules_text(path), str(path))
+
+
+def read_rules_text(path: Path) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RulesError([f"{path}: cannot read it ({exc})"], str(path)) from None
-    return parse_rules(text, str(path))
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -267,7 +275,10 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
         where = f":{mark.line + 1}" if mark is not None else ""
         raise RulesError([f"{source}{where}: not valid YAML: {getattr(exc, 'problem', None) or exc}"], source) from None
     if root is None:
-        return Rules(providers=dict(BUILTIN_PROVIDERS), source=source)
+        what = "is empty" if not text.strip() else "holds nothing but comments"
+        raise EmptyRulesError([f"{source}: the file {what}. Write your providers and routes in it; "
+                               "for the built-in providers and no routes write `routes: []`, or "
+                               "remove the file"], source)
     top = p.mapping(root, "the top level", ("providers", "routes", "cooldown_s"))
     if top is None:
         raise RulesError(p.problems, source)
@@ -511,8 +522,8 @@ def add_rules_parser(sub: argparse._SubParsersAction) -> None:
     check = rsub.add_parser(
         "check",
         help="validate a rules file and show what it routes",
-        description="Validate a rules file: unknown keys, bad globs, unknown providers and targets "
-        "that speak another wire format are reported with file:line and what to write instead. "
+        description="Validate a rules file: an empty file, unknown keys, bad globs, unknown providers "
+        "and targets that speak another wire format are reported with file:line and what to write instead. "
         "Exit code 0 when valid, 2 when not.",
         epilog="example: llmtap rules check ./rules.yaml",
     )

@@ -50,39 +50,76 @@ def parse_hostport(text: str, flag: str) -> tuple[str, int]:
     return (m["v6"] or m["host"] or "127.0.0.1", int(m["port"]))
 
 
+_NOT_SEEN = object()  # RulesHolder._pending before any change was seen (None is "no file")
+
+
 class RulesHolder:
     """The rules in force. Watches the file and reloads it; a bad edit keeps the last good
-    rules and says why, once per change."""
+    rules and says why, once per change.
+
+    Editors save by truncating and rewriting, so a look at the file can catch it empty or cut
+    short, and a prefix of a good file may well parse. So a change is applied only once the
+    file has held still for a whole interval (same size, mtime and inode at two looks), and
+    only if it did not change while it was read. An empty file is never taken for "no rules".
+    """
 
     def __init__(self, path: Path | None, on_change: Callable[[rules_mod.Rules], None] | None = None) -> None:
         self.path = path
         self.on_change = on_change
-        self.current = rules_mod.load_rules(path) if path is not None else rules_mod.default_rules()
+        # Stat before reading: a write that lands while the file is read is then a change.
         self._stamp = self._stat()
+        self._pending: tuple[int, int, int] | None | object = _NOT_SEEN
+        self.current = rules_mod.load_rules(path) if path is not None else rules_mod.default_rules()
 
     def __call__(self) -> rules_mod.Rules:
         return self.current
 
-    def _stat(self) -> tuple[float, int] | None:
+    def _stat(self) -> tuple[int, int, int] | None:
         if self.path is None:
             return None
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime, st.st_size)
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def settled(self) -> bool:
+        """Whether the file as it is now has been dealt with (applied, or refused and said why)."""
+        return self._stamp == self._stat()
 
     def check(self) -> bool:
-        """Reload if the file changed; returns True when new rules took effect."""
-        stamp = self._stat()
-        if stamp == self._stamp or self.path is None:
+        """Reload if the file changed and held still since; returns True when new rules took effect."""
+        if self.path is None:
             return False
-        self._stamp = stamp
+        stamp = self._stat()
+        if stamp == self._stamp:
+            self._pending = _NOT_SEEN
+            return False
+        if stamp != self._pending:
+            self._pending = stamp  # changed since the last look: perhaps still being written
+            return False
+        self._pending = _NOT_SEEN
         if stamp is None:
+            self._stamp = stamp
             log.warning("%s disappeared; keeping the rules loaded before", self.path)
             return False
         try:
-            new = rules_mod.load_rules(self.path)
+            text = rules_mod.read_rules_text(self.path)
+        except rules_mod.RulesError as exc:
+            if self._stat() == stamp:
+                self._stamp = stamp
+                log.error("%s cannot be read; keeping the last good rules:\n%s", self.path, exc)
+            return False
+        if self._stat() != stamp:
+            return False  # written while we read it: wait for it to hold still again
+        self._stamp = stamp
+        try:
+            new = rules_mod.parse_rules(text, str(self.path))
+        except rules_mod.EmptyRulesError:
+            log.error("%s has no rules in it (empty, or only comments; an editor may be saving it). "
+                      "Keeping the last good rules (%d routes); write `routes: []` to run with no "
+                      "routes on purpose.", self.path, len(self.current.routes))
+            return False
         except rules_mod.RulesError as exc:
             log.error("%s has errors; keeping the last good rules:\n%s", self.path, exc)
             return False

@@ -410,7 +410,9 @@ class Recorder(QueuedSink):
             call.status if ex is not None else None,
             call.model_requested, call.model_sent, ex.model if ex else None, call.provider, call.route,
             call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
-            ex.complete if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
+            # A call the proxy saw fail (cut, reset, every attempt failed) did not complete,
+            # whatever the part of the body that arrived looks like.
+            (False if call.error else ex.complete) if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
             _headers_json(_scrub(call.request_headers)), req_text,
             _headers_json(_scrub(call.response_headers)) if ex is not None else None, resp_text,
             ex.reasoning if ex else None, ex.content if ex else None,
