@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from mitmproxy import http
+from mitmproxy.net import encoding as mitm_encoding
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -161,7 +162,13 @@ class Router:
                 return  # plain-HTTP traffic to a host that is no LLM API: not ours to touch
             addressed, rest = found if found else (None, path)
 
+        # The upstream gets the bytes the client sent (raw_content); the decoded body is read
+        # for the model and kept in the record.
+        raw = req.raw_content or b""
         body = req.get_content(strict=False) or b""
+        content_encoding = req.headers.get("content-encoding", "").strip().lower() or None
+        if body is raw or content_encoding == "identity":
+            content_encoding = None  # not encoded, or not decodable: nothing to re-encode
         notes: list[str] = []
         model, stream, doc = self._read_body(req.headers.get("content-type", ""), body, api, path, notes)
         client = req.headers.get("user-agent")
@@ -194,19 +201,21 @@ class Router:
             for t in route.targets:
                 provider = rules.providers[t.provider]
                 new_model = t.model or model
-                targets.append(self._target(provider, addressed, rest, query, client_headers, body, doc,
-                                            model, new_model, api, path, keys))
+                targets.append(self._target(provider, addressed, rest, query, client_headers, raw,
+                                            content_encoding, doc, model, new_model, api, path, keys))
             policy = _policy(route, rules)
         elif addressed is not None:
-            targets.append(self._target(addressed, addressed, rest, query, client_headers, body, doc,
-                                        model, model, api, path, keys))
+            targets.append(self._target(addressed, addressed, rest, query, client_headers, raw,
+                                        content_encoding, doc, model, model, api, path, keys))
             policy = _policy(None, rules)
         else:
             # An intercepted host path outside any provider's API: forward it untouched.
             origin = Origin(req.scheme, req.pretty_host, req.port)
             headers = _forward_headers(client_headers, origin, keep_auth=True)
+            if raw or any(k == b"content-type" for k, _ in headers):
+                headers.append((b"content-length", str(len(raw)).encode()))
             target = split.path + (f"?{query}" if query else "")
-            targets.append(Target(None, origin, target, headers, body, model))
+            targets.append(Target(None, origin, target, headers, raw, model))
             policy = _policy(None, rules)
 
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
@@ -222,8 +231,9 @@ class Router:
         req.host = "127.0.0.1"
         req.port = self.relay.port
         req.headers[PLAN_HEADER] = key
-        # Without this mitmproxy would send the empty body chunked, and the relay reads none.
+        # The relay reads no body: neither send the empty one chunked nor gzip it.
         req.headers.pop("transfer-encoding", None)
+        req.headers.pop("content-encoding", None)
         req.content = b""
 
     @staticmethod
@@ -281,22 +291,32 @@ class Router:
         return kept, query, found
 
     def _target(self, provider: rules_mod.Provider, addressed: rules_mod.Provider | None, rest: str,
-                query: str, client_headers: list[tuple[str, str]], body: bytes, doc: dict | None,
-                old_model: str | None, new_model: str | None, api: str, path: str, keys: _KeyUse) -> Target:
+                query: str, client_headers: list[tuple[str, str]], body: bytes, content_encoding: str | None,
+                doc: dict | None, old_model: str | None, new_model: str | None, api: str, path: str,
+                keys: _KeyUse) -> Target:
         origin = Origin(provider.scheme, provider.host, provider.port)
         target_path = provider.base_path + rest
         same = addressed is not None and provider.name == addressed.name
         if not same and query:
             # The client's key in the query belongs to the provider it addressed.
             query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() != "key"])
+        drop: frozenset[str] = frozenset()
         if new_model != old_model and new_model is not None:
             if api == "gemini.generate":
                 target_path = _GEMINI_MODEL.sub(lambda m: f"{m.group(1)}{new_model}{m.group(3)}", target_path, count=1)
             elif doc is not None:
                 doc = dict(doc, model=new_model)
                 body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+                if content_encoding is not None:
+                    # The rewritten body is encoded as the client's was, so body and header agree.
+                    # An encoding mitmproxy can decode but not encode: send it decoded and drop
+                    # the header, which is just as consistent.
+                    try:
+                        body = mitm_encoding.encode(body, content_encoding)
+                    except ValueError:
+                        drop = frozenset({"content-encoding"})
         # With the llmtap token the key is llmtap's to choose, so no other client key rides along.
-        headers = _forward_headers(client_headers, origin, keep_auth=same and not keys.token)
+        headers = _forward_headers(client_headers, origin, keep_auth=same and not keys.token, drop=drop)
         if keys.token or (keys.fallback and not same):
             key = os.environ.get(provider.key_env) if provider.key_env else None
             if key:
@@ -408,12 +428,13 @@ def error_body(family: str, status: int, message: str, code: str) -> bytes:
     return json.dumps(payload).encode()
 
 
-def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, keep_auth: bool) -> list[tuple[bytes, bytes]]:
+def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, keep_auth: bool,
+                     drop: frozenset[str] = frozenset()) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for name, value in client_headers:
         key = name.lower()
         kb = key.encode()
-        if kb in HOP_BY_HOP or key in ("host", "content-length", "accept-encoding", PLAN_HEADER):
+        if kb in HOP_BY_HOP or key in ("host", "content-length", "accept-encoding", PLAN_HEADER) or key in drop:
             continue
         if not keep_auth and key in AUTH_HEADERS:
             continue

@@ -7,6 +7,7 @@ the fake provider saw -- the only witness of what left llmtap -- and on the reco
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 from collections.abc import Iterator
@@ -252,6 +253,29 @@ def test_a_name_that_resolves_to_the_proxy_is_no_endless_loop(proxy: RunningProx
                                 b"Origin: http://evil.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}" % port)
     assert answer.startswith(b"HTTP/1.1 508 ")
     assert fake.requests == []
+
+
+# -- item 13: compressed request bodies ------------------------------------------------------
+def test_gzip_body_reaches_the_provider_as_the_client_sent_it(proxy: RunningProxy, fake: FakeProvider) -> None:
+    body = gzip.compress(json.dumps(CHAT).encode(), mtime=0)
+    r = httpx.post(f"{proxy.gateway_url}/primary/chat/completions", content=body, timeout=20,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code != 502  # the fake's own answer (it reads no gzip: a 400)
+    seen = fake.requests[0]
+    assert seen.body == body and seen.headers["content-encoding"] == "gzip"
+    call, _ = proxy.memory.wait_finished(1)[0]
+    assert call.model_requested == "plain"  # read from the decoded body
+
+
+def test_gzip_body_with_a_rewritten_model_is_gzip_again(proxy: RunningProxy, fake: FakeProvider) -> None:
+    body = gzip.compress(json.dumps(dict(CHAT, model="smart-z")).encode(), mtime=0)
+    r = httpx.post(f"{proxy.gateway_url}/primary/chat/completions", content=body, timeout=20,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code != 502
+    seen = fake.requests[0]
+    assert seen.headers["content-encoding"] == "gzip"
+    assert json.loads(gzip.decompress(seen.body))["model"] == "gpt-4o"
+    assert int(seen.headers["content-length"]) == len(seen.body)
 
 
 # -- the token's home --------------------------------------------------------------------------
