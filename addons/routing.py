@@ -112,6 +112,7 @@ class Router:
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
+        flow.metadata["llmtap_seen"] = True
         try:
             if isinstance(flow.client_conn.proxy_mode, ReverseMode) and self._refuse_gateway(flow):
                 return
@@ -129,6 +130,8 @@ class Router:
     def error(self, flow: http.HTTPFlow) -> None:
         key = flow.metadata.pop("llmtap_plan", None)
         if key is None:
+            if "llmtap_seen" not in flow.metadata and flow.request is not None and flow.error is not None:
+                self._record_unread(flow)
             return
         plan = self.relay.drop_plan(key)
         if plan is not None:  # mitmproxy never reached the relay: still record the call
@@ -391,6 +394,34 @@ class Router:
                    f"http://127.0.0.1:{listen_port}/<provider>")
         self._answer_own(flow, 403, "llmtap_host_refused", message, self._gateway_url(flow), self._family_of(flow))
         return True
+
+    def _record_unread(self, flow: http.HTTPFlow) -> None:
+        """A request mitmproxy could not read to its end (bad framing, a client gone mid-body):
+        it never reached the request hook, so it is recorded here."""
+        req = flow.request
+        path = urlsplit(req.path).path or "/"
+        gateway = isinstance(flow.client_conn.proxy_mode, ReverseMode)
+        if gateway:
+            url = self._gateway_url(flow)
+        else:
+            rules = self.rules()
+            api = detect_api(req.method, path)
+            if (rules.provider_for_url(req.scheme, req.pretty_host, req.port, path, _family(api)) is None
+                    and (req.pretty_host.lower(), req.port) not in rules.intercept_addresses()):
+                return  # not an LLM API: not ours to record
+            url = req.pretty_url
+        # mitmproxy's advice to turn its header validation off is not advice for a user of llmtap.
+        reason = str(flow.error.msg).split(" Disable the validate_inbound_headers", 1)[0]
+        if "disconnect" in reason.lower() or "peer closed" in reason.lower():
+            status, error = 499, f"client disconnected before the request was complete: {reason}"
+        else:
+            status, error = 400, f"malformed request, refused with 400: {reason}"
+        call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url),
+                    api=detect_api(req.method, path), client=req.headers.get("user-agent"),
+                    status=status, duration_ms=0.0,
+                    request_headers=redact_headers(req.headers.items(multi=True)),
+                    request_body=(req.raw_content or b"")[:RECORD_BODY_LIMIT], error=error)
+        self.relay.finished(call, [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from mitmproxy import master as mitm_master
 from mitmproxy import options as mitm_options
 from mitmproxy.addons.proxyserver import Proxyserver
 
+from llmtap.addons import http1guard
 from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import Cooldown, Relay
 from llmtap.addons.routing import Router, Security
@@ -162,6 +163,7 @@ class Proxy:
         opts = mitm_options.Options()
         master = mitm_master.Master(opts, event_loop=asyncio.get_running_loop())
         master.addons.add(*_mitm_addons())
+        http1guard.install()
         master.addons.add(Router(self.relay, self.rules, self.config.security()))
         modes: list[str] = []
         if self.config.proxy is not None:

@@ -278,6 +278,38 @@ def test_gzip_body_with_a_rewritten_model_is_gzip_again(proxy: RunningProxy, fak
     assert int(seen.headers["content-length"]) == len(seen.body)
 
 
+# -- item 15: framing mitmproxy cannot read ---------------------------------------------------
+_BODY = json.dumps(CHAT).encode()
+MALFORMED = {
+    "trailers": (b"Transfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n%x\r\n%s\r\n0\r\nx-checksum: 1\r\n\r\n"
+                 % (len(_BODY), _BODY), "trailers"),
+    "bad-content-length": (b"Content-Length: 12abc\r\n\r\n" + _BODY, "content-length"),
+    "bad-chunk-size": (b"Transfer-Encoding: chunked\r\n\r\nzz\r\n" + _BODY + b"\r\n0\r\n\r\n", "chunk"),
+}
+
+
+@pytest.mark.parametrize("listener", ["gateway", "proxy"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_request_gets_a_400_and_a_row(proxy: RunningProxy, fake: FakeProvider, listener: str, case: str) -> None:
+    tail, word = MALFORMED[case]
+    assert proxy.proxy is not None and proxy.proxy.gateway_addr and proxy.proxy.proxy_addr
+    if listener == "gateway":
+        port = proxy.proxy.gateway_addr[1]
+        head = b"POST /primary/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n" % port
+    else:
+        port = proxy.proxy.proxy_addr[1]
+        hostport = fake.url.removeprefix("http://").encode()
+        head = b"POST http://%s/v1/chat/completions HTTP/1.1\r\nHost: %s\r\n" % (hostport, hostport)
+    answer = raw_exchange(port, head + b"Content-Type: application/json\r\n" + tail)
+    code, doc = status_and_json(answer)
+    assert code == 400
+    assert word in doc["error"]["message"].lower() and doc["error"]["type"] == "invalid_request_error"
+    call, _ = proxy.memory.wait_finished(1)[0]
+    assert call.status == 400 and word in call.error.lower() and "malformed" in call.error
+    assert call.url.endswith("/chat/completions")
+    assert fake.requests == []
+
+
 # -- the token's home --------------------------------------------------------------------------
 def test_generated_token_is_kept_readable_by_the_user_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from llmtap import paths
