@@ -12,18 +12,21 @@ before, and the routing addon records the call.
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Generator
 from typing import Any
 
 import h11
 from mitmproxy import http
-from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers.http import _http1
 
+from llmtap.addons.routing import error_body
 from llmtap.recorder.record import detect_api
 
 _installed = False
+_HTML_MESSAGE = re.compile(rb"<p>(.*?)</p>", re.S)
 
 
 class _StrictReader:
@@ -55,8 +58,6 @@ class _StrictReader:
 
 
 def _answer(request: http.Request | None, message: str) -> bytes:
-    from llmtap.addons.routing import error_body
-
     family = "openai"
     if request is not None:
         family = detect_api(request.method, request.path.split("?", 1)[0]).split(".", 1)[0]
@@ -82,12 +83,8 @@ def install() -> None:
             if (isinstance(command, commands.SendData) and command.connection is self.conn
                     and command.data.startswith(b"HTTP/1.1 400 ") and b"text/html" in command.data):
                 # mitmproxy's own HTML 400 for a head it could not use: say the same in JSON.
-                message = "bad request head"
-                if self.request is not None:
-                    try:
-                        http1.expected_http_body_size(self.request)
-                    except ValueError as exc:
-                        message = str(exc)
+                found = _HTML_MESSAGE.search(command.data)
+                message = html.unescape(found.group(1).decode("utf-8", "replace")) if found else "bad request head"
                 command = commands.SendData(self.conn, _answer(self.request, message))
             yield command
 

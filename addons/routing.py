@@ -340,10 +340,14 @@ class Router:
         """Answer the client with llmtap's own error, in its API's error shape, and record it."""
         body = error_body(family, status, message, code)
         flow.response = http.Response.make(status, body, {"content-type": "application/json"})
-        request_body = flow.request.get_content(strict=False) or b""
-        call = Call(id=new_id(), started_at=utcnow(), method=flow.request.method, url=redact_url(url),
-                    api=detect_api(flow.request.method, urlsplit(flow.request.path).path or "/"),
-                    client=flow.request.headers.get("user-agent"), status=status, duration_ms=0.0,
+        req = flow.request
+        request_body = req.get_content(strict=False) or b""
+        path = urlsplit(req.path).path or "/"
+        api = detect_api(req.method, path)
+        model, stream, _ = self._read_body(req.headers.get("content-type", ""), request_body, api, path, [])
+        call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url), api=api,
+                    model_requested=model, stream=stream,
+                    client=req.headers.get("user-agent"), status=status, duration_ms=0.0,
                     request_headers=redact_headers(flow.request.headers.items(multi=True)),
                     request_body=request_body[:RECORD_BODY_LIMIT],
                     response_headers={"content-type": "application/json"}, response_body=body,

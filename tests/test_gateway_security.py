@@ -127,6 +127,7 @@ def test_web_page_post_to_the_gateway_is_refused_and_recorded(proxy: RunningProx
     assert doc["error"]["type"] == "permission_denied"  # the OpenAI error shape an SDK reads
     call, _ = proxy.memory.wait_finished(1)[0]
     assert call.status == 403 and "Origin" in call.error and call.request_body == body
+    assert call.model_requested == "plain"
     assert fake.requests == []
 
 
