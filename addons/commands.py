@@ -25,7 +25,15 @@ two ways in:
 examples:
   llmtap run                          proxy :8080, gateway :8081, rules.yaml from here
   llmtap run --tui                    the same, with the live terminal UI
-  llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN (no auth: mind it)
+  llmtap run --gateway-token          tools that send the token as API key use your key_env keys
+  llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN: anyone there can use it,
+                                      and with --gateway-token anyone who has the token
+
+security:
+  The gateway adds a provider's key_env key only for a client that sent the llmtap gateway
+  token as its API key, or on a fallback to another provider after the client sent its own
+  key. Requests from web pages (an Origin header not given with --allow-origin) and requests
+  addressed by a foreign Host name (DNS rebinding) are refused with 403 and recorded.
 """
 
 
@@ -52,6 +60,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="proxy without recording (to measure llmtap's own overhead)")
     run.add_argument("--confdir", metavar="DIR", type=Path, default=None,
                      help=f"where the CA certificate lives (default: {paths.default_confdir()})")
+    run.add_argument("--gateway-token", action="store_true",
+                     help="let clients that send the llmtap token as their API key use the providers' "
+                          "key_env keys; the token is $LLMTAP_GATEWAY_TOKEN, else the one in "
+                          f"{paths.config_dir() / 'gateway-token'} (created, readable by you only). "
+                          "Also on when $LLMTAP_GATEWAY_TOKEN is set")
+    run.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                     help="a browser Origin allowed to use the gateway, e.g. http://localhost:3000 "
+                          "(repeatable; default: none, requests from web pages are refused)")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI in this process")
     run.add_argument("-q", "--quiet", action="store_true", help="no line per call on stdout")
     run.set_defaults(func=cmd_run)
@@ -191,7 +207,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     confdir = args.confdir or paths.default_confdir()
     db = args.db or paths.default_db()
-    config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir)
+    token, token_path = None, None
+    if args.gateway_token or os.environ.get("LLMTAP_GATEWAY_TOKEN"):
+        try:
+            token, token_path = gateway_token()
+        except OSError as exc:
+            print(f"llmtap: --gateway-token: cannot read or create {exc.filename}: {exc.strerror}. "
+                  "Set LLMTAP_GATEWAY_TOKEN instead.", file=sys.stderr)
+            return 2
+    config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
+                       gateway_token=token, allow_origins=tuple(args.allow_origin))
 
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
     if recorder is None and not args.no_record:
@@ -211,6 +236,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"(providers: {', '.join(sorted(rules.providers))})")
         lines.append(f"rules     {rules_path or 'none (built-in providers, no routes)'}"
                      f"   ({len(rules.routes)} routes)")
+        if token is not None:
+            where = "$LLMTAP_GATEWAY_TOKEN" if token_path is None else f"{token_path} (cat it)"
+            lines.append(f"token     {where}: send it as the API key to use the key_env keys")
         lines.append(f"db        {'not recording' if recorder is None else db}")
         lines.append(f"CA        {confdir / 'mitmproxy-ca-cert.pem'}")
         print("llmtap " + "\n       ".join(lines), file=sys.stderr, flush=True)
@@ -234,6 +262,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
         gc.unfreeze()
     return 0
+
+
+def gateway_token() -> tuple[str, Path | None]:
+    """(token, file it came from): $LLMTAP_GATEWAY_TOKEN, else the token file, created with a
+    fresh random token readable by the user only."""
+    env = os.environ.get("LLMTAP_GATEWAY_TOKEN", "").strip()
+    if env:
+        return env, None
+    path = paths.config_dir() / "gateway-token"
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if text:
+        return text, path
+    import secrets
+
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = "llmtap-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token, path
 
 
 def _print_line(call: Call, attempts: list[Attempt]) -> None:

@@ -254,13 +254,23 @@ class _RelayConnection(asyncio.Protocol):
         except ValueError:
             self._refuse(400, b"bad request head")
             return
-        if len(self.buf) < end + 4 + length:
-            return  # the (unused) body is still arriving
-        del self.buf[:end + 4 + length]
-        plan = self.relay._plans.pop(key, None) if key else None
+        # Admission on the head alone: any local process can connect to this port, and one
+        # without a plan (an unguessable key only this process's mitmproxy knows) must not
+        # make us wait for, or hold, a body of its choosing.
+        plan = self.relay._plans.get(key) if key else None
         if plan is None:
-            self._refuse(404, b"unknown llmtap plan")
+            self.buf.clear()
+            self._refuse(403, b"llmtap relay: no valid llmtap plan; this port serves only llmtap's own proxy")
             return
+        if length:
+            # mitmproxy hands the body over in the plan and sends none; a planned request
+            # that declares one is not from our mitmproxy.
+            self.relay._plans.pop(key, None)
+            self.buf.clear()
+            self._refuse(400, b"llmtap relay: unexpected request body")
+            return
+        del self.buf[:end + 4]
+        del self.relay._plans[key]
         self.exchange = _Exchange(self.relay, plan, self)
         self.task = asyncio.get_running_loop().create_task(self._serve(self.exchange))
 

@@ -21,9 +21,10 @@ from mitmproxy import master as mitm_master
 from mitmproxy import options as mitm_options
 from mitmproxy.addons.proxyserver import Proxyserver
 
+from llmtap.addons import http1guard
 from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import Cooldown, Relay
-from llmtap.addons.routing import Router
+from llmtap.addons.routing import Router, Security
 from llmtap.recorder.record import Attempt, Call, Sink
 
 log = logging.getLogger("llmtap")
@@ -40,6 +41,16 @@ class RunConfig:
     rules_path: Path | None = None  # None: built-in providers only, no routes
     confdir: Path = field(default_factory=lambda: Path.home() / ".mitmproxy")
     reload_interval_s: float = 1.0
+    # A client sending this as its API key gets the providers' key_env keys (None: none can).
+    gateway_token: str | None = None
+    # Browser Origins that may use the gateway, e.g. "http://localhost:3000"; any other is refused.
+    allow_origins: tuple[str, ...] = ()
+
+    def security(self) -> Security:
+        hosts = {self.gateway[0].lower().strip("[]")} if self.gateway is not None else set()
+        return Security(token=self.gateway_token or None,
+                        allow_origins=frozenset(o.strip().rstrip("/").lower() for o in self.allow_origins),
+                        gateway_hosts=frozenset(hosts))
 
 
 def parse_hostport(text: str, flag: str) -> tuple[str, int]:
@@ -189,7 +200,8 @@ class Proxy:
         opts = mitm_options.Options()
         master = mitm_master.Master(opts, event_loop=asyncio.get_running_loop())
         master.addons.add(*_mitm_addons())
-        master.addons.add(Router(self.relay, self.rules))
+        http1guard.install()
+        master.addons.add(Router(self.relay, self.rules, self.config.security()))
         modes: list[str] = []
         if self.config.proxy is not None:
             host, port = self.config.proxy
@@ -204,6 +216,8 @@ class Proxy:
             mode=modes[:1] if len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0") else modes,
             # Upstream failures must reach the addon (FACTS.md); eager would answer CONNECT 502.
             connection_strategy="lazy",
+            # The gateway checks the Host the client sent (DNS rebinding); the relay ignores it.
+            keep_host_header=True,
             allow_hosts=allow_hosts(self.rules.current, relay_port),
         )
         self.master = master
