@@ -10,9 +10,13 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmtap import paths
 from llmtap.recorder.record import Attempt, Call
+
+if TYPE_CHECKING:
+    from llmtap.recorder.process import RecorderProcess
 
 RUN_EPILOG = """\
 two ways in:
@@ -194,9 +198,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
     if recorder is None and not args.no_record:
         return 2
-    on_finished = None if (args.quiet or args.tui) else _print_line
+    handed = 0  # calls finished by the proxy, for the stop line
+    started = False
+
+    def on_finished(call: Call, attempts: list[Attempt]) -> None:
+        nonlocal handed
+        handed += 1
+        if not args.quiet:
+            _print_line(call, attempts)
 
     async def ready(p) -> None:
+        nonlocal started
+        started = True
         settle_gc()
         if args.tui:
             return
@@ -228,10 +241,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.close()
+        if started:
+            print(_stopped_line(recorder, db, handed), file=sys.stderr, flush=True)
         # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings (loaded
         # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
         gc.unfreeze()
     return 0
+
+
+def _stopped_line(recorder: RecorderProcess | None, db: Path, handed: int) -> str:
+    """What a stop leaves behind: the calls committed, and any the recorder could not keep."""
+
+    def calls(n: int) -> str:
+        return f"{n:,} call{'' if n == 1 else 's'}"
+
+    if recorder is None:
+        return f"llmtap: stopped; {calls(handed)} proxied, none recorded (--no-record)"
+    committed = recorder.committed_total
+    lost = handed - committed
+    tail = "none lost" if lost <= 0 else f"{lost:,} not recorded (see the messages above)"
+    # recorder.spool_path's name, not imported: that module loads DuckDB into the proxy.
+    spool = db.with_name(db.name + ".spool.jsonl")
+    if spool.exists():
+        return (f"llmtap: stopped; {calls(committed)} committed to {db} or kept in {spool} "
+                f"(imported on the next start), {tail}")
+    return f"llmtap: stopped; {calls(committed)} committed to {db}, {tail}"
 
 
 def _print_line(call: Call, attempts: list[Attempt]) -> None:

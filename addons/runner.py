@@ -167,6 +167,8 @@ class Proxy:
             mode=modes[:1] if len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0") else modes,
             # Upstream failures must reach the addon (FACTS.md); eager would answer CONNECT 502.
             connection_strategy="lazy",
+            # The gateway's record keeps the Host the client sent, not the relay's address.
+            keep_host_header=True,
             allow_hosts=allow_hosts(self.rules.current, relay_port),
         )
         self.master = master

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import httpx
+import pytest
 
 from fakeprovider import FakeProvider
 
@@ -66,8 +72,10 @@ def test_run_prints_where_it_listens_a_line_per_call_and_stops_on_sigterm(tmp_pa
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(30) == 0
         assert err.ended.wait(10)
-        # Nothing but the start-up banner: no traceback, and no leak report from DuckDB's bindings.
-        assert not [l for l in err.lines if not l.startswith(("llmtap ", "       "))], "".join(err.lines)
+        # Nothing but the start-up banner and the stop line: no traceback, and no leak report
+        # from DuckDB's bindings.
+        assert err.lines[-1] == f"llmtap: stopped; 1 call committed to {db}, none lost\n"
+        assert not [l for l in err.lines[:-1] if not l.startswith(("llmtap ", "       "))], "".join(err.lines)
         with duckdb.connect(str(db), read_only=True) as con:
             assert con.execute("SELECT model_sent, status FROM calls").fetchall() == [("real-model", 200)]
     finally:
@@ -104,3 +112,40 @@ def test_help_teaches_both_ways_in() -> None:
     top = llmtap("--help")
     for command in ("run", "env", "wrap", "rules"):
         assert command in top.stdout
+
+
+# -- what a new user and the agent tools run into (issue 14) --------------------------------------
+def start_run(tmp_path: Path, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "run", "--confdir", str(tmp_path / "ca"), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_ctrl_c_says_how_many_calls_were_committed_and_gateway_rows_keep_the_clients_host(
+        tmp_path: Path, fake: FakeProvider) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    db = tmp_path / "calls.duckdb"
+    # Its own process group, as a terminal runs it: Ctrl-C sends SIGINT to the whole group,
+    # the recorder process included.
+    proc = start_run(tmp_path, "--db", str(db), "--rules", str(rules), "--proxy", "off",
+                     "--gateway", "127.0.0.1:0", "-q", start_new_session=True)
+    try:
+        err = Lines(proc.stderr)
+        gateway = re.search(r"(http://\S+)/<provider>", err.wait_for("gateway")).group(1)
+        with httpx.Client(timeout=30) as client:
+            for _ in range(3):
+                r = client.post(f"{gateway}/local/chat/completions",
+                                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert err.ended.wait(10)
+        assert err.lines[-1] == f"llmtap: stopped; 3 calls committed to {db}, none lost\n", "".join(err.lines)
+        with duckdb.connect(str(db), read_only=True) as con:
+            hosts = [json.loads(h)["host"] for (h,) in con.execute("SELECT request_headers FROM calls").fetchall()]
+        assert hosts == [gateway.removeprefix("http://")] * 3  # not the relay's 127.0.0.1:<port>
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
