@@ -149,3 +149,18 @@ def test_ctrl_c_says_how_many_calls_were_committed_and_gateway_rows_keep_the_cli
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("flag", ["--proxy", "--gateway"])
+def test_a_busy_port_is_said_once_with_the_flag_that_moves_it(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--gateway" if flag == "--proxy" else "--proxy"
+        r = llmtap("run", "--no-record", "--confdir", str(tmp_path / "ca"), flag, f"127.0.0.1:{port}",
+                   other, "127.0.0.1:0")
+    assert r.returncode == 2
+    what = flag.removeprefix("--")
+    assert r.stderr == (f"llmtap: port 127.0.0.1:{port} ({what}) is in use by another program; "
+                        f"choose another with {flag} HOST:PORT\n")
