@@ -164,3 +164,12 @@ def test_a_busy_port_is_said_once_with_the_flag_that_moves_it(tmp_path: Path, fl
     what = flag.removeprefix("--")
     assert r.stderr == (f"llmtap: port 127.0.0.1:{port} ({what}) is in use by another program; "
                         f"choose another with {flag} HOST:PORT\n")
+
+
+def test_rules_check_says_an_unknown_match_key_once(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("routes:\n  - match: {modle: 'gpt-4o*'}\n    targets: [{provider: openai}]\n")
+    r = llmtap("rules", "check", str(rules))
+    assert r.returncode == 2
+    assert "unknown key `modle`; did you mean `model`?" in r.stderr
+    assert "match is empty" not in r.stderr and "1 problem" in r.stderr.splitlines()[0]
