@@ -166,6 +166,40 @@ def test_a_busy_port_is_said_once_with_the_flag_that_moves_it(tmp_path: Path, fl
                         f"choose another with {flag} HOST:PORT\n")
 
 
+def record(db: Path, ages: list[timedelta]) -> None:
+    """Calls into `db` as `llmtap run` would have recorded them, started `ages` ago."""
+    from llmtap.recorder.record import Call, new_id
+    from llmtap.recorder.recorder import Recorder
+
+    rec = Recorder(db, serve=False)
+    rec.start()
+    try:
+        for age in ages:
+            call = Call(id=new_id(), started_at=datetime.now(timezone.utc) - age, method="POST",
+                        url="http://127.0.0.1:8081/openai/chat/completions", api="openai.chat",
+                        model_requested="gpt-4o", model_sent="gpt-4o", provider="openai", status=200,
+                        attempts=1, duration_ms=12.0, request_body=b'{"model":"gpt-4o","messages":[]}',
+                        response_headers={"content-type": "application/json"}, response_body=b"{}")
+            rec.call_finished(call, [])
+    finally:
+        rec.close()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    record(db, [timedelta(minutes=1)])
+    # `llmtap stats --json | head -0`: the reader is gone before llmtap writes a byte.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "llmtap", "stats", "--db", str(db), "--json"],
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.stderr == ""
+    assert r.returncode == 141
+
+
 def test_rules_check_says_an_unknown_match_key_once(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text("routes:\n  - match: {modle: 'gpt-4o*'}\n    targets: [{provider: openai}]\n")
