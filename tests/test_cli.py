@@ -185,6 +185,40 @@ def record(db: Path, ages: list[timedelta]) -> None:
         rec.close()
 
 
+def test_since_and_until_take_the_uis_ages_in_stats_and_export(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    record(db, [timedelta(minutes=5), timedelta(minutes=10), timedelta(hours=5), timedelta(days=3)])
+    recent = llmtap("stats", "--db", str(db), "--since", "2h", "--json")
+    assert recent.returncode == 0, recent.stderr
+    assert [r["calls"] for r in json.loads(recent.stdout)] == [2]
+    older = llmtap("stats", "--db", str(db), "--since", "7d", "--until", "1h", "--json")
+    assert [r["calls"] for r in json.loads(older.stdout)] == [2]
+    out = tmp_path / "week.parquet"
+    exp = llmtap("export", "--db", str(db), "--out", str(out), "--since", "1w", "--until", "7m")
+    assert exp.returncode == 0 and "exported 3 calls" in exp.stderr, exp.stderr
+    bad = llmtap("stats", "--db", str(db), "--until", "yesterday")
+    assert bad.returncode == 2 and "--until 'yesterday': expected an age like 2h" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_export_writes_the_format_the_file_name_asks_for(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    record(db, [timedelta(minutes=1), timedelta(minutes=2)])
+    for name, reader in (("calls.csv", "read_csv"), ("calls.ndjson", "read_json"), ("calls.parquet", "read_parquet")):
+        r = llmtap("export", "--db", str(db), "--out", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        with duckdb.connect() as con:
+            rows = con.execute(f"SELECT model_sent, status FROM {reader}(?)", [str(tmp_path / name)]).fetchall()
+        assert rows == [("gpt-4o", 200)] * 2, name
+    assert (tmp_path / "calls.csv").read_text().startswith("id,started_at,")
+    forced = llmtap("export", "--db", str(db), "--out", str(tmp_path / "calls.data"), "--format", "csv")
+    assert forced.returncode == 0 and (tmp_path / "calls.data").read_text().startswith("id,")
+    unknown = llmtap("export", "--db", str(db), "--out", str(tmp_path / "calls.xlsx"))
+    assert unknown.returncode == 2 and "'.xlsx' names no format" in unknown.stderr
+    assert ".parquet, .csv, .jsonl" in unknown.stderr and "--format parquet|csv|jsonl" in unknown.stderr
+    assert not (tmp_path / "calls.xlsx").exists()
+
+
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     db = tmp_path / "calls.duckdb"
     record(db, [timedelta(minutes=1)])
