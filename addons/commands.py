@@ -20,27 +20,36 @@ if TYPE_CHECKING:
 
 RUN_EPILOG = """\
 two ways in:
-  HTTPS_PROXY   tools that honour a proxy: eval "$(llmtap env)" (or `llmtap wrap -- CMD`);
-                only LLM API hosts are decrypted, every other host passes as a raw tunnel
-  base URL      tools that take a base URL: http://127.0.0.1:8081/<provider>, e.g.
-                http://127.0.0.1:8081/openai  ->  https://api.openai.com/v1
-                http://127.0.0.1:8081/anthropic  ->  https://api.anthropic.com
+  HTTPS_PROXY  for tools that honour a proxy: eval "$(llmtap env)", or
+               llmtap wrap -- CMD. Only LLM API hosts are decrypted; every
+               other host passes as an untouched TLS tunnel.
+  base URL     for tools that take one: http://127.0.0.1:8081/<provider>, e.g.
+               http://127.0.0.1:8081/openai     -> https://api.openai.com/v1
+               http://127.0.0.1:8081/anthropic  -> https://api.anthropic.com
+
+Ctrl-C (or SIGTERM) stops it once every call is committed, and says how many.
+While it runs, `llmtap stats`, `llmtap export` and `llmtap tui` read the file
+through it.
 
 examples:
-  llmtap run                          proxy :8080, gateway :8081, rules.yaml from here
+  llmtap run                          proxy :8080, gateway :8081, ./rules.yaml
   llmtap run --tui                    the same, with the live terminal UI
-  llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN (no auth: mind it)
+  llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN (no auth!)
+  llmtap run --proxy off --db /tmp/try.duckdb   only the gateway, another file
 """
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from llmtap.cli import HelpFormatter
+
     run = sub.add_parser(
         "run",
         help="run the proxy and gateway, recording every call",
-        description="Run llmtap: an HTTPS proxy listener and a base-URL gateway in one process. "
-        "Each LLM call is routed by rules.yaml (with fallbacks) and recorded into the DuckDB file.",
+        description="Run llmtap: an HTTPS proxy listener and a base-URL gateway in one "
+        "process. Each LLM call is routed by rules.yaml (with fallbacks) and recorded into the "
+        "DuckDB file; a line per call goes to stdout.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run.add_argument("--proxy", metavar="HOST:PORT", default="127.0.0.1:8080",
                      help="HTTPS_PROXY listener (default: %(default)s); 'off' to disable")
@@ -66,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print exports for HTTPS_PROXY and the CA bundle, for `eval \"$(llmtap env)\"`. "
         "SSL_CERT_FILE, REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE point at a bundle of the system's "
         "CAs plus llmtap's, so hosts that are not decrypted still verify.",
+        epilog="example:\n  eval \"$(llmtap env)\"; python my_agent.py",
+        formatter_class=HelpFormatter,
     )
     _client_args(env)
     env.set_defaults(func=cmd_env)
@@ -73,12 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     wrap = sub.add_parser(
         "wrap",
         help="run a command with the llmtap environment set",
-        description="Run CMD with HTTPS_PROXY and the CA variables set (see `llmtap env`).",
-        epilog="example: llmtap wrap -- python agent.py --task 'summarise'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run CMD with HTTPS_PROXY and the CA variables set (see `llmtap env`), "
+        "so its calls go through a running `llmtap run`. Exits with CMD's exit code.",
+        epilog="example:\n  llmtap wrap -- python agent.py --task 'summarise'",
+        formatter_class=HelpFormatter,
     )
     _client_args(wrap)
-    wrap.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    wrap.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                      help="the command to run and its arguments, after `--` so that its own "
+                      "options are not taken for llmtap's")
     wrap.set_defaults(func=cmd_wrap)
 
     from llmtap.addons.rules import add_rules_parser

@@ -241,3 +241,17 @@ def test_rules_check_says_an_unknown_match_key_once(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "unknown key `modle`; did you mean `model`?" in r.stderr
     assert "match is empty" not in r.stderr and "1 problem" in r.stderr.splitlines()[0]
+
+
+@pytest.mark.parametrize("command", ["run", "stats", "export", "env", "wrap"])
+def test_help_is_wrapped_to_the_terminal_and_every_argument_is_described(command: str) -> None:
+    r = llmtap(command, "--help", env={**os.environ, "COLUMNS": "60"})
+    assert r.returncode == 0
+    # Prose (unindented) wraps to the width; indented lines are examples, kept as written.
+    long = [line for line in r.stdout.splitlines() if len(line) > 60 and not line.startswith(" ")]
+    assert not long, r.stdout
+    from llmtap.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    undescribed = [a.dest for a in sub.choices[command]._actions if not a.help]
+    assert not undescribed
