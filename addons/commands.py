@@ -10,22 +10,32 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmtap import paths
 from llmtap.recorder.record import Attempt, Call
 
+if TYPE_CHECKING:
+    from llmtap.recorder.process import RecorderProcess
+
 RUN_EPILOG = """\
 two ways in:
-  HTTPS_PROXY   tools that honour a proxy: eval "$(llmtap env)" (or `llmtap wrap -- CMD`);
-                only LLM API hosts are decrypted, every other host passes as a raw tunnel
-  base URL      tools that take a base URL: http://127.0.0.1:8081/<provider>, e.g.
-                http://127.0.0.1:8081/openai  ->  https://api.openai.com/v1
-                http://127.0.0.1:8081/anthropic  ->  https://api.anthropic.com
+  HTTPS_PROXY  for tools that honour a proxy: eval "$(llmtap env)", or
+               llmtap wrap -- CMD. Only LLM API hosts are decrypted; every
+               other host passes as an untouched TLS tunnel.
+  base URL     for tools that take one: http://127.0.0.1:8081/<provider>, e.g.
+               http://127.0.0.1:8081/openai     -> https://api.openai.com/v1
+               http://127.0.0.1:8081/anthropic  -> https://api.anthropic.com
+
+Ctrl-C (or SIGTERM) stops it once every call is committed, and says how many.
+While it runs, `llmtap stats`, `llmtap export` and `llmtap tui` read the file
+through it.
 
 examples:
-  llmtap run                          proxy :8080, gateway :8081, rules.yaml from here
+  llmtap run                          proxy :8080, gateway :8081, ./rules.yaml
   llmtap run --tui                    the same, with the live terminal UI
   llmtap run --gateway-token          tools that send the token as API key use your key_env keys
+  llmtap run --proxy off --db /tmp/try.duckdb   only the gateway, another file
   llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN: anyone there can use it,
                                       and with --gateway-token anyone who has the token
 
@@ -38,13 +48,16 @@ security:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from llmtap.cli import HelpFormatter
+
     run = sub.add_parser(
         "run",
         help="run the proxy and gateway, recording every call",
-        description="Run llmtap: an HTTPS proxy listener and a base-URL gateway in one process. "
-        "Each LLM call is routed by rules.yaml (with fallbacks) and recorded into the DuckDB file.",
+        description="Run llmtap: an HTTPS proxy listener and a base-URL gateway in one "
+        "process. Each LLM call is routed by rules.yaml (with fallbacks) and recorded into the "
+        "DuckDB file; a line per call goes to stdout.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     run.add_argument("--proxy", metavar="HOST:PORT", default="127.0.0.1:8080",
                      help="HTTPS_PROXY listener (default: %(default)s); 'off' to disable")
@@ -78,6 +91,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print exports for HTTPS_PROXY and the CA bundle, for `eval \"$(llmtap env)\"`. "
         "SSL_CERT_FILE, REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE point at a bundle of the system's "
         "CAs plus llmtap's, so hosts that are not decrypted still verify.",
+        epilog="example:\n  eval \"$(llmtap env)\"; python my_agent.py",
+        formatter_class=HelpFormatter,
     )
     _client_args(env)
     env.set_defaults(func=cmd_env)
@@ -85,12 +100,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     wrap = sub.add_parser(
         "wrap",
         help="run a command with the llmtap environment set",
-        description="Run CMD with HTTPS_PROXY and the CA variables set (see `llmtap env`).",
-        epilog="example: llmtap wrap -- python agent.py --task 'summarise'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run CMD with HTTPS_PROXY and the CA variables set (see `llmtap env`), "
+        "so its calls go through a running `llmtap run`. Exits with CMD's exit code.",
+        epilog="example:\n  llmtap wrap -- python agent.py --task 'summarise'",
+        formatter_class=HelpFormatter,
     )
     _client_args(wrap)
-    wrap.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...")
+    wrap.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                      help="the command to run and its arguments, after `--` so that its own "
+                      "options are not taken for llmtap's")
     wrap.set_defaults(func=cmd_wrap)
 
     from llmtap.addons.rules import add_rules_parser
@@ -221,9 +239,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
     if recorder is None and not args.no_record:
         return 2
-    on_finished = None if (args.quiet or args.tui) else _print_line
+    handed = 0  # calls finished by the proxy, for the stop line
+    started = False
+
+    def on_finished(call: Call, attempts: list[Attempt]) -> None:
+        nonlocal handed
+        handed += 1
+        if not args.quiet:
+            _print_line(call, attempts)
 
     async def ready(p) -> None:
+        nonlocal started
+        started = True
         settle_gc()
         if args.tui:
             return
@@ -258,6 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if recorder is not None:
             recorder.close()
+        if started:
+            print(_stopped_line(recorder, db, handed), file=sys.stderr, flush=True)
         # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings (loaded
         # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
         gc.unfreeze()
@@ -285,6 +314,25 @@ def gateway_token() -> tuple[str, Path | None]:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token, path
+
+
+def _stopped_line(recorder: RecorderProcess | None, db: Path, handed: int) -> str:
+    """What a stop leaves behind: the calls committed, and any the recorder could not keep."""
+
+    def calls(n: int) -> str:
+        return f"{n:,} call{'' if n == 1 else 's'}"
+
+    if recorder is None:
+        return f"llmtap: stopped; {calls(handed)} proxied, none recorded (--no-record)"
+    committed = recorder.committed_total
+    lost = handed - committed
+    tail = "none lost" if lost <= 0 else f"{lost:,} not recorded (see the messages above)"
+    # recorder.spool_path's name, not imported: that module loads DuckDB into the proxy.
+    spool = db.with_name(db.name + ".spool.jsonl")
+    if spool.exists():
+        return (f"llmtap: stopped; {calls(committed)} committed to {db} or kept in {spool} "
+                f"(imported on the next start), {tail}")
+    return f"llmtap: stopped; {calls(committed)} committed to {db}, {tail}"
 
 
 def _print_line(call: Call, attempts: list[Attempt]) -> None:

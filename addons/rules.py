@@ -408,7 +408,8 @@ def _parse_routes(p: _Parser, node: yaml.Node, providers: dict[str, Provider]) -
                     p.problem(gnode, f"{what}: match.{key} {glob!r} is not a valid glob: {bad}")
                 else:
                     match[key] = glob
-            if entries is not None and not entries:
+            # A match whose every key was unknown was reported as such already.
+            if entries is not None and not entries and not fields["match"][1].value:
                 p.problem(fields["match"][1], f"{what}: match is empty; write model: \"*\" to match every call")
 
         targets: list[Target] = []

@@ -8,6 +8,7 @@ start-up failures are turned into one clear message here.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from mitmproxy import master as mitm_master
 from mitmproxy import options as mitm_options
 from mitmproxy.addons.proxyserver import Proxyserver
+from mitmproxy.proxy.mode_servers import ServerInstance
 
 from llmtap.addons import http1guard
 from llmtap.addons import rules as rules_mod
@@ -216,12 +218,17 @@ class Proxy:
             mode=modes[:1] if len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0") else modes,
             # Upstream failures must reach the addon (FACTS.md); eager would answer CONNECT 502.
             connection_strategy="lazy",
-            # The gateway checks the Host the client sent (DNS rebinding); the relay ignores it.
+            # The gateway checks the Host the client sent (DNS rebinding) and records it, not
+            # the relay's address; the relay itself ignores it.
             keep_host_header=True,
             allow_hosts=allow_hosts(self.rules.current, relay_port),
         )
         self.master = master
         ps = master.addons.get("proxyserver")
+        # mitmproxy logs each listener that fails, naming the relay behind the gateway; the
+        # StartupError below says it once, in the user's terms.
+        quiet = _DropAll()
+        logging.getLogger(Proxyserver.__module__).addFilter(quiet)
         ok = await ps.setup_servers()
         if ok and len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0"):
             # mitmproxy refuses two listeners on the same "host:0" even though the OS would
@@ -229,15 +236,9 @@ class Proxy:
             port = next(iter(ps.servers)).listen_addrs[0][1]
             opts.update(mode=[modes[0][:-2] + f":{port}", modes[1]])
             ok = await ps.setup_servers()
+        logging.getLogger(Proxyserver.__module__).removeFilter(quiet)
         if not ok:
-            problems = []
-            for server in ps.servers:
-                if server.last_exception is not None:
-                    spec = server.mode.full_spec
-                    what = "--proxy" if spec.startswith("regular") else "--gateway"
-                    problems.append(f"cannot listen for {what} at {server.mode.listen_host()}:"
-                                    f"{server.mode.listen_port()}: {server.last_exception}. "
-                                    f"Is another llmtap or proxy running? Choose another port with {what} HOST:PORT.")
+            problems = [_listen_problem(server) for server in ps.servers if server.last_exception is not None]
             await self.relay.stop()
             raise StartupError("\n".join(problems) or "mitmproxy could not start its listeners")
         for server in ps.servers:
@@ -290,6 +291,25 @@ async def _close_client_connections(ps: Proxyserver, timeout: float = 5.0) -> No
     deadline = asyncio.get_running_loop().time() + timeout
     while ps.connections and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)  # mitmproxy offers no event for "all connections closed"
+
+
+class _DropAll(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _listen_problem(server: ServerInstance) -> str:
+    """One line for a listener that could not start, named by the flag that sets it."""
+    proxy = server.mode.full_spec.startswith("regular")
+    flag, what = ("--proxy", "proxy") if proxy else ("--gateway", "gateway")
+    addr = f"{_fmt_host(server.mode.listen_host())}:{server.mode.listen_port()}"
+    exc = server.last_exception
+    # mitmproxy wraps the OS error in one whose text names its own mode; the cause is the OS's.
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        return f"port {addr} ({what}) is in use by another program; choose another with {flag} HOST:PORT"
+    reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)
+    return f"cannot listen on {addr} ({what}): {reason}; choose another with {flag} HOST:PORT"
 
 
 def _fmt_host(host: str) -> str:

@@ -10,51 +10,73 @@ from pathlib import Path
 from llmtap import paths
 
 
+TIME_HELP = ("an age (2h, 30m, 7d, 1w) or a date, e.g. 2026-11-01 or 2026-11-01T08:00 "
+             "(your local time unless it names a zone); the same forms as since: in the UI")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from llmtap.cli import HelpFormatter
+    from llmtap.recorder.export import FORMATS
+
     exp = sub.add_parser(
         "export",
-        help="export recorded calls to Parquet or JSON lines",
-        description="Export the calls table (one row per call, every column) with DuckDB's own COPY. "
-        "Works while `llmtap run` is recording: the export then runs inside it.",
+        help="export recorded calls to Parquet, CSV or JSON lines",
+        description="Export the calls table (one row per call, every column) with DuckDB's own "
+        "COPY. The format follows the file's extension: .parquet, .csv, .jsonl (.ndjson and "
+        ".json are JSON lines too), or --format. Works while `llmtap run` is recording: the "
+        "export then runs inside it.",
         epilog="examples:\n"
         "  llmtap export --out calls.parquet\n"
-        "  llmtap export --out today.jsonl --since 2026-11-23\n"
-        "  llmtap export --out claude.parquet --model 'claude-*' --since 2026-11-01 --until 2026-12-01",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "  llmtap export --out today.csv --since 24h\n"
+        "  llmtap export --out claude.jsonl --model 'claude-*' --since 2026-11-01 \\\n"
+        "                --until 2026-12-01\n"
+        "\n"
+        "then query the file with the DuckDB that llmtap installs (no duckdb CLI needed):\n"
+        "  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"FROM 'calls.parquet' LIMIT 5\\\"))\"",
+        formatter_class=HelpFormatter,
     )
     exp.add_argument("--db", type=Path, default=None, metavar="PATH",
                      help=f"the DuckDB file (default: {paths.default_db()})")
-    exp.add_argument("--out", type=Path, required=True, metavar="FILE", help="where to write")
-    exp.add_argument("--format", choices=("parquet", "jsonl"), default=None,
-                     help="default: from FILE's suffix (.jsonl/.json -> jsonl), else parquet")
-    exp.add_argument("--since", metavar="ISO", help="calls started at or after, e.g. 2026-11-01 or 2026-11-01T08:00")
-    exp.add_argument("--until", metavar="ISO", help="calls started before")
-    exp.add_argument("--model", metavar="GLOB", help="model asked for or sent matches, e.g. 'gpt-4o*'")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE",
+                     help="where to write; replaced only once the export is complete")
+    exp.add_argument("--format", choices=FORMATS, default=None,
+                     help="parquet, csv or jsonl (default: from FILE's extension; an extension "
+                     "that names no format is an error)")
+    exp.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
+    exp.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
+    exp.add_argument("--model", metavar="GLOB",
+                     help="only calls whose model asked for or sent matches, e.g. 'gpt-4o*'")
     exp.set_defaults(func=cmd_export)
 
     st = sub.add_parser(
         "stats",
         help="calls, errors, fallbacks, tokens and latency per model and provider",
-        description="Per model and provider: calls, errors and error rate, fallbacks (calls that "
-        "needed more than one attempt), tokens in/out/reasoning, and TTFB and duration p50/p95/p99 in ms.",
-        epilog="examples:\n  llmtap stats\n  llmtap stats --since 2026-11-20 --json | jq '.[0]'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Per model and provider: calls, errors and error rate, fallbacks (calls "
+        "that needed more than one attempt), tokens in/out/reasoning, and TTFB and duration "
+        "p50/p95/p99 in ms. Works while `llmtap run` is recording.",
+        epilog="examples:\n"
+        "  llmtap stats\n"
+        "  llmtap stats --since 2h\n"
+        "  llmtap stats --since 2026-11-20 --until 2026-11-21 --json | jq '.[0]'",
+        formatter_class=HelpFormatter,
     )
     st.add_argument("--db", type=Path, default=None, metavar="PATH",
                     help=f"the DuckDB file (default: {paths.default_db()})")
-    st.add_argument("--since", metavar="ISO", help="only calls started at or after")
-    st.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+    st.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
+    st.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
+    st.add_argument("--json", action="store_true",
+                    help="a JSON list on stdout (one object per model and provider) instead of a table")
     st.set_defaults(func=cmd_stats)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from llmtap.recorder.export import ExportError, parse_time
+    from llmtap.recorder.export import ExportError, format_for, parse_time
     from llmtap.recorder.reader import ReaderError, open_reader
 
-    fmt = args.format or ("jsonl" if args.out.suffix.lower() in (".jsonl", ".json", ".ndjson") else "parquet")
     try:
+        fmt = format_for(args.out, args.format)
         since = parse_time(args.since, "--since")
         until = parse_time(args.until, "--until")
         reader = open_reader(args.db or paths.default_db())
@@ -98,12 +120,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     try:
         since = parse_time(args.since, "--since")
+        until = parse_time(args.until, "--until")
         reader = open_reader(args.db or paths.default_db())
     except (ExportError, ReaderError) as exc:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2
     try:
-        rows = stats_rows(reader, since)
+        rows = stats_rows(reader, since, until)
     except ReaderError as exc:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2

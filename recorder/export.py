@@ -1,4 +1,4 @@
-"""Export calls to Parquet or JSON lines with DuckDB's own COPY.
+"""Export calls to Parquet, CSV or JSON lines with DuckDB's own COPY.
 
 Large exports go in id-ordered slices (ULIDs sort by time), each COPY'd to a part file, so
 the user sees progress; the parts are then combined into one file written beside the target
@@ -7,7 +7,6 @@ and renamed into place, so a failed export never leaves a half file behind.
 
 from __future__ import annotations
 
-import datetime as dt
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,7 +15,13 @@ from typing import Any
 
 import duckdb
 
-FORMATS = ("parquet", "jsonl")
+from llmtap.recorder.times import TIME_FORMS, parse_when
+
+FORMATS = ("parquet", "csv", "jsonl")
+# The format a file's name asks for. `.json` gets JSON lines too: DuckDB writes one object per
+# line, which every JSON tool that reads a stream (jq, pandas lines=True) takes.
+SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+_OPTIONS = {"parquet": "FORMAT parquet, COMPRESSION zstd", "csv": "FORMAT csv, HEADER true", "jsonl": "FORMAT json"}
 SLICE_ROWS = 100_000
 
 
@@ -25,17 +30,26 @@ class ExportError(Exception):
 
 
 def parse_time(text: str | None, flag: str) -> str | None:
-    """An ISO date or date-time, checked here so the error names the flag."""
+    """--since/--until: the forms the UI's since:/until: take, checked here so the error names the flag."""
     if text is None:
         return None
     try:
-        value = dt.datetime.fromisoformat(text)
+        return parse_when(text)
     except ValueError:
-        raise ExportError(f"{flag} {text!r} is not an ISO date; e.g. {flag} 2026-11-01 or "
-                          f"{flag} 2026-11-01T08:00:00+00:00") from None
-    if value.tzinfo is None:
-        value = value.astimezone()  # a bare date means the user's own clock
-    return value.isoformat()
+        raise ExportError(f"{flag} {text!r}: expected {TIME_FORMS}; e.g. {flag} 2h or "
+                          f"{flag} 2026-11-01T08:00") from None
+
+
+def format_for(out: Path, fmt: str | None) -> str:
+    """The format asked for with --format, else the one `out`'s extension names."""
+    if fmt is not None:
+        return fmt
+    suffix = Path(out).suffix.lower()
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
+    named = f"its extension {suffix!r}" if suffix else "no extension"
+    raise ExportError(f"--out {out}: {named} names no format; end the name in "
+                      f"{', '.join(SUFFIXES)}, or give --format {'|'.join(FORMATS)}")
 
 
 def where_clause(since: str | None = None, until: str | None = None, model: str | None = None,
@@ -67,7 +81,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {out}: the folder {out.parent} does not exist")
     where, args = where_clause(since, until, model, where_sql, params)
-    options = "FORMAT parquet, COMPRESSION zstd" if fmt == "parquet" else "FORMAT json"
+    options = _OPTIONS[fmt]
     try:
         total = con.execute(f"SELECT count(*) FROM calls WHERE {where}", args).fetchone()[0]
         tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))
@@ -98,6 +112,8 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
                 high = bounds[i + 1] if i + 1 < len(bounds) else None
                 cond = f"{where} AND id >= ?" + (" AND id < ?" if high else "")
                 part = tmpdir / f"part-{i:05d}.{fmt}"
+                if fmt == "csv" and i == 1:
+                    part_options = "FORMAT csv, HEADER false"  # the parts are concatenated: one header
                 # COPY takes parameters (DuckDB 2.0), so user values are never spliced into SQL.
                 con.execute(f"COPY (SELECT * FROM calls WHERE {cond} ORDER BY id) TO '{_path(part)}' ({part_options})",
                             args + [low] + ([high] if high else []))
@@ -109,8 +125,9 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
                 con.execute(f"COPY (SELECT * FROM read_parquet('{_path(tmpdir)}/part-*.parquet')) "
                             f"TO '{_path(final_tmp)}' ({options})")
             else:
-                # JSON lines concatenate as they are; re-reading them through DuckDB would
-                # re-infer the types and took 2.4x as long.
+                # JSON lines (and CSV, header in the first part only) concatenate as they
+                # are; re-reading them through DuckDB would re-infer the types and took 2.4x
+                # as long.
                 with open(final_tmp, "wb") as dst:
                     for part in parts:
                         with open(part, "rb") as src:

@@ -70,6 +70,7 @@ class RecorderProcess(QueuedSink):
         self._pending: list[tuple] = []  # items the last child did not take, for the next one
         self._handed = 0  # finished calls written to the current child
         self._committed = 0  # of those, committed (or spooled), as the child last said
+        self._committed_earlier = 0  # committed by the children before the current one
         self._unacked: deque[tuple] = deque()  # the finished items handed but not yet committed
         self._exited = threading.Event()  # the current child closed its output
         self._progress: threading.Thread | None = None
@@ -90,6 +91,11 @@ class RecorderProcess(QueuedSink):
     def committed(self) -> int:
         """Of those, the ones it reported committed (or spooled)."""
         return self._committed
+
+    @property
+    def committed_total(self) -> int:
+        """Finished calls committed (or spooled) by every recorder process since start()."""
+        return self._committed_earlier + self._committed
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -261,6 +267,7 @@ class RecorderProcess(QueuedSink):
             self._unacked.popleft()
         again = [*self._unacked, *self._pending]
         self._unacked.clear()
+        self._committed_earlier += self._committed
         self._handed = self._committed = 0
         # Calls still open may have rows in progress, and the calls handed again may have been
         # committed after all: the next child replaces both.

@@ -25,9 +25,16 @@ ORDER BY calls DESC, model, provider
 """
 
 
-def stats_rows(reader: Reader, since: str | None = None) -> list[dict[str, Any]]:
-    where, params = ("started_at >= CAST(? AS TIMESTAMPTZ)", [since]) if since else ("TRUE", [])
-    columns, rows = reader.query(STATS_SQL.format(where=where), params)
+def stats_rows(reader: Reader, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
+    parts: list[str] = []
+    params: list[Any] = []
+    if since:
+        parts.append("started_at >= CAST(? AS TIMESTAMPTZ)")
+        params.append(since)
+    if until:
+        parts.append("started_at < CAST(? AS TIMESTAMPTZ)")
+        params.append(until)
+    columns, rows = reader.query(STATS_SQL.format(where=" AND ".join(parts) or "TRUE"), params)
     out = []
     for row in rows:
         r = dict(zip(columns, row))

@@ -489,13 +489,15 @@ def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: P
         rec.call_finished(c, a)
     rec.close()
     reader = LocalReader(db)
-    for fmt in ("parquet", "jsonl"):
+    for fmt in ("parquet", "jsonl", "csv"):
         seen: list[tuple[int, int]] = []
         out = tmp_path / f"all.{fmt}"
         assert reader.export(out, fmt, progress=lambda d, t: seen.append((d, t))) == 30
         assert seen[-1] == (30, 30) and len(seen) == 5
         with duckdb.connect() as con:
-            src = f"read_parquet('{out}')" if fmt == "parquet" else f"read_json_auto('{out}')"
+            # One CSV header, however many parts: read_csv would take a repeated one for a row.
+            src = {"parquet": f"read_parquet('{out}')", "jsonl": f"read_json_auto('{out}')",
+                   "csv": f"read_csv('{out}')"}[fmt]
             assert [r[0] for r in con.execute(f"SELECT id FROM {src}").fetchall()] == sorted(ids)
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".llmtap-export-")]
     reader.close()
@@ -507,7 +509,7 @@ def test_cli_errors_name_the_flag_and_exit_2(db: Path, tmp_path: Path) -> None:
     rec.call_finished(*finish(make_call()))
     rec.close()
     bad = llmtap("export", "--db", str(db), "--out", str(tmp_path / "x.parquet"), "--since", "yesterday")
-    assert bad.returncode == 2 and "--since 'yesterday' is not an ISO date" in bad.stderr and "2026-" in bad.stderr
+    assert bad.returncode == 2 and "--since 'yesterday': expected an age like 2h" in bad.stderr and "2026-" in bad.stderr
     nowhere = llmtap("export", "--db", str(db), "--out", str(tmp_path / "missing" / "x.parquet"))
     assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
     missing = llmtap("stats", "--db", str(tmp_path / "none.duckdb"))

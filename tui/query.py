@@ -12,10 +12,11 @@ import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from llmtap.recorder.search_index import MAX_TERM, PIECE_STEP, split_words
+from llmtap.recorder.times import TIME_FORMS, parse_when
 
 PAGE_SIZE = 200
 
@@ -131,8 +132,6 @@ FILTER_HELP = (
 
 _FLAGS = {"errors", "fallbacks", "incomplete", "live"}
 _KEYS = {"model", "provider", "client", "status", "since", "until", "api", "route", "id", "text"}
-_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
-_REL_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 def _like_escape(text: str) -> str:
@@ -144,21 +143,11 @@ def _glob_to_like(text: str) -> str:
 
 
 def _parse_time(value: str, key: str, now: datetime) -> str:
-    """ISO date/time or a relative age (`2h`, `30m`, `7d`) -> ISO string with a zone.
-
-    An ISO string rather than a datetime is passed on because a remote reader sends
-    parameters as JSON."""
-    m = _REL.match(value.strip().lower())
-    if m:
-        delta = timedelta(**{_REL_UNITS[m.group(2)]: float(m.group(1))})
-        return (now - delta).isoformat()
+    """since:/until: take the same forms as the command line's --since/--until."""
     try:
-        parsed = datetime.fromisoformat(value)
+        return parse_when(value, now)
     except ValueError:
-        raise FilterError(f"{key}:{value}: expected a date like 2026-11-01, 2026-11-01T14:30 or an age like 2h") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.astimezone()  # the user means their own local time
-    return parsed.isoformat()
+        raise FilterError(f"{key}:{value}: expected {TIME_FORMS}") from None
 
 
 def _status_clause(value: str, col: str) -> tuple[str, list[Any]]:
