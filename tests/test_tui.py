@@ -13,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pytest
+from textual.containers import VerticalScroll
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
 from tuihelpers import BASE_TIME, DuckReader, make_reader
@@ -860,3 +861,95 @@ async def test_attach_to_a_running_recorder_and_see_calls_live(tmp_path: Path) -
         reader.close()
     finally:
         recorder.close()
+
+
+# -- what a new user runs into --------------------------------------------------------------------
+async def open_detail(pilot: Pilot[Any], app: LlmtapApp) -> DetailScreen:
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: isinstance(app.screen, DetailScreen) and app.screen.record is not None,
+                   "the call")
+    screen = app.screen
+    assert isinstance(screen, DetailScreen)
+    return screen
+
+
+async def test_vim_keys_move_in_the_list_but_type_in_the_filter(tmp_path: Path) -> None:
+    reader = make_reader(tmp_path, [{} for _ in range(5)])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 5)
+        t = table(app)
+        await pilot.press("j", "j")
+        assert t.cursor_row == 2
+        await pilot.press("k")
+        assert t.cursor_row == 1
+        await pilot.press("G")
+        assert t.cursor_row == 4
+        await pilot.press("g")
+        assert t.cursor_row == 0
+        await pilot.press("slash", *"jkgG")
+        assert app.calls.query_one("#filter", Input).value == "jkgG" and t.cursor_row == 0
+        await pilot.press("escape", "question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        help_table = app.screen.query_one("#help-table", DataTable)
+        keys = {(str(help_table.get_row_at(i)[0]), str(help_table.get_row_at(i)[1]))
+                for i in range(help_table.row_count)}
+        assert {("list", "j"), ("list", "k"), ("list", "home, g"), ("list", "end, G"),
+                ("call", "j, ↓"), ("call", "g, home")} <= keys, keys
+    reader.close()
+
+
+async def test_vim_keys_scroll_the_detail_tabs(tmp_path: Path) -> None:
+    long = "\n".join(f"line {i}" for i in range(300))
+    reader = reader_with_rows(tmp_path, [{"content": long, "reasoning": long}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        for tab in ("reasoning", "response"):
+            screen.query_one(TabbedContent).active = tab
+            await pilot.pause()
+            scroller = screen.query_one(f"#{tab}").query_one(VerticalScroll)
+            await wait_for(pilot, lambda: scroller.max_scroll_y > 0, "a scrollable tab")
+            await pilot.press("j", "j", "j")
+            assert scroller.scroll_y == 3
+            await pilot.press("k")
+            assert scroller.scroll_y == 2
+            await pilot.press("G")
+            assert scroller.scroll_y == scroller.max_scroll_y
+            await pilot.press("g")
+            assert scroller.scroll_y == 0
+            await pilot.press("pagedown")
+            assert scroller.scroll_y > 3
+    reader.close()
+
+
+async def test_detail_header_labels_the_token_counts(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path, [{"input_tokens": 12, "output_tokens": 19, "reasoning_tokens": None}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        assert "tokens in 12 · out 19 · reasoning -" in static_text(screen.query_one("#summary", Static))
+    reader.close()
+
+
+async def test_export_path_is_edited_not_replaced_by_typing(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 3)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportScreen), "the export prompt")
+        path_input = app.screen.query_one("#export-path", Input)
+        default = path_input.value
+        assert default.endswith(".parquet")
+        await pilot.press("e")  # the impatient second press
+        assert path_input.value == default + "e"
+        await pilot.press("backspace")
+        assert path_input.value == default
+        # ctrl+u clears it for a path of one's own.
+        await pilot.press("ctrl+u", *str(tmp_path / "mine.parquet"), "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, CallsScreen), "the export to finish")
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'mine.parquet'}'").fetchall() == [(3,)]
+    reader.close()

@@ -38,6 +38,7 @@ from textual.widgets import (
     TabPane,
     TextArea,
 )
+from textual.widget import Widget
 from textual.worker import get_current_worker
 
 from llmtap.tui import query as q
@@ -174,9 +175,13 @@ class CallTable(DataTable[Any]):
     """The list's table: in a list of rows, Home/End mean first/last call, not left/right edge."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("home", "scroll_top", "First call", show=False, id="calls.first"),
-        Binding("end", "scroll_bottom", "Last loaded call", show=False, id="calls.last",
+        Binding("home,g", "scroll_top", "First call", show=False, id="calls.first"),
+        Binding("end,G", "scroll_bottom", "Last loaded call", show=False, id="calls.last",
                 tooltip="Last loaded call (the next page loads as you near the end)"),
+        # mitmproxy's console and less/vim move with j/k; typed into the filter bar they stay
+        # text, because the bar (not this table) then has the focus.
+        Binding("j", "cursor_down", "Down", show=False, id="calls.down", tooltip="Next (older) call"),
+        Binding("k", "cursor_up", "Up", show=False, id="calls.up", tooltip="Previous (newer) call"),
     ]
 
 
@@ -596,6 +601,15 @@ class DetailScreen(Screen[None]):
         Binding("right", "tab(1)", "Next tab", priority=True, id="detail.next_tab"),
         Binding("c", "copy_curl", "Copy as curl", id="detail.copy_curl",
                 tooltip="Copy a curl command replaying this request"),
+        # Not priority: a focused table or text area keeps its own arrows; j/k, which a
+        # read-only text area ignores, scroll the tab from anywhere.
+        Binding("j,down", "scroll_tab('down')", "Scroll down", show=False, id="detail.down"),
+        Binding("k,up", "scroll_tab('up')", "Scroll up", show=False, id="detail.up"),
+        Binding("pagedown,space", "scroll_tab('page_down')", "Page down", show=False, id="detail.page_down"),
+        Binding("pageup", "scroll_tab('page_up')", "Page up", show=False, id="detail.page_up"),
+        Binding("g,home", "scroll_tab('home')", "Top", show=False, id="detail.top", tooltip="Top of the tab"),
+        Binding("G,end", "scroll_tab('end')", "Bottom", show=False, id="detail.bottom",
+                tooltip="Bottom of the tab"),
     ]
 
     def __init__(self, reader: q.Reader, schema: q.Schema, call_id: str) -> None:
@@ -693,8 +707,9 @@ class DetailScreen(Screen[None]):
         if (rec.get("attempts") or 0) > 1:
             t.append(f"  {rec['attempts']}↻", style="bold black on yellow")
         t.append(f"  ttfb {render.fmt_ms(rec.get('ttfb_ms')) or '-'}  total {render.fmt_ms(rec.get('duration_ms')) or '-'}")
-        t.append(f"  tokens {rec.get('input_tokens') or 0}/{rec.get('output_tokens') or 0}"
-                 f"/{rec.get('reasoning_tokens') or 0}")
+        t.append("  tokens " + " · ".join(
+            f"{label} {render.fmt_tokens(rec.get(col)) or '-'}"
+            for label, col in (("in", "input_tokens"), ("out", "output_tokens"), ("reasoning", "reasoning_tokens"))))
         if rec.get("error"):
             t.append(f"\nerror: {rec['error']}", style="bold red")
         notes = render.as_json_value(rec.get("notes"))
@@ -839,6 +854,19 @@ class DetailScreen(Screen[None]):
         current = ids.index(tabs.active) if tabs.active in ids else 0
         tabs.active = ids[(current + step) % len(ids)]
 
+    def tab_scroller(self) -> Widget:
+        """What scrolls in the tab shown: its scroll container, or the attempts table."""
+        pane = self.query_one(f"#{self.query_one(TabbedContent).active}", TabPane)
+        for widget in pane.query("VerticalScroll, DataTable"):
+            return widget
+        return pane
+
+    def action_scroll_tab(self, how: str) -> None:
+        scroller = self.tab_scroller()
+        {"down": scroller.scroll_down, "up": scroller.scroll_up, "page_down": scroller.scroll_page_down,
+         "page_up": scroller.scroll_page_up, "home": scroller.scroll_home,
+         "end": scroller.scroll_end}[how](animate=False)
+
     def action_copy_curl(self) -> None:
         rec = self.record
         if rec is None:
@@ -972,7 +1000,10 @@ class ExportScreen(ModalScreen[None]):
         default = Path.cwd() / f"llmtap-export-{datetime.now():%Y%m%d-%H%M%S}.parquet"
         with Vertical(id="export-box"):
             yield Label(f"Export calls matching: {self.filter.text or '(all calls)'}")
-            yield Input(str(default), id="export-path")
+            # No select-on-focus: a second `e`, or the first letter typed, would replace the
+            # whole path instead of editing it (ctrl+u clears it on purpose).
+            yield Input(str(default), id="export-path", select_on_focus=False)
+            yield Label("Enter exports · ctrl+u clears the path · Esc cancels", classes="hint")
             yield ProgressBar(id="export-progress", show_eta=False)
             yield Static("", id="export-status")
             with Horizontal(id="export-buttons"):
@@ -981,7 +1012,9 @@ class ExportScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#export-progress").display = False
-        self.query_one("#export-path", Input).focus()
+        path = self.query_one("#export-path", Input)
+        path.focus()
+        path.cursor_position = len(path.value)
 
     @on(Input.Submitted, "#export-path")
     @on(Button.Pressed, "#export-go")
@@ -1068,15 +1101,16 @@ def help_rows(app: App[Any]) -> list[tuple[str, str, str, str]]:
     keymap: dict[str, str] = dict(getattr(app, "_keymap", {}) or {})
     rows: list[tuple[str, str, str, str]] = []
     for where, cls in HELP_SOURCES:
-        seen: set[str] = set()
-        for binding in Binding.make_bindings(getattr(cls, "BINDINGS", [])):
+        # Compound keys ("a,b") unroll into several Bindings of one id: one row with every key.
+        by_id: dict[str, tuple[list[str], Binding]] = {}
+        for n, binding in enumerate(Binding.make_bindings(getattr(cls, "BINDINGS", []))):
+            entry = by_id.setdefault(binding.id or f"#{n}", ([], binding))
+            entry[0].append(binding.key)
+        for bid, (keys, binding) in by_id.items():
             bid = binding.id or ""
-            if bid and bid in seen:
-                continue  # compound keys ("a,b") unroll into several Bindings of one id
-            seen.add(bid)
-            keys = keymap.get(bid) if bid else None
-            key = keys if keys else binding.key
-            display = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in key.split(","))
+            override = keymap.get(bid) if bid else None
+            key_list = override.split(",") if override else keys
+            display = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in key_list)
             rows.append((where, display, binding.tooltip or binding.description or binding.action, bid))
     return rows
 
