@@ -418,8 +418,8 @@ async def test_conversation_tab_renders_turns_and_collapses_system(tmp_path: Pat
                        "the call")
         screen = app.screen
         await wait_for(pilot, lambda: len(screen.query(".turn")) > 0, "turns")
-        turns = [static_text(w) for w in screen.query(".turn").results(Static)]
-        assert turns == ["Say hi"]
+        turns = [static_text(w) for w in screen.query(".turn").results(Static) if w.display]
+        assert turns == ["Say hi", "hi"]  # the answer is the last turn
         system = screen.query_one("#system-prompt")
         assert system.collapsed  # type: ignore[attr-defined]
     reader.close()
@@ -952,4 +952,28 @@ async def test_export_path_is_edited_not_replaced_by_typing(tmp_path: Path) -> N
         await pilot.press("ctrl+u", *str(tmp_path / "mine.parquet"), "enter")
         await wait_for(pilot, lambda: isinstance(app.screen, CallsScreen), "the export to finish")
     assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'mine.parquet'}'").fetchall() == [(3,)]
+    reader.close()
+
+
+async def test_conversation_ends_with_the_answer_and_its_tool_calls(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path, [
+        {"content": "Checking the weather.", "reasoning": "The user wants the weather in Paris.",
+         "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]},
+    ])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        assert screen.query_one(TabbedContent).active == "conversation"
+        await wait_for(pilot, lambda: "Checking" in static_text(screen.query_one("#answer-text", Static)), "answer")
+        body = screen.query_one("#conversation-body", VerticalScroll)
+        shown = [w for w in body.children if w.display]
+        # The request's turns, then the answer: role, folded reasoning, text, tool calls.
+        roles = [static_text(w) for w in shown if w.has_class("role")]
+        assert roles == ["user", "assistant (answer)"]
+        reasoning = screen.query_one("#answer-reasoning")
+        assert reasoning.collapsed and "reasoning (36 chars)" in str(reasoning.title)  # type: ignore[attr-defined]
+        assert shown[-1].id == "answer-tools"
+        tools = static_text(screen.query_one("#answer-tools", Static))
+        assert "→ get_weather  (call_1)" in tools and '"city": "Paris"' in tools
     reader.close()

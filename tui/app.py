@@ -22,6 +22,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
     Button,
@@ -581,6 +582,23 @@ class CallsScreen(Screen[None]):
 
 
 # -- one call -----------------------------------------------------------------------------------
+def tool_calls_text(tool_calls: Any) -> Text:
+    """The `tool_calls` column ([{id, name, arguments}]) as the answer's list of calls."""
+    calls = render.as_json_value(tool_calls)
+    out = Text()
+    if isinstance(calls, list) and calls:
+        out.append(f"tool calls ({len(calls)})\n", style="bold")
+        for tc in calls:
+            if not isinstance(tc, dict):
+                out.append(render.pretty_json(tc) + "\n")
+                continue
+            out.append(f"→ {tc.get('name')}", style="bold cyan")
+            if tc.get("id"):
+                out.append(f"  ({tc['id']})", style="dim")
+            out.append("\n" + render.clip(render.pretty_arguments(tc.get("arguments")), render.TURN_DISPLAY_LIMIT) + "\n")
+    return out
+
+
 TABS: tuple[tuple[str, str], ...] = (
     ("conversation", "Conversation"),
     ("reasoning", "Reasoning"),
@@ -689,6 +707,8 @@ class DetailScreen(Screen[None]):
             await self._fill_conversation(rec)
         self._fill_reasoning(rec.get("reasoning"), in_progress(rec))
         self._fill_response(rec.get("content"), rec.get("tool_calls"), rec.get("error"))
+        self._fill_answer(rec.get("content"), rec.get("tool_calls"), rec.get("reasoning"), rec.get("error"),
+                          in_progress(rec))
         self._fill_attempts(message.attempts)
         self._fill_headers(rec)
         self._fill_raw(rec)
@@ -721,12 +741,12 @@ class DetailScreen(Screen[None]):
         box = self.query_one("#conversation-body", VerticalScroll)
         await box.remove_children()
         body = rec.get("request_body")
-        if body is None and rec.get("request_body_raw") is not None:
-            await box.mount(Static("The request body is not UTF-8; see the Raw tab.", classes="note"))
-            return
-        parsed = render.parse_json(body)
-        conv = render.conversation(parsed)
         widgets: list[Any] = []
+        if body is None and rec.get("request_body_raw") is not None:
+            widgets.append(Static("The request body is not UTF-8; see the Raw tab.", classes="note"))
+            conv = render.Conversation()
+        else:
+            conv = render.conversation(render.parse_json(body))
         if conv.note:
             widgets.append(Static(conv.note, classes="note"))
         if conv.system:
@@ -746,7 +766,46 @@ class DetailScreen(Screen[None]):
             widgets.append(Static(Text(turn.text), classes=f"turn turn-{role}"))
         if not widgets:
             widgets.append(Static("empty request body", classes="note"))
+        # The answer is the conversation's last turn (the request only holds what led to it);
+        # filled by _fill_answer as the call loads and streams.
+        widgets += [
+            Static(Text("assistant (answer)", style="bold"), id="answer-role", classes="role role-assistant"),
+            Collapsible(Static("", id="answer-reasoning-text", classes="body"), title="reasoning",
+                        collapsed=True, id="answer-reasoning"),
+            Static("", id="answer-text", classes="turn turn-assistant"),
+            Static("", id="answer-tools", classes="turn turn-assistant"),
+        ]
         await box.mount_all(widgets)
+
+    def _fill_answer(self, content: str | None, tool_calls: Any, reasoning: str | None, error: str | None,
+                     live: bool) -> None:
+        try:
+            role = self.query_one("#answer-role", Static)
+        except NoMatches:  # the conversation is still being mounted; the next fill comes
+            return
+        role.update(Text("assistant (answering…)" if live else "assistant (answer)", style="bold"))
+        folded = self.query_one("#answer-reasoning", Collapsible)
+        folded.display = bool(reasoning)
+        if reasoning:
+            folded.title = f"reasoning ({len(reasoning):,} chars)"
+            self.query_one("#answer-reasoning-text", Static).update(
+                Text(render.clip(reasoning, render.BODY_DISPLAY_LIMIT)))
+        text = Text()
+        if content:
+            text.append(render.clip(content, render.BODY_DISPLAY_LIMIT))
+        elif error:
+            text.append(f"error: {error}", style="bold red")
+        elif live:
+            text.append("…waiting for the answer", style="dim")
+        elif not tool_calls:
+            text.append("no text content", style="dim")
+        answer = self.query_one("#answer-text", Static)
+        answer.update(text)
+        answer.display = bool(text.plain)
+        tools = self.query_one("#answer-tools", Static)
+        calls = tool_calls_text(tool_calls)
+        tools.update(calls)
+        tools.display = bool(calls.plain)
 
     def _fill_reasoning(self, reasoning: str | None, live: bool) -> None:
         widget = self.query_one("#reasoning-text", Static)
@@ -764,18 +823,9 @@ class DetailScreen(Screen[None]):
         else:
             text.append("no text content", style="dim")
         self.query_one("#response-text", Static).update(text)
-        calls = render.as_json_value(tool_calls)
-        out = Text()
-        if isinstance(calls, list) and calls:
-            out.append(f"\ntool calls ({len(calls)})\n", style="bold")
-            for tc in calls:
-                if not isinstance(tc, dict):
-                    out.append(render.pretty_json(tc) + "\n")
-                    continue
-                out.append(f"→ {tc.get('name')}", style="bold cyan")
-                if tc.get("id"):
-                    out.append(f"  ({tc['id']})", style="dim")
-                out.append("\n" + render.clip(render.pretty_arguments(tc.get("arguments")), render.TURN_DISPLAY_LIMIT) + "\n")
+        out = tool_calls_text(tool_calls)
+        if out.plain:
+            out = Text("\n") + out
         self.query_one("#tool-calls", Static).update(out)
 
     def _fill_attempts(self, attempts: list[Record]) -> None:
@@ -841,6 +891,7 @@ class DetailScreen(Screen[None]):
             return
         self._fill_reasoning(p.get("reasoning"), True)
         self._fill_response(p.get("content"), p.get("tool_calls"), None)
+        self._fill_answer(p.get("content"), p.get("tool_calls"), p.get("reasoning"), None, True)
         if self.record is not None:
             self._fill_raw(self.record, response_body=p.get("response_body") or "")
 
