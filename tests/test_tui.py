@@ -977,3 +977,37 @@ async def test_conversation_ends_with_the_answer_and_its_tool_calls(tmp_path: Pa
         tools = static_text(screen.query_one("#answer-tools", Static))
         assert "→ get_weather  (call_1)" in tools and '"city": "Paris"' in tools
     reader.close()
+
+
+async def test_run_tui_with_no_calls_says_where_its_proxy_listens(tmp_path: Path, confdir: Path) -> None:
+    """`llmtap run --tui --proxy 127.0.0.1:0 --gateway 127.0.0.1:0` on an empty DB."""
+    import re
+
+    from llmtap.addons.runner import Proxy, RunConfig
+    from llmtap.recorder.record import MemorySink
+    from llmtap.tui.app import Listening
+
+    reader = make_reader(tmp_path, [])
+    config = RunConfig(proxy=("127.0.0.1", 0), gateway=("127.0.0.1", 0), confdir=confdir)
+    app = LlmtapApp(reader, proxy_factory=lambda: Proxy(config, MemorySink()),
+                    listening=Listening(config.proxy, config.gateway, config.confdir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.proxy is not None, "the proxy to start", timeout=30)
+        await loaded(pilot, app, 0)
+        proxy_port, gateway_port = app.proxy.proxy_addr[1], app.proxy.gateway_addr[1]
+        empty = app.calls.query_one("#empty", Static)
+        await wait_for(pilot, lambda: f":{gateway_port}/openai" in static_text(empty), "the gateway's address")
+        text = static_text(empty)
+        assert "proxy is running" in text and "Start the proxy" not in text and ":8081" not in text
+        assert f"http://127.0.0.1:{proxy_port}" in text
+        assert f'eval "$(llmtap env --proxy 127.0.0.1:{proxy_port} --confdir {confdir})"' in text
+        # The base URL it names is where the gateway answers.
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/openai", text).group(1))  # type: ignore[union-attr]
+        conn_reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(conn_reader.read(12), 30)).startswith(b"HTTP/1.1 ")
+        writer.close()
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, "quit")
+    reader.close()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from rich.text import Text
 from textual import on, work
@@ -42,6 +43,7 @@ from textual.widgets import (
 from textual.widget import Widget
 from textual.worker import get_current_worker
 
+from llmtap import paths
 from llmtap.tui import query as q
 from llmtap.tui import render
 from llmtap.tui.messages import (
@@ -80,6 +82,63 @@ EMPTY_HELP = (
     "  • tools that take a base URL:     http://127.0.0.1:8081/openai  (or /anthropic, …)\n\n"
     "Calls appear here as they happen."
 )
+EMPTY_ATTACHED = (
+    "No calls recorded yet.\n\n"
+    "The running `llmtap run` records to this file: send traffic through it, at the addresses it\n"
+    "printed when it started (by default):\n"
+    "  • tools that honour HTTPS_PROXY:  eval \"$(llmtap env)\"  or  llmtap wrap -- CMD\n"
+    "  • tools that take a base URL:     http://127.0.0.1:8081/openai  (or /anthropic, …)\n\n"
+    "Calls appear here as they happen."
+)
+DEFAULT_PROXY = ("127.0.0.1", 8080)  # what `llmtap env` and `llmtap wrap` assume without --proxy
+
+
+class Listening(NamedTuple):
+    """Where the proxy running in this process (`llmtap run --tui`) listens; port 0 means
+    not bound yet. `confdir` holds its CA, which `llmtap env` must be pointed at."""
+
+    proxy: tuple[str, int] | None
+    gateway: tuple[str, int] | None
+    confdir: Path | None = None
+
+
+def _url_host(host: str) -> str:
+    """The host a tool on this machine connects to for a listener bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def empty_help_running(listening: Listening, *, recording: bool) -> str:
+    """The empty list's text when the proxy runs in this process: its real addresses."""
+    head = ("No calls recorded yet. The proxy is running in this process:" if recording else
+            "Not recording (--no-record): the proxy is running in this process; calls are passed on, "
+            "none is kept.")
+    lines = [head, ""]
+    if listening.proxy is None and listening.gateway is None:
+        lines.append("  (no listener: both --proxy and --gateway are off)")
+    if listening.proxy is not None:
+        host, port = listening.proxy
+        if port:
+            flags = "" if (_url_host(host), port) == DEFAULT_PROXY else f" --proxy {_url_host(host)}:{port}"
+            if listening.confdir is not None and Path(listening.confdir) != paths.default_confdir():
+                flags += f" --confdir {shlex.quote(str(listening.confdir))}"
+            lines += [f"  • proxy    http://{_url_host(host)}:{port}   for tools that honour HTTPS_PROXY:",
+                      f"               eval \"$(llmtap env{flags})\"   or   llmtap wrap{flags} -- CMD"]
+        else:
+            lines.append("  • proxy    starting…")
+    if listening.gateway is not None:
+        host, port = listening.gateway
+        if port:
+            base = f"http://{_url_host(host)}:{port}"
+            lines += [f"  • gateway  {base}/<provider>   for tools that take a base URL:",
+                      f"               {base}/openai   (or /anthropic, /openrouter, /ollama, …)"]
+        else:
+            lines.append("  • gateway  starting…")
+    lines += ["", "Calls appear here as they happen." if recording else "Quit with q."]
+    return "\n".join(lines)
 
 
 def _rows_to_records(cols: list[str], rows: list[tuple]) -> list[Record]:
@@ -364,13 +423,18 @@ class CallsScreen(Screen[None]):
         empty = self.query_one("#empty", Static)
         has_rows = self.table.row_count > 0
         if not has_rows:
+            listening: Listening | None = getattr(self.app, "listening", None)
             if self.reader is None:
-                empty.update("Not recording (--no-record): the proxy is running, nothing is kept.\n\n"
-                             + EMPTY_HELP.split("\n\n", 1)[1])
+                empty.update(Text(empty_help_running(listening, recording=False)) if listening is not None
+                             else "Not recording (--no-record): nothing is kept.")
             elif self._paging:
                 empty.update("Searching…")
             elif self.filter.clauses:
                 empty.update("No call matches the filter.")
+            elif listening is not None:
+                empty.update(Text(empty_help_running(listening, recording=True)))
+            elif getattr(self.reader, "kind", "") == "remote":
+                empty.update(EMPTY_ATTACHED)
             else:
                 empty.update(EMPTY_HELP)
         empty.display = not has_rows
@@ -1178,11 +1242,15 @@ class LlmtapApp(App[int]):
     ]
 
     def __init__(self, reader: q.Reader | None, *, source: str = "",
-                 proxy_factory: Callable[[], Any] | None = None, note: str | None = None) -> None:
+                 proxy_factory: Callable[[], Any] | None = None, note: str | None = None,
+                 listening: Listening | None = None) -> None:
         super().__init__()
         self.reader = reader
         self.source = source
         self.proxy_factory = proxy_factory
+        # Where the proxy this app runs listens, for the empty list; the bound ports replace
+        # it once the proxy has started.
+        self.listening = listening
         self.proxy: Any = None
         self.startup_error: str | None = None
         self._proxy_task: asyncio.Task[None] | None = None
@@ -1219,6 +1287,11 @@ class LlmtapApp(App[int]):
             self.exit(return_code=2)
             return
         self.proxy = proxy
+        config = getattr(proxy, "config", None)
+        confdir = getattr(config, "confdir", None) or (self.listening.confdir if self.listening else None)
+        self.listening = Listening(proxy.proxy_addr, proxy.gateway_addr, confdir)
+        if self.screen_stack and isinstance(self.screen_stack[0], CallsScreen) and self.screen_stack[0].is_mounted:
+            self.screen_stack[0]._show_empty()
         parts = []
         if proxy.proxy_addr:
             parts.append(f"proxy :{proxy.proxy_addr[1]}")

@@ -84,7 +84,7 @@ def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
 
     Returns the exit code: 2 with the message on stderr when the proxy cannot start."""
     from llmtap.addons.runner import Proxy
-    from llmtap.tui.app import LlmtapApp
+    from llmtap.tui.app import Listening, LlmtapApp
 
     reader = None
     note = None
@@ -96,7 +96,8 @@ def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
     else:
         source = "not recording"
         note = "not recording (--no-record): calls are proxied but not kept"
-    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note)
+    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note,
+                    listening=Listening(config.proxy, config.gateway, config.confdir))
 
     root = logging.getLogger()
     saved = list(root.handlers)
