@@ -1011,3 +1011,39 @@ async def test_run_tui_with_no_calls_says_where_its_proxy_listens(tmp_path: Path
         await pilot.press("q")
         await wait_for(pilot, lambda: app.return_code is not None, "quit")
     reader.close()
+
+
+async def test_an_attached_ui_says_when_the_proxy_has_stopped(tmp_path: Path) -> None:
+    """`llmtap tui` attached to the recorder process of a `llmtap run`, which stops (as when
+    the proxy is stopped), then runs again."""
+    from llmtap.recorder import reader as reader_mod
+    from llmtap.recorder.process import RecorderProcess
+    from llmtap.recorder.record import Call, new_id, utcnow
+
+    db = tmp_path / "live.duckdb"
+    recorder = RecorderProcess(db)
+    recorder.start()
+    second = None
+    try:
+        reader = reader_mod.open_reader(db)
+        app = LlmtapApp(reader, source=str(db))
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app, 0)
+            assert app.sub_title == f"{db}  (live, attached to llmtap run)"
+            recorder.close()
+            await wait_for(pilot, lambda: "stopped" in app.sub_title, "the title to say the proxy stopped", timeout=20)
+            assert "live, attached" not in app.sub_title and str(db) in app.sub_title
+            # Started again (a new endpoint): the UI follows it and is live once more.
+            second = RecorderProcess(db)
+            second.start()
+            await wait_for(pilot, lambda: "live, attached" in app.sub_title, "live again", timeout=20)
+            call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
+                        api="openai.chat", model_requested="again", model_sent="again", provider="openai",
+                        request_body=b'{"model": "again", "messages": []}')
+            second.call_started(call)
+            await wait_for(pilot, lambda: call.id in table(app).rows, "a call on the new endpoint", timeout=20)
+        reader.close()
+    finally:
+        recorder.close()
+        if second is not None:
+            second.close()

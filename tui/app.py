@@ -54,6 +54,7 @@ from llmtap.tui.messages import (
     LiveFinished,
     LiveProgress,
     LiveReset,
+    LiveResumed,
     LiveRows,
     PageFailed,
     PageLoaded,
@@ -467,10 +468,12 @@ class CallsScreen(Screen[None]):
                 seq, events = self.reader.events_after(seq, LIVE_POLL_S)
             except Exception as exc:
                 if not failing:
-                    self.post_message(LiveError(f"live updates interrupted: {exc}"))
+                    self.post_message(LiveError(f"live updates interrupted: {exc}", lost=True))
                 failing = True
                 threading.Event().wait(2.0)  # back off; the writer may be restarting
                 continue
+            if failing:
+                self.post_message(LiveResumed())
             failing = False
             if not events or worker.is_cancelled:
                 continue
@@ -579,6 +582,13 @@ class CallsScreen(Screen[None]):
     @on(LiveError)
     def _live_error(self, message: LiveError) -> None:
         self.notify(message.error, severity="warning", timeout=6)
+        if message.lost and isinstance(self.app, LlmtapApp):
+            self.app.set_live(False)
+
+    @on(LiveResumed)
+    def _live_resumed(self, _: LiveResumed) -> None:
+        if isinstance(self.app, LlmtapApp):
+            self.app.set_live(True)
 
     # -- filter ---------------------------------------------------------------------------
     @on(Input.Submitted, "#filter")
@@ -1255,7 +1265,22 @@ class LlmtapApp(App[int]):
         self.startup_error: str | None = None
         self._proxy_task: asyncio.Task[None] | None = None
         self._note = note
-        self.sub_title = source
+        self.live_lost = False
+        self.sub_title = self._source_title()
+
+    def _source_title(self) -> str:
+        """The DB and, when attached to a running `llmtap run`, whether it still answers."""
+        if getattr(self.reader, "kind", "") != "remote":
+            return self.source
+        if self.live_lost:
+            return f"{self.source} — llmtap run stopped: not live (resumes when it runs again)"
+        return f"{self.source}  (live, attached to llmtap run)"
+
+    def set_live(self, ok: bool) -> None:
+        """The live feed was lost (the proxy holding the file stopped) or answers again."""
+        self.live_lost = not ok
+        if getattr(self.reader, "kind", "") == "remote":
+            self.sub_title = self._source_title()
 
     def get_default_screen(self) -> Screen[Any]:
         return CallsScreen(self.reader, note=self._note)

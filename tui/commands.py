@@ -48,9 +48,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
         return 2
     from llmtap.tui.app import LlmtapApp
 
-    source = f"{db}" + ("  (live, attached to llmtap run)" if reader.kind == "remote" else "")
     try:
-        app = LlmtapApp(reader, source=source)
+        app = LlmtapApp(reader, source=str(db))  # it says itself whether it is attached, and live
         code = app.run()
     finally:
         reader.close()

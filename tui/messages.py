@@ -65,6 +65,12 @@ class LiveReset(Message):
 @dataclass
 class LiveError(Message):
     error: str
+    lost: bool = False  # the feed itself stopped answering (the serving process is gone)
+
+
+@dataclass
+class LiveResumed(Message):
+    """The feed answers again after it was lost."""
 
 
 @dataclass
