@@ -41,6 +41,15 @@ def _no_blink(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_Input, "cursor_blink", False, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Copy as curl writes to the user's cache: a test's own, here."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("TMUX", raising=False)
+    return cache
+
+
 async def wait_for(pilot: Pilot[Any], cond: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
     """Let the app run until `cond()` holds; fail with `what` after `timeout` seconds."""
     loop = asyncio.get_running_loop()
@@ -1047,3 +1056,53 @@ async def test_an_attached_ui_says_when_the_proxy_has_stopped(tmp_path: Path) ->
         recorder.close()
         if second is not None:
             second.close()
+
+
+def toasts(app: LlmtapApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+@pytest.mark.parametrize("tmux", [False, True])
+async def test_copy_as_curl_says_where_it_went_and_writes_a_private_file(
+        tmp_path: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch, tmux: bool) -> None:
+    import stat
+
+    if tmux:
+        monkeypatch.setenv("TMUX", "/tmp/tmux-1000/default,1234,0")
+    reader = reader_with_rows(tmp_path, [{"request_headers": {"authorization": "Bearer sk-…3f9a",
+                                                              "x-api-key": "sk-ant-…77aa",
+                                                              "content-type": "application/json"}}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        await pilot.press("c")
+        path = _private_cache / "llmtap" / "curl" / f"{screen.call_id}.sh"
+        assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        written = path.read_text()
+        assert app.clipboard in written and written.count("curl -X POST") == 1
+        assert "-H 'authorization: Bearer sk-…3f9a'" in written and "-H 'x-api-key: sk-ant-…77aa'" in written
+        message = toasts(app)[-1]
+        assert str(path) in message and "put yours back in" in message
+        assert ("set-clipboard on" in message) == tmux
+        # The text runs as a shell script: the comment line does not break it.
+        assert written.splitlines()[0].startswith("# ")
+    reader.close()
+
+
+async def test_copy_as_curl_does_not_follow_a_planted_symlink(tmp_path: Path, _private_cache: Path) -> None:
+    reader = reader_with_rows(tmp_path, [{}])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        folder = _private_cache / "llmtap" / "curl"
+        folder.mkdir(parents=True)
+        (folder / f"{screen.call_id}.sh").symlink_to(victim)
+        await pilot.press("c")
+        assert victim.read_text() == "keep me"
+        assert "clipboard only" in toasts(app)[-1]
+    reader.close()

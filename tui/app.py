@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -656,6 +658,26 @@ class CallsScreen(Screen[None]):
 
 
 # -- one call -----------------------------------------------------------------------------------
+def curl_dir() -> Path:
+    """Where copied curl commands are written: the user's cache, in a folder only they read
+    (a request body can be private even with its keys redacted)."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "llmtap" / "curl"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmtap" / "curl"
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable by the user only (0600 in a 0700 folder); never
+    through a symlink someone left there."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file of that name may have had other bits
+        f.write(text)
+    return path
+
+
 def tool_calls_text(tool_calls: Any) -> Text:
     """The `tool_calls` column ([{id, name, arguments}]) as the answer's list of calls."""
     calls = render.as_json_value(tool_calls)
@@ -1001,9 +1023,25 @@ class DetailScreen(Screen[None]):
         cmd = render.curl_command(rec.get("method") or "POST", rec.get("url") or "",
                                   headers if isinstance(headers, dict) else {},
                                   rec.get("request_body"), rec.get("request_body_raw"))
+        # OSC 52 may never arrive (tmux drops it unless set-clipboard is on, many terminals
+        # ignore it) and Textual cannot tell: the file is the copy that surely exists.
         self.app.copy_to_clipboard(cmd)
         self.last_curl = cmd
-        self.notify("curl command copied (redacted headers stay redacted: put your key back in)", timeout=4)
+        keys = "Redacted keys stay redacted: put yours back in."
+        try:
+            path = write_private(curl_dir() / f"{self.call_id}.sh",
+                                 f"# llmtap call {self.call_id}. {keys}\n{cmd}\n")
+        except OSError as exc:
+            self.notify(f"curl command sent to the terminal clipboard only (it may not arrive); "
+                        f"writing it to {curl_dir()} failed: {exc}", severity="warning", timeout=10)
+            return
+        if os.environ.get("TMUX"):
+            where = (f"curl command written to {path} (also sent to the terminal clipboard, which tmux "
+                     "ignores unless `set -g set-clipboard on`).")
+        else:
+            where = (f"curl command copied to the clipboard (if the terminal accepts OSC 52) and "
+                     f"written to {path}.")
+        self.notify(f"{where} {keys}", timeout=10)
 
 
 # -- stats --------------------------------------------------------------------------------------
