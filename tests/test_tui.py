@@ -15,7 +15,7 @@ import duckdb
 import pytest
 from textual.containers import VerticalScroll
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
+from textual.widgets import DataTable, Input, Label, Static, TabbedContent, TextArea
 from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 from llmtap.tui import query as q
@@ -1106,3 +1106,49 @@ async def test_copy_as_curl_does_not_follow_a_planted_symlink(tmp_path: Path, _p
         assert victim.read_text() == "keep me"
         assert "clipboard only" in toasts(app)[-1]
     reader.close()
+
+
+async def test_stats_chart_calls_errors_and_p95_over_the_filtered_range(tmp_path: Path) -> None:
+    # Three hours of openai calls: errors in the second hour, slow calls in the third; and an
+    # anthropic call two days later, which the filter leaves out (else the range would be days).
+    rows: list[dict[str, Any]] = []
+    for minute in range(0, 180, 2):
+        rows.append({"started_at": BASE_TIME + timedelta(minutes=minute), "provider": "openai",
+                     "status": 500 if 60 <= minute < 120 else 200,
+                     "duration_ms": 9000.0 if minute >= 120 else 300.0})
+    rows.append({"started_at": BASE_TIME + timedelta(days=2), "provider": "anthropic"})
+    reader = reader_with_rows(tmp_path, rows)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        await pilot.press("slash", *"provider:openai", "enter")
+        await wait_for(pilot, lambda: table(app).row_count == 90, "the filter")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, StatsScreen) and app.screen.activity is not None,
+                       "the charts")
+        screen = app.screen
+        assert isinstance(screen, StatsScreen)
+        activity = screen.activity
+        assert activity is not None and activity.label == "5 min" and len(activity.calls) == 36
+        calls = screen.query_one("#calls-chart").data  # type: ignore[attr-defined]
+        errors = screen.query_one("#errors-chart").data  # type: ignore[attr-defined]
+        p95 = screen.query_one("#p95-chart").data  # type: ignore[attr-defined]
+        assert sum(calls) == 90 and set(calls) <= {2, 3}
+        assert errors == [0] * 12 + [c for c in calls[12:24]] + [0] * 12
+        assert p95[:24] == [300.0] * 24 and p95[24:] == [9000.0] * 12
+        labels = " | ".join(static_text(w) for w in screen.query(Label).results(Label))
+        assert "per 5 min, " in labels and "calls: 90" in labels and "errors: 30 (33.3%)" in labels
+        assert "p95 duration: 300ms … 9000ms" in labels
+        app.save_screenshot(str(tmp_path / "stats.svg"))
+    reader.close()
+
+
+@pytest.mark.parametrize("span_ms, label, buckets", [
+    (0, "1 s", 1), (59_000, "1 s", 60), (60_000, "5 s", 13), (3 * 3600_000, "5 min", 37),
+    (400 * 86400_000, "1 week", 58), (100 * 365 * 86400_000, "1 year", 101),
+])
+def test_stats_buckets_follow_the_time_range(span_ms: int, label: str, buckets: int) -> None:
+    first = int(BASE_TIME.timestamp() * 1000) + 1234
+    start, width, got = q.pick_bucket(first, first + span_ms)
+    assert got == label and start <= first and start % width == 0
+    assert (first + span_ms - start) // width + 1 == buckets

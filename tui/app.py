@@ -24,6 +24,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.reactive import reactive
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
@@ -36,7 +37,6 @@ from textual.widgets import (
     Input,
     Label,
     ProgressBar,
-    Sparkline,
     Static,
     TabbedContent,
     TabPane,
@@ -49,6 +49,7 @@ from llmtap import paths
 from llmtap.tui import query as q
 from llmtap.tui import render
 from llmtap.tui.messages import (
+    Activity,
     DetailLoaded,
     ExportDone,
     ExportProgress,
@@ -1045,11 +1046,45 @@ class DetailScreen(Screen[None]):
 
 
 # -- stats --------------------------------------------------------------------------------------
-STATS_HOURS = 7 * 24
+class BarChart(Widget):
+    """Bars from a zero baseline, one value per bucket spread over the width. (Sparkline
+    scales from the data's minimum: 2 and 3 calls a bucket would read as none and many, and
+    one error among thousands of calls would not show.) Any value above zero shows."""
+
+    DEFAULT_CSS = """
+    BarChart {
+        height: 3;
+    }
+    """
+    BLOCKS = " ▁▂▃▄▅▆▇█"
+
+    data: reactive[list[float]] = reactive(list, always_update=True)
+
+    def render(self) -> Text:
+        width, height = self.size.width, self.size.height
+        values = list(self.data or [])
+        if not values or width <= 0 or height <= 0:
+            return Text("")
+        top = max(values) or 1
+        columns = []
+        for i in range(width):
+            v = values[min(i * len(values) // width, len(values) - 1)]
+            columns.append(0 if v <= 0 else max(1, round(v / top * height * 8)))
+        rows = []
+        for r in range(height):
+            floor_ = (height - 1 - r) * 8
+            rows.append("".join(self.BLOCKS[min(8, max(0, e - floor_))] for e in columns))
+        return Text("\n".join(rows))
+
+
+def _stamp(ms: int, width_ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000).astimezone()
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if width_ms < 60_000 else f"{moment:%Y-%m-%d %H:%M}"
 
 
 class StatsScreen(Screen[None]):
-    """Per model and provider: volume, errors, fallbacks, tokens, latency percentiles."""
+    """Per model and provider: volume, errors, fallbacks, tokens, latency percentiles; calls,
+    errors and p95 latency over the filtered calls' time range; a latency histogram."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="stats.back"),
@@ -1061,18 +1096,21 @@ class StatsScreen(Screen[None]):
         self.reader = reader
         self.schema = schema
         self.filter = flt
+        self.activity: Activity | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"filter: {self.filter.text or '(none)'}", id="stats-filter")
         yield DataTable(id="stats-table", cursor_type="row", zebra_stripes=True)
         with Horizontal(id="plots"):
-            with Vertical(classes="plot"):
-                yield Label(f"calls per hour, last {STATS_HOURS // 24} days", id="timeline-label")
-                yield Sparkline([], id="timeline")
-            with Vertical(classes="plot"):
-                yield Label("duration histogram (ms, log₂ buckets)", id="histogram-label")
-                yield Sparkline([], id="histogram")
+            with Vertical(classes="plot", id="over-time"):
+                yield Label("over time", id="range-label", classes="plot-title")
+                for key, title in (("calls", "calls"), ("errors", "errors"), ("p95", "p95 duration")):
+                    yield Label(title, id=f"{key}-label")
+                    yield BarChart(id=f"{key}-chart", classes=f"chart chart-{key}")
+            with Vertical(classes="plot", id="latency"):
+                yield Label("duration histogram (ms, log₂ buckets)", id="histogram-label", classes="plot-title")
+                yield BarChart(id="histogram", classes="chart chart-histogram")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -1093,19 +1131,29 @@ class StatsScreen(Screen[None]):
         try:
             sql, params = q.stats_sql(self.schema, self.filter)
             cols, rows = self.reader.query(sql, params)
-            tsql, tparams = q.timeline_sql(self.filter, STATS_HOURS)
-            _, trows = self.reader.query(tsql, tparams)
+            activity = self._activity()
             hsql, hparams = q.latency_histogram_sql(self.schema, self.filter)
             _, hrows = self.reader.query(hsql, hparams)
         except Exception as exc:
-            self.post_message(StatsLoaded([], [], [], error=str(exc)))
+            self.post_message(StatsLoaded([], None, [], error=str(exc)))
             return
-        timeline = [0] * STATS_HOURS
-        for h, n in trows:
-            if h is not None and 0 <= int(h) < STATS_HOURS:
-                timeline[int(h)] = int(n)
-        self.post_message(StatsLoaded(_rows_to_records(cols, rows), timeline,
+        self.post_message(StatsLoaded(_rows_to_records(cols, rows), activity,
                                       [(int(b), int(n)) for b, n in hrows if b is not None]))
+
+    def _activity(self) -> Activity | None:
+        """Buckets over the time from the first filtered call to the last."""
+        _, rows = self.reader.query(*q.time_range_sql(self.schema, self.filter))
+        if not rows or rows[0][0] is None:
+            return None
+        first, last = int(rows[0][0]), int(rows[0][1])
+        start, width, label = q.pick_bucket(first, last)
+        n = (last - start) // width + 1
+        calls, errors, p95 = [0] * n, [0] * n, [0.0] * n
+        _, brows = self.reader.query(*q.activity_sql(self.schema, self.filter, start, width))
+        for b, count, errs, p in brows:
+            if b is not None and 0 <= int(b) < n:
+                calls[int(b)], errors[int(b)], p95[int(b)] = int(count), int(errs or 0), float(p or 0.0)
+        return Activity(start, width, label, calls, errors, p95)
 
     @on(StatsLoaded)
     def _loaded(self, message: StatsLoaded) -> None:
@@ -1131,18 +1179,41 @@ class StatsScreen(Screen[None]):
                 ms(r["ttfb"], 0), ms(r["ttfb"], 1), ms(r["ttfb"], 2),
                 ms(r["duration"], 0), ms(r["duration"], 1), ms(r["duration"], 2),
             )
-        self.query_one("#timeline", Sparkline).data = message.timeline
-        total = sum(message.timeline)
-        self.query_one("#timeline-label", Label).update(
-            f"calls per hour, last {STATS_HOURS // 24} days ({total:,} calls)")
+        self._show_activity(message.activity)
         if message.histogram:
             # A fixed minimum span (32 ms … 16 s) so one busy bucket does not fill the plot.
             lo = min(5, *(b for b, _ in message.histogram))
             hi = max(13, *(b for b, _ in message.histogram))
             counts = dict(message.histogram)
-            self.query_one("#histogram", Sparkline).data = [counts.get(b, 0) for b in range(lo, hi + 1)]
+            self.query_one("#histogram", BarChart).data = [counts.get(b, 0) for b in range(lo, hi + 1)]
             self.query_one("#histogram-label", Label).update(
                 f"duration histogram: {2 ** lo:,} ms … {2 ** (hi + 1):,} ms (log₂ buckets)")
+
+
+    def _show_activity(self, activity: Activity | None) -> None:
+        self.activity = activity
+        if activity is None:
+            self.query_one("#range-label", Label).update("over time: no calls")
+            for key in ("calls", "errors", "p95"):
+                self.query_one(f"#{key}-chart", BarChart).data = []
+            return
+        end = activity.start_ms + len(activity.calls) * activity.width_ms
+        self.query_one("#range-label", Label).update(
+            f"per {activity.label}, {_stamp(activity.start_ms, activity.width_ms)} → "
+            f"{_stamp(end, activity.width_ms)} ({len(activity.calls)} bucket{'s' * (len(activity.calls) != 1)})")
+        total, errs = sum(activity.calls), sum(activity.errors)
+        p95 = [v for v in activity.p95_ms if v]
+        self.query_one("#calls-label", Label).update(
+            f"calls: {total:,}, at most {max(activity.calls):,} per {activity.label}")
+        self.query_one("#errors-label", Label).update(
+            f"errors: {errs:,} ({100.0 * errs / total if total else 0:.1f}%), at most {max(activity.errors):,} "
+            f"per {activity.label}")
+        self.query_one("#p95-label", Label).update(
+            f"p95 duration: {render.fmt_ms(min(p95))} … {render.fmt_ms(max(p95))}" if p95
+            else "p95 duration: no finished calls")
+        self.query_one("#calls-chart", BarChart).data = activity.calls
+        self.query_one("#errors-chart", BarChart).data = activity.errors
+        self.query_one("#p95-chart", BarChart).data = activity.p95_ms
 
 
 # -- export -------------------------------------------------------------------------------------

@@ -85,9 +85,21 @@ class PartialLoaded(Message):
 
 
 @dataclass
+class Activity:
+    """The filtered calls over time: bucket i starts at start_ms + i * width_ms."""
+
+    start_ms: int
+    width_ms: int
+    label: str  # the bucket width, "5 min"
+    calls: list[int]
+    errors: list[int]
+    p95_ms: list[float]
+
+
+@dataclass
 class StatsLoaded(Message):
     rows: list[Record]
-    timeline: list[int]
+    activity: Activity | None
     histogram: list[tuple[int, int]]
     error: str | None = None
 
