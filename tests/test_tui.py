@@ -1152,3 +1152,44 @@ def test_stats_buckets_follow_the_time_range(span_ms: int, label: str, buckets: 
     start, width, got = q.pick_bucket(first, first + span_ms)
     assert got == label and start <= first and start % width == 0
     assert (first + span_ms - start) // width + 1 == buckets
+
+
+async def test_curl_of_a_call_recorded_through_the_proxy_carries_no_key(tmp_path: Path, confdir: Path,
+                                                                         _private_cache: Path) -> None:
+    """A real SDK call with its key in a header and in the query string, through the real
+    proxy into a real DB: the curl the UI hands out holds fingerprints only, and the
+    Conversation tab ends with the provider's answer."""
+    import openai
+    from fakeprovider import FakeProvider
+    from proxyharness import RunningProxy
+
+    from llmtap.recorder.recorder import Recorder
+
+    key = "sk-proj-PLANTED-curl-0123456789abcdef"
+    db = tmp_path / "llmtap.duckdb"
+    with FakeProvider() as fake:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f'providers:\n  o1: {{base_url: "{fake.url}/v1", api: openai}}\n')
+        recorder = Recorder(db)
+        recorder.start()
+        try:
+            with RunningProxy(rules, confdir, sink=recorder) as proxy:
+                client = openai.OpenAI(base_url=f"{proxy.gateway_url}/o1", api_key=key, max_retries=0,
+                                       default_headers={"x-api-key": key}, default_query={"key": key})
+                client.chat.completions.create(model="o-mini", messages=[{"role": "user", "content": "hello"}])
+        finally:
+            recorder.close()
+        reply = fake.reply_text
+    reader = DuckReader(db)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        await wait_for(pilot, lambda: reply in static_text(screen.query_one("#answer-text", Static)), "the answer")
+        await pilot.press("c")
+        written = (_private_cache / "llmtap" / "curl" / f"{screen.call_id}.sh").read_text()
+    reader.close()
+    for text in (app.clipboard, written):
+        assert key not in text and "PLANTED" not in text
+        assert "-H 'authorization: Bearer sk-proj-…" in text and "-H 'x-api-key: sk-proj-…" in text
+        assert "key=sk-proj-…" in text and "/chat/completions" in text
