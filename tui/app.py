@@ -24,10 +24,11 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
-from textual.reactive import reactive
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.css.query import NoMatches
+from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
 from textual.widgets import (
     Button,
     Collapsible,
@@ -42,7 +43,6 @@ from textual.widgets import (
     TabPane,
     TextArea,
 )
-from textual.widget import Widget
 from textual.worker import get_current_worker
 
 from llmtap import paths
@@ -1030,7 +1030,8 @@ class DetailScreen(Screen[None]):
         self.last_curl = cmd
         keys = "Redacted keys stay redacted: put yours back in."
         try:
-            path = write_private(curl_dir() / f"{self.call_id}.sh",
+            safe_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.call_id)
+            path = write_private(curl_dir() / f"{safe_id}.sh",
                                  f"# llmtap call {self.call_id}. {keys}\n{cmd}\n")
         except OSError as exc:
             self.notify(f"curl command sent to the terminal clipboard only (it may not arrive); "
@@ -1188,7 +1189,6 @@ class StatsScreen(Screen[None]):
             self.query_one("#histogram", BarChart).data = [counts.get(b, 0) for b in range(lo, hi + 1)]
             self.query_one("#histogram-label", Label).update(
                 f"duration histogram: {2 ** lo:,} ms … {2 ** (hi + 1):,} ms (log₂ buckets)")
-
 
     def _show_activity(self, activity: Activity | None) -> None:
         self.activity = activity
