@@ -1382,7 +1382,8 @@ class LlmtapApp(App[int]):
         if getattr(self.reader, "kind", "") != "remote":
             return self.source
         if self.live_lost:
-            return f"{self.source} — llmtap run stopped: not live (resumes when it runs again)"
+            # First: a narrow terminal cuts the end of the title.
+            return f"llmtap run stopped: not live (resumes when it runs again) — {self.source}"
         return f"{self.source}  (live, attached to llmtap run)"
 
     def set_live(self, ok: bool) -> None:
