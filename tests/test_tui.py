@@ -13,8 +13,9 @@ from typing import Any
 
 import duckdb
 import pytest
+from textual.containers import VerticalScroll
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Input, Static, TabbedContent, TextArea
+from textual.widgets import DataTable, Input, Label, Static, TabbedContent, TextArea
 from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 from llmtap.tui import query as q
@@ -38,6 +39,15 @@ def _no_blink(monkeypatch: pytest.MonkeyPatch) -> None:
     from textual.widgets import Input as _Input
 
     monkeypatch.setattr(_Input, "cursor_blink", False, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Copy as curl writes to the user's cache: a test's own, here."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("TMUX", raising=False)
+    return cache
 
 
 async def wait_for(pilot: Pilot[Any], cond: Callable[[], bool], what: str = "condition", timeout: float = 10.0) -> None:
@@ -417,8 +427,8 @@ async def test_conversation_tab_renders_turns_and_collapses_system(tmp_path: Pat
                        "the call")
         screen = app.screen
         await wait_for(pilot, lambda: len(screen.query(".turn")) > 0, "turns")
-        turns = [static_text(w) for w in screen.query(".turn").results(Static)]
-        assert turns == ["Say hi"]
+        turns = [static_text(w) for w in screen.query(".turn").results(Static) if w.display]
+        assert turns == ["Say hi", "hi"]  # the answer is the last turn
         system = screen.query_one("#system-prompt")
         assert system.collapsed  # type: ignore[attr-defined]
     reader.close()
@@ -860,3 +870,326 @@ async def test_attach_to_a_running_recorder_and_see_calls_live(tmp_path: Path) -
         reader.close()
     finally:
         recorder.close()
+
+
+# -- what a new user runs into --------------------------------------------------------------------
+async def open_detail(pilot: Pilot[Any], app: LlmtapApp) -> DetailScreen:
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: isinstance(app.screen, DetailScreen) and app.screen.record is not None,
+                   "the call")
+    screen = app.screen
+    assert isinstance(screen, DetailScreen)
+    return screen
+
+
+async def test_vim_keys_move_in_the_list_but_type_in_the_filter(tmp_path: Path) -> None:
+    reader = make_reader(tmp_path, [{} for _ in range(5)])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 5)
+        t = table(app)
+        await pilot.press("j", "j")
+        assert t.cursor_row == 2
+        await pilot.press("k")
+        assert t.cursor_row == 1
+        await pilot.press("G")
+        assert t.cursor_row == 4
+        await pilot.press("g")
+        assert t.cursor_row == 0
+        await pilot.press("slash", *"jkgG")
+        assert app.calls.query_one("#filter", Input).value == "jkgG" and t.cursor_row == 0
+        await pilot.press("escape", "question_mark")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen), "help")
+        help_table = app.screen.query_one("#help-table", DataTable)
+        keys = {(str(help_table.get_row_at(i)[0]), str(help_table.get_row_at(i)[1]))
+                for i in range(help_table.row_count)}
+        assert {("list", "j"), ("list", "k"), ("list", "home, g"), ("list", "end, G"),
+                ("call", "j, ↓"), ("call", "g, home")} <= keys, keys
+    reader.close()
+
+
+async def test_vim_keys_scroll_the_detail_tabs(tmp_path: Path) -> None:
+    long = "\n".join(f"line {i}" for i in range(300))
+    reader = reader_with_rows(tmp_path, [{"content": long, "reasoning": long}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        for tab in ("reasoning", "response"):
+            screen.query_one(TabbedContent).active = tab
+            await pilot.pause()
+            scroller = screen.query_one(f"#{tab}").query_one(VerticalScroll)
+            await wait_for(pilot, lambda: scroller.max_scroll_y > 0, "a scrollable tab")
+            await pilot.press("j", "j", "j")
+            assert scroller.scroll_y == 3
+            await pilot.press("k")
+            assert scroller.scroll_y == 2
+            await pilot.press("G")
+            assert scroller.scroll_y == scroller.max_scroll_y
+            await pilot.press("g")
+            assert scroller.scroll_y == 0
+            await pilot.press("pagedown")
+            assert scroller.scroll_y > 3
+    reader.close()
+
+
+async def test_detail_header_labels_the_token_counts(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path, [{"input_tokens": 12, "output_tokens": 19, "reasoning_tokens": None}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        assert "tokens in 12 · out 19 · reasoning -" in static_text(screen.query_one("#summary", Static))
+    reader.close()
+
+
+async def test_export_path_is_edited_not_replaced_by_typing(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 3)
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportScreen), "the export prompt")
+        path_input = app.screen.query_one("#export-path", Input)
+        default = path_input.value
+        assert default.endswith(".parquet")
+        await pilot.press("e")  # the impatient second press
+        assert path_input.value == default + "e"
+        await pilot.press("backspace")
+        assert path_input.value == default
+        # ctrl+u clears it for a path of one's own.
+        await pilot.press("ctrl+u", *str(tmp_path / "mine.parquet"), "enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, CallsScreen), "the export to finish")
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path / 'mine.parquet'}'").fetchall() == [(3,)]
+    reader.close()
+
+
+async def test_conversation_ends_with_the_answer_and_its_tool_calls(tmp_path: Path) -> None:
+    reader = reader_with_rows(tmp_path, [
+        {"content": "Checking the weather.", "reasoning": "The user wants the weather in Paris.",
+         "tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}]},
+    ])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        assert screen.query_one(TabbedContent).active == "conversation"
+        await wait_for(pilot, lambda: "Checking" in static_text(screen.query_one("#answer-text", Static)), "answer")
+        body = screen.query_one("#conversation-body", VerticalScroll)
+        shown = [w for w in body.children if w.display]
+        # The request's turns, then the answer: role, folded reasoning, text, tool calls.
+        roles = [static_text(w) for w in shown if w.has_class("role")]
+        assert roles == ["user", "assistant (answer)"]
+        reasoning = screen.query_one("#answer-reasoning")
+        assert reasoning.collapsed and "reasoning (36 chars)" in str(reasoning.title)  # type: ignore[attr-defined]
+        assert shown[-1].id == "answer-tools"
+        tools = static_text(screen.query_one("#answer-tools", Static))
+        assert "→ get_weather  (call_1)" in tools and '"city": "Paris"' in tools
+    reader.close()
+
+
+async def test_run_tui_with_no_calls_says_where_its_proxy_listens(tmp_path: Path, confdir: Path) -> None:
+    """`llmtap run --tui --proxy 127.0.0.1:0 --gateway 127.0.0.1:0` on an empty DB."""
+    import re
+
+    from llmtap.addons.runner import Proxy, RunConfig
+    from llmtap.recorder.record import MemorySink
+    from llmtap.tui.app import Listening
+
+    reader = make_reader(tmp_path, [])
+    config = RunConfig(proxy=("127.0.0.1", 0), gateway=("127.0.0.1", 0), confdir=confdir)
+    app = LlmtapApp(reader, proxy_factory=lambda: Proxy(config, MemorySink()),
+                    listening=Listening(config.proxy, config.gateway, config.confdir))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.proxy is not None, "the proxy to start", timeout=30)
+        await loaded(pilot, app, 0)
+        proxy_port, gateway_port = app.proxy.proxy_addr[1], app.proxy.gateway_addr[1]
+        empty = app.calls.query_one("#empty", Static)
+        await wait_for(pilot, lambda: f":{gateway_port}/openai" in static_text(empty), "the gateway's address")
+        text = static_text(empty)
+        assert "proxy is running" in text and "Start the proxy" not in text and ":8081" not in text
+        assert f"http://127.0.0.1:{proxy_port}" in text
+        assert f'eval "$(llmtap env --proxy 127.0.0.1:{proxy_port} --confdir {confdir})"' in text
+        # The base URL it names is where the gateway answers.
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/openai", text).group(1))  # type: ignore[union-attr]
+        conn_reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(conn_reader.read(12), 30)).startswith(b"HTTP/1.1 ")
+        writer.close()
+        await pilot.press("q")
+        await wait_for(pilot, lambda: app.return_code is not None, "quit")
+    reader.close()
+
+
+async def test_an_attached_ui_says_when_the_proxy_has_stopped(tmp_path: Path) -> None:
+    """`llmtap tui` attached to the recorder process of a `llmtap run`, which stops (as when
+    the proxy is stopped), then runs again."""
+    from llmtap.recorder import reader as reader_mod
+    from llmtap.recorder.process import RecorderProcess
+    from llmtap.recorder.record import Call, new_id, utcnow
+
+    db = tmp_path / "live.duckdb"
+    recorder = RecorderProcess(db)
+    recorder.start()
+    second = None
+    try:
+        reader = reader_mod.open_reader(db)
+        app = LlmtapApp(reader, source=str(db))
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app, 0)
+            assert app.sub_title == f"{db}  (live, attached to llmtap run)"
+            recorder.close()
+            await wait_for(pilot, lambda: "stopped" in app.sub_title, "the title to say the proxy stopped", timeout=20)
+            assert "live, attached" not in app.sub_title and str(db) in app.sub_title
+            # Started again (a new endpoint): the UI follows it and is live once more.
+            second = RecorderProcess(db)
+            second.start()
+            await wait_for(pilot, lambda: "live, attached" in app.sub_title, "live again", timeout=20)
+            call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
+                        api="openai.chat", model_requested="again", model_sent="again", provider="openai",
+                        request_body=b'{"model": "again", "messages": []}')
+            second.call_started(call)
+            await wait_for(pilot, lambda: call.id in table(app).rows, "a call on the new endpoint", timeout=20)
+        reader.close()
+    finally:
+        recorder.close()
+        if second is not None:
+            second.close()
+
+
+def toasts(app: LlmtapApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+@pytest.mark.parametrize("tmux", [False, True])
+async def test_copy_as_curl_says_where_it_went_and_writes_a_private_file(
+        tmp_path: Path, _private_cache: Path, monkeypatch: pytest.MonkeyPatch, tmux: bool) -> None:
+    import stat
+
+    if tmux:
+        monkeypatch.setenv("TMUX", "/tmp/tmux-1000/default,1234,0")
+    reader = reader_with_rows(tmp_path, [{"request_headers": {"authorization": "Bearer sk-…3f9a",
+                                                              "x-api-key": "sk-ant-…77aa",
+                                                              "content-type": "application/json"}}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        await pilot.press("c")
+        path = _private_cache / "llmtap" / "curl" / f"{screen.call_id}.sh"
+        assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        written = path.read_text()
+        assert app.clipboard in written and written.count("curl -X POST") == 1
+        assert "-H 'authorization: Bearer sk-…3f9a'" in written and "-H 'x-api-key: sk-ant-…77aa'" in written
+        message = toasts(app)[-1]
+        assert str(path) in message and "put yours back in" in message
+        assert ("set-clipboard on" in message) == tmux
+        # The text runs as a shell script: the comment line does not break it.
+        assert written.splitlines()[0].startswith("# ")
+    reader.close()
+
+
+async def test_copy_as_curl_does_not_follow_a_planted_symlink(tmp_path: Path, _private_cache: Path) -> None:
+    reader = reader_with_rows(tmp_path, [{}])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        folder = _private_cache / "llmtap" / "curl"
+        folder.mkdir(parents=True)
+        (folder / f"{screen.call_id}.sh").symlink_to(victim)
+        await pilot.press("c")
+        assert victim.read_text() == "keep me"
+        assert "clipboard only" in toasts(app)[-1]
+    reader.close()
+
+
+async def test_stats_chart_calls_errors_and_p95_over_the_filtered_range(tmp_path: Path) -> None:
+    # Three hours of openai calls: errors in the second hour, slow calls in the third; and an
+    # anthropic call two days later, which the filter leaves out (else the range would be days).
+    rows: list[dict[str, Any]] = []
+    for minute in range(0, 180, 2):
+        rows.append({"started_at": BASE_TIME + timedelta(minutes=minute), "provider": "openai",
+                     "status": 500 if 60 <= minute < 120 else 200,
+                     "duration_ms": 9000.0 if minute >= 120 else 300.0})
+    rows.append({"started_at": BASE_TIME + timedelta(days=2), "provider": "anthropic"})
+    reader = reader_with_rows(tmp_path, rows)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        await pilot.press("slash", *"provider:openai", "enter")
+        await wait_for(pilot, lambda: table(app).row_count == 90, "the filter")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, StatsScreen) and app.screen.activity is not None,
+                       "the charts")
+        screen = app.screen
+        assert isinstance(screen, StatsScreen)
+        activity = screen.activity
+        assert activity is not None and activity.label == "5 min" and len(activity.calls) == 36
+        calls = screen.query_one("#calls-chart").data  # type: ignore[attr-defined]
+        errors = screen.query_one("#errors-chart").data  # type: ignore[attr-defined]
+        p95 = screen.query_one("#p95-chart").data  # type: ignore[attr-defined]
+        assert sum(calls) == 90 and set(calls) <= {2, 3}
+        assert errors == [0] * 12 + [c for c in calls[12:24]] + [0] * 12
+        assert p95[:24] == [300.0] * 24 and p95[24:] == [9000.0] * 12
+        labels = " | ".join(static_text(w) for w in screen.query(Label).results(Label))
+        assert "per 5 min, " in labels and "calls: 90" in labels and "errors: 30 (33.3%)" in labels
+        assert "p95 duration: 300ms … 9000ms" in labels
+        app.save_screenshot(str(tmp_path / "stats.svg"))
+    reader.close()
+
+
+@pytest.mark.parametrize("span_ms, label, buckets", [
+    (0, "1 s", 1), (59_000, "1 s", 60), (60_000, "5 s", 13), (3 * 3600_000, "5 min", 37),
+    (400 * 86400_000, "1 week", 58), (100 * 365 * 86400_000, "1 year", 101),
+])
+def test_stats_buckets_follow_the_time_range(span_ms: int, label: str, buckets: int) -> None:
+    first = int(BASE_TIME.timestamp() * 1000) + 1234
+    start, width, got = q.pick_bucket(first, first + span_ms)
+    assert got == label and start <= first and start % width == 0
+    assert (first + span_ms - start) // width + 1 == buckets
+
+
+async def test_curl_of_a_call_recorded_through_the_proxy_carries_no_key(tmp_path: Path, confdir: Path,
+                                                                         _private_cache: Path) -> None:
+    """A real SDK call with its key in a header and in the query string, through the real
+    proxy into a real DB: the curl the UI hands out holds fingerprints only, and the
+    Conversation tab ends with the provider's answer."""
+    import openai
+    from fakeprovider import FakeProvider
+    from proxyharness import RunningProxy
+
+    from llmtap.recorder.recorder import Recorder
+
+    key = "sk-proj-PLANTED-curl-0123456789abcdef"
+    db = tmp_path / "llmtap.duckdb"
+    with FakeProvider() as fake:
+        rules = tmp_path / "rules.yaml"
+        rules.write_text(f'providers:\n  o1: {{base_url: "{fake.url}/v1", api: openai}}\n')
+        recorder = Recorder(db)
+        recorder.start()
+        try:
+            with RunningProxy(rules, confdir, sink=recorder) as proxy:
+                client = openai.OpenAI(base_url=f"{proxy.gateway_url}/o1", api_key=key, max_retries=0,
+                                       default_headers={"x-api-key": key}, default_query={"key": key})
+                client.chat.completions.create(model="o-mini", messages=[{"role": "user", "content": "hello"}])
+        finally:
+            recorder.close()
+        reply = fake.reply_text
+    reader = DuckReader(db)
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        screen = await open_detail(pilot, app)
+        await wait_for(pilot, lambda: reply in static_text(screen.query_one("#answer-text", Static)), "the answer")
+        await pilot.press("c")
+        written = (_private_cache / "llmtap" / "curl" / f"{screen.call_id}.sh").read_text()
+    reader.close()
+    for text in (app.clipboard, written):
+        assert key not in text and "PLANTED" not in text
+        assert "-H 'authorization: Bearer sk-proj-…" in text and "-H 'x-api-key: sk-proj-…" in text
+        assert "key=sk-proj-…" in text and "/chat/completions" in text

@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shlex
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.css.query import NoMatches
+from textual.reactive import reactive
 from textual.screen import ModalScreen, Screen
+from textual.widget import Widget
 from textual.widgets import (
     Button,
     Collapsible,
@@ -32,7 +38,6 @@ from textual.widgets import (
     Input,
     Label,
     ProgressBar,
-    Sparkline,
     Static,
     TabbedContent,
     TabPane,
@@ -40,9 +45,11 @@ from textual.widgets import (
 )
 from textual.worker import get_current_worker
 
+from llmtap import paths
 from llmtap.tui import query as q
 from llmtap.tui import render
 from llmtap.tui.messages import (
+    Activity,
     DetailLoaded,
     ExportDone,
     ExportProgress,
@@ -50,6 +57,7 @@ from llmtap.tui.messages import (
     LiveFinished,
     LiveProgress,
     LiveReset,
+    LiveResumed,
     LiveRows,
     PageFailed,
     PageLoaded,
@@ -78,6 +86,63 @@ EMPTY_HELP = (
     "  • tools that take a base URL:     http://127.0.0.1:8081/openai  (or /anthropic, …)\n\n"
     "Calls appear here as they happen."
 )
+EMPTY_ATTACHED = (
+    "No calls recorded yet.\n\n"
+    "The running `llmtap run` records to this file: send traffic through it, at the addresses it\n"
+    "printed when it started (by default):\n"
+    "  • tools that honour HTTPS_PROXY:  eval \"$(llmtap env)\"  or  llmtap wrap -- CMD\n"
+    "  • tools that take a base URL:     http://127.0.0.1:8081/openai  (or /anthropic, …)\n\n"
+    "Calls appear here as they happen."
+)
+DEFAULT_PROXY = ("127.0.0.1", 8080)  # what `llmtap env` and `llmtap wrap` assume without --proxy
+
+
+class Listening(NamedTuple):
+    """Where the proxy running in this process (`llmtap run --tui`) listens; port 0 means
+    not bound yet. `confdir` holds its CA, which `llmtap env` must be pointed at."""
+
+    proxy: tuple[str, int] | None
+    gateway: tuple[str, int] | None
+    confdir: Path | None = None
+
+
+def _url_host(host: str) -> str:
+    """The host a tool on this machine connects to for a listener bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def empty_help_running(listening: Listening, *, recording: bool) -> str:
+    """The empty list's text when the proxy runs in this process: its real addresses."""
+    head = ("No calls recorded yet. The proxy is running in this process:" if recording else
+            "Not recording (--no-record): the proxy is running in this process; calls are passed on, "
+            "none is kept.")
+    lines = [head, ""]
+    if listening.proxy is None and listening.gateway is None:
+        lines.append("  (no listener: both --proxy and --gateway are off)")
+    if listening.proxy is not None:
+        host, port = listening.proxy
+        if port:
+            flags = "" if (_url_host(host), port) == DEFAULT_PROXY else f" --proxy {_url_host(host)}:{port}"
+            if listening.confdir is not None and Path(listening.confdir) != paths.default_confdir():
+                flags += f" --confdir {shlex.quote(str(listening.confdir))}"
+            lines += [f"  • proxy    http://{_url_host(host)}:{port}   for tools that honour HTTPS_PROXY:",
+                      f"               eval \"$(llmtap env{flags})\"   or   llmtap wrap{flags} -- CMD"]
+        else:
+            lines.append("  • proxy    starting…")
+    if listening.gateway is not None:
+        host, port = listening.gateway
+        if port:
+            base = f"http://{_url_host(host)}:{port}"
+            lines += [f"  • gateway  {base}/<provider>   for tools that take a base URL:",
+                      f"               {base}/openai   (or /anthropic, /openrouter, /ollama, …)"]
+        else:
+            lines.append("  • gateway  starting…")
+    lines += ["", "Calls appear here as they happen." if recording else "Quit with q."]
+    return "\n".join(lines)
 
 
 def _rows_to_records(cols: list[str], rows: list[tuple]) -> list[Record]:
@@ -174,9 +239,13 @@ class CallTable(DataTable[Any]):
     """The list's table: in a list of rows, Home/End mean first/last call, not left/right edge."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("home", "scroll_top", "First call", show=False, id="calls.first"),
-        Binding("end", "scroll_bottom", "Last loaded call", show=False, id="calls.last",
+        Binding("home,g", "scroll_top", "First call", show=False, id="calls.first"),
+        Binding("end,G", "scroll_bottom", "Last loaded call", show=False, id="calls.last",
                 tooltip="Last loaded call (the next page loads as you near the end)"),
+        # mitmproxy's console and less/vim move with j/k; typed into the filter bar they stay
+        # text, because the bar (not this table) then has the focus.
+        Binding("j", "cursor_down", "Down", show=False, id="calls.down", tooltip="Next (older) call"),
+        Binding("k", "cursor_up", "Up", show=False, id="calls.up", tooltip="Previous (newer) call"),
     ]
 
 
@@ -358,13 +427,18 @@ class CallsScreen(Screen[None]):
         empty = self.query_one("#empty", Static)
         has_rows = self.table.row_count > 0
         if not has_rows:
+            listening: Listening | None = getattr(self.app, "listening", None)
             if self.reader is None:
-                empty.update("Not recording (--no-record): the proxy is running, nothing is kept.\n\n"
-                             + EMPTY_HELP.split("\n\n", 1)[1])
+                empty.update(Text(empty_help_running(listening, recording=False)) if listening is not None
+                             else "Not recording (--no-record): nothing is kept.")
             elif self._paging:
                 empty.update("Searching…")
             elif self.filter.clauses:
                 empty.update("No call matches the filter.")
+            elif listening is not None:
+                empty.update(Text(empty_help_running(listening, recording=True)))
+            elif getattr(self.reader, "kind", "") == "remote":
+                empty.update(EMPTY_ATTACHED)
             else:
                 empty.update(EMPTY_HELP)
         empty.display = not has_rows
@@ -397,10 +471,12 @@ class CallsScreen(Screen[None]):
                 seq, events = self.reader.events_after(seq, LIVE_POLL_S)
             except Exception as exc:
                 if not failing:
-                    self.post_message(LiveError(f"live updates interrupted: {exc}"))
+                    self.post_message(LiveError(f"live updates interrupted: {exc}", lost=True))
                 failing = True
                 threading.Event().wait(2.0)  # back off; the writer may be restarting
                 continue
+            if failing:
+                self.post_message(LiveResumed())
             failing = False
             if not events or worker.is_cancelled:
                 continue
@@ -509,6 +585,13 @@ class CallsScreen(Screen[None]):
     @on(LiveError)
     def _live_error(self, message: LiveError) -> None:
         self.notify(message.error, severity="warning", timeout=6)
+        if message.lost and isinstance(self.app, LlmtapApp):
+            self.app.set_live(False)
+
+    @on(LiveResumed)
+    def _live_resumed(self, _: LiveResumed) -> None:
+        if isinstance(self.app, LlmtapApp):
+            self.app.set_live(True)
 
     # -- filter ---------------------------------------------------------------------------
     @on(Input.Submitted, "#filter")
@@ -576,6 +659,43 @@ class CallsScreen(Screen[None]):
 
 
 # -- one call -----------------------------------------------------------------------------------
+def curl_dir() -> Path:
+    """Where copied curl commands are written: the user's cache, in a folder only they read
+    (a request body can be private even with its keys redacted)."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "llmtap" / "curl"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmtap" / "curl"
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable by the user only (0600 in a 0700 folder); never
+    through a symlink someone left there."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file of that name may have had other bits
+        f.write(text)
+    return path
+
+
+def tool_calls_text(tool_calls: Any) -> Text:
+    """The `tool_calls` column ([{id, name, arguments}]) as the answer's list of calls."""
+    calls = render.as_json_value(tool_calls)
+    out = Text()
+    if isinstance(calls, list) and calls:
+        out.append(f"tool calls ({len(calls)})\n", style="bold")
+        for tc in calls:
+            if not isinstance(tc, dict):
+                out.append(render.pretty_json(tc) + "\n")
+                continue
+            out.append(f"→ {tc.get('name')}", style="bold cyan")
+            if tc.get("id"):
+                out.append(f"  ({tc['id']})", style="dim")
+            out.append("\n" + render.clip(render.pretty_arguments(tc.get("arguments")), render.TURN_DISPLAY_LIMIT) + "\n")
+    return out
+
+
 TABS: tuple[tuple[str, str], ...] = (
     ("conversation", "Conversation"),
     ("reasoning", "Reasoning"),
@@ -596,6 +716,15 @@ class DetailScreen(Screen[None]):
         Binding("right", "tab(1)", "Next tab", priority=True, id="detail.next_tab"),
         Binding("c", "copy_curl", "Copy as curl", id="detail.copy_curl",
                 tooltip="Copy a curl command replaying this request"),
+        # Not priority: a focused table or text area keeps its own arrows; j/k, which a
+        # read-only text area ignores, scroll the tab from anywhere.
+        Binding("j,down", "scroll_tab('down')", "Scroll down", show=False, id="detail.down"),
+        Binding("k,up", "scroll_tab('up')", "Scroll up", show=False, id="detail.up"),
+        Binding("pagedown,space", "scroll_tab('page_down')", "Page down", show=False, id="detail.page_down"),
+        Binding("pageup", "scroll_tab('page_up')", "Page up", show=False, id="detail.page_up"),
+        Binding("g,home", "scroll_tab('home')", "Top", show=False, id="detail.top", tooltip="Top of the tab"),
+        Binding("G,end", "scroll_tab('end')", "Bottom", show=False, id="detail.bottom",
+                tooltip="Bottom of the tab"),
     ]
 
     def __init__(self, reader: q.Reader, schema: q.Schema, call_id: str) -> None:
@@ -675,6 +804,8 @@ class DetailScreen(Screen[None]):
             await self._fill_conversation(rec)
         self._fill_reasoning(rec.get("reasoning"), in_progress(rec))
         self._fill_response(rec.get("content"), rec.get("tool_calls"), rec.get("error"))
+        self._fill_answer(rec.get("content"), rec.get("tool_calls"), rec.get("reasoning"), rec.get("error"),
+                          in_progress(rec))
         self._fill_attempts(message.attempts)
         self._fill_headers(rec)
         self._fill_raw(rec)
@@ -693,8 +824,9 @@ class DetailScreen(Screen[None]):
         if (rec.get("attempts") or 0) > 1:
             t.append(f"  {rec['attempts']}↻", style="bold black on yellow")
         t.append(f"  ttfb {render.fmt_ms(rec.get('ttfb_ms')) or '-'}  total {render.fmt_ms(rec.get('duration_ms')) or '-'}")
-        t.append(f"  tokens {rec.get('input_tokens') or 0}/{rec.get('output_tokens') or 0}"
-                 f"/{rec.get('reasoning_tokens') or 0}")
+        t.append("  tokens " + " · ".join(
+            f"{label} {render.fmt_tokens(rec.get(col)) or '-'}"
+            for label, col in (("in", "input_tokens"), ("out", "output_tokens"), ("reasoning", "reasoning_tokens"))))
         if rec.get("error"):
             t.append(f"\nerror: {rec['error']}", style="bold red")
         notes = render.as_json_value(rec.get("notes"))
@@ -706,12 +838,12 @@ class DetailScreen(Screen[None]):
         box = self.query_one("#conversation-body", VerticalScroll)
         await box.remove_children()
         body = rec.get("request_body")
-        if body is None and rec.get("request_body_raw") is not None:
-            await box.mount(Static("The request body is not UTF-8; see the Raw tab.", classes="note"))
-            return
-        parsed = render.parse_json(body)
-        conv = render.conversation(parsed)
         widgets: list[Any] = []
+        if body is None and rec.get("request_body_raw") is not None:
+            widgets.append(Static("The request body is not UTF-8; see the Raw tab.", classes="note"))
+            conv = render.Conversation()
+        else:
+            conv = render.conversation(render.parse_json(body))
         if conv.note:
             widgets.append(Static(conv.note, classes="note"))
         if conv.system:
@@ -731,7 +863,46 @@ class DetailScreen(Screen[None]):
             widgets.append(Static(Text(turn.text), classes=f"turn turn-{role}"))
         if not widgets:
             widgets.append(Static("empty request body", classes="note"))
+        # The answer is the conversation's last turn (the request only holds what led to it);
+        # filled by _fill_answer as the call loads and streams.
+        widgets += [
+            Static(Text("assistant (answer)", style="bold"), id="answer-role", classes="role role-assistant"),
+            Collapsible(Static("", id="answer-reasoning-text", classes="body"), title="reasoning",
+                        collapsed=True, id="answer-reasoning"),
+            Static("", id="answer-text", classes="turn turn-assistant"),
+            Static("", id="answer-tools", classes="turn turn-assistant"),
+        ]
         await box.mount_all(widgets)
+
+    def _fill_answer(self, content: str | None, tool_calls: Any, reasoning: str | None, error: str | None,
+                     live: bool) -> None:
+        try:
+            role = self.query_one("#answer-role", Static)
+        except NoMatches:  # the conversation is still being mounted; the next fill comes
+            return
+        role.update(Text("assistant (answering…)" if live else "assistant (answer)", style="bold"))
+        folded = self.query_one("#answer-reasoning", Collapsible)
+        folded.display = bool(reasoning)
+        if reasoning:
+            folded.title = f"reasoning ({len(reasoning):,} chars)"
+            self.query_one("#answer-reasoning-text", Static).update(
+                Text(render.clip(reasoning, render.BODY_DISPLAY_LIMIT)))
+        text = Text()
+        if content:
+            text.append(render.clip(content, render.BODY_DISPLAY_LIMIT))
+        elif error:
+            text.append(f"error: {error}", style="bold red")
+        elif live:
+            text.append("…waiting for the answer", style="dim")
+        elif not tool_calls:
+            text.append("no text content", style="dim")
+        answer = self.query_one("#answer-text", Static)
+        answer.update(text)
+        answer.display = bool(text.plain)
+        tools = self.query_one("#answer-tools", Static)
+        calls = tool_calls_text(tool_calls)
+        tools.update(calls)
+        tools.display = bool(calls.plain)
 
     def _fill_reasoning(self, reasoning: str | None, live: bool) -> None:
         widget = self.query_one("#reasoning-text", Static)
@@ -749,18 +920,9 @@ class DetailScreen(Screen[None]):
         else:
             text.append("no text content", style="dim")
         self.query_one("#response-text", Static).update(text)
-        calls = render.as_json_value(tool_calls)
-        out = Text()
-        if isinstance(calls, list) and calls:
-            out.append(f"\ntool calls ({len(calls)})\n", style="bold")
-            for tc in calls:
-                if not isinstance(tc, dict):
-                    out.append(render.pretty_json(tc) + "\n")
-                    continue
-                out.append(f"→ {tc.get('name')}", style="bold cyan")
-                if tc.get("id"):
-                    out.append(f"  ({tc['id']})", style="dim")
-                out.append("\n" + render.clip(render.pretty_arguments(tc.get("arguments")), render.TURN_DISPLAY_LIMIT) + "\n")
+        out = tool_calls_text(tool_calls)
+        if out.plain:
+            out = Text("\n") + out
         self.query_one("#tool-calls", Static).update(out)
 
     def _fill_attempts(self, attempts: list[Record]) -> None:
@@ -826,6 +988,7 @@ class DetailScreen(Screen[None]):
             return
         self._fill_reasoning(p.get("reasoning"), True)
         self._fill_response(p.get("content"), p.get("tool_calls"), None)
+        self._fill_answer(p.get("content"), p.get("tool_calls"), p.get("reasoning"), None, True)
         if self.record is not None:
             self._fill_raw(self.record, response_body=p.get("response_body") or "")
 
@@ -839,6 +1002,19 @@ class DetailScreen(Screen[None]):
         current = ids.index(tabs.active) if tabs.active in ids else 0
         tabs.active = ids[(current + step) % len(ids)]
 
+    def tab_scroller(self) -> Widget:
+        """What scrolls in the tab shown: its scroll container, or the attempts table."""
+        pane = self.query_one(f"#{self.query_one(TabbedContent).active}", TabPane)
+        for widget in pane.query("VerticalScroll, DataTable"):
+            return widget
+        return pane
+
+    def action_scroll_tab(self, how: str) -> None:
+        scroller = self.tab_scroller()
+        {"down": scroller.scroll_down, "up": scroller.scroll_up, "page_down": scroller.scroll_page_down,
+         "page_up": scroller.scroll_page_up, "home": scroller.scroll_home,
+         "end": scroller.scroll_end}[how](animate=False)
+
     def action_copy_curl(self) -> None:
         rec = self.record
         if rec is None:
@@ -848,17 +1024,68 @@ class DetailScreen(Screen[None]):
         cmd = render.curl_command(rec.get("method") or "POST", rec.get("url") or "",
                                   headers if isinstance(headers, dict) else {},
                                   rec.get("request_body"), rec.get("request_body_raw"))
+        # OSC 52 may never arrive (tmux drops it unless set-clipboard is on, many terminals
+        # ignore it) and Textual cannot tell: the file is the copy that surely exists.
         self.app.copy_to_clipboard(cmd)
         self.last_curl = cmd
-        self.notify("curl command copied (redacted headers stay redacted: put your key back in)", timeout=4)
+        keys = "Redacted keys stay redacted: put yours back in."
+        try:
+            safe_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in self.call_id)
+            path = write_private(curl_dir() / f"{safe_id}.sh",
+                                 f"# llmtap call {self.call_id}. {keys}\n{cmd}\n")
+        except OSError as exc:
+            self.notify(f"curl command sent to the terminal clipboard only (it may not arrive); "
+                        f"writing it to {curl_dir()} failed: {exc}", severity="warning", timeout=10)
+            return
+        if os.environ.get("TMUX"):
+            where = (f"curl command written to {path} (also sent to the terminal clipboard, which tmux "
+                     "ignores unless `set -g set-clipboard on`).")
+        else:
+            where = (f"curl command copied to the clipboard (if the terminal accepts OSC 52) and "
+                     f"written to {path}.")
+        self.notify(f"{where} {keys}", timeout=10)
 
 
 # -- stats --------------------------------------------------------------------------------------
-STATS_HOURS = 7 * 24
+class BarChart(Widget):
+    """Bars from a zero baseline, one value per bucket spread over the width. (Sparkline
+    scales from the data's minimum: 2 and 3 calls a bucket would read as none and many, and
+    one error among thousands of calls would not show.) Any value above zero shows."""
+
+    DEFAULT_CSS = """
+    BarChart {
+        height: 3;
+    }
+    """
+    BLOCKS = " ▁▂▃▄▅▆▇█"
+
+    data: reactive[list[float]] = reactive(list, always_update=True)
+
+    def render(self) -> Text:
+        width, height = self.size.width, self.size.height
+        values = list(self.data or [])
+        if not values or width <= 0 or height <= 0:
+            return Text("")
+        top = max(values) or 1
+        columns = []
+        for i in range(width):
+            v = values[min(i * len(values) // width, len(values) - 1)]
+            columns.append(0 if v <= 0 else max(1, round(v / top * height * 8)))
+        rows = []
+        for r in range(height):
+            floor_ = (height - 1 - r) * 8
+            rows.append("".join(self.BLOCKS[min(8, max(0, e - floor_))] for e in columns))
+        return Text("\n".join(rows))
+
+
+def _stamp(ms: int, width_ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000).astimezone()
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if width_ms < 60_000 else f"{moment:%Y-%m-%d %H:%M}"
 
 
 class StatsScreen(Screen[None]):
-    """Per model and provider: volume, errors, fallbacks, tokens, latency percentiles."""
+    """Per model and provider: volume, errors, fallbacks, tokens, latency percentiles; calls,
+    errors and p95 latency over the filtered calls' time range; a latency histogram."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "back", "Back", id="stats.back"),
@@ -870,18 +1097,21 @@ class StatsScreen(Screen[None]):
         self.reader = reader
         self.schema = schema
         self.filter = flt
+        self.activity: Activity | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"filter: {self.filter.text or '(none)'}", id="stats-filter")
         yield DataTable(id="stats-table", cursor_type="row", zebra_stripes=True)
         with Horizontal(id="plots"):
-            with Vertical(classes="plot"):
-                yield Label(f"calls per hour, last {STATS_HOURS // 24} days", id="timeline-label")
-                yield Sparkline([], id="timeline")
-            with Vertical(classes="plot"):
-                yield Label("duration histogram (ms, log₂ buckets)", id="histogram-label")
-                yield Sparkline([], id="histogram")
+            with Vertical(classes="plot", id="over-time"):
+                yield Label("over time", id="range-label", classes="plot-title")
+                for key, title in (("calls", "calls"), ("errors", "errors"), ("p95", "p95 duration")):
+                    yield Label(title, id=f"{key}-label")
+                    yield BarChart(id=f"{key}-chart", classes=f"chart chart-{key}")
+            with Vertical(classes="plot", id="latency"):
+                yield Label("duration histogram (ms, log₂ buckets)", id="histogram-label", classes="plot-title")
+                yield BarChart(id="histogram", classes="chart chart-histogram")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -902,19 +1132,29 @@ class StatsScreen(Screen[None]):
         try:
             sql, params = q.stats_sql(self.schema, self.filter)
             cols, rows = self.reader.query(sql, params)
-            tsql, tparams = q.timeline_sql(self.filter, STATS_HOURS)
-            _, trows = self.reader.query(tsql, tparams)
+            activity = self._activity()
             hsql, hparams = q.latency_histogram_sql(self.schema, self.filter)
             _, hrows = self.reader.query(hsql, hparams)
         except Exception as exc:
-            self.post_message(StatsLoaded([], [], [], error=str(exc)))
+            self.post_message(StatsLoaded([], None, [], error=str(exc)))
             return
-        timeline = [0] * STATS_HOURS
-        for h, n in trows:
-            if h is not None and 0 <= int(h) < STATS_HOURS:
-                timeline[int(h)] = int(n)
-        self.post_message(StatsLoaded(_rows_to_records(cols, rows), timeline,
+        self.post_message(StatsLoaded(_rows_to_records(cols, rows), activity,
                                       [(int(b), int(n)) for b, n in hrows if b is not None]))
+
+    def _activity(self) -> Activity | None:
+        """Buckets over the time from the first filtered call to the last."""
+        _, rows = self.reader.query(*q.time_range_sql(self.schema, self.filter))
+        if not rows or rows[0][0] is None:
+            return None
+        first, last = int(rows[0][0]), int(rows[0][1])
+        start, width, label = q.pick_bucket(first, last)
+        n = (last - start) // width + 1
+        calls, errors, p95 = [0] * n, [0] * n, [0.0] * n
+        _, brows = self.reader.query(*q.activity_sql(self.schema, self.filter, start, width))
+        for b, count, errs, p in brows:
+            if b is not None and 0 <= int(b) < n:
+                calls[int(b)], errors[int(b)], p95[int(b)] = int(count), int(errs or 0), float(p or 0.0)
+        return Activity(start, width, label, calls, errors, p95)
 
     @on(StatsLoaded)
     def _loaded(self, message: StatsLoaded) -> None:
@@ -940,18 +1180,40 @@ class StatsScreen(Screen[None]):
                 ms(r["ttfb"], 0), ms(r["ttfb"], 1), ms(r["ttfb"], 2),
                 ms(r["duration"], 0), ms(r["duration"], 1), ms(r["duration"], 2),
             )
-        self.query_one("#timeline", Sparkline).data = message.timeline
-        total = sum(message.timeline)
-        self.query_one("#timeline-label", Label).update(
-            f"calls per hour, last {STATS_HOURS // 24} days ({total:,} calls)")
+        self._show_activity(message.activity)
         if message.histogram:
             # A fixed minimum span (32 ms … 16 s) so one busy bucket does not fill the plot.
             lo = min(5, *(b for b, _ in message.histogram))
             hi = max(13, *(b for b, _ in message.histogram))
             counts = dict(message.histogram)
-            self.query_one("#histogram", Sparkline).data = [counts.get(b, 0) for b in range(lo, hi + 1)]
+            self.query_one("#histogram", BarChart).data = [counts.get(b, 0) for b in range(lo, hi + 1)]
             self.query_one("#histogram-label", Label).update(
                 f"duration histogram: {2 ** lo:,} ms … {2 ** (hi + 1):,} ms (log₂ buckets)")
+
+    def _show_activity(self, activity: Activity | None) -> None:
+        self.activity = activity
+        if activity is None:
+            self.query_one("#range-label", Label).update("over time: no calls")
+            for key in ("calls", "errors", "p95"):
+                self.query_one(f"#{key}-chart", BarChart).data = []
+            return
+        end = activity.start_ms + len(activity.calls) * activity.width_ms
+        self.query_one("#range-label", Label).update(
+            f"per {activity.label}, {_stamp(activity.start_ms, activity.width_ms)} → "
+            f"{_stamp(end, activity.width_ms)} ({len(activity.calls)} bucket{'s' * (len(activity.calls) != 1)})")
+        total, errs = sum(activity.calls), sum(activity.errors)
+        p95 = [v for v in activity.p95_ms if v]
+        self.query_one("#calls-label", Label).update(
+            f"calls: {total:,}, at most {max(activity.calls):,} per {activity.label}")
+        self.query_one("#errors-label", Label).update(
+            f"errors: {errs:,} ({100.0 * errs / total if total else 0:.1f}%), at most {max(activity.errors):,} "
+            f"per {activity.label}")
+        self.query_one("#p95-label", Label).update(
+            f"p95 duration: {render.fmt_ms(min(p95))} … {render.fmt_ms(max(p95))}" if p95
+            else "p95 duration: no finished calls")
+        self.query_one("#calls-chart", BarChart).data = activity.calls
+        self.query_one("#errors-chart", BarChart).data = activity.errors
+        self.query_one("#p95-chart", BarChart).data = activity.p95_ms
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -972,7 +1234,10 @@ class ExportScreen(ModalScreen[None]):
         default = Path.cwd() / f"llmtap-export-{datetime.now():%Y%m%d-%H%M%S}.parquet"
         with Vertical(id="export-box"):
             yield Label(f"Export calls matching: {self.filter.text or '(all calls)'}")
-            yield Input(str(default), id="export-path")
+            # No select-on-focus: a second `e`, or the first letter typed, would replace the
+            # whole path instead of editing it (ctrl+u clears it on purpose).
+            yield Input(str(default), id="export-path", select_on_focus=False)
+            yield Label("Enter exports · ctrl+u clears the path · Esc cancels", classes="hint")
             yield ProgressBar(id="export-progress", show_eta=False)
             yield Static("", id="export-status")
             with Horizontal(id="export-buttons"):
@@ -981,7 +1246,9 @@ class ExportScreen(ModalScreen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#export-progress").display = False
-        self.query_one("#export-path", Input).focus()
+        path = self.query_one("#export-path", Input)
+        path.focus()
+        path.cursor_position = len(path.value)
 
     @on(Input.Submitted, "#export-path")
     @on(Button.Pressed, "#export-go")
@@ -1068,15 +1335,16 @@ def help_rows(app: App[Any]) -> list[tuple[str, str, str, str]]:
     keymap: dict[str, str] = dict(getattr(app, "_keymap", {}) or {})
     rows: list[tuple[str, str, str, str]] = []
     for where, cls in HELP_SOURCES:
-        seen: set[str] = set()
-        for binding in Binding.make_bindings(getattr(cls, "BINDINGS", [])):
+        # Compound keys ("a,b") unroll into several Bindings of one id: one row with every key.
+        by_id: dict[str, tuple[list[str], Binding]] = {}
+        for n, binding in enumerate(Binding.make_bindings(getattr(cls, "BINDINGS", []))):
+            entry = by_id.setdefault(binding.id or f"#{n}", ([], binding))
+            entry[0].append(binding.key)
+        for bid, (keys, binding) in by_id.items():
             bid = binding.id or ""
-            if bid and bid in seen:
-                continue  # compound keys ("a,b") unroll into several Bindings of one id
-            seen.add(bid)
-            keys = keymap.get(bid) if bid else None
-            key = keys if keys else binding.key
-            display = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in key.split(","))
+            override = keymap.get(bid) if bid else None
+            key_list = override.split(",") if override else keys
+            display = ", ".join(app.get_key_display(Binding(k.strip(), "")) for k in key_list)
             rows.append((where, display, binding.tooltip or binding.description or binding.action, bid))
     return rows
 
@@ -1093,16 +1361,36 @@ class LlmtapApp(App[int]):
     ]
 
     def __init__(self, reader: q.Reader | None, *, source: str = "",
-                 proxy_factory: Callable[[], Any] | None = None, note: str | None = None) -> None:
+                 proxy_factory: Callable[[], Any] | None = None, note: str | None = None,
+                 listening: Listening | None = None) -> None:
         super().__init__()
         self.reader = reader
         self.source = source
         self.proxy_factory = proxy_factory
+        # Where the proxy this app runs listens, for the empty list; the bound ports replace
+        # it once the proxy has started.
+        self.listening = listening
         self.proxy: Any = None
         self.startup_error: str | None = None
         self._proxy_task: asyncio.Task[None] | None = None
         self._note = note
-        self.sub_title = source
+        self.live_lost = False
+        self.sub_title = self._source_title()
+
+    def _source_title(self) -> str:
+        """The DB and, when attached to a running `llmtap run`, whether it still answers."""
+        if getattr(self.reader, "kind", "") != "remote":
+            return self.source
+        if self.live_lost:
+            # First: a narrow terminal cuts the end of the title.
+            return f"llmtap run stopped: not live (resumes when it runs again) — {self.source}"
+        return f"{self.source}  (live, attached to llmtap run)"
+
+    def set_live(self, ok: bool) -> None:
+        """The live feed was lost (the proxy holding the file stopped) or answers again."""
+        self.live_lost = not ok
+        if getattr(self.reader, "kind", "") == "remote":
+            self.sub_title = self._source_title()
 
     def get_default_screen(self) -> Screen[Any]:
         return CallsScreen(self.reader, note=self._note)
@@ -1134,6 +1422,11 @@ class LlmtapApp(App[int]):
             self.exit(return_code=2)
             return
         self.proxy = proxy
+        config = getattr(proxy, "config", None)
+        confdir = getattr(config, "confdir", None) or (self.listening.confdir if self.listening else None)
+        self.listening = Listening(proxy.proxy_addr, proxy.gateway_addr, confdir)
+        if self.screen_stack and isinstance(self.screen_stack[0], CallsScreen) and self.screen_stack[0].is_mounted:
+            self.screen_stack[0]._show_empty()
         parts = []
         if proxy.proxy_addr:
             parts.append(f"proxy :{proxy.proxy_addr[1]}")

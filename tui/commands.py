@@ -48,9 +48,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
         return 2
     from llmtap.tui.app import LlmtapApp
 
-    source = f"{db}" + ("  (live, attached to llmtap run)" if reader.kind == "remote" else "")
     try:
-        app = LlmtapApp(reader, source=source)
+        app = LlmtapApp(reader, source=str(db))  # it says itself whether it is attached, and live
         code = app.run()
     finally:
         reader.close()
@@ -84,7 +83,7 @@ def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
 
     Returns the exit code: 2 with the message on stderr when the proxy cannot start."""
     from llmtap.addons.runner import Proxy
-    from llmtap.tui.app import LlmtapApp
+    from llmtap.tui.app import Listening, LlmtapApp
 
     reader = None
     note = None
@@ -96,7 +95,8 @@ def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
     else:
         source = "not recording"
         note = "not recording (--no-record): calls are proxied but not kept"
-    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note)
+    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note,
+                    listening=Listening(config.proxy, config.gateway, config.confdir))
 
     root = logging.getLogger()
     saved = list(root.handlers)

@@ -65,6 +65,12 @@ class LiveReset(Message):
 @dataclass
 class LiveError(Message):
     error: str
+    lost: bool = False  # the feed itself stopped answering (the serving process is gone)
+
+
+@dataclass
+class LiveResumed(Message):
+    """The feed answers again after it was lost."""
 
 
 @dataclass
@@ -79,9 +85,21 @@ class PartialLoaded(Message):
 
 
 @dataclass
+class Activity:
+    """The filtered calls over time: bucket i starts at start_ms + i * width_ms."""
+
+    start_ms: int
+    width_ms: int
+    label: str  # the bucket width, "5 min"
+    calls: list[int]
+    errors: list[int]
+    p95_ms: list[float]
+
+
+@dataclass
 class StatsLoaded(Message):
     rows: list[Record]
-    timeline: list[int]
+    activity: Activity | None
     histogram: list[tuple[int, int]]
     error: str | None = None
 

@@ -538,13 +538,41 @@ def stats_sql(schema: Schema, flt: Filter) -> tuple[str, list[Any]]:
     return sql, list(flt.params)
 
 
-def timeline_sql(flt: Filter, hours: int) -> tuple[str, list[Any]]:
-    """Calls per hour over the last `hours` hours (hour offsets from now, 0 = oldest)."""
-    clauses = [f"started_at >= now() - INTERVAL {int(hours)} HOUR", *flt.clauses]
-    where = " WHERE " + " AND ".join(f"({c})" for c in clauses)
-    sql = (f"SELECT CAST(floor(epoch(started_at - (now() - INTERVAL {int(hours)} HOUR)) / 3600) AS INTEGER) AS h, "
-           f"count(*) FROM calls{where} GROUP BY h ORDER BY h")
-    return sql, list(flt.params)
+# Bucket widths for the stats charts, in ms: the first that cuts the filtered calls' time
+# range into at most CHART_BUCKETS buckets.
+BUCKET_STEPS_MS: tuple[tuple[int, str], ...] = tuple((s * 1000, label) for s, label in (
+    (1, "1 s"), (5, "5 s"), (15, "15 s"), (60, "1 min"), (300, "5 min"), (900, "15 min"), (3600, "1 h"),
+    (3 * 3600, "3 h"), (6 * 3600, "6 h"), (12 * 3600, "12 h"), (86400, "1 day"), (7 * 86400, "1 week"),
+    (30 * 86400, "30 days"), (365 * 86400, "1 year")))
+CHART_BUCKETS = 60
+
+
+def time_range_sql(schema: Schema, flt: Filter) -> tuple[str, list[Any]]:
+    """(first, last) start of the filtered calls, as epoch ms."""
+    started = schema.col("started_at")
+    return (f"SELECT min(epoch_ms({started})), max(epoch_ms({started})) FROM calls{_where(flt)}",
+            list(flt.params))
+
+
+def pick_bucket(first_ms: int, last_ms: int, max_buckets: int = CHART_BUCKETS) -> tuple[int, int, str]:
+    """(start, width, label) of buckets covering [first, last]: the narrowest step that needs
+    no more than `max_buckets`, starting on a multiple of the width (whole hours, days...)."""
+    for width, label in BUCKET_STEPS_MS:
+        start = first_ms - first_ms % width
+        if (last_ms - start) // width + 1 <= max_buckets:
+            return start, width, label
+    width, label = BUCKET_STEPS_MS[-1]
+    return first_ms - first_ms % width, width, label
+
+
+def activity_sql(schema: Schema, flt: Filter, start_ms: int, width_ms: int) -> tuple[str, list[Any]]:
+    """Per time bucket of the filtered calls: calls, errors, p95 duration (finished calls)."""
+    c = schema.col
+    sql = (f"SELECT CAST((epoch_ms({c('started_at')}) - ?) // ? AS BIGINT) AS b, count(*) AS calls, "
+           f"count(*) FILTER (WHERE {c('status')} >= 400 OR {c('error')} IS NOT NULL) AS errors, "
+           f"quantile_cont({c('duration_ms')}, 0.95) AS p95 "
+           f"FROM calls{_where(flt)} GROUP BY b ORDER BY b")
+    return sql, [int(start_ms), int(width_ms), *flt.params]
 
 
 def latency_histogram_sql(schema: Schema, flt: Filter) -> tuple[str, list[Any]]:
