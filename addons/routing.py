@@ -18,9 +18,9 @@ from mitmproxy import http
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, RECORD_BODY_LIMIT, Plan, Policy, Relay, Target
+from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
-from llmtap.recorder.record import API_OTHER, Call, detect_api, new_id, utcnow
+from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
@@ -102,11 +102,9 @@ class Router:
             id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(shown_url), api=api,
             client=client, model_requested=model, stream=stream,
             request_headers=redact_headers(req.headers.items(multi=True)),
-            request_body=body if len(body) <= RECORD_BODY_LIMIT else body[:RECORD_BODY_LIMIT],
+            request_body=_kept(body, self.relay.body_limit, notes),
             notes=notes,
         )
-        if len(body) > RECORD_BODY_LIMIT:
-            notes.append(f"request body over {RECORD_BODY_LIMIT >> 20} MiB: the record keeps the first part")
 
         route = None
         if addressed is not None and api != API_OTHER:
@@ -213,13 +211,22 @@ class Router:
         body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
                                      "code": "unknown_provider"}}).encode()
         flow.response = http.Response.make(404, body, {"content-type": "application/json"})
+        notes: list[str] = []
         call = Call(id=new_id(), started_at=utcnow(), method=flow.request.method, url=redact_url(url),
                     client=flow.request.headers.get("user-agent"), status=404, duration_ms=0.0,
                     request_headers=redact_headers(flow.request.headers.items(multi=True)),
-                    request_body=flow.request.get_content(strict=False) or b"",
+                    request_body=_kept(flow.request.get_content(strict=False) or b"", self.relay.body_limit, notes),
                     response_headers={"content-type": "application/json"}, response_body=body,
-                    error=message)
+                    error=message, notes=notes)
         self.relay.finished(call, [])
+
+
+def _kept(body: bytes, limit: int, notes: list[str]) -> bytes:
+    """What the record keeps of a request body (the upstream still gets all of it)."""
+    if len(body) <= limit:
+        return body
+    notes.append(body_cut_note("request", limit, len(body)))
+    return body[:limit]
 
 
 def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, keep_auth: bool) -> list[tuple[bytes, bytes]]:
