@@ -274,3 +274,61 @@ def test_a_100_mb_request_is_forwarded_whole_and_recorded_to_the_max_body_option
 def test_help_tells_the_body_limit() -> None:
     r = subprocess.run([sys.executable, "-m", "llmtap", "run", "--help"], capture_output=True, text=True, timeout=60)
     assert "--max-body SIZE" in r.stdout and "8 MiB" in r.stdout
+
+
+# -- the proxy's and the recorder's own bounds -------------------------------------------------------
+def test_the_proxy_keeps_and_hands_over_no_more_than_the_limit_of_a_huge_stream(
+        tmp_path: Path, confdir: Path, fake: FakeProvider) -> None:
+    from proxyharness import RunningProxy
+
+    stream = EVENT * (20 * MiB // len(EVENT))
+    fake.script(status(200, body=stream, headers={"content-type": "text/event-stream"}))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    proxy = RunningProxy(rules, confdir)
+    proxy.config.body_limit = 1 * MiB
+    with proxy:
+        with httpx.Client(timeout=60) as client:
+            r = client.post(f"{proxy.gateway_url}/local/chat/completions",
+                            json={"model": "m", "stream": True, "messages": []})
+        assert r.content == stream  # the client got all 20 MiB
+        ((call, _),) = proxy.memory.wait_finished(1)
+    assert call.response_body == stream[:1 * MiB]
+    # The live view is handed what the record keeps, not the whole stream.
+    assert b"".join(proxy.memory.chunks[call.id]) == stream[:1 * MiB]
+    assert "response body over 1 MiB: the record keeps the first 1 MiB; the client got all of it" in call.notes
+
+
+def test_the_recorder_bounds_what_it_is_handed_and_reads_it_live(tmp_path: Path) -> None:
+    from llmtap.recorder.recorder import Recorder
+    from test_recorder import finish, make_call, row, wait_event
+
+    db = tmp_path / "calls.duckdb"
+    rec = Recorder(db, serve=False, helpers=0, body_limit=64 * 1024)
+    rec.start()
+    try:
+        stream = EVENT * (1 * MiB // len(EVENT))  # as a proxy with a larger limit would hand it over
+        call = make_call()
+        call.api = "openai.chat"
+        call.request_body = b"r" * (200 * 1024)
+        rec.call_started(call)
+        wait_event(rec, "started", call.id)
+        call.status, call.response_headers = 200, dict(SSE)
+        for piece in pieces(stream, 16 * 1024):
+            rec.call_chunk(call.id, piece)
+        later = make_call()  # queued after every chunk: once it is in, they all were read
+        rec.call_started(later)
+        wait_event(rec, "started", later.id)
+        assert len(rec.hub.partial(call.id)["response_body"]) == 64 * 1024
+        finished, attempts = finish(call, stream)
+        finished.response_headers = dict(SSE)
+        rec.call_finished(finished, attempts)
+    finally:
+        rec.close()
+    r = row(db, call.id)
+    assert r["response_body"].encode() == stream[:64 * 1024] and r["request_body"] == "r" * (64 * 1024)
+    assert r["content"] == "aaaaaaaa" * (64 * 1024 // len(EVENT)) and r["complete"] is None
+    notes = json.loads(r["notes"])
+    assert "response body over 64 KiB: the record keeps the first 64 KiB; the client got all of it" in notes
+    assert "request body over 64 KiB (200 KiB): the record keeps the first 64 KiB; the upstream got all of it" in notes
+    assert not any("terminator" in n for n in notes), notes
