@@ -3,7 +3,8 @@
 Pure and incremental: an `Extractor` is fed the body exactly as the network delivered it (any
 split, compressed or not) and can report what it knows at any moment, so the same code serves
 the live view of a call in progress and the record written when it ends. Only the standard
-library is imported; the optional `brotli` / `zstandard` decoders are imported lazily.
+library is imported; the optional `brotli` and zstd decoders are imported lazily. However much a
+body expands, no more of it than the limit is ever decoded (see `_Decoder`).
 
 Every dialect's rules follow the wire-transcript corpus (`fixtures/README.md`): where each
 provider puts reasoning text, which token count means what, and what ends a stream normally.
@@ -712,9 +713,6 @@ def _loads(text: str | bytes) -> tuple[bool, Any]:
 
 # Decoded bytes asked of one content-coding at a time: what a bomb can expand to in one call.
 _DECODE_STEP = 256 * 1024
-# Without a bounded brotli decoder (Brotli < 1.2), input goes in pieces this small; brotli
-# expands a byte of input to at most a few hundred KiB.
-_BROTLI_PIECE = 64
 
 
 def decoded_cap_note(limit: int, encoding: str, received: int) -> str:
@@ -722,6 +720,11 @@ def decoded_cap_note(limit: int, encoding: str, received: int) -> str:
     say it in the same words, so a row carries it once)."""
     return (f"response body is over {size_text(limit)} once decoded ({encoding}, {size_text(received)} "
             f"as received): the record keeps and reads the first {size_text(limit)}; the rest is not stored")
+
+
+def _brotli_bounded(obj: Any) -> bool:
+    """The brotli module can cap one call's output (Brotli 1.2 and later)."""
+    return "output_buffer_limit" in (getattr(obj.process, "__doc__", None) or "")
 
 
 class _Layer:
@@ -759,10 +762,17 @@ class _Layer:
                 return obj.process(b"", output_buffer_limit=max_out)
             data, self.pending = self.pending, b""
             return obj.process(data, output_buffer_limit=max_out)
-        # "br-pieces": a brotli module without output_buffer_limit
+        # "br-pieces": a brotli module without output_buffer_limit is given a byte at a time
         data = self.pending + data if self.pending else data
-        piece, self.pending = data[:_BROTLI_PIECE], data[_BROTLI_PIECE:]
-        return obj.process(piece)
+        view, at, made, parts = memoryview(data), 0, 0, []
+        while at < len(data) and made < max_out:
+            piece = obj.process(view[at:at + 1])
+            at += 1
+            if piece:
+                parts.append(piece)
+                made += len(piece)
+        self.pending = data[at:]
+        return b"".join(parts)
 
     def finished(self) -> bool:
         if self.kind == "zlib" or self.kind == "zstd":
@@ -795,8 +805,7 @@ class _Decoder:
                 self.st.note("br body could not be decoded: the brotli module is not installed")
                 return None
             obj = brotli.Decompressor()
-            bounded = "output_buffer_limit" in (getattr(obj.process, "__doc__", None) or "")
-            return _Layer(enc, obj, "br" if bounded else "br-pieces")
+            return _Layer(enc, obj, "br" if _brotli_bounded(obj) else "br-pieces")
         if enc == "zstd":
             try:
                 from compression import zstd  # type: ignore[import-not-found]  # Python 3.14

@@ -109,6 +109,22 @@ def test_a_brotli_bomb_is_bounded() -> None:
     assert any("over 2 MiB once decoded (br" in n for n in got.notes), got.notes
 
 
+def test_a_brotli_bomb_is_bounded_by_a_brotli_module_without_an_output_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    brotli = pytest.importorskip("brotli")
+    import llmtap.recorder.extract as extract_mod
+
+    monkeypatch.setattr(extract_mod, "_brotli_bounded", lambda obj: False)  # as with Brotli < 1.2
+    comp = brotli.Compressor(quality=5)
+    block = EVENT * (MiB // len(EVENT))
+    body = b"".join(comp.process(block) for _ in range(100)) + comp.finish()
+    got, peak = peak_while(lambda: read_stream({**SSE, "content-encoding": "br"}, body, 2 * MiB))
+    assert peak < 40 * MiB, f"{peak >> 20} MiB held"
+    assert got.content == "aaaaaaaa" * (2 * MiB // len(EVENT)) and got.complete is None
+    small = brotli.compress(EVENT * 3 + b"data: [DONE]\n\n")
+    got = read_stream({**SSE, "content-encoding": "br"}, small, 2 * MiB)
+    assert got.content == "aaaaaaaa" * 3 and not got.notes
+
+
 def test_a_zstd_bomb_is_bounded() -> None:
     try:
         from compression import zstd  # type: ignore[import-not-found]
