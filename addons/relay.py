@@ -438,14 +438,19 @@ class _Exchange:
     def _tee(self, chunk: bytes) -> None:
         # Past the limit nothing is kept, nor handed to the recorder, whose live view would
         # otherwise hold what the record does not.
-        room = self.relay.body_limit - self.recorded
-        if room <= 0:
-            return
+        limit = self.relay.body_limit
+        room = limit - self.recorded
         if len(chunk) > room:
+            if room < 0:
+                return  # already past it, and said so
+            self.call.notes.append(body_cut_note("response", limit))
+            self.recorded = limit + 1
+            if not room:
+                return
             chunk = chunk[:room]
-            self.call.notes.append(body_cut_note("response", self.relay.body_limit))
+        else:
+            self.recorded += len(chunk)
         self.parts.append(chunk)
-        self.recorded += len(chunk)
         try:
             self.relay.sink.call_chunk(self.call.id, chunk)
         except Exception:
