@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmtap import paths
-from llmtap.recorder.record import Attempt, Call
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, size_text
 
 if TYPE_CHECKING:
     from llmtap.recorder.process import RecorderProcess
@@ -69,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--db", metavar="PATH", type=Path, default=None,
                      help=f"DuckDB file to record into, held by a recorder process beside the proxy "
                           f"(default: {paths.default_db()})")
+    run.add_argument("--max-body", metavar="SIZE", type=parse_size, default=DEFAULT_BODY_LIMIT,
+                     help=f"the most of each body the record keeps (default: {size_text(DEFAULT_BODY_LIMIT)}; "
+                          "e.g. 512K, 64M): requests and responses as they crossed the wire, and a "
+                          "compressed response as many bytes again once decoded; a note says what was "
+                          "left out. Clients and upstreams always get whole bodies")
     run.add_argument("--no-record", action="store_true",
                      help="proxy without recording (to measure llmtap's own overhead)")
     run.add_argument("--confdir", metavar="DIR", type=Path, default=None,
@@ -188,6 +193,27 @@ def cmd_wrap(args: argparse.Namespace) -> int:
 
 
 # -- run ------------------------------------------------------------------------------------
+_SIZE_UNITS = {"": 0, "K": 10, "KB": 10, "KIB": 10, "M": 20, "MB": 20, "MIB": 20, "G": 30, "GB": 30, "GIB": 30}
+
+
+def parse_size(text: str) -> int:
+    """`8M`, `512K`, `1G`, `65536`: bytes (binary units, as the notes print them)."""
+    t = text.strip().upper().replace(" ", "")
+    number = t.rstrip("KMGIB")
+    unit = t[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write bytes or K/M/G, e.g. 8M or 512K")
+    size = int(value * (1 << _SIZE_UNITS[unit]))
+    if size < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is under 1K: the record would keep almost nothing; "
+                                         "give at least 1K")
+    return size
+
+
 def format_call_line(call: Call, attempts: list[Attempt]) -> str:
     """One line per call, as mitmdump users expect to see traffic go by."""
     t = call.started_at.astimezone().strftime("%H:%M:%S")
@@ -234,9 +260,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "Set LLMTAP_GATEWAY_TOKEN instead.", file=sys.stderr)
             return 2
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
-                       gateway_token=token, allow_origins=tuple(args.allow_origin))
+                       gateway_token=token, allow_origins=tuple(args.allow_origin), body_limit=args.max_body)
 
-    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
+    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body)
     if recorder is None and not args.no_record:
         return 2
     handed = 0  # calls finished by the proxy, for the stop line
@@ -342,7 +368,7 @@ def _print_line(call: Call, attempts: list[Attempt]) -> None:
         pass
 
 
-def _make_sink(db: Path, no_record: bool, in_process: bool):
+def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT):
     """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
 
     The recorder runs in a process of its own (see llmtap.recorder.process), except with the
@@ -352,11 +378,11 @@ def _make_sink(db: Path, no_record: bool, in_process: bool):
     if in_process:
         from llmtap.recorder.recorder import Recorder
 
-        recorder = Recorder(db)
+        recorder = Recorder(db, body_limit=body_limit)
     else:  # the proxy's process then never loads DuckDB
         from llmtap.recorder.process import RecorderProcess
 
-        recorder = RecorderProcess(db)
+        recorder = RecorderProcess(db, body_limit=body_limit)
     try:
         recorder.start()
     except Exception as exc:

@@ -21,7 +21,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
-from llmtap.recorder.record import Attempt, Call, Sink, utcnow
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink, body_cut_note, utcnow
 from llmtap.recorder.redact import redact_headers
 
 log = logging.getLogger("llmtap.relay")
@@ -41,8 +41,9 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# What one exchange may hold in memory for the record; the stream itself is never capped.
-RECORD_BODY_LIMIT = 64 * 1024 * 1024
+# What one exchange may hold in memory for the record (`Relay.body_limit`, `llmtap run
+# --max-body`); the stream itself is never capped.
+RECORD_BODY_LIMIT = DEFAULT_BODY_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +128,10 @@ class Relay:
     """HTTP/1.1 server on 127.0.0.1 whose only client is this process's mitmproxy."""
 
     def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
-                 on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+                 on_finished: Callable[[Call, list[Attempt]], None] | None = None,
+                 body_limit: int = RECORD_BODY_LIMIT) -> None:
         self.sink = sink
+        self.body_limit = body_limit
         self.pool = pool or Pool()
         self.cooldown = cooldown or Cooldown()
         self.on_finished = on_finished
@@ -443,14 +446,21 @@ class _Exchange:
         return not cut
 
     def _tee(self, chunk: bytes) -> None:
-        if self.recorded < RECORD_BODY_LIMIT:
-            self.parts.append(chunk)
+        # Past the limit nothing is kept, nor handed to the recorder, whose live view would
+        # otherwise hold what the record does not.
+        limit = self.relay.body_limit
+        room = limit - self.recorded
+        if len(chunk) > room:
+            if room < 0:
+                return  # already past it, and said so
+            self.call.notes.append(body_cut_note("response", limit))
+            self.recorded = limit + 1
+            if not room:
+                return
+            chunk = chunk[:room]
+        else:
             self.recorded += len(chunk)
-            if self.recorded >= RECORD_BODY_LIMIT:
-                self.call.notes.append(
-                    f"response body over {RECORD_BODY_LIMIT >> 20} MiB: the record keeps the first "
-                    f"{RECORD_BODY_LIMIT >> 20} MiB; the client got all of it"
-                )
+        self.parts.append(chunk)
         try:
             self.relay.sink.call_chunk(self.call.id, chunk)
         except Exception:

@@ -23,9 +23,9 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, RECORD_BODY_LIMIT, Plan, Policy, Relay, Target
+from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
-from llmtap.recorder.record import API_OTHER, Call, detect_api, new_id, utcnow
+from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
@@ -179,11 +179,9 @@ class Router:
             id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(shown_url), api=api,
             client=client, model_requested=model, stream=stream,
             request_headers=redact_headers(req.headers.items(multi=True)),
-            request_body=body if len(body) <= RECORD_BODY_LIMIT else body[:RECORD_BODY_LIMIT],
+            request_body=_kept(body, self.relay.body_limit, notes),
             notes=notes,
         )
-        if len(body) > RECORD_BODY_LIMIT:
-            notes.append(f"request body over {RECORD_BODY_LIMIT >> 20} MiB: the record keeps the first part")
 
         route = None
         if addressed is not None and api != API_OTHER:
@@ -345,13 +343,14 @@ class Router:
         path = urlsplit(req.path).path or "/"
         api = detect_api(req.method, path)
         model, stream, _ = self._read_body(req.headers.get("content-type", ""), request_body, api, path, [])
+        notes: list[str] = []
         call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url), api=api,
                     model_requested=model, stream=stream,
                     client=req.headers.get("user-agent"), status=status, duration_ms=0.0,
                     request_headers=redact_headers(flow.request.headers.items(multi=True)),
-                    request_body=request_body[:RECORD_BODY_LIMIT],
+                    request_body=_kept(request_body, self.relay.body_limit, notes),
                     response_headers={"content-type": "application/json"}, response_body=body,
-                    error=message)
+                    error=message, notes=notes)
         self.relay.finished(call, [])
 
     def _gateway_url(self, flow: http.HTTPFlow) -> str:
@@ -420,11 +419,13 @@ class Router:
             status, error = 499, f"client disconnected before the request was complete: {reason}"
         else:
             status, error = 400, f"malformed request, refused with 400: {reason}"
+        notes: list[str] = []
         call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url),
                     api=detect_api(req.method, path), client=req.headers.get("user-agent"),
                     status=status, duration_ms=0.0,
                     request_headers=redact_headers(req.headers.items(multi=True)),
-                    request_body=(req.raw_content or b"")[:RECORD_BODY_LIMIT], error=error)
+                    request_body=_kept(req.raw_content or b"", self.relay.body_limit, notes), error=error,
+                    notes=notes)
         self.relay.finished(call, [])
 
 
@@ -461,6 +462,14 @@ def error_body(family: str, status: int, message: str, code: str) -> bytes:
         kind = {400: "invalid_request_error", 403: "permission_denied", 404: "invalid_request_error"}.get(status, "api_error")
         payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return json.dumps(payload).encode()
+
+
+def _kept(body: bytes, limit: int, notes: list[str]) -> bytes:
+    """What the record keeps of a request body (the upstream still gets all of it)."""
+    if len(body) <= limit:
+        return body
+    notes.append(body_cut_note("request", limit, len(body)))
+    return body[:limit]
 
 
 def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, keep_auth: bool,

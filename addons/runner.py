@@ -27,7 +27,7 @@ from llmtap.addons import http1guard
 from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import Cooldown, Relay
 from llmtap.addons.routing import Router, Security
-from llmtap.recorder.record import Attempt, Call, Sink
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink
 
 log = logging.getLogger("llmtap")
 
@@ -43,6 +43,7 @@ class RunConfig:
     rules_path: Path | None = None  # None: built-in providers only, no routes
     confdir: Path = field(default_factory=lambda: Path.home() / ".mitmproxy")
     reload_interval_s: float = 1.0
+    body_limit: int = DEFAULT_BODY_LIMIT  # of each body, the most the record keeps (--max-body)
     # A client sending this as its API key gets the providers' key_env keys (None: none can).
     gateway_token: str | None = None
     # Browser Origins that may use the gateway, e.g. "http://localhost:3000"; any other is refused.
@@ -187,7 +188,7 @@ class Proxy:
         except rules_mod.RulesError as exc:
             raise StartupError(str(exc)) from None
         self.relay = Relay(sink, cooldown=Cooldown(seconds=getattr(self.rules.current, "cooldown_s", 30.0)),
-                           on_finished=on_finished)
+                           on_finished=on_finished, body_limit=config.body_limit)
         self.master: mitm_master.Master | None = None
         self._tasks: list[asyncio.Task] = []
         self.proxy_addr: tuple[str, int] | None = None

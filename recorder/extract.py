@@ -3,7 +3,8 @@
 Pure and incremental: an `Extractor` is fed the body exactly as the network delivered it (any
 split, compressed or not) and can report what it knows at any moment, so the same code serves
 the live view of a call in progress and the record written when it ends. Only the standard
-library is imported; the optional `brotli` / `zstandard` decoders are imported lazily.
+library is imported; the optional `brotli` and zstd decoders are imported lazily. However much a
+body expands, no more of it than the limit is ever decoded (see `_Decoder`).
 
 Every dialect's rules follow the wire-transcript corpus (`fixtures/README.md`): where each
 provider puts reasoning text, which token count means what, and what ends a stream normally.
@@ -23,6 +24,9 @@ from llmtap.recorder.record import (
     API_OPENAI_CHAT,
     API_OPENAI_RESPONSES,
     API_OTHER,
+    DEFAULT_BODY_LIMIT,
+    body_cut_note,
+    size_text,
 )
 from llmtap.recorder.record import detect_api as _detect_api_from_path
 
@@ -707,86 +711,188 @@ def _loads(text: str | bytes) -> tuple[bool, Any]:
         return False, None
 
 
+# Decoded bytes asked of one content-coding at a time: what a bomb can expand to in one call.
+_DECODE_STEP = 256 * 1024
+
+
+def decoded_cap_note(limit: int, encoding: str, received: int) -> str:
+    """The note of a body whose decoded form was cut at `limit` (the recorder and the extractor
+    say it in the same words, so a row carries it once)."""
+    return (f"response body is over {size_text(limit)} once decoded ({encoding}, {size_text(received)} "
+            f"as received): the record keeps and reads the first {size_text(limit)}; the rest is not stored")
+
+
+def _brotli_bounded(obj: Any) -> bool:
+    """The brotli module can cap one call's output (Brotli 1.2 and later)."""
+    return "output_buffer_limit" in (getattr(obj.process, "__doc__", None) or "")
+
+
+class _Layer:
+    """One content-coding being undone, giving at most `max_out` bytes per call, so that no
+    single call expands a bomb; `more` says output is waiting without new input."""
+
+    def __init__(self, enc: str, obj: Any, kind: str) -> None:
+        self.enc, self.obj, self.kind = enc, obj, kind
+        self.pending = b""  # input given but not taken yet
+
+    @property
+    def more(self) -> bool:
+        if self.kind == "zstd":
+            return not self.obj.needs_input and not self.obj.eof
+        if self.kind == "br":
+            return bool(self.pending) or not self.obj.can_accept_more_data()
+        return bool(self.pending)
+
+    def step(self, data: bytes, max_out: int) -> bytes:
+        obj = self.obj
+        if self.kind == "zlib":
+            if obj.eof:
+                return b""  # trailing bytes after the stream end, as zlib.decompress ignores them
+            out = obj.decompress(self.pending + data if self.pending else data, max_out)
+            self.pending = obj.unconsumed_tail
+            return out
+        if self.kind == "zstd":
+            if obj.eof:
+                return b""
+            return obj.decompress(data, max_out)
+        if self.kind == "br":
+            if self.pending or data:
+                self.pending += data
+            if not obj.can_accept_more_data():
+                return obj.process(b"", output_buffer_limit=max_out)
+            data, self.pending = self.pending, b""
+            return obj.process(data, output_buffer_limit=max_out)
+        # "br-pieces": a brotli module without output_buffer_limit is given a byte at a time
+        data = self.pending + data if self.pending else data
+        view, at, made, parts = memoryview(data), 0, 0, []
+        while at < len(data) and made < max_out:
+            piece = obj.process(view[at:at + 1])
+            at += 1
+            if piece:
+                parts.append(piece)
+                made += len(piece)
+        self.pending = data[at:]
+        return b"".join(parts)
+
+    def finished(self) -> bool:
+        if self.kind == "zlib" or self.kind == "zstd":
+            return bool(self.obj.eof)
+        return bool(self.obj.is_finished())
+
+
 class _Decoder:
-    """Undoes content-encoding chunk by chunk. Once `dead`, the body cannot be read."""
+    """Undoes content-encoding chunk by chunk, never giving (or making) more than it is asked
+    for: a few hundred KiB of gzip can expand to gigabytes. Once `dead`, the body cannot be read."""
 
     def __init__(self, encodings: list[str], st: _State) -> None:
         self.st = st
         self.encodings = list(reversed(encodings))  # the last encoding applied is undone first
-        self.steps: list[Any] = [None] * len(self.encodings)  # made on first data
+        self.steps: list[_Layer | None] = [None] * len(self.encodings)  # made on first data
         self.dead = False
         self.started = False
 
-    def _make(self, enc: str, first: bytes) -> Any:
+    def _make(self, enc: str, first: bytes) -> _Layer | None:
         if enc in ("gzip", "x-gzip"):
-            return zlib.decompressobj(wbits=47)  # 32+15: gzip or zlib header, auto-detected
+            return _Layer(enc, zlib.decompressobj(wbits=47), "zlib")  # 32+15: gzip or zlib header, auto-detected
         if enc == "deflate":
             # RFC 9110 says zlib-wrapped, but many servers send raw deflate.
             wrapped = first[:1] == b"\x1f" or (first[:1] and first[0] & 0x0F == 8)
-            return zlib.decompressobj(wbits=47 if wrapped else -15)
+            return _Layer(enc, zlib.decompressobj(wbits=47 if wrapped else -15), "zlib")
         if enc == "br":
             try:
                 import brotli  # mitmproxy depends on it; optional for this module
-
-                return brotli.Decompressor()
             except Exception:
                 self.st.note("br body could not be decoded: the brotli module is not installed")
                 return None
+            obj = brotli.Decompressor()
+            return _Layer(enc, obj, "br" if _brotli_bounded(obj) else "br-pieces")
         if enc == "zstd":
             try:
-                import zstandard
-
-                return zstandard.ZstdDecompressor().decompressobj()
-            except Exception:
-                self.st.note("zstd body could not be decoded: the zstandard module is not installed")
-                return None
+                from compression import zstd  # type: ignore[import-not-found]  # Python 3.14
+            except ImportError:
+                try:
+                    from backports import zstd  # type: ignore[import-not-found,no-redef]  # mitmproxy's, before 3.14
+                except ImportError:
+                    self.st.note("zstd body could not be decoded: no zstd module (Python 3.14, or backports.zstd)")
+                    return None
+            return _Layer(enc, zstd.ZstdDecompressor(), "zstd")
         self.st.note(f"body has content-encoding {enc!r}, which is not understood")
         return None
 
-    def feed(self, data: bytes) -> bytes:
-        if self.dead:
+    def _pull(self, i: int, data: bytes, budget: int) -> bytes:
+        """Give layer `i` `data` and run what it makes through the layers after it: at most
+        `budget` bytes of the last layer's output."""
+        if self.steps[i] is None:
+            if not data:
+                return b""
+            self.steps[i] = self._make(self.encodings[i], data)
+            if self.steps[i] is None:
+                self.dead = True
+                return b""
+        layer = self.steps[i]
+        assert layer is not None
+        out: list[bytes] = []
+        made = 0
+        last = i + 1 == len(self.steps)
+        while made < budget and not self.dead:
+            before = len(layer.pending)
+            piece = layer.step(data, budget - made if last else _DECODE_STEP)
+            data = b""
+            moved = bool(piece) or len(layer.pending) != before
+            if not last and (piece or self._waiting(i + 1)):
+                piece = self._pull(i + 1, piece, budget - made)
+            if piece:
+                out.append(piece)
+                made += len(piece)
+            elif not (layer.more and moved):
+                break
+        return b"".join(out)
+
+    def _waiting(self, i: int) -> bool:
+        """Layer `i` or one after it holds output that needs no new input."""
+        return any(s is not None and s.more for s in self.steps[i:])
+
+    def feed(self, data: bytes, budget: int) -> bytes:
+        """The decoded bytes of `data` (and of what earlier calls left), at most `budget`."""
+        if self.dead or not data:
             return b""
         original, first = data, not self.started
         self.started = True
-        for i, enc in enumerate(self.encodings):
-            if not data:
-                break
-            try:
-                if self.steps[i] is None:
-                    self.steps[i] = self._make(enc, data)
-                    if self.steps[i] is None:
-                        self.dead = True
-                        return b""
-                obj = self.steps[i]
-                data = obj.process(data) if hasattr(obj, "process") else obj.decompress(data)
-            except Exception:
-                if first and i == 0 and original.lstrip()[:1] in (b"{", b"[", b"d", b"e", b":"):
-                    # Decoded already somewhere upstream while the header stayed: read it plain.
-                    self.st.note(f"content-encoding says {enc} but the body is plain; read as is")
-                    self.encodings, self.steps = [], []
-                    return original
-                self.st.note(f"{enc} body could not be decoded")
-                self.dead = True
-                return b""
-        return data
+        if not self.encodings:
+            return data[:budget]
+        try:
+            return self._pull(0, data, budget)
+        except Exception:
+            enc = self.encodings[0]
+            if first and original.lstrip()[:1] in (b"{", b"[", b"d", b"e", b":"):
+                # Decoded already somewhere upstream while the header stayed: read it plain.
+                self.st.note(f"content-encoding says {enc} but the body is plain; read as is")
+                self.encodings, self.steps = [], []
+                return original[:budget]
+            self.st.note(f"{enc} body could not be decoded")
+            self.dead = True
+            return b""
 
-    def flush(self) -> bytes:
-        out = b""
-        for enc, obj in zip(self.encodings, self.steps):
-            if self.dead or obj is None:
-                return b""
-            try:
-                if out:
-                    out = obj.process(out) if hasattr(obj, "process") else obj.decompress(out)
-                if hasattr(obj, "flush"):
-                    out += obj.flush()
-                if getattr(obj, "eof", True) is False or (hasattr(obj, "is_finished") and not obj.is_finished()):
-                    self.st.note(f"{enc} body is truncated")
-            except Exception:
-                self.st.note(f"{enc} body could not be decoded")
-                self.dead = True
-                return b""
-        return out
+    def flush(self, budget: int) -> bytes:
+        """What is still waiting in the layers, at most `budget` bytes."""
+        if self.dead or not self.steps or self.steps[0] is None:
+            return b""
+        try:
+            return self._pull(0, b"", budget)
+        except Exception:
+            self.st.note(f"{self.encodings[0]} body could not be decoded")
+            self.dead = True
+            return b""
+
+    def truncated(self) -> str | None:
+        """The coding whose stream stopped before its end, if any (a layer no byte reached
+        has nothing to say)."""
+        if self.dead:
+            return None
+        for enc, layer in zip(self.encodings, self.steps):
+            if layer is not None and not layer.finished():
+                return enc
+        return None
 
 
 def _headers(headers: Headers) -> dict[str, str]:
@@ -811,10 +917,15 @@ def _sniff(head: bytes, api: str) -> str:
 class Extractor:
     """Incremental extraction for one response body. No method ever raises."""
 
-    def __init__(self, api: str, status: int | None, headers: Headers) -> None:
+    def __init__(self, api: str, status: int | None, headers: Headers, limit: int = DEFAULT_BODY_LIMIT) -> None:
         self.st = _State()
         self.api = api
         self.status = status
+        # At most `limit` bytes of the body are read, once decoded; `fed` counts what arrived.
+        self.limit = max(0, limit)
+        self.taken = 0
+        self.fed = 0
+        self.capped = False  # the decoded body went over `limit`
         self._finished: Extraction | None = None
         try:
             self.headers = _headers(headers)
@@ -854,10 +965,14 @@ class Extractor:
         """Bytes as the network delivered them, in order."""
         if self._finished is not None or not chunk:
             return
+        self.fed += len(chunk)
+        if self.capped:
+            return
         try:
-            data = self.decoder.feed(bytes(chunk)) if self.decoder else bytes(chunk)
-            if data:
-                self._consume(data)
+            room = self.limit - self.taken
+            # One byte more than there is room for tells a body over the limit from one at it.
+            data = self.decoder.feed(bytes(chunk), room + 1) if self.decoder else bytes(chunk[:room + 1])
+            self._take(data)
         except Exception as exc:  # a surprise in the body must never reach the proxy
             self.st.note(f"extraction failed: {type(exc).__name__}: {exc}")
 
@@ -887,6 +1002,21 @@ class Extractor:
             except Exception as exc:
                 self._finished = Extraction(notes=[f"extraction failed: {type(exc).__name__}: {exc}"])
         return self._finished
+
+    def _take(self, data: bytes) -> None:
+        room = self.limit - self.taken
+        if len(data) > room:
+            data = data[:room]
+            self.capped = True
+        self.taken += len(data)
+        if data:
+            self._consume(data)
+
+    @property
+    def cut(self) -> bool:
+        """Only the first part of the body was read: it went over the limit once decoded, or
+        what arrived is as long as the limit (the record keeps no more of a body as received)."""
+        return self.capped or self.fed >= self.limit > 0
 
     def _stream(self) -> bool | None:
         if self.mode == "sse":
@@ -1076,10 +1206,15 @@ class Extractor:
 
     def _finish(self) -> None:
         st = self.st
-        if self.decoder is not None:
-            tail = self.decoder.flush()
-            if tail:
-                self._consume(tail)
+        if self.decoder is not None and not self.capped:
+            self._take(self.decoder.flush(self.limit - self.taken + 1))
+        cut = self.cut
+        if self.capped and self.decoder is not None and self.decoder.encodings:
+            st.note(decoded_cap_note(self.limit, ", ".join(reversed(self.decoder.encodings)), self.fed))
+        elif self.capped:
+            st.note(body_cut_note("response", self.limit))
+        elif self.decoder is not None and not cut and (enc := self.decoder.truncated()) is not None:
+            st.note(f"{enc} body is truncated")
         if self.mode == "sniff":
             head = b"".join(self.raw)
             self.mode, self.raw = _sniff(head, self.api), []
@@ -1091,11 +1226,11 @@ class Extractor:
                 if self.is_error:
                     st.fail(self._error(None, b""))
             else:
-                self._whole(b"".join(self.raw))
+                self._whole(b"".join(self.raw), cut)
             return
         if self.mode == "ndjson":
             rest = self.lines.rest()
-            if rest.strip():
+            if rest.strip() and not cut:
                 ok, obj = _loads(rest)
                 if ok:
                     self.objects += 1
@@ -1111,16 +1246,22 @@ class Extractor:
                 self.st.notes = notes
                 self.dialect = type(self.dialect)(self.st)
                 self.mode = "whole"
-                self._whole(b"".join(self.raw))
+                self._whole(b"".join(self.raw), cut)
                 return
         else:
             self._sse_catch_up()
             rest = bytes(self.sse_buf)
             self.sse_buf.clear()
             rest = rest[:-1] if rest.endswith(b"\r") else rest
-            if rest.strip():
-                self._line(rest)
-            self._dispatch(at_end=True)
+            if cut:
+                # The event the limit cut is not the stream's: it is left unread.
+                self.sse_data, self.sse_event = [], None
+            else:
+                if rest.strip():
+                    self._line(rest)
+                self._dispatch(at_end=True)
+        if cut:
+            return  # how the stream ended is past what was read: `complete` stays unknown
         if st.complete is None and self.dialect.has_terminator:
             # (A dialect picked by no path has no known normal end: `complete` stays unknown.)
             st.complete = False
@@ -1128,7 +1269,7 @@ class Extractor:
                 cut = "stream ended without its terminator"
                 st.note(cut if self.objects else "stream carried nothing that was understood")
 
-    def _whole(self, body: bytes) -> None:
+    def _whole(self, body: bytes, cut: bool = False) -> None:
         st = self.st
         if self.is_error:
             ok, obj = _loads(body) if body.strip() else (False, None)
@@ -1146,6 +1287,8 @@ class Extractor:
         if ok:
             self.dialect.whole(obj)
             return
+        if cut:
+            return  # the first part of a document is not one: the note on the cut says enough
         try:
             body.decode("utf-8")
             st.note("response body is not JSON")
@@ -1176,14 +1319,38 @@ def _retry_after(headers: dict[str, str]) -> int | float | None:
 
 
 def make_extractor(
-    api: str, *, status: int | None, headers: dict[str, str] | list[tuple[str, str]] | None
+    api: str, *, status: int | None, headers: dict[str, str] | list[tuple[str, str]] | None,
+    limit: int = DEFAULT_BODY_LIMIT,
 ) -> Extractor:
-    """An extractor for one response of dialect `api` (see `detect_api`) with these headers."""
-    return Extractor(api, status, headers)
+    """An extractor for one response of dialect `api` (see `detect_api`) with these headers,
+    reading at most `limit` bytes of the body once decoded."""
+    return Extractor(api, status, headers, limit)
 
 
-def extract(api: str, status: int | None, headers: Headers, body: bytes) -> Extraction:
+def extract(api: str, status: int | None, headers: Headers, body: bytes,
+            limit: int = DEFAULT_BODY_LIMIT) -> Extraction:
     """Extraction of a whole body in one call."""
-    ex = make_extractor(api, status=status, headers=headers)
+    ex = make_extractor(api, status=status, headers=headers, limit=limit)
     ex.feed(body)
     return ex.finish()
+
+
+def decode_body(body: bytes, encoding: str, limit: int = DEFAULT_BODY_LIMIT) -> tuple[bytes | None, bool]:
+    """`body` with its content-encoding (a list, applied in order) undone: at most `limit`
+    bytes, and whether the decoded body goes on past them. None when it cannot be decoded; a
+    stream cut short decodes only when the body is as long as `limit` (the record's cut)."""
+    encodings = [e.strip().lower() for e in encoding.split(",")]
+    encodings = [e for e in encodings if e and e != "identity"]
+    if not encodings:
+        return body[:limit], len(body) > limit
+    decoder = _Decoder(encodings, _State())
+    out = decoder.feed(body, limit + 1)
+    if len(out) <= limit:
+        out += decoder.flush(limit + 1 - len(out))
+    if decoder.dead or not decoder.encodings:  # not decodable, or not encoded after all
+        return None, False
+    if len(out) > limit:
+        return out[:limit], True
+    if decoder.truncated() is not None and len(body) < limit:
+        return None, False
+    return out, False

@@ -7,7 +7,7 @@ At saturation on two CPUs the loop lost about three times the writer's own time:
 recording served 0.86x the calls of one not recording. Here the proxy only hands over what it
 recorded, pickled as plain tuples, from a thread that wakes every SEND_INTERVAL_S and follows
 the loop's CPU. Everything else runs in the child, `python -m llmtap.recorder.process DB
-FLUSH_S`, which owns the DuckDB file and serves the read endpoint (see `Recorder`).
+FLUSH_S BODY_LIMIT`, which owns the DuckDB file and serves the read endpoint (see `Recorder`).
 
 The child lives as long as its input. The proxy closes it on a graceful stop, and a kill -9
 of the proxy closes it too: either way the child commits everything it was handed, then
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
 from llmtap.recorder.follow import CpuFollower
-from llmtap.recorder.record import Attempt, Call, QueuedSink, RecorderError, without_brief
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, without_brief
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -56,10 +56,12 @@ RESTART_EVERY_S = 60.0
 class RecorderProcess(QueuedSink):
     """The proxy's Sink when the recorder runs in a child process; see the module docstring."""
 
-    def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000) -> None:
+    def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
+                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
         super().__init__(queue_limit)
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
+        self.body_limit = body_limit  # see `Recorder`
         self.proc: subprocess.Popen | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -118,7 +120,8 @@ class RecorderProcess(QueuedSink):
         child_flush = max(0.01, self.flush_interval_s - SEND_INTERVAL_S)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "llmtap.recorder.process", str(self.db_path), str(child_flush)],
+                [sys.executable, "-m", "llmtap.recorder.process", str(self.db_path), str(child_flush),
+                 str(self.body_limit)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         except OSError as exc:
             raise RecorderError(f"cannot start the recorder process: {exc}") from None
@@ -314,8 +317,9 @@ def _main(argv: list[str]) -> int:
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.WARNING)
     db, flush = Path(argv[0]), float(argv[1])
+    limit = int(argv[2]) if len(argv) > 2 else DEFAULT_BODY_LIMIT
     out = sys.stdout.buffer
-    recorder = Recorder(db, flush_interval_s=flush)
+    recorder = Recorder(db, flush_interval_s=flush, body_limit=limit)
     try:
         recorder.start()
     except Exception as exc:

@@ -32,6 +32,29 @@ APIS = (
     API_OTHER,
 )
 
+# The most of one body the record keeps (`llmtap run --max-body`): request and response bodies
+# as they crossed the wire, and the response once decoded. The traffic itself is never cut.
+DEFAULT_BODY_LIMIT = 8 << 20
+
+
+def size_text(n: int) -> str:
+    """`8 MiB`, `510 KiB`, `1.5 MiB`: sizes as notes and help show them."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) or value >= 100 else f"{value:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def body_cut_note(which: str, limit: int, size: int | None = None) -> str:
+    """The note of a request or response body the record keeps only the first `limit` bytes of
+    (the proxy and the recorder say it in the same words, so that a row carries it once)."""
+    whole = f" ({size_text(size)})" if size is not None else ""
+    got = "the upstream" if which == "request" else "the client"
+    return (f"{which} body over {size_text(limit)}{whole}: the record keeps the first "
+            f"{size_text(limit)}; {got} got all of it")
+
+
 def detect_api(method: str, path: str) -> str:
     """The dialect of a request from its method and URL path (any gateway or base prefix).
 

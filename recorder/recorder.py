@@ -18,7 +18,6 @@ import os
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -27,10 +26,11 @@ from typing import Any
 import duckdb
 
 from llmtap.recorder import schema
-from llmtap.recorder.extract import Extraction, Extractor, make_extractor
+from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.record import Attempt, Call, QueuedSink, RecorderError, without_brief
+from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
+                                    without_brief)
 from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -68,10 +68,14 @@ def spool_path(db: Path) -> Path:
 
 class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
-                 serve: bool = True, helpers: int | None = None, offload_min: int = 32) -> None:
+                 serve: bool = True, helpers: int | None = None, offload_min: int = 32,
+                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
-        bodies of any batch that finishes `offload_min` calls or more; see `workers`."""
+        bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
+        body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
+        the wire and as many once decoded."""
         super().__init__(queue_limit)
+        self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
         self.serve = serve
@@ -228,6 +232,7 @@ class Recorder(QueuedSink):
             kind = item[0]
             if kind == "started":
                 call = item[1]
+                self._bound(call)
                 started[call.id] = call
                 self._calls[call.id] = call
                 self._extractors[call.id] = (None, 0)
@@ -238,6 +243,7 @@ class Recorder(QueuedSink):
             elif kind == "adopt":
                 self._in_progress.update(item[1])
             else:
+                self._bound(item[1])
                 finished.append((item[1], item[2]))
         done_ids = {c.id for c, _ in finished}
         new_rows = [self._call_row(c) for cid, c in started.items() if cid not in done_ids]
@@ -322,19 +328,37 @@ class Recorder(QueuedSink):
             if also is not None:
                 also()
 
+    def _bound(self, call: Call) -> None:
+        """No more of a body than the limit, whatever was handed over (the proxy's own limit
+        may be larger)."""
+        limit = self.body_limit
+        for which in ("request", "response"):
+            body = getattr(call, f"{which}_body")
+            if len(body) > limit:
+                note = body_cut_note(which, limit, len(body) if which == "request" else None)
+                if note not in call.notes:
+                    call.notes.append(note)
+                setattr(call, f"{which}_body", body[:limit])
+
     # -- extraction ------------------------------------------------------------------------------
     def _feed(self, call_id: str, chunk: bytes) -> None:
         entry = self._extractors.get(call_id)
         if entry is None:
             return
         extractor, fed = entry
+        room = self.body_limit - fed
+        if room <= 0:
+            return  # the record keeps no more of the body, so the live view reads no more
+        if len(chunk) > room:
+            chunk = chunk[:room]
         if extractor is None and fed == 0:
             call = self._calls.get(call_id)
             # The Call is shared with the proxy, which set the status and response headers
             # before it forwarded the first chunk.
             if call is not None:
                 try:
-                    extractor = make_extractor(call.api, status=call.status, headers=call.response_headers)
+                    extractor = make_extractor(call.api, status=call.status, headers=call.response_headers,
+                                               limit=self.body_limit)
                 except Exception:  # a parser bug must not cost the record: the live view just goes without
                     log.exception("llmtap recorder: extraction failed to start for call %s", call_id)
                     extractor = None
@@ -355,7 +379,7 @@ class Recorder(QueuedSink):
         to the helpers at once, whole bodies, even where a live extractor has read part of one:
         their time is not taken from the proxy. Fewer are extracted here, as they are read."""
         if len(calls) >= self.offload_min and self.helpers.count:
-            answers = self.helpers.map([_job(c) for c in calls], ROWS_PART)
+            answers = self.helpers.map([_job(c, self.body_limit) for c in calls], ROWS_PART)
             return (ex for part in answers for ex in part)
         return (self._extraction(c) for c in calls)
 
@@ -379,7 +403,7 @@ class Recorder(QueuedSink):
                 return extractor.finish()
             except Exception:
                 log.exception("llmtap recorder: live extraction failed for call %s", call.id)
-        return extract_job(_job(call))
+        return extract_job(_job(call, self.body_limit))
 
     # -- rows --------------------------------------------------------------------------------------
     def _call_row(self, call: Call, ex: Extraction | None = None) -> tuple:
@@ -388,12 +412,14 @@ class Recorder(QueuedSink):
         resp_bytes = call.response_body
         encoding = (call.response_headers.get("content-encoding") or "").lower().strip()
         if ex is not None and encoding not in ("", "identity") and resp_bytes:
-            decoded = _decode(resp_bytes, encoding)
+            decoded, over = decode_body(resp_bytes, encoding, self.body_limit)
             if decoded is None:
                 notes.append(f"response body is {encoding}-encoded and could not be decoded; kept raw")
             else:
-                resp_bytes = decoded
                 notes.append(f"response body arrived {encoding}-encoded; stored decoded")
+                if over:
+                    notes.append(decoded_cap_note(self.body_limit, encoding, len(resp_bytes)))
+                resp_bytes = decoded
         resp_text, resp_raw = _text(resp_bytes) if ex is not None else (None, None)
         if req_raw is not None:
             notes.append("request body is not UTF-8: kept in request_body_raw")
@@ -504,8 +530,8 @@ class _Rows:
         return [row for part in self for row in part]
 
 
-def _job(call: Call) -> Job:
-    return (call.api, call.status, call.response_headers, call.response_body)
+def _job(call: Call, limit: int) -> Job:
+    return (call.api, call.status, call.response_headers, call.response_body, limit)
 
 
 def _attempt_row(a: Attempt) -> tuple:
@@ -544,35 +570,6 @@ def _text(body: bytes) -> tuple[str | None, bytes | None]:
         return body.decode("utf-8"), None
     except UnicodeDecodeError:
         return None, bytes(body)
-
-
-def _decode(body: bytes, encoding: str) -> bytes | None:
-    """Undo a content-encoding (a list is applied in order, so undone in reverse)."""
-    codings = [c.strip() for c in encoding.split(",") if c.strip() not in ("", "identity")]
-    for coding in reversed(codings):
-        out = _decode_one(body, coding)
-        if out is None:
-            return None
-        body = out
-    return body
-
-
-def _decode_one(body: bytes, encoding: str) -> bytes | None:
-    try:
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, 47)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, -15)
-        if encoding == "br":
-            import brotli  # a dependency of mitmproxy
-
-            return brotli.decompress(body)
-    except Exception:
-        return None
-    return None
 
 
 def _jsonable(value: Any) -> Any:

@@ -32,7 +32,7 @@ from llmtap.recorder.extract import Extraction, extract
 
 log = logging.getLogger("llmtap.recorder")
 
-Job = tuple[str, int | None, dict[str, str], bytes]  # api, status, response headers, body
+Job = tuple[str, int | None, dict[str, str], bytes, int]  # api, status, response headers, body, body limit
 _LEN = struct.Struct("<Q")
 # Linux lets an unprivileged process grow a pipe to 1 MiB: results then wait in the pipe while
 # the writer appends, instead of stalling the helper after 64 KiB.
