@@ -107,7 +107,10 @@ class Recorder(QueuedSink):
         # The file holds every prompt and answer: a folder llmtap makes is the user's alone.
         self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            self.con = duckdb.connect(str(self.db_path))
+            from llmtap.recorder.endpoint import READ_CONFIG
+
+            # Its cursors serve readers' SQL: no file access through DuckDB (endpoint.READ_CONFIG).
+            self.con = duckdb.connect(str(self.db_path), config=READ_CONFIG)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise RecorderError(
