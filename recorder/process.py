@@ -307,6 +307,9 @@ def _main(argv: list[str]) -> int:
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.WARNING)
     db, flush = Path(argv[0]), float(argv[1])
+    from llmtap.paths import private_umask
+
+    private_umask()  # DuckDB makes the DB, its WAL and temp files: the user's alone
     out = sys.stdout.buffer
     recorder = Recorder(db, flush_interval_s=flush)
     try:
