@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import functools
 import hmac
 import json
 import os
 import secrets
 import threading
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,12 +68,30 @@ def _parse(sql: str) -> list[Any] | str:
             return str(exc)
 
 
+# Table functions a reader may call: they compute, or describe llmtap's own database. Every
+# other one reads files (read_csv, glob, ...; DuckDB refuses those anyway), runs SQL handed to
+# it as a string and so unchecked (query, query_table, json_execute_serialized_sql), or
+# changes the state of the recorder's database (enable_logging, enable_profiling, checkpoint,
+# external resources).
+READ_TABLE_FUNCTIONS = frozenset({
+    "range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree",
+    "duckdb_tables", "duckdb_columns", "duckdb_views", "duckdb_schemas", "duckdb_databases",
+    "duckdb_types", "duckdb_constraints", "duckdb_indexes", "duckdb_keywords", "duckdb_functions",
+    "duckdb_settings", "pragma_table_info", "pragma_show", "pragma_version", "pragma_database_size",
+})
+
+
 def check_read_only(sql: str) -> str | None:
     """Why `sql` is refused, or None. One read statement only: the file is the user's record.
 
     DuckDB's own parser decides, because a prefix check is fooled by `WITH x AS (...) DELETE`.
     What the statement may read is enforced by DuckDB too (READ_CONFIG, read_only_query).
     """
+    return _why_refused(sql)
+
+
+@functools.lru_cache(maxsize=1024)  # the UI sends the same few statements with new parameters
+def _why_refused(sql: str) -> str | None:
     statements = _parse(sql)
     if isinstance(statements, str):
         return statements
@@ -79,7 +99,34 @@ def check_read_only(sql: str) -> str | None:
         return "one statement only" if statements else "no statement given"
     if statements[0].type != duckdb.StatementType.SELECT:
         return "only SELECT / WITH / FROM / DESCRIBE / SHOW / SUMMARIZE queries are served"
+    tree = _serialized(sql)
+    if tree.get("error"):
+        return (f"this query cannot be checked ({tree.get('error_message', 'DuckDB cannot serialize it')}); "
+                "write it as a plain SELECT")
+    called = sorted(set(_table_functions(tree)) - READ_TABLE_FUNCTIONS)
+    if called:
+        return (f"table function {', '.join(called)} is not served: readers query llmtap's tables "
+                "(calls, attempts) and DuckDB's own catalog, no files")
     return None
+
+
+def _serialized(sql: str) -> dict:
+    with _parser_lock:
+        assert _parser is not None
+        return json.loads(_parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+
+
+def _table_functions(node: Any) -> Iterator[str]:
+    """The names of the table functions anywhere in a serialized statement (CTEs, subqueries,
+    joins, set operations, DESCRIBE / SUMMARIZE of a query)."""
+    if isinstance(node, dict):
+        if node.get("type") == "TABLE_FUNCTION":
+            yield str((node.get("function") or {}).get("function_name", "")).lower()
+        for value in node.values():
+            yield from _table_functions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _table_functions(value)
 
 
 def check_condition(where_sql: str) -> str | None:
@@ -94,9 +141,7 @@ def check_condition(where_sql: str) -> str | None:
     why = check_read_only(probe)
     if why:
         return f"the export's filter is not one SQL condition ({why})"
-    with _parser_lock:
-        assert _parser is not None
-        tree = json.loads(_parser.execute("SELECT json_serialize_sql(?)", [probe]).fetchall()[0][0])
+    tree = _serialized(probe)
     node = (tree.get("statements") or [{}])[0].get("node") or {}
     table = node.get("from_table") or {}
     if (tree.get("error") or node.get("type") != "SELECT_NODE" or node.get("modifiers")

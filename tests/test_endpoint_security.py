@@ -100,6 +100,16 @@ def attacks(planted: Path, out: Path) -> list[str]:
         "UPDATE calls SET content = 'x'",
         "SELECT getenv('HOME')",
         "SELECT * FROM calls WHERE id IN (SELECT id FROM calls) ; TRUNCATE calls",
+        # SQL handed over as a string, unseen by the check, and functions that change the
+        # recorder's database state
+        "SELECT * FROM query('SELECT 1')",
+        "SELECT * FROM json_execute_serialized_sql(json_serialize_sql('SELECT 1'))",
+        "SELECT * FROM enable_logging()",
+        "SELECT * FROM enable_profiling()",
+        "SELECT * FROM checkpoint()",
+        "SELECT * FROM force_checkpoint()",
+        f"DESCRIBE SELECT * FROM read_text('{csv}')",
+        f"SUMMARIZE SELECT * FROM read_text('{csv}')",
     ]
 
 
@@ -130,6 +140,7 @@ def test_the_endpoint_serves_no_file_and_no_write(recording: tuple[Recorder, Pat
         # What the UI and `llmtap stats` send keeps working.
         assert reader.query("SELECT count(*) AS n FROM calls WHERE model_requested GLOB ?", ["sm*"]) == (["n"], [(CALLS,)])
         assert "status" in [r[0] for r in reader.query("DESCRIBE calls")[1]]
+        assert reader.query("SELECT count(*) FROM range(3) JOIN unnest([1, 2]) u(x) ON true")[1] == [(6,)]
         assert reader.query("SELECT current_setting('enable_external_access')")[1] == [(False,)]
     finally:
         reader.close()
