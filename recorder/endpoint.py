@@ -343,7 +343,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         cur = self.owner.recorder.cursor()
         try:
-            rows = export(cur, Path(data["out"]), data.get("format", "parquet"), since=data.get("since"),
+            out = Path(str(data["out"]))
+            if not out.is_absolute():
+                # Relative to what? The CLI sends the path the user gave, made absolute there.
+                raise ExportError(f"the export's target {str(out)!r} must be an absolute path")
+            rows = export(cur, out, data.get("format", "parquet"), since=data.get("since"),
                           until=data.get("until"), model=data.get("model"), where_sql=data.get("where_sql"),
                           params=data.get("params"), progress=progress)
             result: dict = {"ok": True, "rows": rows, "out": data["out"]}

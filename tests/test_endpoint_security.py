@@ -241,5 +241,28 @@ def test_crafted_export_over_raw_http_is_refused(recording: tuple[Recorder, Path
             result = json.loads(r.text.strip().splitlines()[-1])
             assert result["ok"] is False and SECRET not in r.text, (kw, r.text)
             assert not out.exists() and not leak.exists()
+        # Only where the caller's own CLI said, in full: a relative path would land wherever the
+        # recording process happens to run.
+        r = client.post("/export", json={"out": "out.parquet", "format": "parquet"})
+        assert json.loads(r.text.strip().splitlines()[-1])["ok"] is False
         r = client.post("/query", json={"sql": "SELECT count(*) FROM calls"})
         assert r.json()["rows"] == [[CALLS]]
+
+
+def test_the_uis_own_filters_still_export_through_the_endpoint(recording: tuple[Recorder, Path],
+                                                                tmp_path: Path) -> None:
+    from llmtap.tui import query as q
+
+    _rec, db = recording
+    reader = open_reader(db)
+    assert isinstance(reader, RemoteReader)
+    try:
+        schema = q.load_schema(reader)
+        for text, want in [("model:sma* provider:anthropic status:2xx fallbacks since:2h", CALLS),
+                           ("errors", 0), ("holes", CALLS), ("-holes", 0), ("folds model:smart", CALLS)]:
+            flt = q.narrow_by_index(reader, schema, q.parse_filter(text, schema))
+            out = tmp_path / "ui.parquet"
+            assert reader.export(out, "parquet", where_sql=flt.where_sql, params=list(flt.params)) == want, text
+            assert duckdb.sql("SELECT count(*) FROM read_parquet(?)", params=[str(out)]).fetchall() == [(want,)]
+    finally:
+        reader.close()
