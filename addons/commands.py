@@ -122,7 +122,7 @@ def ensure_ca(confdir: Path) -> Path:
     """mitmproxy's CA certificate, created now if `llmtap run` never ran with this confdir."""
     cert = confdir / "mitmproxy-ca-cert.pem"
     # The folder holds the CA's private key: whoever reads it can sign for any host.
-    paths.private_dir(confdir)
+    paths.private_ca_dir(confdir)
     if not cert.exists():
         from mitmproxy.certs import CertStore
 

@@ -55,10 +55,12 @@ def tighten(path: Path) -> bool:
     return True
 
 
-def private_dir(path: Path) -> Path:
-    """`path` as a folder only the user can enter, made if missing, with what it holds closed."""
+def private_ca_dir(path: Path) -> Path:
+    """The CA's folder: only the user can enter it, made if missing, and the files mitmproxy
+    and llmtap keep there are closed (others a user keeps there are left as they are)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    opened = [p for p in [path, *path.iterdir()] if tighten(p)]
+    ours = [p for p in path.iterdir() if p.name.startswith(("mitmproxy-", "llmtap-"))]
+    opened = [p for p in [path, *ours] if tighten(p)]
     if opened:
         log.warning("%s held files readable by others (%s); they are now private to you",
                     path, ", ".join(p.name for p in opened))
@@ -74,7 +76,7 @@ def private_record(db: Path) -> None:
     if db.parent == data_dir():
         tighten(db.parent)  # llmtap's own folder; a folder given with --db is the user's choice
     if opened:
-        log.warning("%s were readable by others; they are now private to you (0600)",
+        log.warning("%s were readable by others; they are now private to you",
                     ", ".join(str(p) for p in opened))
 
 

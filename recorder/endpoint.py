@@ -166,7 +166,10 @@ def read_only_query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | Non
         types = [str(d[1]) for d in res.description or []]
         rows = res.fetchall() if max_rows is None else res.fetchmany(max_rows)
     finally:
-        cur.execute("ROLLBACK")
+        try:
+            cur.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the query's own error ended the transaction; that error is the one to report
     return columns, types, rows
 
 

@@ -151,11 +151,16 @@ def test_an_export_is_private_whatever_the_umask_of_the_process(tmp_path: Path) 
 
 def test_wrap_keeps_the_users_umask_for_its_command_but_makes_the_ca_private(tmp_path: Path) -> None:
     confdir = tmp_path / "ca"
+    confdir.mkdir(mode=0o755)
+    mine = confdir / "notes.txt"  # the user's own file in the folder given as --confdir
+    mine.write_text("mine")
+    mine.chmod(0o644)
     w = subprocess.run([sys.executable, "-m", "llmtap", "wrap", "--proxy", "127.0.0.1:9", "--confdir", str(confdir),
                         "--", sys.executable, "-c", "import os; print(oct(os.umask(0)))"],
                        capture_output=True, text=True, timeout=120, preexec_fn=user_umask)
     assert w.returncode == 0 and w.stdout.strip() == "0o22", w.stderr
-    assert_private_tree(confdir)
+    assert_private(confdir, *[p for p in confdir.iterdir() if p != mine])
+    assert mode(mine) == 0o644
     env = llmtap("env", "--confdir", str(tmp_path / "ca2"))
     assert env.returncode == 0
     assert_private_tree(tmp_path / "ca2")
