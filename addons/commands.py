@@ -142,7 +142,8 @@ def client_env(proxy: str, confdir: Path, *, install_node_support: bool = True) 
     system = Path(certifi.where()).read_bytes()
     wanted = system.rstrip(b"\n") + b"\n" + ca.read_bytes()
     if not bundle.exists() or bundle.read_bytes() != wanted:
-        bundle.write_bytes(wanted)
+        with paths.private_files():
+            bundle.write_bytes(wanted)
     url = f"http://{host}:{port}"
     no_proxy = ",".join(x for x in ("localhost", "127.0.0.1", "::1", os.environ.get("NO_PROXY", "")) if x)
     return {
@@ -161,11 +162,13 @@ def client_env(proxy: str, confdir: Path, *, install_node_support: bool = True) 
 def ensure_ca(confdir: Path) -> Path:
     """mitmproxy's CA certificate, created now if `llmtap run` never ran with this confdir."""
     cert = confdir / "mitmproxy-ca-cert.pem"
+    # The folder holds the CA's private key: whoever reads it can sign for any host.
+    paths.private_ca_dir(confdir)
     if not cert.exists():
         from mitmproxy.certs import CertStore
 
-        confdir.mkdir(parents=True, exist_ok=True)
-        CertStore.from_store(confdir, "mitmproxy", 2048)
+        with paths.private_files():  # mitmproxy makes only the key private, by itself
+            CertStore.from_store(confdir, "mitmproxy", 2048)
     return cert
 
 

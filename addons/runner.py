@@ -212,7 +212,9 @@ class Proxy:
         if self.config.gateway is not None:
             host, port = self.config.gateway
             modes.append(f"reverse:http://127.0.0.1:{relay_port}@{_fmt_host(host)}:{port}")
-        self.config.confdir.mkdir(parents=True, exist_ok=True)
+        from llmtap.paths import private_ca_dir
+
+        private_ca_dir(self.config.confdir)  # mitmproxy makes its CA (and key) there
         # Options declared by addons exist only once the addons are added.
         opts.update(
             confdir=str(self.config.confdir),

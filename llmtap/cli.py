@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "wrap":  # the command `wrap` runs keeps the user's own umask
+        from llmtap.paths import private_umask
+
+        private_umask()
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here rather than in the interpreter's exit

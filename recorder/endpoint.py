@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import functools
 import hmac
 import json
 import os
 import secrets
 import threading
 import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,24 +40,137 @@ def discovery_path(db: Path) -> Path:
     return db.with_name(db.name + ".endpoint.json")
 
 
+# Every DuckDB connection that runs a reader's SQL (the recorder's own, whose cursors serve the
+# endpoint, and a file opened read-only) is opened with these. DuckDB itself then refuses
+# read_text/read_csv/glob/COPY/ATTACH on any file and `FROM '/etc/passwd'` (a replacement scan),
+# and loads or installs no extension: readers see llmtap's tables and nothing else. The
+# setting is for the whole database and cannot be turned back on, which is why the recorder
+# never needs file access through DuckDB: exports are written by a connection of their own.
+READ_CONFIG: dict[str, Any] = {
+    "enable_external_access": False,
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    # A table name would otherwise be looked up among the Python variables of the caller.
+    "python_enable_replacements": False,
+    # Arrow hand-off to an export's writer keeps JSON columns JSON.
+    "arrow_lossless_conversion": True,
+}
+
+
+def _parse(sql: str) -> list[Any] | str:
+    global _parser
+    with _parser_lock:
+        if _parser is None:
+            _parser = duckdb.connect(config=READ_CONFIG)  # in memory, used only to parse
+        try:
+            return _parser.extract_statements(sql)
+        except duckdb.Error as exc:
+            return str(exc)
+
+
+# Table functions a reader may call: they compute, or describe llmtap's own database. Every
+# other one reads files (read_csv, glob, ...; DuckDB refuses those anyway), runs SQL handed to
+# it as a string and so unchecked (query, query_table, json_execute_serialized_sql), or
+# changes the state of the recorder's database (enable_logging, enable_profiling, checkpoint,
+# external resources).
+READ_TABLE_FUNCTIONS = frozenset({
+    "range", "generate_series", "unnest", "repeat", "repeat_row", "json_each", "json_tree",
+    "duckdb_tables", "duckdb_columns", "duckdb_views", "duckdb_schemas", "duckdb_databases",
+    "duckdb_types", "duckdb_constraints", "duckdb_indexes", "duckdb_keywords", "duckdb_functions",
+    "duckdb_settings", "pragma_table_info", "pragma_show", "pragma_version", "pragma_database_size",
+})
+
+
 def check_read_only(sql: str) -> str | None:
     """Why `sql` is refused, or None. One read statement only: the file is the user's record.
 
     DuckDB's own parser decides, because a prefix check is fooled by `WITH x AS (...) DELETE`.
+    What the statement may read is enforced by DuckDB too (READ_CONFIG, read_only_query).
     """
-    global _parser
-    with _parser_lock:
-        if _parser is None:
-            _parser = duckdb.connect()  # in memory, used only to parse
-        try:
-            statements = _parser.extract_statements(sql)
-        except duckdb.Error as exc:
-            return str(exc)
+    return _why_refused(sql)
+
+
+@functools.lru_cache(maxsize=1024)  # the UI sends the same few statements with new parameters
+def _why_refused(sql: str) -> str | None:
+    statements = _parse(sql)
+    if isinstance(statements, str):
+        return statements
     if len(statements) != 1:
         return "one statement only" if statements else "no statement given"
     if statements[0].type != duckdb.StatementType.SELECT:
         return "only SELECT / WITH / FROM / DESCRIBE / SHOW / SUMMARIZE queries are served"
+    tree = _serialized(sql)
+    if tree.get("error"):
+        return (f"this query cannot be checked ({tree.get('error_message', 'DuckDB cannot serialize it')}); "
+                "write it as a plain SELECT")
+    called = sorted(set(_table_functions(tree)) - READ_TABLE_FUNCTIONS)
+    if called:
+        return (f"table function {', '.join(called)} is not served: readers query llmtap's tables "
+                "(calls, attempts) and DuckDB's own catalog, no files")
     return None
+
+
+def _serialized(sql: str) -> dict:
+    with _parser_lock:
+        assert _parser is not None
+        return json.loads(_parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+
+
+def _table_functions(node: Any) -> Iterator[str]:
+    """The names of the table functions anywhere in a serialized statement (CTEs, subqueries,
+    joins, set operations, DESCRIBE / SUMMARIZE of a query)."""
+    if isinstance(node, dict):
+        if node.get("type") == "TABLE_FUNCTION":
+            yield str((node.get("function") or {}).get("function_name", "")).lower()
+        for value in node.values():
+            yield from _table_functions(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _table_functions(value)
+
+
+def check_condition(where_sql: str) -> str | None:
+    """Why `where_sql` is refused as an export's filter, or None.
+
+    It must be a boolean expression over `calls` and nothing more: spliced after WHERE, a
+    value like `TRUE); DELETE FROM calls; --` or `TRUE) UNION SELECT ... --` would otherwise
+    become statements or queries of its own. DuckDB's parser checks that the query built
+    around it is still `SELECT * FROM calls WHERE (...)`, with nothing added.
+    """
+    probe = f"SELECT * FROM calls WHERE ({where_sql}\n)"
+    why = check_read_only(probe)
+    if why:
+        return f"the export's filter is not one SQL condition ({why})"
+    tree = _serialized(probe)
+    node = (tree.get("statements") or [{}])[0].get("node") or {}
+    table = node.get("from_table") or {}
+    if (tree.get("error") or node.get("type") != "SELECT_NODE" or node.get("modifiers")
+            or (node.get("cte_map") or {}).get("map") or table.get("type") != "BASE_TABLE"
+            or table.get("table_name") != "calls" or node.get("group_expressions") or node.get("having")
+            or node.get("qualify") or [x.get("class") for x in node.get("select_list", [])] != ["STAR"]):
+        return "the export's filter is not one SQL condition over calls"
+    return None
+
+
+def read_only_query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | None,
+                    max_rows: int | None = None) -> tuple[list[str], list[str], list[tuple]]:
+    """Run a reader's one SELECT on `cur` inside a read-only transaction (DuckDB refuses any
+    write in it) and return column names, column types and rows (at most `max_rows`)."""
+    why = check_read_only(sql)
+    if why:
+        raise ValueError(why)
+    cur.execute("BEGIN TRANSACTION READ ONLY")
+    try:
+        res = cur.execute(sql, params or [])
+        columns = [d[0] for d in res.description or []]
+        types = [str(d[1]) for d in res.description or []]
+        rows = res.fetchall() if max_rows is None else res.fetchmany(max_rows)
+    finally:
+        try:
+            cur.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the query's own error ended the transaction; that error is the one to report
+    return columns, types, rows
 
 
 def jsonable(value: Any) -> Any:
@@ -204,12 +319,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             cur = self.owner.recorder.cursor()
             try:
-                res = cur.execute(sql, data.get("params") or [])
-                columns = [d[0] for d in res.description or []]
                 # Types travel with the rows so the client can turn ISO strings back into
                 # datetimes: every reader returns the same Python values.
-                types = [str(d[1]) for d in res.description or []]
-                rows = res.fetchmany(MAX_ROWS + 1)
+                columns, types, rows = read_only_query(cur, sql, data.get("params") or [], MAX_ROWS + 1)
             finally:
                 cur.close()
         except Exception as exc:  # a user's SQL error, reported as such
@@ -234,7 +346,11 @@ class _Handler(BaseHTTPRequestHandler):
 
         cur = self.owner.recorder.cursor()
         try:
-            rows = export(cur, Path(data["out"]), data.get("format", "parquet"), since=data.get("since"),
+            out = Path(str(data["out"]))
+            if not out.is_absolute():
+                # Relative to what? The CLI sends the path the user gave, made absolute there.
+                raise ExportError(f"the export's target {str(out)!r} must be an absolute path")
+            rows = export(cur, out, data.get("format", "parquet"), since=data.get("since"),
                           until=data.get("until"), model=data.get("model"), where_sql=data.get("where_sql"),
                           params=data.get("params"), progress=progress)
             result: dict = {"ok": True, "rows": rows, "out": data["out"]}

@@ -3,10 +3,15 @@
 Large exports go in id-ordered slices (ULIDs sort by time), each COPY'd to a part file, so
 the user sees progress; the parts are then combined into one file written beside the target
 and renamed into place, so a failed export never leaves a half file behind.
+
+The database connection that reads the calls has no file access (endpoint.READ_CONFIG): the
+rows stream as Arrow into a second, in-memory DuckDB that holds no record and may write only
+in the export's own temporary folder. The file holds traffic: it is the user's alone (0600).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,6 +20,7 @@ from typing import Any
 
 import duckdb
 
+from llmtap.recorder.endpoint import READ_CONFIG, check_condition
 from llmtap.recorder.times import TIME_FORMS, parse_when
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -66,34 +72,94 @@ def where_clause(since: str | None = None, until: str | None = None, model: str 
         parts.append("(model_requested GLOB ? OR model_sent GLOB ?)")
         args += [model, model]
     if where_sql:
-        parts.append(f"({where_sql})")
+        # Checked by DuckDB's parser to be one condition over calls and nothing else; the
+        # newline ends a trailing `--` comment before the closing parenthesis, as in the check.
+        why = check_condition(where_sql)
+        if why:
+            raise ExportError(why)
+        parts.append(f"({where_sql}\n)")
         args += list(params or [])
     return (" AND ".join(parts) or "TRUE"), args
+
+
+class _Rows:
+    """The Arrow stream of one query on the reading connection, for the writer to scan."""
+
+    def __init__(self, rel: duckdb.DuckDBPyRelation) -> None:
+        self.rel = rel
+
+    def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
+        return self.rel.__arrow_c_stream__(requested_schema)
+
+
+def _writer(folder: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB that can write files in `folder` and nowhere else."""
+    w = duckdb.connect(config={k: v for k, v in READ_CONFIG.items() if k != "enable_external_access"})
+    w.execute("SET allowed_directories = ?", [[str(folder) + os.sep]])
+    w.execute("SET enable_external_access = false")
+    return w
+
+
+def _quoted(p: Path) -> str:
+    """`p` as a SQL string literal. COPY's target cannot be a parameter; DuckDB's '...' has no
+    escapes but a doubled quote, and a path that is not plain text is refused outright."""
+    text = str(p)
+    if any(ord(ch) < 32 for ch in text):
+        raise ExportError(f"cannot write to {text!r}: the path holds control characters")
+    return "'" + text.replace("'", "''") + "'"
 
 
 def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, since: str | None = None,
            until: str | None = None, model: str | None = None, where_sql: str | None = None,
            params: list | None = None, progress: Callable[[int, int], None] | None = None) -> int:
-    """Write the matching calls to `out`; returns the number of rows."""
+    """Write the matching calls to `out`; returns the number of rows. `con` is a cursor of its
+    own: the export reads in one read-only transaction on it."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     out = Path(out).expanduser().absolute()
+    _quoted(out)
     if not out.parent.is_dir():
         raise ExportError(f"cannot write {out}: the folder {out.parent} does not exist")
     where, args = where_clause(since, until, model, where_sql, params)
     options = _OPTIONS[fmt]
     try:
-        total = con.execute(f"SELECT count(*) FROM calls WHERE {where}", args).fetchone()[0]
+        # One snapshot for the count and every slice; DuckDB refuses any write in it.
+        con.execute("BEGIN TRANSACTION READ ONLY")
+    except duckdb.Error as exc:
+        raise ExportError(f"cannot read the calls: {exc}") from None
+    try:
+        return _export(con, out, fmt, options, where, args, progress)
+    finally:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+
+
+def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,
+            progress: Callable[[int, int], None] | None) -> int:
+    try:
+        total = con.execute(f"SELECT count(*) FROM calls WHERE {where}", args).fetchall()[0][0]
         tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))
     except duckdb.Error as exc:
         raise ExportError(f"the export's filter is not valid: {exc}") from None
     except OSError as exc:
         raise ExportError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    writer: duckdb.DuckDBPyConnection | None = None
+
+    def copy(select: str, select_args: list, target: Path, copy_options: str) -> None:
+        assert writer is not None
+        writer.register("rows", _Rows(con.sql(select, params=select_args)))
+        try:
+            writer.execute(f"COPY (SELECT * FROM rows) TO {_quoted(target)} ({copy_options})")
+        finally:
+            writer.unregister("rows")
+
     try:
+        writer = _writer(tmpdir)
         final_tmp = tmpdir / ("all." + fmt)
         if total <= SLICE_ROWS:
-            con.execute(f"COPY (SELECT * FROM calls WHERE {where} ORDER BY id) TO '{_path(final_tmp)}' ({options})",
-                        args)
+            copy(f"SELECT * FROM calls WHERE {where} ORDER BY id", args, final_tmp, options)
             if progress:
                 progress(total, total)
         else:
@@ -114,16 +180,15 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
                 part = tmpdir / f"part-{i:05d}.{fmt}"
                 if fmt == "csv" and i == 1:
                     part_options = "FORMAT csv, HEADER false"  # the parts are concatenated: one header
-                # COPY takes parameters (DuckDB 2.0), so user values are never spliced into SQL.
-                con.execute(f"COPY (SELECT * FROM calls WHERE {cond} ORDER BY id) TO '{_path(part)}' ({part_options})",
-                            args + [low] + ([high] if high else []))
+                copy(f"SELECT * FROM calls WHERE {cond} ORDER BY id", args + [low] + ([high] if high else []),
+                     part, part_options)
                 parts.append(part)
                 done = min(total, done + SLICE_ROWS)
                 if progress:
                     progress(done, total)
             if fmt == "parquet":
-                con.execute(f"COPY (SELECT * FROM read_parquet('{_path(tmpdir)}/part-*.parquet')) "
-                            f"TO '{_path(final_tmp)}' ({options})")
+                writer.execute(f"COPY (SELECT * FROM read_parquet({_quoted(tmpdir / 'part-*.parquet')})) "
+                               f"TO {_quoted(final_tmp)} ({options})")
             else:
                 # JSON lines (and CSV, header in the first part only) concatenate as they
                 # are; re-reading them through DuckDB would re-infer the types and took 2.4x
@@ -132,15 +197,14 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
                     for part in parts:
                         with open(part, "rb") as src:
                             shutil.copyfileobj(src, dst, 1 << 20)
+        os.chmod(final_tmp, 0o600)  # whatever the umask of the process that writes it
         final_tmp.replace(out)
     except duckdb.Error as exc:
         raise ExportError(f"export to {out} failed: {exc}") from None
     except OSError as exc:
         raise ExportError(f"export to {out} failed: {exc.strerror or exc}") from None
     finally:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return int(total)
-
-
-def _path(p: Path) -> str:
-    return str(p).replace("'", "''")

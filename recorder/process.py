@@ -318,6 +318,9 @@ def _main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     db, flush = Path(argv[0]), float(argv[1])
     limit = int(argv[2]) if len(argv) > 2 else DEFAULT_BODY_LIMIT
+    from llmtap.paths import private_umask
+
+    private_umask()  # DuckDB makes the DB, its WAL and temp files: the user's alone
     out = sys.stdout.buffer
     recorder = Recorder(db, flush_interval_s=flush, body_limit=limit)
     try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 
-from llmtap.recorder.endpoint import check_read_only, discovery_path, jsonable
+from llmtap.recorder.endpoint import READ_CONFIG, discovery_path, jsonable, read_only_query
 from llmtap.recorder.export import ExportError, export as export_calls
 
 if TYPE_CHECKING:
@@ -108,11 +108,10 @@ def _discover(db: Path) -> dict | None:
 def _query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | None) -> tuple[list[str], list[tuple]]:
     """Run one read statement on its own cursor, closed afterwards."""
     try:
-        why = check_read_only(sql)
-        if why:
-            raise ReaderError(why)
-        res = cur.execute(sql, params or [])
-        return [d[0] for d in res.description or []], res.fetchall()
+        columns, _types, rows = read_only_query(cur, sql, params)
+        return columns, rows
+    except (ValueError, duckdb.Error) as exc:  # refused, or the SQL's own error: as the endpoint says it
+        raise ReaderError(str(exc)) from None
     finally:
         cur.close()
 
@@ -125,7 +124,8 @@ class LocalReader:
     def __init__(self, db: Path, memory_limit: str | None = None) -> None:
         self.db = db
         self.memory_limit = memory_limit
-        config = {"memory_limit": memory_limit} if memory_limit else {}
+        # The same limits as the endpoint's: SQL over llmtap's tables and no file at all.
+        config = {**READ_CONFIG, **({"memory_limit": memory_limit} if memory_limit else {})}
         self.con = duckdb.connect(str(db), read_only=True, config=config)
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:

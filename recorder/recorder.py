@@ -108,10 +108,15 @@ class Recorder(QueuedSink):
     def start(self) -> None:
         # The thread that starts the recorder is the one that will feed it (the proxy's loop).
         self._follow = CpuFollower()
+        from llmtap.paths import private_record
+        from llmtap.recorder.endpoint import READ_CONFIG
+
         # The file holds every prompt and answer: a folder llmtap makes is the user's alone.
         self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_record(self.db_path)  # and files an older llmtap or a looser umask left open
         try:
-            self.con = duckdb.connect(str(self.db_path))
+            # Its cursors serve readers' SQL: no file access through DuckDB (endpoint.READ_CONFIG).
+            self.con = duckdb.connect(str(self.db_path), config=READ_CONFIG)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
                 raise RecorderError(
