@@ -21,7 +21,7 @@ from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, RECORD_BODY_LIMIT, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
 from llmtap.recorder.record import API_OTHER, Call, detect_api, new_id, utcnow
-from llmtap.recorder.redact import redact_headers, redact_url
+from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
 
@@ -133,6 +133,10 @@ class Router:
             targets.append(Target(None, origin, req.path, headers, body, model))
             policy = _policy(None, rules)
 
+        secrets = collect_secrets(client_headers, req.path)
+        for t in targets:
+            secrets |= collect_secrets(t.headers, t.target)
+        call.secrets = tuple(secrets)
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
         flow.metadata["llmtap_plan"] = key
@@ -216,6 +220,7 @@ class Router:
         call = Call(id=new_id(), started_at=utcnow(), method=flow.request.method, url=redact_url(url),
                     client=flow.request.headers.get("user-agent"), status=404, duration_ms=0.0,
                     request_headers=redact_headers(flow.request.headers.items(multi=True)),
+                    secrets=tuple(collect_secrets(flow.request.headers.items(multi=True), flow.request.path)),
                     request_body=flow.request.get_content(strict=False) or b"",
                     response_headers={"content-type": "application/json"}, response_body=body,
                     error=message)
