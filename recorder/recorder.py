@@ -388,7 +388,7 @@ class Recorder(QueuedSink):
         # Every text of the row goes through the call's scrubber: the secrets it carried, its
         # request body's credential fields, and the key shapes, wherever they appear.
         scrub = scrub or Scrubber.for_call(call)
-        t = scrub.text
+        t, b = scrub.text, scrub.body
         notes = list(call.notes)
         req_text, req_raw = _text(scrub.request_body)
         resp_bytes = call.response_body
@@ -417,10 +417,10 @@ class Recorder(QueuedSink):
             t(call.model_requested), t(call.model_sent), t(ex.model) if ex else None, call.provider, call.route,
             call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
             ex.complete if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
-            t(_headers_json(redact_headers(call.request_headers.items()))), t(req_text),
-            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, t(resp_text),
-            t(ex.reasoning) if ex else None, t(ex.content) if ex else None,
-            t(json.dumps(ex.tool_calls)) if ex and ex.tool_calls is not None else None,
+            t(_headers_json(redact_headers(call.request_headers.items()))), b(req_text),
+            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, b(resp_text),
+            b(ex.reasoning) if ex else None, b(ex.content) if ex else None,
+            b(json.dumps(ex.tool_calls)) if ex and ex.tool_calls is not None else None,
             t(ex.finish_reason) if ex else None,
             ex.input_tokens if ex else None, ex.output_tokens if ex else None,
             ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,

@@ -193,7 +193,7 @@ def collect_secrets(headers: Iterable[tuple[str, str] | tuple[bytes, bytes]], ur
 # The well-known key shapes. One regex per family, each starting with a literal: Python's re
 # then finds candidates as fast as a substring test, where one alternation of them all would
 # try every position of every body (twenty times slower on an 8 KB stream).
-_SHAPE_RES = tuple(re.compile(p) for p in (
+_KEY_RES = tuple(re.compile(p) for p in (
     r"sk-(?:ant-|or-|proj-)?[A-Za-z0-9_-]{16,}",
     r"AIza[0-9A-Za-z_-]{30,}",
     r"xai-[A-Za-z0-9_-]{20,}",
@@ -202,10 +202,10 @@ _SHAPE_RES = tuple(re.compile(p) for p in (
     # An auth scheme's token; the scheme's first letter is checked by the callback.
     r"earer(\s+)([A-Za-z0-9._~+/=-]{8,})",
     r"asic(\s+)([A-Za-z0-9+/=]{8,})",
-    # Secret query parameters quoted in text (an error quoting the upstream URL).
-    r"\?[A-Za-z0-9_.-]{1,40}=[^&#\s\"'<>\\]+",
-    r"&[A-Za-z0-9_.-]{1,40}=[^&#\s\"'<>\\]+",
 ))
+# Secret query parameters quoted in text (an error quoting the upstream URL); not looked for
+# in bodies, where the call's own query keys are masked as exact values.
+_QUERY_RES = (re.compile(r"\?[A-Za-z0-9_.-]{1,40}=[^&#\s\"'<>\\]+"), re.compile(r"&[A-Za-z0-9_.-]{1,40}=[^&#\s\"'<>\\]+"))
 _WORD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -232,18 +232,14 @@ def _mask_shape(m: re.Match[str]) -> str:
     return fingerprint(s)
 
 
-# For a short text (a header, a model name, an error) one look for any candidate costs less
-# than a pass per family.
-_ANY_SHAPE = re.compile(r"sk-|AIza|xai-|gsk_|eyJ|earer|asic|[?&][A-Za-z0-9_.-]{1,40}=")
-_SHORT = 2048
-
-
-def mask_shapes(text: str) -> str:
-    """`text` with every well-known key shape replaced by its fingerprint."""
-    if len(text) < _SHORT and _ANY_SHAPE.search(text) is None:
-        return text
-    for r in _SHAPE_RES:
+def mask_shapes(text: str, query: bool = True) -> str:
+    """`text` with every well-known key shape (and with `query`, every secret query
+    parameter) replaced by its fingerprint."""
+    for r in _KEY_RES:
         text = r.sub(_mask_shape, text)
+    if query and ("?" in text or "&" in text):
+        for r in _QUERY_RES:
+            text = r.sub(_mask_shape, text)
     return text
 
 
@@ -292,6 +288,23 @@ def _body_fields(body: bytes) -> list[tuple[int, int, str]]:
     return sorted(spans.values())
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9._~-]*")
+
+
+@lru_cache(maxsize=1024)
+def _forms(secret: str) -> tuple[tuple[str, str], ...]:
+    """(form, fingerprint) for the forms a value takes inside JSON strings and URLs, so that
+    an echo in any is caught. Cached: most calls carry the same few keys."""
+    if is_fingerprint(secret):
+        return ()
+    fp = fingerprint(secret)
+    if _PLAIN.fullmatch(secret):
+        return ((secret, fp),)
+    forms = (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+             quote(secret, safe=""), quote_plus(secret))
+    return tuple((f, fp) for f in dict.fromkeys(forms))
+
+
 class Scrubber:
     """Masks the secrets of one call in any text stored or printed for it.
 
@@ -327,13 +340,8 @@ class Scrubber:
     def _add(self, secrets: Iterable[str]) -> None:
         masks: dict[str, str] = {}
         for s in secrets:
-            if len(s) < MIN_SECRET_LEN or is_fingerprint(s):
-                continue
-            fp = fingerprint(s)
-            # The forms a value takes inside JSON strings and URLs, so an echo in any is caught.
-            for form in (s, json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1], quote(s, safe=""),
-                         quote_plus(s)):
-                masks.setdefault(form, fp)
+            if len(s) >= MIN_SECRET_LEN:
+                masks.update(_forms(s))
         # Longest first: a key that contains another key is masked whole.
         self._masks = sorted(masks.items(), key=lambda kv: -len(kv[0]))
 
@@ -341,20 +349,24 @@ class Scrubber:
     def has_secrets(self) -> bool:
         return bool(self._masks)
 
-    def text(self, text: str | None) -> str | None:
-        """`text` with the call's secrets and every well-known key shape masked."""
+    def text(self, text: str | None, query: bool = True) -> str | None:
+        """`text` with the call's secrets and every well-known key shape masked; `query`
+        False for bodies (see `_QUERY_RES`)."""
         if not text:
             return text
         for secret, fp in self._masks:
             if secret in text:
                 text = text.replace(secret, fp)
-        return mask_shapes(text)
+        return mask_shapes(text, query)
+
+    def body(self, text: str | None) -> str | None:
+        return self.text(text, False)
 
     def raw(self, data: bytes | None) -> bytes | None:
         """The same for bytes that are not UTF-8 (a round trip that keeps every other byte)."""
         if not data:
             return data
-        out = self.text(data.decode("utf-8", "surrogateescape"))
+        out = self.text(data.decode("utf-8", "surrogateescape"), False)
         return out.encode("utf-8", "surrogateescape") if out is not None else data
 
 
