@@ -411,16 +411,25 @@ class Recorder(QueuedSink):
             if error is None and ex.error:
                 error = ex.error.get("message") or json.dumps(ex.error)
         notes = [t(n) or "" for n in notes]
+        req_text = b(req_text)
+        reasoning, content = (b(ex.reasoning), b(ex.content)) if ex else (None, None)
+        tool_calls = b(json.dumps(ex.tool_calls)) if ex and ex.tool_calls is not None else None
+        # A key shape whole in an answer's body is whole in what was extracted from it too
+        # (a key the model writes is split across stream events anyway), and an answer may
+        # echo its request: a clean answer's body is searched for shapes only when the
+        # request or the extracted text had one. Errors and unknown APIs always are.
+        whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
+                 or scrub.found_shapes)
+        resp_text = b(resp_text) if whole else scrub.literal(resp_text)
         return (
             call.id, call.started_at, t(call.client), call.api, call.method, t(redact_url(call.url)),
             call.status if ex is not None else None,
             t(call.model_requested), t(call.model_sent), t(ex.model) if ex else None, call.provider, call.route,
             call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
             ex.complete if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
-            t(_headers_json(redact_headers(call.request_headers.items()))), b(req_text),
-            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, b(resp_text),
-            b(ex.reasoning) if ex else None, b(ex.content) if ex else None,
-            b(json.dumps(ex.tool_calls)) if ex and ex.tool_calls is not None else None,
+            t(_headers_json(redact_headers(call.request_headers.items()))), req_text,
+            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, resp_text,
+            reasoning, content, tool_calls,
             t(ex.finish_reason) if ex else None,
             ex.input_tokens if ex else None, ex.output_tokens if ex else None,
             ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,

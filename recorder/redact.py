@@ -314,10 +314,11 @@ class Scrubber:
     secrets masked everywhere else.
     """
 
-    __slots__ = ("_masks", "request_body")
+    __slots__ = ("_masks", "request_body", "found_shapes")
 
     def __init__(self, secrets: Iterable[str] = (), request_body: bytes | None = None) -> None:
         self._masks: list[tuple[str, str]] = []
+        self.found_shapes = False  # a body given to `body` had a key shape
         self.request_body = request_body
         found: list[str] = []
         if request_body:
@@ -360,7 +361,22 @@ class Scrubber:
         return mask_shapes(text, query)
 
     def body(self, text: str | None) -> str | None:
-        return self.text(text, False)
+        if not text:
+            return text
+        before = self.literal(text)
+        out = mask_shapes(before, False)
+        if out is not before:
+            self.found_shapes = True
+        return out
+
+    def literal(self, text: str | None) -> str | None:
+        """`text` with the call's own secrets masked, and no search for key shapes."""
+        if not text:
+            return text
+        for secret, fp in self._masks:
+            if secret in text:
+                text = text.replace(secret, fp)
+        return text
 
     def raw(self, data: bytes | None) -> bytes | None:
         """The same for bytes that are not UTF-8 (a round trip that keeps every other byte)."""
