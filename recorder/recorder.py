@@ -75,6 +75,7 @@ class Recorder(QueuedSink):
         self.flush_interval_s = flush_interval_s
         self.serve = serve
         self.hub = LiveHub()
+        self.hub.scrubber_for = self._live_scrubber
         self.con: duckdb.DuckDBPyConnection | None = None
         self.endpoint: Any = None
         self._wake = threading.Event()
@@ -322,6 +323,10 @@ class Recorder(QueuedSink):
                                       f"{self.queue_limit} records (the writer fell behind)"])
             if also is not None:
                 also()
+
+    def _live_scrubber(self, call_id: str) -> Scrubber | None:
+        call = self._calls.get(call_id)  # read from an endpoint thread: one dict lookup
+        return Scrubber.for_call(call) if call is not None else None
 
     # -- extraction ------------------------------------------------------------------------------
     def _feed(self, call_id: str, chunk: bytes) -> None:

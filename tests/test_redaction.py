@@ -263,3 +263,47 @@ def test_run_call_line_shows_an_upstream_error_as_printable_text_without_its_key
     for text in ("".join(out.lines), "".join(err.lines)):
         assert AUTH not in text
         assert all(c.isprintable() or c == "\n" for c in text), repr(text)
+
+
+def test_a_live_view_of_a_call_in_progress_shows_it_masked(tmp_path: Path, confdir: Path, fake: FakeProvider) -> None:
+    import threading
+
+    from fakeprovider import slow
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  p1: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    # The key comes early; the words after it keep the call streaming while the view is read.
+    fake.reply_text = f"Noted {BODY} and {REPLY_SHAPED} " + "padding " * 40
+    fake.script(slow(0.25))
+    recorder = Recorder(tmp_path / "llmtap.duckdb")
+    recorder.start()
+    seen: list[dict] = []
+    try:
+        with RunningProxy(rules, confdir, sink=recorder) as proxy:
+            body = json.loads(_request("m"))
+            body["stream"] = True
+            done = threading.Event()
+
+            def ask() -> None:
+                try:
+                    with httpx.Client(timeout=60) as client:
+                        client.post(f"{proxy.gateway_url}/p1/chat/completions",
+                                    headers={"authorization": f"Bearer {AUTH}"}, json=body)
+                finally:
+                    done.set()
+
+            threading.Thread(target=ask, daemon=True).start()
+            seq = 0
+            while not done.is_set():
+                seq, events = recorder.hub.events_after(seq, 1.0)
+                for e in events:
+                    if e["kind"] == "progress" and (part := recorder.hub.partial(e["id"])) is not None:
+                        seen.append(part)
+                if any("padding" in (p["content"] or "") for p in seen):
+                    break
+            assert done.wait(60)
+    finally:
+        recorder.close()
+    assert any("padding" in (p["content"] or "") for p in seen), "the call ended before a live view saw its key"
+    _assert_clean(json.dumps(seen, ensure_ascii=False), "a live view")
+    assert any(fingerprint(BODY) in (p["content"] or "") and fingerprint(BODY) in p["response_body"] for p in seen)
