@@ -307,3 +307,23 @@ def test_a_live_view_of_a_call_in_progress_shows_it_masked(tmp_path: Path, confd
     assert any("padding" in (p["content"] or "") for p in seen), "the call ended before a live view saw its key"
     _assert_clean(json.dumps(seen, ensure_ascii=False), "a live view")
     assert any(fingerprint(BODY) in (p["content"] or "") and fingerprint(BODY) in p["response_body"] for p in seen)
+
+
+def test_stats_prints_a_hostile_model_name_as_printable_text(tmp_path: Path) -> None:
+    from llmtap.recorder.record import Call, new_id, utcnow
+
+    db = tmp_path / "llmtap.duckdb"
+    recorder = Recorder(db, serve=False)
+    recorder.start()
+    try:
+        call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1/v1/chat/completions",
+                    api="openai.chat", model_requested="gpt\x1b[2J\x9b\u202e[bold]x[/bold]", status=200, duration_ms=1.0,
+                    provider="p1")
+        recorder.call_finished(call, [])
+    finally:
+        recorder.close()
+    got = subprocess.run([sys.executable, "-m", "llmtap", "stats", "--db", str(db)], capture_output=True, text=True,
+                         timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert "[bold]x[/bold]" in got.stdout  # shown as written, not taken as markup
+    assert all(c.isprintable() or c == "\n" for c in got.stdout), repr(got.stdout)
