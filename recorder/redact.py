@@ -93,6 +93,21 @@ def is_secret_name(name: str) -> bool:
     return False
 
 
+_NAME_CACHE: dict[str | bytes, bool] = {}
+
+
+def _secret_header(name: str | bytes) -> bool:
+    """is_secret_name for a header name as it arrives (any case, str or bytes), cookies
+    included: one dict lookup for the names seen before, as these run on the proxy's loop."""
+    known = _NAME_CACHE.get(name)
+    if known is None:
+        key = (name.decode("latin-1") if isinstance(name, bytes) else name).lower()
+        known = key == "cookie" or key == "set-cookie" or is_secret_name(key)
+        if len(_NAME_CACHE) < 4096:
+            _NAME_CACHE[name] = known
+    return known
+
+
 # -- headers and URLs (the proxy, per call) ---------------------------------------------------
 def _mask_cookies(value: str, set_cookie: bool) -> str:
     """Every cookie's value becomes its fingerprint; `set-cookie` attributes (Path, Expires)
@@ -123,7 +138,8 @@ def redact_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in headers:
         key = name.lower()
-        value = mask_header(key, value)
+        if _secret_header(name):
+            value = mask_header(key, value)
         out[key] = f"{out[key]}, {value}" if key in out else value
     return out
 
@@ -171,13 +187,13 @@ def collect_secrets(headers: Iterable[tuple[str, str] | tuple[bytes, bytes]], ur
     """The credential values in headers (str or bytes pairs) and in a URL's query string."""
     found: set[str] = set()
     for name, value in headers:
+        if not _secret_header(name):
+            continue
         if isinstance(name, bytes):
             name = name.decode("latin-1")
         if isinstance(value, bytes):
             value = value.decode("utf-8", "surrogateescape")
-        key = name.lower()
-        if key == "cookie" or key == "set-cookie" or is_secret_name(key):
-            found.update(v for v in _header_values(key, value) if len(v) >= MIN_SECRET_LEN and not is_fingerprint(v))
+        found.update(v for v in _header_values(name.lower(), value) if len(v) >= MIN_SECRET_LEN and not is_fingerprint(v))
     query = url.partition("?")[2].partition("#")[0]
     if query:
         for piece in query.split("&"):
