@@ -25,20 +25,6 @@ from collections.abc import Iterable
 from functools import lru_cache
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit, urlunsplit
 
-# Kept for callers that list the classic names; `is_secret_name` is the rule.
-SECRET_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-        "cookie",
-        "set-cookie",
-    }
-)
-SECRET_QUERY_KEYS = frozenset({"key", "api_key", "api-key", "apikey", "access_token", "token"})
-
 # A value shorter than this is masked where its name says it is a secret, but not searched
 # for in other text: replacing `dark` (a cookie value) in every answer would wreck the record
 # and protect nothing.
@@ -248,13 +234,11 @@ def _mask_shape(m: re.Match[str]) -> str:
     return fingerprint(s)
 
 
-# On a short text (a model name, a header) testing for what every pattern of _KEY_RES starts
-# with costs less than a regex call per family.
-
-
 def mask_shapes(text: str, query: bool = True) -> str:
     """`text` with every well-known key shape (and with `query`, every secret query
     parameter) replaced by its fingerprint."""
+    # On a short text (a model name, a header) testing for what every pattern of _KEY_RES
+    # starts with costs less than a regex call per family.
     if (len(text) > 512 or "sk-" in text or "AIza" in text or "xai-" in text or "gsk_" in text or "eyJ" in text
             or "earer" in text or "asic" in text):
         for r in _KEY_RES:
@@ -264,8 +248,6 @@ def mask_shapes(text: str, query: bool = True) -> str:
             text = r.sub(_mask_shape, text)
     return text
 
-
-scrub_text = mask_shapes  # text of no particular call
 
 # Credential fields of a JSON request body, at any depth, found from their names' stems (on
 # the lower-cased bytes, which keep every offset) rather than by a regex tried at each quote.
@@ -368,21 +350,16 @@ class Scrubber:
         # Longest first: a key that contains another key is masked whole.
         self._masks = sorted(masks.items(), key=lambda kv: -len(kv[0]))
 
-    @property
-    def has_secrets(self) -> bool:
-        return bool(self._masks)
-
     def text(self, text: str | None, query: bool = True) -> str | None:
         """`text` with the call's secrets and every well-known key shape masked; `query`
         False for bodies (see `_QUERY_RES`)."""
         if not text:
             return text
-        for secret, fp in self._masks:
-            if secret in text:
-                text = text.replace(secret, fp)
-        return mask_shapes(text, query)
+        return mask_shapes(self.literal(text), query)  # type: ignore[arg-type]
 
     def body(self, text: str | None) -> str | None:
+        """`text` of a body or of what was extracted from one; notes whether it had a key
+        shape (`found_shapes`)."""
         if not text:
             return text
         before = self.literal(text)
