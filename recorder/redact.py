@@ -401,7 +401,9 @@ def _escape(ch: str) -> str:
 
 
 class PrintableFormatter(logging.Formatter):
-    """A log formatter whose lines hold printable text only (a traceback keeps its lines)."""
+    """A log formatter whose lines hold printable text only (a traceback keeps its lines),
+    with key shapes and secret query parameters masked: a message may quote a URL or an
+    upstream's error (mitmproxy's own among them)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+        return "\n".join(printable(mask_shapes(line)) for line in super().format(record).split("\n"))

@@ -327,3 +327,25 @@ def test_stats_prints_a_hostile_model_name_as_printable_text(tmp_path: Path) -> 
     assert got.returncode == 0, got.stderr
     assert "[bold]x[/bold]" in got.stdout  # shown as written, not taken as markup
     assert all(c.isprintable() or c == "\n" for c in got.stdout), repr(got.stdout)
+
+
+def test_log_lines_are_printable_and_masked() -> None:
+    import io
+    import logging
+
+    from llmtap.addons.runner import configure_logging
+
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging(stream)
+        logging.getLogger("mitmproxy.proxy").warning("upstream said %s for https://g/v1?key=%s: %s",
+                                                     SHAPED, QUERY, ESCAPES)
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    out = stream.getvalue()
+    _assert_clean(out, "a log line")
+    assert out.startswith("llmtap: upstream said") and out.count("\n") == 1
+    assert all(c.isprintable() for c in out.rstrip("\n")), repr(out)
