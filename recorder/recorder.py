@@ -527,8 +527,8 @@ def _job(call: Call) -> Job:
 
 
 def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:
-    return (a.call_id, a.n, a.provider, scrub.text(redact_url(a.url)), a.model_sent, a.status, scrub.text(a.error),
-            a.started_at, a.duration_ms, a.ttfb_ms)
+    return (a.call_id, a.n, a.provider, scrub.text(redact_url(a.url)), scrub.text(a.model_sent), a.status,
+            scrub.text(a.error), a.started_at, a.duration_ms, a.ttfb_ms)
 
 
 def _text(body: bytes) -> tuple[str | None, bytes | None]:

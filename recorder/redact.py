@@ -355,14 +355,14 @@ class Scrubber:
         False for bodies (see `_QUERY_RES`)."""
         if not text:
             return text
-        return mask_shapes(self.literal(text), query)  # type: ignore[arg-type]
+        return mask_shapes(self.literal(_storable(text)), query)  # type: ignore[arg-type]
 
     def body(self, text: str | None) -> str | None:
         """`text` of a body or of what was extracted from one; notes whether it had a key
         shape (`found_shapes`)."""
         if not text:
             return text
-        before = self.literal(text)
+        before = self.literal(_storable(text))
         out = mask_shapes(before, False)
         if out is not before:
             self.found_shapes = True
@@ -381,8 +381,24 @@ class Scrubber:
         """The same for bytes that are not UTF-8 (a round trip that keeps every other byte)."""
         if not data:
             return data
-        out = self.text(data.decode("utf-8", "surrogateescape"), False)
-        return out.encode("utf-8", "surrogateescape") if out is not None else data
+        out = mask_shapes(self.literal(data.decode("utf-8", "surrogateescape")), False)  # type: ignore[arg-type]
+        return out.encode("utf-8", "surrogateescape")
+
+
+def _storable(text: str) -> str:
+    """`text` as valid UTF-8: a lone surrogate (a header byte that is not UTF-8, a `\\ud800`
+    escape in JSON from a client or an upstream) becomes U+FFFD. DuckDB refuses the whole
+    batch for one, which then went to the spool, and the spool could not be imported either."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # -- terminal output ---------------------------------------------------------------------------

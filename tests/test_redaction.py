@@ -263,6 +263,10 @@ def test_run_call_line_shows_an_upstream_error_as_printable_text_without_its_key
     for text in ("".join(out.lines), "".join(err.lines)):
         assert AUTH not in text
         assert all(c.isprintable() or c == "\n" for c in text), repr(text)
+    # Recorded by the recorder process, which got the call's secrets with it.
+    with duckdb.connect(str(tmp_path / "calls.duckdb"), read_only=True) as con:
+        stored = _dump(con)
+    assert "Incorrect API key provided" in stored and AUTH not in stored
 
 
 def test_a_live_view_of_a_call_in_progress_shows_it_masked(tmp_path: Path, confdir: Path, fake: FakeProvider) -> None:
@@ -349,3 +353,30 @@ def test_log_lines_are_printable_and_masked() -> None:
     _assert_clean(out, "a log line")
     assert out.startswith("llmtap: upstream said") and out.count("\n") == 1
     assert all(c.isprintable() for c in out.rstrip("\n")), repr(out)
+
+
+def test_text_that_is_not_valid_unicode_is_recorded_not_spooled(tmp_path: Path, confdir: Path, fake: FakeProvider) -> None:
+    """A header byte that is not UTF-8 and a lone surrogate escaped in JSON (from the client,
+    or in the upstream's answer) made DuckDB refuse the whole batch."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  p1: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    fake.script(status(200, body='{"id": "c1", "object": "chat.completion", "model": "m", "choices": [{"index": 0, '
+                                 '"message": {"role": "assistant", "content": "half an emoji: \\ud83d!"}, '
+                                 '"finish_reason": "stop"}]}'))
+    db = tmp_path / "llmtap.duckdb"
+    recorder = Recorder(db)
+    recorder.start()
+    try:
+        with RunningProxy(rules, confdir, sink=recorder) as proxy:
+            with httpx.Client(timeout=30) as client:
+                r = client.post(f"{proxy.gateway_url}/p1/chat/completions",
+                                headers={"user-agent": b"agent/1.0\x9b", "content-type": "application/json"},
+                                content=b'{"model": "m\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+                assert r.status_code == 200
+    finally:
+        recorder.close()
+    assert not spool_path(db).exists()
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT client, model_requested, content, request_body FROM calls").fetchall()
+    assert rows == [("agent/1.0\ufffd", "m\ufffd", "half an emoji: \ufffd!",
+                     '{"model": "m\\ud800", "messages": [{"role": "user", "content": "hi"}]}')]
