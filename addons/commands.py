@@ -218,16 +218,30 @@ def parse_size(text: str) -> int:
 
 
 def format_call_line(call: Call, attempts: list[Attempt]) -> str:
-    """One line per call, as mitmdump users expect to see traffic go by."""
+    """One line per call, as mitmdump users expect to see traffic go by.
+
+    Every field but the times comes from the network (the client's User-Agent, model names,
+    the upstream's error): each is masked of the call's secrets and made printable, so an
+    escape sequence in an upstream error cannot act on the user's terminal."""
+    from llmtap.recorder.redact import Scrubber, printable
+
+    # The request body is searched for credential fields only when there is an error to
+    # print (the one place an upstream echoes them): a clean call costs no body scan.
+    scrub = Scrubber.for_call(call, body=call.error is not None)
+
+    def field(value: str | None) -> str:
+        return printable(scrub.text(value) or "-")
+
     t = call.started_at.astimezone().strftime("%H:%M:%S")
-    asked = call.model_requested or "-"
-    sent = call.model_sent or asked
+    asked = field(call.model_requested)
+    sent = field(call.model_sent) if call.model_sent else asked
     model = asked if sent == asked else f"{asked} → {sent}"
     fallback = f" {call.attempts}↻" if call.attempts > 1 else ""
     ms = f"{call.duration_ms:.0f}ms" if call.duration_ms is not None else "-"
-    client = (call.client or "-").split(" ", 1)[0][:24]
-    tail = f"  ! {call.error}" if call.error else ""
-    return f"{t} {client:<24} {call.method} {model}  {call.provider or '-'}  {call.status or '-'}{fallback}  {ms}{tail}"
+    client = field((call.client or "-").split(" ", 1)[0])[:24]
+    tail = f"  ! {field(call.error)}" if call.error else ""
+    return (f"{t} {client:<24} {field(call.method)} {model}  {field(call.provider)}  {call.status or '-'}"
+            f"{fallback}  {ms}{tail}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
 from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
-from llmtap.recorder.redact import redact_headers, redact_url
+from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
 
@@ -219,6 +219,10 @@ class Router:
             targets.append(Target(None, origin, target, headers, raw, model))
             policy = _policy(None, rules)
 
+        secrets = collect_secrets(client_headers, req.path)
+        for t in targets:
+            secrets |= collect_secrets(t.headers, t.target)
+        call.secrets = tuple(secrets)
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
         flow.metadata["llmtap_plan"] = key
@@ -348,6 +352,7 @@ class Router:
                     model_requested=model, stream=stream,
                     client=req.headers.get("user-agent"), status=status, duration_ms=0.0,
                     request_headers=redact_headers(flow.request.headers.items(multi=True)),
+                    secrets=tuple(collect_secrets(flow.request.headers.items(multi=True), flow.request.path)),
                     request_body=_kept(request_body, self.relay.body_limit, notes),
                     response_headers={"content-type": "application/json"}, response_body=body,
                     error=message, notes=notes)
@@ -424,6 +429,7 @@ class Router:
                     api=detect_api(req.method, path), client=req.headers.get("user-agent"),
                     status=status, duration_ms=0.0,
                     request_headers=redact_headers(req.headers.items(multi=True)),
+                    secrets=tuple(collect_secrets(req.headers.items(multi=True), req.path)),
                     request_body=_kept(req.raw_content or b"", self.relay.body_limit, notes), error=error,
                     notes=notes)
         self.relay.finished(call, [])

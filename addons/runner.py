@@ -361,8 +361,11 @@ def settle_gc() -> None:
 
 def configure_logging(stream=sys.stderr, verbose: bool = False) -> None:
     """llmtap's messages go to stderr; mitmproxy's own chatter only from warnings up."""
+    from llmtap.recorder.redact import PrintableFormatter
+
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("llmtap: %(message)s"))
+    # Log messages quote clients and upstreams (hosts, errors): printable text only.
+    handler.setFormatter(PrintableFormatter("llmtap: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -143,8 +143,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     def ms(*values: float | None) -> str:
         return "/".join("-" if v is None else f"{v:.0f}" for v in values)
 
+    from rich.text import Text
+
+    from llmtap.recorder.redact import printable
+
     for r in rows:
-        table.add_row(r["model"], r["provider"], str(r["calls"]), str(r["errors"]), f"{r['error_rate'] * 100:.1f}",
+        # Model names are what clients asked for: plain text (no markup) with controls escaped.
+        table.add_row(Text(printable(str(r["model"]))), Text(printable(str(r["provider"]))), str(r["calls"]), str(r["errors"]), f"{r['error_rate'] * 100:.1f}",
                       str(r["fallbacks"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["reasoning_tokens"]),
                       ms(r["ttfb_p50"], r["ttfb_p95"], r["ttfb_p99"]),
                       ms(r["duration_p50"], r["duration_p95"], r["duration_p99"]))

@@ -6,8 +6,10 @@ Calls still streaming keep their bytes here (not in DuckDB) so a live view can s
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 KEEP_EVENTS = 10_000
@@ -22,6 +24,9 @@ class LiveHub:
         # Held by the writer while it feeds an extractor and by `partial` while it snapshots
         # one, so an endpoint thread never reads a parser mid-update.
         self.lock = threading.Lock()
+        # The scrubber of a call in progress (see redact.Scrubber), set by the recorder: a live
+        # view shows what the record will hold, secrets masked.
+        self.scrubber_for: Callable[[str], Any] | None = None
 
     @property
     def seq(self) -> int:
@@ -71,11 +76,16 @@ class LiveHub:
             parts, extractor = entry
             snap = extractor.snapshot() if extractor is not None else None
             body = b"".join(parts)
+        scrub = self.scrubber_for(call_id) if self.scrubber_for is not None else None
+        text: Callable[[str | None], str | None] = scrub.body if scrub is not None else (lambda v: v)
+        tool_calls = getattr(snap, "tool_calls", None)
+        if scrub is not None and tool_calls is not None:
+            tool_calls = json.loads(scrub.body(json.dumps(tool_calls)) or "null")
         return {
-            "response_body": body.decode("utf-8", "replace"),
-            "reasoning": getattr(snap, "reasoning", None),
-            "content": getattr(snap, "content", None),
-            "tool_calls": getattr(snap, "tool_calls", None),
+            "response_body": text(body.decode("utf-8", "replace")),
+            "reasoning": text(getattr(snap, "reasoning", None)),
+            "content": text(getattr(snap, "content", None)),
+            "tool_calls": tool_calls,
             "input_tokens": getattr(snap, "input_tokens", None),
             "output_tokens": getattr(snap, "output_tokens", None),
             "reasoning_tokens": getattr(snap, "reasoning_tokens", None),

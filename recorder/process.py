@@ -312,8 +312,10 @@ def _main(argv: list[str]) -> int:
     # The proxy decides when recording ends, by closing our input; see the module docstring.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from llmtap.recorder.redact import PrintableFormatter
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("llmtap: %(message)s"))
+    handler.setFormatter(PrintableFormatter("llmtap: %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.WARNING)
     db, flush = Path(argv[0]), float(argv[1])

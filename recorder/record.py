@@ -164,6 +164,9 @@ class Call:
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
     total_tokens: int | None = None
+    # The credential values the call carried (client headers, cookies, query keys, and the keys
+    # llmtap sent upstream), so the recorder can mask them wherever they reappear.
+    secrets: tuple[str, ...] = ()
 
 
 class RecorderError(Exception):

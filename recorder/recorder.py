@@ -15,7 +15,6 @@ import base64
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
                                     without_brief)
-from llmtap.recorder.redact import SECRET_HEADERS, fingerprint, redact_url
+from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
 
@@ -80,6 +79,7 @@ class Recorder(QueuedSink):
         self.flush_interval_s = flush_interval_s
         self.serve = serve
         self.hub = LiveHub()
+        self.hub.scrubber_for = self._live_scrubber
         self.con: duckdb.DuckDBPyConnection | None = None
         self.endpoint: Any = None
         self._wake = threading.Event()
@@ -258,10 +258,12 @@ class Recorder(QueuedSink):
         extractions = self._extractions([c for c, _ in parts[0]])
         for n, part in enumerate(parts):
             calls = [c for c, _ in part]
-            final_rows = _Rows(calls, self._final_rows(calls, extractions))
+            # One scrubber per call, so its attempts are masked with the same secrets.
+            scrubs = {c.id: Scrubber.for_call(c) for c in calls}
+            final_rows = _Rows(calls, self._final_rows(calls, extractions, scrubs))
             if n + 1 < len(parts):
                 extractions = self._extractions([c for c, _ in parts[n + 1]])
-            attempt_rows = [_attempt_row(a) for _, attempts in part for a in attempts]
+            attempt_rows = [_attempt_row(a, scrubs[c.id]) for c, attempts in part for a in attempts]
             replace = [c.id for c in calls if c.id in self._in_progress]
             first = n == 0
             try:
@@ -345,6 +347,10 @@ class Recorder(QueuedSink):
                     call.notes.append(note)
                 setattr(call, f"{which}_body", body[:limit])
 
+    def _live_scrubber(self, call_id: str) -> Scrubber | None:
+        call = self._calls.get(call_id)  # read from an endpoint thread: one dict lookup
+        return Scrubber.for_call(call) if call is not None else None
+
     # -- extraction ------------------------------------------------------------------------------
     def _feed(self, call_id: str, chunk: bytes) -> None:
         entry = self._extractors.get(call_id)
@@ -388,11 +394,12 @@ class Recorder(QueuedSink):
             return (ex for part in answers for ex in part)
         return (self._extraction(c) for c in calls)
 
-    def _final_rows(self, calls: list[Call], extractions: Iterator[Extraction]) -> Iterator[list[tuple]]:
+    def _final_rows(self, calls: list[Call], extractions: Iterator[Extraction],
+                    scrubs: dict[str, Scrubber]) -> Iterator[list[tuple]]:
         """The rows of finished calls, ROWS_PART at a time, as their extractions arrive."""
         part: list[tuple] = []
         for call, ex in zip(calls, extractions):
-            part.append(self._call_row(call, ex))
+            part.append(self._call_row(call, ex, scrubs[call.id]))
             if len(part) == ROWS_PART:
                 yield part
                 part = []
@@ -411,9 +418,13 @@ class Recorder(QueuedSink):
         return extract_job(_job(call, self.body_limit))
 
     # -- rows --------------------------------------------------------------------------------------
-    def _call_row(self, call: Call, ex: Extraction | None = None) -> tuple:
+    def _call_row(self, call: Call, ex: Extraction | None = None, scrub: Scrubber | None = None) -> tuple:
+        # Every text of the row goes through the call's scrubber: the secrets it carried, its
+        # request body's credential fields, and the key shapes, wherever they appear.
+        scrub = scrub or Scrubber.for_call(call)
+        t, b = scrub.text, scrub.body
         notes = list(call.notes)
-        req_text, req_raw = _text(call.request_body)
+        req_text, req_raw = _text(scrub.request_body)
         resp_bytes = call.response_body
         encoding = (call.response_headers.get("content-encoding") or "").lower().strip()
         if ex is not None and encoding not in ("", "identity") and resp_bytes:
@@ -430,28 +441,37 @@ class Recorder(QueuedSink):
             notes.append("request body is not UTF-8: kept in request_body_raw")
         if resp_raw is not None:
             notes.append("response body is not UTF-8: kept in response_body_raw")
-        error = _scrub_text(call.error)
-        notes = [_scrub_text(n) or "" for n in notes]
+        error = call.error
         if ex is not None:
             notes += [n for n in ex.notes if n not in notes]
             if error is None and ex.error:
                 error = ex.error.get("message") or json.dumps(ex.error)
+        notes = [t(n) or "" for n in notes]
+        req_text = b(req_text)
+        reasoning, content = (b(ex.reasoning), b(ex.content)) if ex else (None, None)
+        tool_calls = b(json.dumps(ex.tool_calls)) if ex and ex.tool_calls is not None else None
+        # A key shape whole in an answer's body is whole in what was extracted from it too
+        # (a key the model writes is split across stream events anyway), and an answer may
+        # echo its request: a clean answer's body is searched for shapes only when the
+        # request or the extracted text had one. Errors and unknown APIs always are.
+        whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
+                 or scrub.found_shapes)
+        resp_text = b(resp_text) if whole else scrub.literal(resp_text)
         return (
-            call.id, call.started_at, call.client, call.api, call.method, redact_url(call.url),
+            call.id, call.started_at, t(call.client), call.api, call.method, t(redact_url(call.url)),
             call.status if ex is not None else None,
-            call.model_requested, call.model_sent, ex.model if ex else None, call.provider, call.route,
+            t(call.model_requested), t(call.model_sent), t(ex.model) if ex else None, call.provider, call.route,
             call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
             # A call the proxy saw fail (cut, reset, every attempt failed) did not complete,
             # whatever the part of the body that arrived looks like.
             (False if call.error else ex.complete) if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
-            _headers_json(_scrub(call.request_headers)), req_text,
-            _headers_json(_scrub(call.response_headers)) if ex is not None else None, resp_text,
-            ex.reasoning if ex else None, ex.content if ex else None,
-            json.dumps(ex.tool_calls) if ex and ex.tool_calls is not None else None,
-            ex.finish_reason if ex else None,
+            t(_headers_json(redact_headers(call.request_headers.items()))), req_text,
+            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, resp_text,
+            reasoning, content, tool_calls,
+            t(ex.finish_reason) if ex else None,
             ex.input_tokens if ex else None, ex.output_tokens if ex else None,
             ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,
-            error, json.dumps(notes) if notes else None, req_raw, resp_raw,
+            t(error), json.dumps(notes) if notes else None, scrub.raw(req_raw), scrub.raw(resp_raw),
         )
 
     # -- failure: spool --------------------------------------------------------------------------
@@ -539,33 +559,9 @@ def _job(call: Call, limit: int) -> Job:
     return (call.api, call.status, call.response_headers, call.response_body, limit)
 
 
-def _attempt_row(a: Attempt) -> tuple:
-    return (a.call_id, a.n, a.provider, redact_url(a.url), a.model_sent, a.status, _scrub_text(a.error), a.started_at,
-            a.duration_ms, a.ttfb_ms)
-
-
-_FINGERPRINT = re.compile(r"^(\S+ )?[A-Za-z_-]{0,8}…[0-9a-f]{4}$")
-# A secret query parameter inside free text (an error message quoting the upstream URL).
-_QUERY_SECRET = re.compile(r"([?&](?:key|api_key|api-key|apikey|access_token|token)=)([^&\s\"']+)", re.IGNORECASE)
-
-
-def _scrub(headers: dict[str, str] | list[tuple[str, str]]) -> dict[str, str]:
-    """Redact again in case a caller forgot; a value that already is a fingerprint is kept
-    (fingerprinting it again would make equal keys look different)."""
-    pairs = headers.items() if isinstance(headers, dict) else headers
-    out: dict[str, str] = {}
-    for k, v in pairs:
-        key = k.lower()
-        if key in SECRET_HEADERS and not _FINGERPRINT.match(v):
-            v = fingerprint(v)
-        out[key] = f"{out[key]}, {v}" if key in out else v
-    return out
-
-
-def _scrub_text(text: str | None) -> str | None:
-    if not text or "=" not in text:
-        return text
-    return _QUERY_SECRET.sub(lambda m: m.group(1) + fingerprint(m.group(2)), text)
+def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:
+    return (a.call_id, a.n, a.provider, scrub.text(redact_url(a.url)), scrub.text(a.model_sent), a.status,
+            scrub.text(a.error), a.started_at, a.duration_ms, a.ttfb_ms)
 
 
 def _text(body: bytes) -> tuple[str | None, bytes | None]:
