@@ -1193,3 +1193,24 @@ async def test_curl_of_a_call_recorded_through_the_proxy_carries_no_key(tmp_path
         assert key not in text and "PLANTED" not in text
         assert "-H 'authorization: Bearer sk-proj-…" in text and "-H 'x-api-key: sk-proj-…" in text
         assert "key=sk-proj-…" in text and "/chat/completions" in text
+
+
+async def test_escape_sequences_from_the_network_never_reach_the_terminal(tmp_path: Path) -> None:
+    # What a hostile upstream (or client) would plant: a clipboard write (OSC 52), a screen
+    # clear, a window title, a colour; each must show as visible text, never act.
+    hostile = "\x1b]52;c;ZXZpbA==\x07\x1b[2J\x1b]0;owned\x07\x1b[31m"
+    reader = reader_with_rows(tmp_path, [{"client": f"agent{hostile}/1", "model_requested": f"gpt{hostile}",
+                                          "content": f"answer{hostile}", "reasoning": f"think{hostile}",
+                                          "error": f"boom{hostile}"}])
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app, 1)
+        cells = [str(c) for c in table(app).get_row_at(0)]
+        assert not any("\x1b" in c or "\x07" in c for c in cells), cells
+        assert any("agent\\x1b]52" in c for c in cells)
+        screen = await open_detail(pilot, app)
+        await pilot.pause(0.1)
+        shown = [static_text(w) for w in screen.query(Static)]
+        assert any("answer\\x1b" in s for s in shown) and any("think\\x1b" in s for s in shown)
+        assert not any("\x1b" in s or "\x07" in s for s in shown)
+    reader.close()

@@ -1364,7 +1364,7 @@ class LlmtapApp(App[int]):
                  proxy_factory: Callable[[], Any] | None = None, note: str | None = None,
                  listening: Listening | None = None) -> None:
         super().__init__()
-        self.reader = reader
+        self.reader = q.TerminalSafeReader(reader) if reader is not None else None
         self.source = source
         self.proxy_factory = proxy_factory
         # Where the proxy this app runs listens, for the empty list; the bound ports replace

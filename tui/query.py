@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from llmtap.recorder.redact import terminal_text
 from llmtap.recorder.search_index import MAX_TERM, PIECE_STEP, split_words
 from llmtap.recorder.times import TIME_FORMS, parse_when
 
@@ -39,6 +40,50 @@ DETAIL_COLUMNS: tuple[str, ...] = LIST_COLUMNS + (
 ATTEMPT_COLUMNS: tuple[str, ...] = (
     "n", "provider", "url", "model_sent", "status", "error", "started_at", "ttfb_ms", "duration_ms",
 )
+
+
+def _safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return terminal_text(value)
+    if isinstance(value, dict):
+        return {k: _safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_safe(v) for v in value)
+    return value
+
+
+class TerminalSafeReader:
+    """A reader whose every text is safe to draw. Recorded text comes from the network, and
+    Textual passes an ESC in a string through to the terminal: an upstream could otherwise
+    write escape sequences (colours, cursor moves, an OSC 52 clipboard write) into the user's
+    terminal through the UI. Bytes (the Raw tab's undecodable bodies) are left as they are."""
+
+    def __init__(self, inner: Reader) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+
+    def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
+        cols, rows = self.inner.query(sql, params)
+        return cols, [tuple(_safe(v) for v in row) for row in rows]
+
+    def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
+        seq, events = self.inner.events_after(seq, timeout)
+        return seq, [_safe(e) for e in events]
+
+    def latest_seq(self) -> int:
+        return self.inner.latest_seq()
+
+    def partial(self, call_id: str) -> dict | None:
+        return _safe(self.inner.partial(call_id))
+
+    def export(self, out: Any, fmt: str, **kwargs: Any) -> int:
+        return self.inner.export(out, fmt, **kwargs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:  # anything else a reader offers (db path, follow)
+        return getattr(self.inner, name)
 
 
 class Reader(Protocol):
