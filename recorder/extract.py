@@ -427,21 +427,21 @@ class _OpenAIResponses(_Dialect):
             return
         typ = obj.get("type") or name
         if typ == "response.reasoning_summary_text.delta":
-            if obj.get("output_index") not in self._at:
-                self._at[obj.get("output_index")] = (obj.get("item_id"), "reasoning")
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "reasoning")
             self._group(obj.get("item_id"), obj.get("summary_index")).add(obj.get("delta"))
         elif typ == "response.reasoning_text.delta":
-            if obj.get("output_index") not in self._at:
-                self._at[obj.get("output_index")] = (obj.get("item_id"), "reasoning")
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "reasoning")
             self._group(obj.get("item_id"), ("text", obj.get("content_index"))).add(obj.get("delta"))
         elif typ == "response.output_text.delta":
-            if obj.get("output_index") not in self._at:
-                self._at[obj.get("output_index")] = (obj.get("item_id"), "message")
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "message")
             self._content_keys.add((obj.get("item_id"), obj.get("content_index")))
             st.content.add(obj.get("delta"))
         elif typ == "response.function_call_arguments.delta":
-            if obj.get("output_index") not in self._at:
-                self._at[obj.get("output_index")] = (obj.get("item_id"), "function_call")
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "function_call")
             st.tool(obj.get("item_id")).get("args").add(obj.get("delta"))
         elif typ in ("response.reasoning_summary_text.done", "response.reasoning_text.done"):
             # `done` repeats the whole text: use it only where no delta arrived.
@@ -478,7 +478,7 @@ class _OpenAIResponses(_Dialect):
         if not isinstance(item, dict):
             return
         iid, typ = item.get("id"), item.get("type")
-        if index is not None and isinstance(typ, str):
+        if type(index) is int and isinstance(typ, str):
             seen = self._at.get(index)
             if seen is None:
                 self._at[index] = (iid, typ)

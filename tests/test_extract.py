@@ -260,6 +260,17 @@ def test_responses_function_call_given_a_new_id_at_the_end_is_one_call() -> None
     assert got.tool_calls == [{"id": "call_1", "name": "ls", "arguments": '{"path":"/tmp"}'}]
 
 
+def test_responses_odd_output_index_loses_nothing() -> None:
+    events = [
+        {"type": "response.output_text.delta", "output_index": [1], "item_id": "m", "content_index": 0, "delta": "a"},
+        {"type": "response.output_item.done", "output_index": {}, "item": {"id": "m", "type": "message", "content": []}},
+        {"type": "response.output_text.delta", "output_index": 0, "item_id": "m", "content_index": 0, "delta": "b"},
+    ]
+    got = extract("openai.responses", 200, {"content-type": "text/event-stream"}, sse(*events, done=False))
+    assert got.content == "ab"
+    assert not [n for n in got.notes if n.startswith("extraction failed")]
+
+
 def test_mistral_non_streamed_thinking_parts() -> None:
     body = {"model": "magistral-small-2509", "choices": [{"index": 0, "finish_reason": "stop", "message": {
         "role": "assistant", "content": [
