@@ -1,6 +1,8 @@
 """The in-process relay: upstream attempts with fallbacks, and the tee of the stream.
 
-mitmproxy cannot fall back inside its own upstream connection (FACTS.md): once it has asked an
+mitmproxy cannot fall back inside its own upstream connection (a response replaced in
+`responseheaders` is corrupted, one replaced in `response` reaches the client in one piece, and
+on a connection failure mitmproxy sends its own 502): once it has asked an
 upstream, an error is what the client gets. So the routing addon points every LLM flow at this
 relay, served on 127.0.0.1 inside the same process, and hands it a `Plan` keyed by a header.
 The relay tries the plan's targets in order while nothing has reached the client, then forwards

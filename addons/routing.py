@@ -122,8 +122,9 @@ class Router:
             flow.metadata["llmtap_error"] = f"routing failed: {exc!r}"
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # Streaming is decided from the request, never the content type: Ollama's NDJSON
-        # would otherwise be buffered whole (FACTS.md).
+        # Streaming is decided from the request, never the content type: without
+        # `stream` set here mitmproxy delivers SSE and NDJSON only when complete, and it gives
+        # no warning at all for Ollama's application/x-ndjson.
         if "llmtap_plan" in flow.metadata and flow.response is not None:
             flow.response.stream = True
 

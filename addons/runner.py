@@ -219,7 +219,8 @@ class Proxy:
         opts.update(
             confdir=str(self.config.confdir),
             mode=modes[:1] if len(modes) == 2 and modes[0].endswith(":0") and modes[1].endswith(":0") else modes,
-            # Upstream failures must reach the addon (FACTS.md); eager would answer CONNECT 502.
+            # Only with lazy do upstream failures reach the addon at all: eager makes regular mode
+            # answer CONNECT with a 502 and reverse mode just close.
             connection_strategy="lazy",
             # The gateway checks the Host the client sent (DNS rebinding) and records it, not
             # the relay's address; the relay itself ignores it.

@@ -1,7 +1,8 @@
 """A lean HTTP/1.1 client for the relay's upstream attempts.
 
 Why not `httpx.AsyncClient`: on a kept-alive loopback connection its own per-request work
-costs about 0.8 ms, more than half of what mitmproxy itself adds (FACTS.md). The relay needs
+costs about 0.8 ms (p50 per small request, one measured run; h11 driven directly: 0.19 ms),
+more than half of the ~1.35 ms mitmproxy itself adds. The relay needs
 only a small part of a client -- one request at a time per connection, a keep-alive pool,
 connect and first-byte timeouts, and a body streamed chunk by chunk -- so it drives h11 (the
 protocol layer httpx is built on) directly over asyncio streams.

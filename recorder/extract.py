@@ -6,13 +6,15 @@ the live view of a call in progress and the record written when it ends. Only th
 library is imported; the optional `brotli` and zstd decoders are imported lazily. However much a
 body expands, no more of it than the limit is ever decoded (see `_Decoder`).
 
-Every dialect's rules follow the wire-transcript corpus (`fixtures/README.md`): where each
-provider puts reasoning text, which token count means what, and what ends a stream normally.
+Every dialect's rules follow recorded wire transcripts (tests/fixtures/wire, each with the
+values it must give): where each provider puts reasoning text, which token count means what,
+and what ends a stream normally.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +99,32 @@ class _Text:
         return parts[0] if parts else ""
 
 
+class _JsonText(_Text):
+    """Arguments assembled as an object (Gemini's `partialArgs`), written out as JSON when read:
+    writing them out on every piece would cost the square of their length."""
+
+    __slots__ = ("obj", "_json")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.obj: Any = {}
+        self._json = "{}"
+
+    def put(self, obj: Any) -> None:
+        self.obj, self._json = obj, ""
+
+    def touch(self) -> None:
+        self._json = ""
+
+    def value(self) -> str:
+        if not self._json:
+            try:
+                self._json = _dumps(self.obj)
+            except RuntimeError:  # a live view read while another thread added a key
+                return "{}"
+        return self._json
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -157,7 +185,11 @@ class _State:
     def extraction(self, stream: bool | None) -> Extraction:
         reasoning = self.reasoning.value()
         if self.reasoning_groups:
-            groups = [g.value() for g in list(self.reasoning_groups.values())]
+            items = list(self.reasoning_groups.items())
+            # Keys are (item, summary index) or (item, ("text", content index)). OpenRouter and
+            # DeepSeek send an item's raw reasoning and a summary of it: the raw text counts, once.
+            raw = {k[0] for k, g in items if type(k[1]) is tuple and g.value()}
+            groups = [g.value() for k, g in items if type(k[1]) is tuple or k[0] not in raw]
             reasoning = "\n\n".join([g for g in ([reasoning] + groups) if g])
         tools = [
             {"id": t["id"], "name": t["name"], "arguments": t["args"].value()} for t in list(self.tools.values())
@@ -206,6 +238,15 @@ def _norm_error(obj: Any, status: int | None) -> dict:
     rid = obj.get("request_id") or inner.get("request_id")
     out["request_id"] = rid if isinstance(rid, str) else None
     return out
+
+
+def _merge_error(first: dict | None, second: dict | None) -> dict:
+    """`first`, with the fields it lacks taken from `second`."""
+    if not second:
+        return dict(first or {})
+    if not first:
+        return dict(second)
+    return {k: (first.get(k) if first.get(k) is not None else second.get(k)) for k in {**second, **first}}
 
 
 # --- dialects -------------------------------------------------------------------------------
@@ -297,13 +338,16 @@ class _OpenAIChat(_Dialect):
             msg = choice.get("delta")
             if not isinstance(msg, dict):
                 msg = choice.get("message")
-            if isinstance(msg, dict):
-                self._message(msg, is_delta="delta" in choice)
-            st.content.add(choice.get("text"))  # legacy /completions
+            answered = isinstance(msg, dict) and self._message(msg, is_delta="delta" in choice)
+            if not answered:
+                # Legacy /completions. Some gateways mirror each token in both `text` and
+                # `delta.content`: the one token is counted once.
+                st.content.add(choice.get("text"))
             if isinstance(choice.get("finish_reason"), str):
                 st.finish_reason = choice["finish_reason"]
 
-    def _message(self, msg: dict, is_delta: bool) -> None:
+    def _message(self, msg: dict, is_delta: bool) -> bool:
+        """Reads one delta or message; True when it carried answer text."""
         st = self.st
         # Providers mirror one text in several fields (OpenRouter: reasoning + reasoning_details,
         # some vLLM builds: reasoning + reasoning_content); take the first that carries text.
@@ -321,11 +365,27 @@ class _OpenAIChat(_Dialect):
             if isinstance(d, dict) and d.get("type") == "reasoning.encrypted":
                 st.redacted += 1
         content = msg.get("content")
+        answered = False
         if isinstance(content, list):  # some compatible servers send content parts
             for part in content:
-                if isinstance(part, dict) and part.get("type") in (None, "text", "output_text"):
-                    st.content.add(part.get("text"))
+                if not isinstance(part, dict):
+                    continue
+                ptype = part.get("type")
+                if ptype in (None, "text", "output_text"):
+                    text = part.get("text")
+                    answered = answered or (isinstance(text, str) and bool(text))
+                    st.content.add(text)
+                elif ptype == "thinking":
+                    # Mistral's thinking models: the reasoning is a part holding its own text parts.
+                    inner = part.get("thinking")
+                    if isinstance(inner, str):
+                        st.reasoning.add(inner)
+                    elif isinstance(inner, list):
+                        for sub in inner:
+                            if isinstance(sub, dict) and sub.get("type") in (None, "text"):
+                                st.reasoning.add(sub.get("text"))
         else:
+            answered = isinstance(content, str) and bool(content)
             st.content.add(content)
         for pos, tc in enumerate(msg.get("tool_calls") or ()):
             if not isinstance(tc, dict):
@@ -344,6 +404,7 @@ class _OpenAIChat(_Dialect):
                 t["args"].add(args)
             elif args is not None:
                 t["args"].add(_dumps(args))
+        return answered
 
     def _unindexed(self, call_id: Any) -> int:
         """Servers that omit `index`: a new id starts a call, a bare fragment continues the last."""
@@ -360,6 +421,9 @@ class _OpenAIResponses(_Dialect):
     def __init__(self, st: _State) -> None:
         super().__init__(st)
         self._content_keys: set[tuple] = set()
+        # (id, type) of the item first streamed at each output index: the full items of
+        # `response.completed` may carry other ids (OpenRouter) and must not count twice.
+        self._at: dict[Any, tuple[Any, str]] = {}
 
     def event(self, name: str | None, obj: Any) -> None:
         st = self.st
@@ -367,13 +431,21 @@ class _OpenAIResponses(_Dialect):
             return
         typ = obj.get("type") or name
         if typ == "response.reasoning_summary_text.delta":
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "reasoning")
             self._group(obj.get("item_id"), obj.get("summary_index")).add(obj.get("delta"))
         elif typ == "response.reasoning_text.delta":
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "reasoning")
             self._group(obj.get("item_id"), ("text", obj.get("content_index"))).add(obj.get("delta"))
         elif typ == "response.output_text.delta":
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "message")
             self._content_keys.add((obj.get("item_id"), obj.get("content_index")))
             st.content.add(obj.get("delta"))
         elif typ == "response.function_call_arguments.delta":
+            if type(oi := obj.get("output_index")) is int and oi not in self._at:
+                self._at[oi] = (obj.get("item_id"), "function_call")
             st.tool(obj.get("item_id")).get("args").add(obj.get("delta"))
         elif typ in ("response.reasoning_summary_text.done", "response.reasoning_text.done"):
             # `done` repeats the whole text: use it only where no delta arrived.
@@ -387,13 +459,14 @@ class _OpenAIResponses(_Dialect):
                 self._content_keys.add(key)
                 st.content.add(obj.get("text"))
         elif typ in ("response.output_item.added", "response.output_item.done"):
-            self._item(obj.get("item"))
+            self._item(obj.get("item"), obj.get("output_index"))
         elif typ in ("response.created", "response.in_progress"):
             st.set_model(_dig(obj, "response", "model"))
         elif typ in ("response.completed", "response.incomplete", "response.failed"):
             self._response(obj.get("response"))
         elif typ == "error":
-            st.fail(_norm_error(obj, None))
+            # This event says more than a `response.failed` around it (its `type`): its fields win.
+            st.fail(_merge_error(_norm_error(obj, None), st.error))
         elif name is None and obj.get("object") == "response":
             self._response(obj)
 
@@ -404,12 +477,21 @@ class _OpenAIResponses(_Dialect):
             g = self.st.reasoning_groups[key] = _Text()
         return g
 
-    def _item(self, item: Any) -> None:
+    def _item(self, item: Any, index: Any = None) -> None:
         """An output item in full: fills whatever its deltas did not (or a non-streamed body)."""
         if not isinstance(item, dict):
             return
         iid, typ = item.get("id"), item.get("type")
+        if type(index) is int and isinstance(typ, str):
+            seen = self._at.get(index)
+            if seen is None:
+                self._at[index] = (iid, typ)
+            elif seen[1] == typ:
+                iid = seen[0]  # the item streamed at this index, whatever id it is given now
         if typ == "reasoning":
+            if any(k[0] == iid and g.value() for k, g in list(self.st.reasoning_groups.items())):
+                # Streamed already: the full item repeats it (its summary, its raw text, or both).
+                return
             for i, s in enumerate(item.get("summary") or ()):
                 g = self._group(iid, i)
                 if isinstance(s, dict) and not g.value() and isinstance(s.get("text"), str):
@@ -436,8 +518,8 @@ class _OpenAIResponses(_Dialect):
         if not isinstance(resp, dict):
             return
         st.set_model(resp.get("model"))
-        for item in resp.get("output") or ():
-            self._item(item)
+        for i, item in enumerate(resp.get("output") or ()):
+            self._item(item, i)
         usage = resp.get("usage")
         if isinstance(usage, dict):
             st.input_tokens = _int(usage.get("input_tokens"))
@@ -448,7 +530,9 @@ class _OpenAIResponses(_Dialect):
         if isinstance(status, str):
             st.finish_reason = status
         if resp.get("error") or status == "failed":
-            st.fail(_norm_error({"error": resp.get("error") or {"message": "response failed"}}, None))
+            err = _norm_error({"error": resp.get("error") or {"message": "response failed"}}, None)
+            # An `error` event before it said more (e.g. `type: insufficient_quota`): keep that.
+            st.fail(_merge_error(st.error, err) if st.error else err)
         elif status in ("completed", "incomplete"):
             # `incomplete` (max_output_tokens) is a normal end, like `length` elsewhere.
             st.complete = True
@@ -565,6 +649,12 @@ class _Ollama(_Dialect):
 class _Gemini(_Dialect):
     """generateContent / streamGenerateContent: every chunk is a whole GenerateContentResponse."""
 
+    def __init__(self, st: _State) -> None:
+        super().__init__(st)
+        # A call whose arguments are still streaming (`streamFunctionCallArguments`): its parts
+        # say `willContinue: true`, and the first part without it closes the call.
+        self._open: dict | None = None
+
     def event(self, name: str | None, obj: Any) -> None:
         st = self.st
         if isinstance(obj, list):  # streamGenerateContent without alt=sse: a JSON array
@@ -587,9 +677,7 @@ class _Gemini(_Dialect):
                 (st.reasoning if part.get("thought") is True else st.content).add(part.get("text"))
                 fc = part.get("functionCall")
                 if isinstance(fc, dict):
-                    t = st.tool(("n", len(st.tools)))
-                    t["id"], t["name"] = fc.get("id"), fc.get("name")
-                    t["args"].set(_dumps(fc.get("args") if fc.get("args") is not None else {}))
+                    self._function_call(fc)
             if isinstance(cand.get("finishReason"), str):
                 st.finish_reason = cand["finishReason"]
                 st.complete = True
@@ -604,6 +692,86 @@ class _Gemini(_Dialect):
             st.output_tokens = _int(usage.get("candidatesTokenCount"))
             st.reasoning_tokens = _int(usage.get("thoughtsTokenCount"))
             st.total_tokens = _int(usage.get("totalTokenCount"))
+
+    def _function_call(self, fc: dict) -> None:
+        """A whole call, or one piece of a streamed one: `{name, willContinue}`, then pieces with
+        `partialArgs`, then a piece without `willContinue` (often `{}`) that closes it."""
+        st, t = self.st, self._open
+        name, more = fc.get("name"), fc.get("willContinue") is True
+        if t is not None and name and t["name"] and name != t["name"]:
+            t = None  # a new call began before the last one was closed
+        if t is None:
+            if not (name or fc.get("args") is not None or fc.get("partialArgs") or more):
+                return  # a stray closing piece
+            t = st.tool(("n", len(st.tools)))
+            t["args"] = _JsonText()
+        args: _JsonText = t["args"]
+        if fc.get("id"):
+            t["id"] = fc["id"]
+        if name:
+            t["name"] = name
+        if fc.get("args") is not None and fc["args"] != {}:
+            args.put(fc["args"])
+        for pa in fc.get("partialArgs") or ():
+            if isinstance(pa, dict) and isinstance(args.obj, dict):
+                _put_partial_arg(args.obj, pa)
+                args.touch()
+        self._open = t if more else None
+
+
+def _json_path(path: Any) -> list[str | int] | None:
+    """The steps of an RFC 9535 path as Gemini writes them (`$.a.b[0]`, `$['a b']`); None
+    for anything else."""
+    if not isinstance(path, str) or path[:1] != "$":
+        return None
+    steps: list[str | int] = []
+    pos = 1
+    while pos < len(path):
+        m = _PATH_STEP.match(path, pos)
+        if m is None:
+            return None
+        name, index, single, double = m.groups()
+        steps.append(int(index) if index is not None else next(x for x in (name, single, double) if x is not None))
+        pos = m.end()
+    return steps
+
+
+_PATH_STEP = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
+
+
+def _put_partial_arg(root: dict, pa: dict) -> None:
+    """One `partialArgs` entry into the arguments built so far. A string continues the string
+    already at its path: long values arrive in several pieces for the same path."""
+    if "stringValue" in pa:
+        value: Any = pa["stringValue"]
+    elif "numberValue" in pa:
+        value = pa["numberValue"]
+    elif "boolValue" in pa:
+        value = pa["boolValue"]
+    elif "nullValue" in pa:
+        value = None
+    else:
+        return
+    steps = _json_path(pa.get("jsonPath"))
+    if not steps:
+        return
+    node: Any = root
+    for i, step in enumerate(steps):
+        if isinstance(step, int):
+            if not isinstance(node, list) or step > len(node) + 1024:
+                return
+            node.extend([None] * (step + 1 - len(node)))
+        elif not isinstance(node, dict):
+            return
+        if i == len(steps) - 1:
+            old = node[step] if isinstance(node, list) else node.get(step)
+            node[step] = old + value if isinstance(old, str) and isinstance(value, str) else value
+            return
+        child = node[step] if isinstance(node, list) else node.get(step)
+        if not isinstance(child, (dict, list)):
+            child = [] if isinstance(steps[i + 1], int) else {}
+            node[step] = child
+        node = child
 
 
 class _Auto(_Dialect):

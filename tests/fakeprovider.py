@@ -15,7 +15,7 @@ Dialects are chosen by path (any prefix): ``/chat/completions`` (OpenAI chat),
 ``/responses`` (OpenAI Responses), ``/messages`` (Anthropic), ``/api/chat``
 (Ollama NDJSON), ``:streamGenerateContent`` / ``:generateContent`` (Gemini),
 ``/models`` and ``/api/tags`` (model lists); anything else is a 404 OpenAI error.
-The framing follows the wire transcripts in /work/shared/fixtures (SSE per
+The framing follows recorded provider transcripts, as in tests/fixtures/wire (SSE per
 provider, usage chunk + ``[DONE]``, Anthropic ping/thinking/signature, Gemini CRLF).
 
 Standalone (benchmarks)::

@@ -211,6 +211,75 @@ def test_gemini_json_array_stream_without_sse() -> None:
     assert (got.content, got.finish_reason, got.complete) == ("ab", "STOP", True)
 
 
+def gem_call(fc: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    cand: dict[str, Any] = {"content": {"role": "model", "parts": [{"functionCall": fc}]}}
+    if finish:
+        cand["finishReason"] = finish
+    return {"candidates": [cand], "modelVersion": "gemini-3-pro-preview"}
+
+
+def test_gemini_streamed_arguments_two_calls_in_a_row_and_live_view() -> None:
+    part = lambda path, **v: {"partialArgs": [{"jsonPath": path, **v}], "willContinue": True}  # noqa: E731
+    events = [
+        gem_call({"name": "search", "willContinue": True}),
+        gem_call(part("$.query", stringValue="duck")),
+        gem_call(part("$.query", stringValue="db")),
+        gem_call(part("$.filters[1]", stringValue="py")),
+        gem_call({}),
+        gem_call({"name": "search", "willContinue": True}),
+        gem_call(part("$['max results']", numberValue=5)),
+        gem_call({}),
+        gem_call({"name": "now", "args": {}}, finish="STOP"),
+    ]
+    ex = make_extractor("gemini.generate", status=200, headers={"content-type": "text/event-stream"})
+    body = sse(*events, done=False)
+    cut = body.index(b"data:", body.index(b'"db"'))
+    ex.feed(body[:cut])
+    live = ex.snapshot().tool_calls
+    assert live == [{"id": None, "name": "search", "arguments": '{"query":"duckdb"}'}]
+    ex.feed(body[cut:])
+    got = ex.finish()
+    assert got.tool_calls == [
+        {"id": None, "name": "search", "arguments": '{"query":"duckdb","filters":[null,"py"]}'},
+        {"id": None, "name": "search", "arguments": '{"max results":5}'},
+        {"id": None, "name": "now", "arguments": "{}"},
+    ]
+    assert got.complete is True
+
+
+def test_responses_function_call_given_a_new_id_at_the_end_is_one_call() -> None:
+    events = [
+        {"type": "response.output_item.added", "output_index": 0,
+         "item": {"id": "fc_a", "type": "function_call", "call_id": "call_1", "name": "ls", "arguments": ""}},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_a", "output_index": 0, "delta": '{"path":'},
+        {"type": "response.function_call_arguments.delta", "item_id": "fc_a", "output_index": 0, "delta": '"/tmp"}'},
+        {"type": "response.completed", "response": {"status": "completed", "output": [
+            {"id": "fc_other", "type": "function_call", "call_id": "call_1", "name": "ls", "arguments": '{"path":"/tmp"}'}]}},
+    ]
+    got = extract("openai.responses", 200, {"content-type": "text/event-stream"}, sse(*events, done=False))
+    assert got.tool_calls == [{"id": "call_1", "name": "ls", "arguments": '{"path":"/tmp"}'}]
+
+
+def test_responses_odd_output_index_loses_nothing() -> None:
+    events = [
+        {"type": "response.output_text.delta", "output_index": [1], "item_id": "m", "content_index": 0, "delta": "a"},
+        {"type": "response.output_item.done", "output_index": {}, "item": {"id": "m", "type": "message", "content": []}},
+        {"type": "response.output_text.delta", "output_index": 0, "item_id": "m", "content_index": 0, "delta": "b"},
+    ]
+    got = extract("openai.responses", 200, {"content-type": "text/event-stream"}, sse(*events, done=False))
+    assert got.content == "ab"
+    assert not [n for n in got.notes if n.startswith("extraction failed")]
+
+
+def test_mistral_non_streamed_thinking_parts() -> None:
+    body = {"model": "magistral-small-2509", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": [
+            {"type": "thinking", "thinking": [{"type": "text", "text": "Short question."}]},
+            {"type": "text", "text": "Yes."}]}}]}
+    got = extract("openai.chat", 200, {"content-type": "application/json"}, json.dumps(body).encode())
+    assert (got.reasoning, got.content, got.complete) == ("Short question.", "Yes.", True)
+
+
 def test_error_responses() -> None:
     gem = run_fixture("gemini_error_429")
     assert gem.error is not None
