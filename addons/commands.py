@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--db", metavar="PATH", type=Path, default=None,
                      help=f"DuckDB file to record into, held by a recorder process beside the proxy "
                           f"(default: {paths.default_db()})")
+    run.add_argument("--buffer-mb", metavar="MB", type=_positive_int, default=256,
+                     help="memory for records while the DB cannot be written (full disk, read-only folder, "
+                          "file held by another program): they wait there, the proxy goes on, and they land "
+                          "once the DB can be written again (tried every few seconds, no restart needed). Past "
+                          "this they go to DB.spool.jsonl beside it; when that cannot be written either, each "
+                          "lost call is counted in the `dropped` table (default: %(default)s)")
     run.add_argument("--no-record", action="store_true",
                      help="proxy without recording (to measure llmtap's own overhead)")
     run.add_argument("--confdir", metavar="DIR", type=Path, default=None,
@@ -191,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     db = args.db or paths.default_db()
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir)
 
-    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui)
+    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, buffer_mb=args.buffer_mb)
     if recorder is None and not args.no_record:
         return 2
     on_finished = None if (args.quiet or args.tui) else _print_line
@@ -241,21 +247,33 @@ def _print_line(call: Call, attempts: list[Attempt]) -> None:
         pass
 
 
-def _make_sink(db: Path, no_record: bool, in_process: bool):
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of megabytes, e.g. 256")
+    return value
+
+
+def _make_sink(db: Path, no_record: bool, in_process: bool, buffer_mb: int = 256):
     """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
 
     The recorder runs in a process of its own (see llmtap.recorder.process), except with the
-    TUI in the same process, which reads the recorder directly."""
+    TUI in the same process, which reads the recorder directly. It starts even when the file
+    cannot be opened yet (it says why and keeps trying); only another `llmtap run` recording
+    into it makes it refuse, and then `llmtap run` does not start."""
     if no_record:
         return _NullSink(), None
     if in_process:
         from llmtap.recorder.recorder import Recorder
 
-        recorder = Recorder(db)
+        recorder = Recorder(db, buffer_bytes=buffer_mb << 20)
     else:  # the proxy's process then never loads DuckDB
         from llmtap.recorder.process import RecorderProcess
 
-        recorder = RecorderProcess(db)
+        recorder = RecorderProcess(db, buffer_bytes=buffer_mb << 20)
     try:
         recorder.start()
     except Exception as exc:
