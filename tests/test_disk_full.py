@@ -329,3 +329,18 @@ def test_a_call_in_flight_when_the_proxy_is_killed_is_closed_as_interrupted(tmp_
     assert len(rows) == 1
     status, complete, error, notes = rows[0]
     assert complete is False and error == INTERRUPTED and INTERRUPTED in json.loads(notes)
+
+
+def test_a_request_head_the_relay_refuses_is_recorded_with_its_status(tmp_path: Path, fake: FakeProvider,
+                                                                      confdir: Path) -> None:
+    from proxyharness import RunningProxy
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    with RunningProxy(rules, confdir) as p, httpx.Client(timeout=60) as client:
+        r = client.post(f"{p.gateway_url}/local/chat/completions", headers={"x-big": "a" * (2 << 20)},
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 431
+        (call, _attempts), = p.memory.wait_finished(1)
+        assert [c.id for c in p.memory.started] == [call.id]  # the row that started is the one closed
+        assert call.status == 431 and "request head too large" in (call.error or "")
