@@ -192,15 +192,8 @@ class Recorder(QueuedSink):
         self.con = con
         self._opened = True
         self.index = SearchIndex(con)
-        try:
-            self._import_spool()
-        except Exception as exc:
-            if _storage_failure(exc):
-                self.con = self.index = None
-                con.close()
-                raise
-            log.error("llmtap recorder: cannot import %s (%s); it is kept, and imported on the next start",
-                      spool_path(self.db_path), exc)
+        self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
+        self._import_due()
         if self.serve and self.endpoint is None:
             from llmtap.recorder.endpoint import Endpoint
 
@@ -480,6 +473,7 @@ class Recorder(QueuedSink):
                   self.db_path, self._waited, f"; {self._lost} calls were lost, counted in the `dropped` table"
                   if self._lost else "")
         self._failing = False
+        self._lost_said = self._overflow_said = False  # a later episode is said again
         return True
 
     def _last_try(self) -> None:
