@@ -98,8 +98,10 @@ def chat(client: httpx.Client, gateway: str, n: int, pad: int = 0) -> None:
 
 
 def recorded(db: Path) -> tuple[list[str], int]:
-    """(request bodies of the calls in the file, sum of the `dropped` counts)."""
+    """(request bodies of the calls in the file, sum of the `dropped` counts); no row is left in
+    progress."""
     with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM calls WHERE status IS NULL").fetchone() == (0,)
         bodies = [r[0] for r in con.execute("SELECT request_body FROM calls ORDER BY id").fetchall()]
         dropped = con.execute("SELECT coalesce(sum(count), 0) FROM dropped").fetchone()[0]
     return bodies, int(dropped)
