@@ -73,6 +73,8 @@ BUFFER_BYTES = 256 << 20
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 5.0
 INTERRUPTED = "interrupted: the proxy stopped before this call ended"
+LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
+        "(counted in the `dropped` table)")
 _DROP_REASONS = {
     "queue": "finished calls dropped: the recorder's queue was over {limit} records (the writer fell behind)",
     "store": "finished calls lost: neither the database nor its spool could be written (disk full?), "
@@ -122,6 +124,7 @@ class Recorder(QueuedSink):
         self._lost = 0  # finished calls lost (neither database nor spool), this run
         self._lost_said = False
         self._overflow_said = False
+        self._lost_open: set[str] = set()  # lost calls whose in-progress row is in the file
         self._spool_due = False  # the spool holds records to import once writing works
         self._import_at = 0.0
         self._import_delay = RETRY_FIRST_S
@@ -463,9 +466,10 @@ class Recorder(QueuedSink):
             self._waiting.popleft()
             self._waiting_bytes -= batch.size
         self._import_due()
-        if self._owed:
+        if self._owed or self._lost_open:
             try:
                 self._commit_batch(_Batch([], _Rows([], iter(())), []))
+                self._close_lost()
             except Exception as exc:
                 self._failed(exc)
                 return False
@@ -475,6 +479,17 @@ class Recorder(QueuedSink):
         self._failing = False
         self._lost_said = self._overflow_said = False  # a later episode is said again
         return True
+
+    def _close_lost(self) -> None:
+        """Close the in-progress rows of calls whose finished record was lost (and counted)."""
+        ids = sorted(self._lost_open)
+        if not ids or self.con is None:
+            return
+        with schema.transaction(self.con):
+            self.con.execute("UPDATE calls SET complete = false, error = ? WHERE id IN (SELECT unnest(?)) "
+                             "AND status IS NULL", [LOST, ids])
+        self._in_progress.difference_update(ids)
+        self._lost_open.clear()
 
     def _last_try(self) -> None:
         """At close: one more try, then whatever still waits goes to the spool, or is counted."""
@@ -650,7 +665,9 @@ class Recorder(QueuedSink):
             # the moment writing works again.
             self._spool_due = self._spool_due or (exc is None and bool(rows))
             return
-        # Nowhere left to put them: count each, and say so once with what to do.
+        # Nowhere left to put them: count each, and say so once with what to do. A row already
+        # in progress for one of them is closed once writing works.
+        self._lost_open.update(cid for cid in batch.final_rows.ids if cid in self._in_progress)
         self._lost += len(rows)
         self._owed["store"] = self._owed.get("store", 0) + len(rows)
         if not self._lost_said:

@@ -346,3 +346,33 @@ def test_a_request_head_the_relay_refuses_is_recorded_with_its_status(tmp_path: 
         (call, _attempts), = p.memory.wait_finished(1)
         assert [c.id for c in p.memory.started] == [call.id]  # the row that started is the one closed
         assert call.status == 431 and "request head too large" in (call.error or "")
+
+
+def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from llmtap.recorder.recorder import LOST, Recorder
+    from test_recorder import finish, make_call
+
+    with small_disk(tmp_path / "disk") as disk:
+        db = disk / "calls.duckdb"
+        rec = Recorder(db, serve=False, buffer_bytes=1)  # no memory to wait in: a failed write is a loss
+        rec.start()
+        try:
+            call = make_call()
+            rec.call_started(call)
+            deadline = time.monotonic() + 60
+            while rec.cursor().execute("SELECT count(*) FROM calls").fetchone() != (1,):
+                assert time.monotonic() < deadline, "the in-progress row was never committed"
+                time.sleep(0.02)
+            filler = fill(disk)
+            call, attempts = finish(call)
+            call.response_body += b" " * 200_000  # more than any slack the full disk has left
+            rec.call_finished(call, attempts)
+            while "records are being lost" not in caplog.text:
+                assert time.monotonic() < deadline, "the loss was never said"
+                time.sleep(0.02)
+            filler.unlink()
+        finally:
+            rec.close()
+        with duckdb.connect(str(db), read_only=True) as con:
+            assert con.execute("SELECT complete, error FROM calls").fetchall() == [(False, LOST)]
+            assert con.execute("SELECT sum(count) FROM dropped").fetchone() == (1,)
