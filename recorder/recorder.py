@@ -125,6 +125,8 @@ class Recorder(QueuedSink):
         self._lost_said = False
         self._overflow_said = False
         self._lost_open: set[str] = set()  # lost calls whose in-progress row is in the file
+        self._serve_at = 0.0
+        self._serve_said = False
         self._spool_due = False  # the spool holds records to import once writing works
         self._import_at = 0.0
         self._import_delay = RETRY_FIRST_S
@@ -197,11 +199,29 @@ class Recorder(QueuedSink):
         self.index = SearchIndex(con)
         self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
         self._import_due()
-        if self.serve and self.endpoint is None:
-            from llmtap.recorder.endpoint import Endpoint
+        self._serve_reads()
 
-            self.endpoint = Endpoint(self)
-            self.endpoint.start()
+    def _serve_reads(self) -> None:
+        """Start the read endpoint. Its discovery file sits beside the database: on a full disk
+        it may not be written yet, which costs attached readers, never a record; tried again."""
+        if not self.serve or self.endpoint is not None or self.con is None or time.monotonic() < self._serve_at:
+            return
+        from llmtap.recorder.endpoint import Endpoint
+
+        endpoint = Endpoint(self)
+        try:
+            endpoint.start()
+        except OSError as exc:
+            endpoint.stop()
+            endpoint.path.with_name(f"{endpoint.path.name}.{os.getpid()}.tmp").unlink(missing_ok=True)
+            self._serve_at = time.monotonic() + RETRY_MAX_S
+            if not self._serve_said:
+                self._serve_said = True
+                log.error("llmtap recorder: cannot write %s (%s): `llmtap tui` and `llmtap stats` cannot read "
+                          "through this proxy until it can; recording goes on. Tried again every %.0f s.",
+                          endpoint.path, exc, RETRY_MAX_S)
+            return
+        self.endpoint = endpoint
 
     def close(self) -> None:
         """Commit everything queued, stop the threads, release the file."""
@@ -256,6 +276,7 @@ class Recorder(QueuedSink):
             try:
                 if self._failing and time.monotonic() >= self._retry_at:
                     self._retry()
+                self._serve_reads()
                 items = self._write_batch()
             except Exception:  # the writer must survive anything; the batch waits or went to the spool
                 log.exception("llmtap recorder: unexpected error while writing")

@@ -376,3 +376,33 @@ def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, ca
         with duckdb.connect(str(db), read_only=True) as con:
             assert con.execute("SELECT complete, error FROM calls").fetchall() == [(False, LOST)]
             assert con.execute("SELECT sum(count) FROM dropped").fetchone() == (1,)
+
+
+def test_llmtap_run_starts_on_a_full_disk_and_records_once_there_is_room(tmp_path: Path, fake: FakeProvider) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        db = disk / "calls.duckdb"
+        duckdb.connect(str(db)).close()  # recorded into before; now the disk fills up
+        filler = fill(disk)
+        run = LlmtapRun(tmp_path, fake, db)
+        try:
+            gateway = run.ready()
+            with httpx.Client(timeout=60) as client:
+                chat(client, gateway, 0, pad=100_000)  # the client gets its answer
+                run.err.wait_for(f"To fix: free disk space on the file system of {disk}")
+                filler.unlink()
+                run.err.wait_for("works again")
+                deadline = time.monotonic() + 60
+                while not discovery_path(db).exists():  # readers can attach again too
+                    assert time.monotonic() < deadline, "the endpoint file was never written"
+                    time.sleep(0.05)
+                reader = open_reader(db)
+                try:
+                    assert reader.kind == "remote"
+                    assert reader.query("SELECT count(*) FROM calls")[1][0][0] == 1
+                finally:
+                    reader.close()
+            assert run.stop() == 0
+        finally:
+            run.reap()
+        bodies, dropped = recorded(db)
+        assert len(bodies) == 1 and "call 0" in bodies[0] and dropped == 0
