@@ -127,6 +127,7 @@ class Recorder(QueuedSink):
         self._lost_open: set[str] = set()  # lost calls whose in-progress row is in the file
         self._serve_at = 0.0
         self._serve_said = False
+        self._serve_lock = threading.Lock()
         self._spool_due = False  # the spool holds records to import once writing works
         self._import_at = 0.0
         self._import_delay = RETRY_FIRST_S
@@ -206,6 +207,11 @@ class Recorder(QueuedSink):
         it may not be written yet, which costs attached readers, never a record; tried again."""
         if not self.serve or self.endpoint is not None or self.con is None or time.monotonic() < self._serve_at:
             return
+        with self._serve_lock:
+            if not self._stop:  # close() stops the endpoint before the writer: none may start after
+                self._start_endpoint()
+
+    def _start_endpoint(self) -> None:
         from llmtap.recorder.endpoint import Endpoint
 
         endpoint = Endpoint(self)
@@ -225,10 +231,11 @@ class Recorder(QueuedSink):
 
     def close(self) -> None:
         """Commit everything queued, stop the threads, release the file."""
-        if self.endpoint is not None:
-            self.endpoint.stop()
-            self.endpoint = None
         self._stop = True
+        with self._serve_lock:  # the writer may be starting the endpoint late (see _serve_reads)
+            if self.endpoint is not None:
+                self.endpoint.stop()
+                self.endpoint = None
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
