@@ -171,21 +171,22 @@ class Recorder(QueuedSink):
         try:
             con = duckdb.connect(str(self.db_path))
         except duckdb.IOException as exc:
-            if new:
-                _remove_half_made(self.db_path)
-            if "lock" in str(exc).lower():
-                other = _other_run(self.db_path)
-                if other is not None:
-                    raise RecorderError(
-                        f"{self.db_path} is held by another process: the `llmtap run` with pid {other} records "
-                        "into it. Stop that one, or record elsewhere with --db PATH."
-                    ) from None
-                raise OSError(
-                    f"{self.db_path} is held by another program (a DuckDB shell or script, or an `llmtap tui` "
-                    "or `llmtap stats` that opened it while no proxy ran): DuckDB lets one process at a time "
-                    "open a file"
+            if "lock" not in str(exc).lower():
+                if new:
+                    _remove_half_made(self.db_path)
+                raise
+            # DuckDB lets one process at a time open a file; only another llmtap run is refused.
+            other = _other_run(self.db_path)
+            if other is not None:
+                raise RecorderError(
+                    f"{self.db_path} is held by another process: the `llmtap run` with pid {other} records "
+                    "into it. Stop that one, or record elsewhere with --db PATH."
                 ) from None
-            raise
+            raise OSError(
+                f"{self.db_path} is held by another program (a DuckDB shell or script, or an `llmtap tui` "
+                "or `llmtap stats` that opened it while no proxy ran): DuckDB lets one process at a time "
+                "open a file"
+            ) from None
         try:
             schema.migrate(con)
             if not self._opened and self.close_interrupted:
