@@ -74,6 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "e.g. 512K, 64M): requests and responses as they crossed the wire, and a "
                           "compressed response as many bytes again once decoded; a note says what was "
                           "left out. Clients and upstreams always get whole bodies")
+    run.add_argument("--buffer-mb", metavar="MB", type=_positive_int, default=256,
+                     help="memory for records while the DB cannot be written (full disk, read-only folder, "
+                          "file held by another program): they wait there, the proxy goes on, and they land "
+                          "once the DB can be written again (tried every few seconds, no restart needed). Past "
+                          "this they go to DB.spool.jsonl beside it; when that cannot be written either, each "
+                          "lost call is counted in the `dropped` table (default: %(default)s)")
     run.add_argument("--no-record", action="store_true",
                      help="proxy without recording (to measure llmtap's own overhead)")
     run.add_argument("--confdir", metavar="DIR", type=Path, default=None,
@@ -279,7 +285,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
                        gateway_token=token, allow_origins=tuple(args.allow_origin), body_limit=args.max_body)
 
-    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body)
+    sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
+                                buffer_mb=args.buffer_mb)
     if recorder is None and not args.no_record:
         return 2
     handed = 0  # calls finished by the proxy, for the stop line
@@ -385,21 +392,34 @@ def _print_line(call: Call, attempts: list[Attempt]) -> None:
         pass
 
 
-def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT):
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of megabytes, e.g. 256")
+    return value
+
+
+def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,
+               buffer_mb: int = 256):
     """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
 
     The recorder runs in a process of its own (see llmtap.recorder.process), except with the
-    TUI in the same process, which reads the recorder directly."""
+    TUI in the same process, which reads the recorder directly. It starts even when the file
+    cannot be opened yet (it says why and keeps trying); only another `llmtap run` recording
+    into it makes it refuse, and then `llmtap run` does not start."""
     if no_record:
         return _NullSink(), None
     if in_process:
         from llmtap.recorder.recorder import Recorder
 
-        recorder = Recorder(db, body_limit=body_limit)
+        recorder = Recorder(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
     else:  # the proxy's process then never loads DuckDB
         from llmtap.recorder.process import RecorderProcess
 
-        recorder = RecorderProcess(db, body_limit=body_limit)
+        recorder = RecorderProcess(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
     try:
         recorder.start()
     except Exception as exc:

@@ -128,6 +128,16 @@ class Router:
         if "llmtap_plan" in flow.metadata and flow.response is not None:
             flow.response.stream = True
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        key = flow.metadata.get("llmtap_plan")
+        plan = self.relay.drop_plan(key) if key is not None and flow.response is not None else None
+        if plan is not None:  # the relay refused the request before taking it (a head over its limit)
+            plan.call.status = flow.response.status_code
+            plan.call.duration_ms = 0.0
+            why = " (request head too large: over 1 MiB)" if plan.call.status == 431 else ""
+            plan.call.error = f"refused by llmtap's relay with {plan.call.status} before any upstream try{why}"
+            self.relay.finished(plan.call, [])
+
     def error(self, flow: http.HTTPFlow) -> None:
         key = flow.metadata.pop("llmtap_plan", None)
         if key is None:

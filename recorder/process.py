@@ -18,6 +18,11 @@ Should the child die (a crash in DuckDB, the OOM killer), the proxy keeps proxyi
 so. It keeps every finished call it handed over until the child reports it committed, and
 hands those again to a new child, which replaces any row the dead one left. A new child
 starts at once, later ones at most once a minute; meanwhile records wait in the bounded queue.
+
+A child that cannot open or write the file (a full disk, a read-only folder, a file another
+program holds) starts all the same and keeps the records until it can (see `Recorder`); it
+reports them as committed, so the proxy does not keep a second copy. Only another `llmtap run`
+recording into the file makes it refuse to start.
 """
 
 from __future__ import annotations
@@ -57,11 +62,12 @@ class RecorderProcess(QueuedSink):
     """The proxy's Sink when the recorder runs in a child process; see the module docstring."""
 
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
-                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
+                 body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int | None = None) -> None:
         super().__init__(queue_limit)
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
         self.body_limit = body_limit  # see `Recorder`
+        self.buffer_bytes = buffer_bytes  # the child's bound on records waiting for the database
         self.proc: subprocess.Popen | None = None
         self._wake = threading.Event()
         self._stop = False
@@ -101,8 +107,9 @@ class RecorderProcess(QueuedSink):
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the child and wait until it holds the file; raises RecorderError with the
-        child's own message (the file is locked, say) when it cannot."""
+        """Start the child and wait until it is ready; raises RecorderError with the child's
+        own message when it cannot (another `llmtap run` records into the file, say). A file
+        the child cannot open yet is no such case: it says so and keeps trying."""
         self._follow = CpuFollower()  # the thread that starts the recorder is the proxy's loop
         self._spawn()
         self._thread = threading.Thread(target=self._run, name="llmtap-record-send", daemon=True)
@@ -118,10 +125,13 @@ class RecorderProcess(QueuedSink):
 
     def _spawn(self) -> None:
         child_flush = max(0.01, self.flush_interval_s - SEND_INTERVAL_S)
+        # Only the first child closes the calls a dead proxy left in progress: those a child
+        # started again finds are this proxy's, and go on.
+        args = [str(self.db_path), str(child_flush), str(self.buffer_bytes or 0),
+                "sweep" if self._restarted_at is None else "keep", str(self.body_limit)]
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "llmtap.recorder.process", str(self.db_path), str(child_flush),
-                 str(self.body_limit)],
+                [sys.executable, "-m", "llmtap.recorder.process", *args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         except OSError as exc:
             raise RecorderError(f"cannot start the recorder process: {exc}") from None
@@ -319,12 +329,15 @@ def _main(argv: list[str]) -> int:
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.WARNING)
     db, flush = Path(argv[0]), float(argv[1])
-    limit = int(argv[2]) if len(argv) > 2 else DEFAULT_BODY_LIMIT
+    buffer = int(argv[2]) if len(argv) > 2 and int(argv[2]) > 0 else None
+    sweep = len(argv) <= 3 or argv[3] == "sweep"
+    limit = int(argv[4]) if len(argv) > 4 else DEFAULT_BODY_LIMIT
     from llmtap.paths import private_umask
 
     private_umask()  # DuckDB makes the DB, its WAL and temp files: the user's alone
     out = sys.stdout.buffer
-    recorder = Recorder(db, flush_interval_s=flush, body_limit=limit)
+    recorder = (Recorder(db, flush_interval_s=flush, close_interrupted=sweep, body_limit=limit) if buffer is None else
+                Recorder(db, flush_interval_s=flush, close_interrupted=sweep, buffer_bytes=buffer, body_limit=limit))
     try:
         recorder.start()
     except Exception as exc:

@@ -5,8 +5,14 @@ reader calls them; see `process`); they only append to a deque. Every
 `flush_interval_s` the writer takes what arrived, runs the extraction (in helper processes when
 the batch is large, see `workers`), and commits the batch with the appender, so a record waits
 at most that long and a kill -9 loses at most that window (DuckDB's WAL keeps every committed
-batch). When the database cannot be written the records go to an append-only spool beside it,
-imported on the next start: nothing is dropped silently.
+batch).
+
+When the database cannot be opened or written (a full disk, a read-only folder, a file another
+program holds), proxying goes on and the records wait in memory, up to `buffer_bytes`, while
+the writer tries again with back-off: once it can write, the waiting records land, without a
+restart. Past that bound the oldest records go to an append-only spool beside the file
+(imported once writing works); when the spool cannot be written either, each call lost is
+counted, said once, and the count lands in the `dropped` table when writing resumes.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +66,19 @@ INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
 ROWS_PART = 32
 # A batch finishing more calls than this is committed in parts of this many (see `_write_batch`).
 COMMIT_CALLS = 1024
+# Memory kept for records while the database cannot be written (`llmtap run --buffer-mb`).
+BUFFER_BYTES = 256 << 20
+# A failed open or write is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S.
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 5.0
+INTERRUPTED = "interrupted: the proxy stopped before this call ended"
+LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
+        "(counted in the `dropped` table)")
+_DROP_REASONS = {
+    "queue": "finished calls dropped: the recorder's queue was over {limit} records (the writer fell behind)",
+    "store": "finished calls lost: neither the database nor its spool could be written (disk full?), "
+             "and the memory buffer of {buffer} MB was full",
+}
 
 
 def spool_path(db: Path) -> Path:
@@ -68,11 +88,15 @@ def spool_path(db: Path) -> Path:
 class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
-                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
+                 body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
+                 close_interrupted: bool = True) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
-        the wire and as many once decoded."""
+        the wire and as many once decoded.
+        `buffer_bytes` bounds the records kept in memory while the database cannot be written.
+        `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
+        recorder process started again for the same proxy must not: those calls go on)."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -90,8 +114,29 @@ class Recorder(QueuedSink):
         self._in_progress: set[str] = set()  # ids with an in-progress row in the DB
         # Of `dropped_total`, those already in the `dropped` table; written by the writer only.
         self._dropped_recorded = 0
-        self._failing = False
-        self.written = 0  # finished calls committed (or spooled)
+        self.buffer_bytes = buffer_bytes
+        self.close_interrupted = close_interrupted
+        self._failing = False  # the last open or write of the database failed
+        self._fail_reason = ""
+        self._waiting: deque[_Batch] = deque()  # batches not yet committed, oldest first
+        self._waiting_bytes = 0
+        self._waited = 0  # finished calls that waited in this failing episode
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_FIRST_S
+        self._opened = False  # the database was opened once (the sweep of interrupted calls ran)
+        self._owed: dict[str, int] = {}  # drop counts by reason, not yet in the `dropped` table
+        self._lost = 0  # finished calls lost (neither database nor spool), this run
+        self._lost_said = False
+        self._overflow_said = False
+        self._lost_open: set[str] = set()  # lost calls whose in-progress row is in the file
+        self._serve_at = 0.0
+        self._serve_said = False
+        self._serve_lock = threading.Lock()
+        self._spool_due = False  # the spool holds records to import once writing works
+        self._import_at = 0.0
+        self._import_delay = RETRY_FIRST_S
+        self._import_said = False
+        self.written = 0  # finished calls committed, waiting in memory or spooled
         # Told `written` after each batch that finished calls (the recorder process reports it).
         self.on_written: Callable[[int], None] | None = None
         self.index: SearchIndex | None = None
@@ -106,48 +151,101 @@ class Recorder(QueuedSink):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        """Open the database and start the writer. Raises RecorderError only when another
+        `llmtap run` records into the file; any other failure (full disk, read-only folder, a
+        program holding the file) is said once, loudly, and the writer keeps trying to open it
+        while records wait (see the module docstring)."""
         # The thread that starts the recorder is the one that will feed it (the proxy's loop).
         self._follow = CpuFollower()
+        try:
+            self._open_store()
+        except RecorderError:
+            raise
+        except Exception as exc:
+            self._failed(exc, opening=True)
+        self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
+        self._thread.start()
+
+    def _open_store(self) -> None:
+        """Open (or reopen) the database, close the calls a dead proxy left in progress, import
+        the spool, serve reads. Raises what went wrong, with the file released."""
         from llmtap.paths import private_record
         from llmtap.recorder.endpoint import READ_CONFIG
 
         # The file holds every prompt and answer: a folder llmtap makes is the user's alone.
         self.db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = not self.db_path.exists()
         private_record(self.db_path)  # and files an older llmtap or a looser umask left open
         try:
             # Its cursors serve readers' SQL: no file access through DuckDB (endpoint.READ_CONFIG).
-            self.con = duckdb.connect(str(self.db_path), config=READ_CONFIG)
+            con = duckdb.connect(str(self.db_path), config=READ_CONFIG)
         except duckdb.IOException as exc:
-            if "lock" in str(exc).lower():
+            if "lock" not in str(exc).lower():
+                if new:
+                    _remove_half_made(self.db_path)
+                raise
+            # DuckDB lets one process at a time open a file; only another llmtap run is refused.
+            other = _other_run(self.db_path)
+            if other is not None:
                 raise RecorderError(
-                    f"{self.db_path} is held by another process: another `llmtap run`, an `llmtap tui` "
-                    "or `llmtap stats` that opened it while no proxy ran, or a DuckDB program. DuckDB "
-                    "lets one process at a time open a file; stop that one, or record elsewhere with --db PATH."
+                    f"{self.db_path} is held by another process: the `llmtap run` with pid {other} records "
+                    "into it. Stop that one, or record elsewhere with --db PATH."
                 ) from None
-            raise RecorderError(f"cannot open {self.db_path}: {exc}") from None
+            raise OSError(
+                f"{self.db_path} is held by another program (a DuckDB shell or script, or an `llmtap tui` "
+                "or `llmtap stats` that opened it while no proxy ran): DuckDB lets one process at a time "
+                "open a file"
+            ) from None
         try:
-            schema.migrate(self.con)
-            self.index = SearchIndex(self.con)
-            self._import_spool()
+            schema.migrate(con)
+            if not self._opened and self.close_interrupted:
+                _close_interrupted(con)
         except Exception:
-            # Release the file so the caller (or the user) can retry at once.
-            self.con.close()
-            self.con = None
+            con.close()  # release the file so that the next try (or the user) can open it
+            if new:
+                _remove_half_made(self.db_path)
             raise
-        self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
-        self._thread.start()
-        if self.serve:
-            from llmtap.recorder.endpoint import Endpoint
+        self.con = con
+        self._opened = True
+        self.index = SearchIndex(con)
+        self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
+        self._import_due()
+        self._serve_reads()
 
-            self.endpoint = Endpoint(self)
-            self.endpoint.start()
+    def _serve_reads(self) -> None:
+        """Start the read endpoint. Its discovery file sits beside the database: on a full disk
+        it may not be written yet, which costs attached readers, never a record; tried again."""
+        if not self.serve or self.endpoint is not None or self.con is None or time.monotonic() < self._serve_at:
+            return
+        with self._serve_lock:
+            if not self._stop:  # close() stops the endpoint before the writer: none may start after
+                self._start_endpoint()
+
+    def _start_endpoint(self) -> None:
+        from llmtap.recorder.endpoint import Endpoint
+
+        endpoint = Endpoint(self)
+        try:
+            endpoint.start()
+        except OSError as exc:
+            endpoint.stop()
+            endpoint.path.with_name(f"{endpoint.path.name}.{os.getpid()}.tmp").unlink(missing_ok=True)
+            self._serve_at = time.monotonic() + RETRY_MAX_S
+            if not self._serve_said:
+                self._serve_said = True
+                log.error("llmtap recorder: cannot write %s (%s): `llmtap tui` and `llmtap stats` cannot read "
+                          "through this proxy until it can; recording goes on. Tried again every %.0f s.",
+                          endpoint.path, exc, RETRY_MAX_S)
+            return
+        self.endpoint = endpoint
 
     def close(self) -> None:
         """Commit everything queued, stop the threads, release the file."""
-        if self.endpoint is not None:
-            self.endpoint.stop()
-            self.endpoint = None
         self._stop = True
+        with self._serve_lock:  # the writer may be starting the endpoint late (see _serve_reads)
+            if self.endpoint is not None:
+                self.endpoint.stop()
+                self.endpoint = None
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -165,8 +263,11 @@ class Recorder(QueuedSink):
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A cursor of the writer's database for a reader thread: MVCC lets it read while the
         writer commits, and it never takes a lock the writer waits on."""
-        assert self.con is not None, "recorder not started"
-        return self.con.cursor()
+        con = self.con
+        if con is None:
+            raise RecorderError(f"{self.db_path} cannot be opened yet ({self._fail_reason}); "
+                                "the proxy keeps the records until it can")
+        return con.cursor()
 
     # -- the Sink (QueuedSink), and what a recorder process adds ----------------------------------
     def adopt(self, ids: list[str]) -> None:
@@ -190,11 +291,15 @@ class Recorder(QueuedSink):
             self._follow.step()
             items = 0
             try:
+                if self._failing and time.monotonic() >= self._retry_at:
+                    self._retry()
+                self._serve_reads()
                 items = self._write_batch()
-            except Exception:  # the writer must survive anything; the batch went to the spool
+            except Exception:  # the writer must survive anything; the batch waits or went to the spool
                 log.exception("llmtap recorder: unexpected error while writing")
             took = time.monotonic() - batch_at
             if stopping and not self._queue:
+                self._last_try()
                 return
             if not stopping:
                 self._index_step(items)
@@ -227,8 +332,10 @@ class Recorder(QueuedSink):
         # time per short call, time the writer would otherwise take from the proxy).
         items = without_brief(self._drain())
         total = self.dropped_total
-        dropped, self._dropped_recorded = total - self._dropped_recorded, total
-        if not items and not dropped:
+        if total > self._dropped_recorded:
+            self._owed["queue"] = self._owed.get("queue", 0) + total - self._dropped_recorded
+            self._dropped_recorded = total
+        if not items and not (self._owed and not self._failing):
             return 0
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
@@ -264,20 +371,8 @@ class Recorder(QueuedSink):
             if n + 1 < len(parts):
                 extractions = self._extractions([c for c, _ in parts[n + 1]])
             attempt_rows = [_attempt_row(a, scrubs[c.id]) for c, attempts in part for a in attempts]
-            replace = [c.id for c in calls if c.id in self._in_progress]
             first = n == 0
-            try:
-                self._commit_indexed(new_rows if first else [], final_rows, attempt_rows, replace,
-                                     dropped if first else 0)
-            except Exception as exc:
-                self._spool(final_rows.all(), attempt_rows, dropped if first else 0, exc)
-            else:
-                if self._failing:
-                    log.error("llmtap recorder: writing to %s works again", self.db_path)
-                    self._failing = False
-                if first:
-                    self._in_progress.update(r[0] for r in new_rows)
-            self._in_progress.difference_update(final_rows.ids)
+            self._write(_Batch(new_rows if first else [], final_rows, attempt_rows))
             self.written += len(calls)
             if first:
                 self.hub.publish("started", [r[0] for r in new_rows])
@@ -293,8 +388,171 @@ class Recorder(QueuedSink):
                 self.on_written(self.written)
         return len(items)
 
+    # -- committing, and what happens when the database cannot be written ----------------------
+    def _write(self, batch: _Batch) -> None:
+        """Commit `batch`, or, while the database cannot be written, keep it waiting."""
+        if self._failing:
+            self._keep(batch)
+            return
+        try:
+            self._commit_batch(batch)
+        except Exception as exc:
+            if not _storage_failure(exc):  # these rows themselves are refused: no retry helps
+                self._spool(batch, exc)
+                return
+            self._failed(exc)
+            self._keep(batch)
+
+    def _commit_batch(self, batch: _Batch) -> None:
+        """Commit a batch with the drop counts owed; replaces the in-progress rows of its calls."""
+        replace = [cid for cid in batch.final_rows.ids if cid in self._in_progress]
+        owed = dict(self._owed)
+        self._commit_indexed(batch.new_rows, batch.final_rows, batch.attempt_rows, replace, owed)
+        for reason, count in owed.items():
+            left = self._owed.get(reason, 0) - count
+            if left > 0:
+                self._owed[reason] = left
+            else:
+                self._owed.pop(reason, None)
+        self._in_progress.update(r[0] for r in batch.new_rows)
+        self._in_progress.difference_update(batch.final_rows.ids)
+        self._import_due()
+
+    def _import_due(self) -> bool:
+        """Import the spool if it holds records. One that cannot be imported yet (the space the
+        spool itself takes may be what the database lacks) is tried again with back-off, and
+        does not hold up the records that wait in memory."""
+        if not self._spool_due or self.con is None or time.monotonic() < self._import_at:
+            return True
+        try:
+            self._import_spool()
+        except Exception as exc:
+            if not _storage_failure(exc):
+                log.error("llmtap recorder: cannot import %s (%s); it is kept, and imported on the next start",
+                          spool_path(self.db_path), exc)
+                return True
+            self._spool_due = True
+            self._import_delay = min(self._import_delay * 2, RETRY_MAX_S * 6)
+            self._import_at = time.monotonic() + self._import_delay
+            if not self._import_said:
+                self._import_said = True
+                log.error("llmtap recorder: cannot import %s yet (%s); it is kept and tried again, and imported "
+                          "on the next start otherwise. To fix: %s.", spool_path(self.db_path),
+                          " ".join(str(exc).split()), _fix(self.db_path, str(exc)))
+            return True
+        self._import_delay = RETRY_FIRST_S
+        return True
+
+    def _failed(self, exc: BaseException, opening: bool = False) -> None:
+        """Say once per episode what is wrong and how to fix it; schedule the next try."""
+        self._fail_reason = " ".join(str(exc).split()) or type(exc).__name__
+        now = time.monotonic()
+        if self._failing:
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX_S)
+        else:
+            self._failing = True
+            self._retry_delay = RETRY_FIRST_S
+            self._waited = 0
+            log.error(
+                "llmtap recorder: cannot %s %s: %s. The proxy goes on proxying; records wait in memory (up to "
+                "%d MB, --buffer-mb) and are written as soon as the file can be written: llmtap tries again by "
+                "itself, no restart needed. To fix: %s.",
+                "open" if opening else "write to", self.db_path, self._fail_reason, self.buffer_bytes >> 20,
+                _fix(self.db_path, self._fail_reason))
+        self._retry_at = now + self._retry_delay
+
+    def _keep(self, batch: _Batch) -> None:
+        """Keep a batch in memory; past the bound the oldest go to the spool, or are counted lost."""
+        if not (batch.new_rows or batch.final_rows.ids or batch.attempt_rows):
+            return
+        batch.materialize()
+        self._waiting.append(batch)
+        self._waiting_bytes += batch.size
+        self._waited += len(batch.final_rows.ids)
+        while self._waiting_bytes > self.buffer_bytes and self._waiting:
+            if not self._overflow_said:
+                self._overflow_said = True
+                log.error("llmtap recorder: the memory buffer of %d MB is full while %s cannot be written; the "
+                          "oldest records go to %s, imported once writing works", self.buffer_bytes >> 20,
+                          self.db_path, spool_path(self.db_path))
+            old = self._waiting.popleft()
+            self._waiting_bytes -= old.size
+            self._waited -= len(old.final_rows.ids)
+            self._spool(old, None)
+
+    def _retry(self) -> bool:
+        """Open the database if need be and commit what waits, oldest first; True when all landed."""
+        if self.con is None:
+            try:
+                self._open_store()
+            except Exception as exc:
+                self._failed(exc, opening=True)
+                return False
+        while self._waiting:
+            batch = self._waiting[0]
+            try:
+                self._commit_batch(batch)
+            except Exception as exc:
+                if not _storage_failure(exc):
+                    self._waiting.popleft()
+                    self._waiting_bytes -= batch.size
+                    self._spool(batch, exc)
+                    continue
+                if "invalidated" in str(exc) and self.con is not None:
+                    # DuckDB gives up on a database after some I/O failures: open it afresh.
+                    self.con.close()
+                    self.con = None
+                    self.index = None
+                self._failed(exc)
+                return False
+            self._waiting.popleft()
+            self._waiting_bytes -= batch.size
+        self._import_due()
+        if self._owed or self._lost_open:
+            try:
+                self._commit_batch(_Batch([], _Rows([], iter(())), []))
+                self._close_lost()
+            except Exception as exc:
+                self._failed(exc)
+                return False
+        log.error("llmtap recorder: writing to %s works again: the %d calls that waited in memory are written%s",
+                  self.db_path, self._waited, f"; {self._lost} calls were lost, counted in the `dropped` table"
+                  if self._lost else "")
+        self._failing = False
+        self._lost_said = self._overflow_said = False  # a later episode is said again
+        return True
+
+    def _close_lost(self) -> None:
+        """Close the in-progress rows of calls whose finished record was lost (and counted)."""
+        ids = sorted(self._lost_open)
+        if not ids or self.con is None:
+            return
+        with schema.transaction(self.con):
+            self.con.execute("UPDATE calls SET complete = false, error = ? WHERE id IN (SELECT unnest(?)) "
+                             "AND status IS NULL", [LOST, ids])
+        self._in_progress.difference_update(ids)
+        self._lost_open.clear()
+
+    def _last_try(self) -> None:
+        """At close: one more try, then whatever still waits goes to the spool, or is counted."""
+        if not self._failing or self._retry():
+            self._import_at = 0.0
+            self._import_due()
+            return
+        while self._waiting:
+            self._spool(self._waiting.popleft(), None)
+        self._waiting_bytes = 0
+        if self._owed and self._append_spool([json.dumps({"dropped": n, "reason": r}) for r, n in self._owed.items()]):
+            self._owed.clear()
+        if self._lost:
+            log.error("llmtap recorder: %d calls were not recorded: neither %s nor its spool %s could be written "
+                      "(%s)", self._lost, self.db_path, spool_path(self.db_path), self._fail_reason)
+        elif spool_path(self.db_path).exists():
+            log.error("llmtap recorder: the records that could not be written to %s are kept in %s and are "
+                      "imported on the next start", self.db_path, spool_path(self.db_path))
+
     def _commit_indexed(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
-                        replace: list[str], dropped: int) -> None:
+                        replace: list[str], dropped: dict[str, int]) -> None:
         """_commit, with the words of calls that land in an already indexed chunk added in the
         same transaction. Should that part fail, the rows still go in, and their chunks are
         dropped from the index instead (searches then read those calls)."""
@@ -305,15 +563,17 @@ class Recorder(QueuedSink):
             return
         try:
             self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.add_late(ids))
-        except Exception:
+        except Exception as exc:
+            if _storage_failure(exc):
+                raise
             self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.uncover(ids))
             log.exception("llmtap recorder: indexing late calls failed; their chunks are left out of the index")
 
     def _commit(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
-                replace: list[str], dropped: int, also: Callable[[], None] | None = None) -> None:
+                replace: list[str], dropped: dict[str, int], also: Callable[[], None] | None = None) -> None:
         con = self.con
         if con is None:
-            raise RuntimeError("the database is closed")
+            raise OSError("the database is not open")
         with schema.transaction(con):
             if replace:
                 con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [replace])
@@ -328,10 +588,8 @@ class Recorder(QueuedSink):
                 appender = con.appender("attempts")
                 appender.append_rows(attempt_rows)
                 appender.flush()
-            if dropped:
-                con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
-                            [dropped, f"finished calls dropped: the recorder's queue was over "
-                                      f"{self.queue_limit} records (the writer fell behind)"])
+            for reason, count in dropped.items():
+                con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
             if also is not None:
                 also()
 
@@ -475,37 +733,77 @@ class Recorder(QueuedSink):
         )
 
     # -- failure: spool --------------------------------------------------------------------------
-    def _spool(self, rows: list[tuple], attempts: list[tuple], dropped: int, exc: BaseException) -> None:
+    def _spool(self, batch: _Batch, exc: BaseException | None) -> None:
+        """Append a batch's finished rows to the spool; when that fails too, count them lost."""
         path = spool_path(self.db_path)
-        if not self._failing:
-            log.error("llmtap recorder: cannot write to %s (%s). Proxying goes on; records are kept in %s "
-                      "and imported on the next start. Free disk space or release the file, then restart.",
-                      self.db_path, exc, path)
-            self._failing = True
+        if exc is not None:
+            log.error("llmtap recorder: %s refused %d records (%s); they are kept in %s and imported once "
+                      "writing works", self.db_path, len(batch.final_rows.ids), exc, path)
+        rows = batch.final_rows.all()
         lines = [json.dumps({"call": [_jsonable(v) for v in row]}) for row in rows]
-        lines += [json.dumps({"attempt": [_jsonable(v) for v in row]}) for row in attempts]
-        if dropped:
-            lines.append(json.dumps({"dropped": dropped}))
-        if not lines:
+        lines += [json.dumps({"attempt": [_jsonable(v) for v in row]}) for row in batch.attempt_rows]
+        if not rows or self._append_spool(lines):
+            # Rows the database refused wait for the next start; those it could not take, for
+            # the moment writing works again.
+            self._spool_due = self._spool_due or (exc is None and bool(rows))
             return
+        # Nowhere left to put them: count each, and say so once with what to do. A row already
+        # in progress for one of them is closed once writing works.
+        self._lost_open.update(cid for cid in batch.final_rows.ids if cid in self._in_progress)
+        self._lost += len(rows)
+        self._owed["store"] = self._owed.get("store", 0) + len(rows)
+        if not self._lost_said:
+            self._lost_said = True
+            log.error("llmtap recorder: records are being lost: %s cannot be written (%s), the memory buffer of "
+                      "%d MB is full and the spool %s cannot be written either. Each lost call is counted and "
+                      "the count goes to the `dropped` table once writing works. Free disk space on the file "
+                      "system of %s.", self.db_path, self._fail_reason, self.buffer_bytes >> 20, path,
+                      self.db_path)
+
+    def _append_spool(self, lines: list[str]) -> bool:
+        """Append whole lines or nothing: a write cut short (a full disk) is truncated away, so
+        no torn line swallows the lines after it."""
+        path = spool_path(self.db_path)
+        data = ("\n".join(lines) + "\n").encode("utf-8")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            # Nowhere left to put them: say exactly how many were lost.
-            log.error("llmtap recorder: %d records lost: cannot write the spool %s either (%s)",
-                      len(rows), path, err)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError:
+            return False
+        try:
+            start = os.fstat(fd).st_size
+            if start and os.pread(fd, 1, start - 1) != b"\n":
+                data = b"\n" + data  # a tail torn by a crash: keep it on a line of its own
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+            return True
+        except OSError:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            return False
+        finally:
+            os.close(fd)
+
+    def _drop_reason(self, key: str) -> str:
+        """The `dropped.reason` text for a key of `_owed` (or a reason read from the spool)."""
+        if key in _DROP_REASONS:
+            return _DROP_REASONS[key].format(limit=self.queue_limit, buffer=self.buffer_bytes >> 20)
+        return key
 
     def _import_spool(self) -> None:
         path = spool_path(self.db_path)
+        self._spool_due = False
         if not path.exists():
             return
         assert self.con is not None
-        calls, attempts, dropped, bad = [], [], 0, 0
+        calls, attempts, bad = [], [], 0
+        dropped: dict[str, int] = {}
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
             try:
                 item = json.loads(line)
             except ValueError:
@@ -516,7 +814,11 @@ class Recorder(QueuedSink):
             elif "attempt" in item:
                 attempts.append(_from_jsonable(item["attempt"], ATTEMPT_COLUMNS))
             elif "dropped" in item:
-                dropped += int(item["dropped"])
+                reason = str(item.get("reason", "lost before the spool could keep them"))
+                dropped[reason] = dropped.get(reason, 0) + int(item["dropped"])
+        if bad:
+            key = f"{bad} cut lines of the spool {path.name}, each a record lost in a crash while it was written"
+            dropped[key] = bad
         ids = [c[0] for c in calls]
         with schema.transaction(self.con):
             self.con.execute("DELETE FROM calls WHERE id IN (SELECT unnest(?))", [ids])
@@ -526,14 +828,108 @@ class Recorder(QueuedSink):
                     appender = self.con.appender(table)
                     appender.append_rows(rows)
                     appender.flush()
-            if dropped or bad:
-                self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)",
-                                 [dropped + bad, "lost before the spool could keep them"])
+            for reason, count in dropped.items():
+                self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
             if self.index is not None:
                 self.index.add_late(ids)
+        self._in_progress.difference_update(ids)
         path.unlink()
         log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
                     len(calls), path)
+
+
+class _Batch:
+    """What one commit writes: in-progress rows, finished rows and their attempts."""
+
+    def __init__(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple]) -> None:
+        self.new_rows = new_rows
+        self.final_rows = final_rows
+        self.attempt_rows = attempt_rows
+        self.size = 0
+
+    def materialize(self) -> None:
+        """Make every row now (they wait in memory), and weigh them for the buffer's bound."""
+        rows = self.final_rows.all()
+        self.size = sum(_weight(r) for r in rows) + sum(_weight(r) for r in self.new_rows) + 200 * len(self.attempt_rows)
+
+
+def _weight(row: tuple) -> int:
+    return 200 + sum(len(v) for v in row if isinstance(v, (str, bytes)))
+
+
+def _fix(db: Path, reason: str) -> str:
+    """What the user can do about a database that cannot be opened or written."""
+    text = reason.lower()
+    if "held by another program" in text:
+        return "close that program (recording starts by itself once it lets go), or record elsewhere with --db PATH"
+    if "no space" in text or "disk full" in text or "quota" in text:
+        return f"free disk space on the file system of {db.parent}"
+    if "read-only" in text or "permission" in text or "access" in text:
+        return f"make {db.parent} writable, or record elsewhere with --db PATH"
+    return (f"free disk space on the file system of {db.parent} or make it writable, or record elsewhere "
+            "with --db PATH")
+
+
+def _storage_failure(exc: BaseException) -> bool:
+    """Whether a failed commit is the store's fault (full disk, I/O, a closed or held file), so
+    that it is worth waiting and trying again, rather than these rows' (which no retry fixes)."""
+    if isinstance(exc, (OSError, duckdb.IOException, duckdb.TransactionException, duckdb.FatalException,
+                        duckdb.ConnectionException)):
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in ("no space", "could not write", "read-only", "invalidated", "closed", "i/o"))
+
+
+def _remove_half_made(db: Path) -> None:
+    """A database file this recorder just created but could not finish (the disk filled up
+    meanwhile) is not a valid DuckDB file, and would fail every later open: remove it."""
+    for path in (db, db.with_name(db.name + ".wal")):
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _other_run(db: Path) -> int | None:
+    """The pid of a live `llmtap run` that serves `db` (its discovery file says so), or None."""
+    from llmtap.recorder.endpoint import discovery_path
+
+    try:
+        info = json.loads(discovery_path(db).read_text())
+        pid = int(info.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if pid <= 0 or pid == os.getpid() or info.get("db") != str(db):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _close_interrupted(con: duckdb.DuckDBPyConnection) -> None:
+    """Rows a dead proxy left in progress (it was killed, or its host lost power) are closed
+    as interrupted: nothing will ever finish them."""
+    rows = con.execute("SELECT id, notes FROM calls WHERE status IS NULL AND duration_ms IS NULL "
+                       "AND error IS NULL").fetchall()
+    if not rows:
+        return
+    updates = []
+    for cid, notes in rows:
+        try:
+            listed = json.loads(notes) if notes else []
+        except ValueError:
+            listed = [notes]
+        if not isinstance(listed, list):
+            listed = [listed]
+        updates.append([INTERRUPTED, json.dumps([*listed, INTERRUPTED]), cid])
+    with schema.transaction(con):
+        con.executemany("UPDATE calls SET complete = false, error = ?, notes = ? WHERE id = ?", updates)
+    log.warning("llmtap recorder: %d calls left in progress by a proxy that stopped are closed as interrupted",
+                len(rows))
 
 
 class _Rows:

@@ -102,19 +102,17 @@ def test_a_streamed_call_reads_live_through_the_recorder_process_and_lands_whole
         assert con.execute("SELECT count(*) FROM attempts").fetchone() == (2,)
 
 
-def test_the_recorder_process_reports_a_locked_file_as_the_proxy_did(tmp_path: Path) -> None:
+def test_a_second_recorder_process_on_a_recorded_file_is_refused_with_the_proxy_s_message(tmp_path: Path) -> None:
     db = tmp_path / "calls.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(db)!r}); "
-                               "print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = RecorderProcess(db)
+    first.start()
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        rec = RecorderProcess(db)
-        with pytest.raises(RecorderError, match="held by another process"):
-            rec.start()
-        assert rec.proc is None
+        second = RecorderProcess(db)
+        with pytest.raises(RecorderError, match="held by another process: the `llmtap run` with pid"):
+            second.start()
+        assert second.proc is None
     finally:
-        holder.communicate("")
+        first.close()
 
 
 def test_a_call_open_when_the_recorder_process_dies_still_lands_once(tmp_path: Path) -> None:
