@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider, slow
+from waiting import wait_gone
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import open_reader
 from llmtap.recorder.recorder import INTERRUPTED, spool_path
@@ -281,16 +282,6 @@ def test_a_second_llmtap_run_on_the_same_file_is_refused(tmp_path: Path, fake: F
     finally:
         first.reap()
 
-
-def wait_gone(pid: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still runs")
 
 
 def test_a_call_in_flight_when_the_proxy_is_killed_is_closed_as_interrupted(tmp_path: Path,

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider
+from waiting import wait_gone
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.process import RecorderProcess
 from llmtap.recorder.record import Call
@@ -30,17 +31,6 @@ from test_recorder import ANTHROPIC_SSE, PLANTED, finish, make_call
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipes and signals as on Linux")
 
-
-def wait_gone(pid: int, timeout: float = 60) -> None:
-    """Wait for a process that is not our child to exit (waitpid cannot wait for it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} still runs")
 
 
 def reap(proc: subprocess.Popen) -> None:
