@@ -1187,3 +1187,61 @@ def extract(api: str, status: int | None, headers: Headers, body: bytes) -> Extr
     ex = make_extractor(api, status=status, headers=headers)
     ex.feed(body)
     return ex.finish()
+
+
+# -- the prompt ---------------------------------------------------------------------------------
+# Keys of a request body that hold what the user sent, in every dialect: OpenAI chat, Anthropic
+# and Ollama `messages`, Anthropic `system`, Responses `instructions` and `input`, Gemini
+# `contents` and `systemInstruction`, Ollama generate and legacy completions `prompt`.
+_PROMPT_KEYS = ("system", "systemInstruction", "system_instruction", "instructions", "messages", "input",
+                "contents", "prompt")
+# Nested values past this depth are not text a person wrote (and a hostile body cannot make the
+# walk recurse without end).
+_PROMPT_DEPTH = 12
+
+
+def _prompt_parts(value: Any, out: list[str], depth: int) -> None:
+    """The text parts of a message, a content list or a block: strings, `text` of typed parts,
+    `content`/`parts` of messages and tool results, `output` of Responses tool outputs. Keys,
+    roles, images and tool arguments are left out: they are not what a search looks for."""
+    if depth > _PROMPT_DEPTH:
+        return
+    if isinstance(value, str):
+        if value:
+            out.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _prompt_parts(item, out, depth + 1)
+    elif isinstance(value, dict):
+        text = value.get("text")
+        if isinstance(text, str):
+            if text:
+                out.append(text)
+            return
+        for key in ("content", "parts"):
+            if key in value:
+                _prompt_parts(value[key], out, depth + 1)
+        if isinstance(value.get("output"), str):  # Responses function_call_output
+            _prompt_parts(value["output"], out, depth + 1)
+
+
+def prompt_text(body: str | bytes | None) -> str | None:
+    """What the user sent in a request body -- system prompt and messages, text parts only,
+    joined by newlines -- or None when the body is not a JSON object or holds no text. The
+    dialect is told by the keys, so a body recorded as `other` is read too. Never raises."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    out: list[str] = []
+    try:
+        for key in _PROMPT_KEYS:
+            if key in obj:
+                _prompt_parts(obj[key], out, 0)
+    except Exception:  # a body of some shape nobody expected: what was read so far
+        pass
+    return "\n".join(out) or None

@@ -29,7 +29,7 @@ PIECES = ["rate", "Limit", "日本語の文" * 20, "-", " ", ".", "\n", "İstanb
 def ilike_ids(reader: DuckReader, text: str) -> list[str]:
     like = "%" + q._like_escape(text) + "%"
     _, rows = reader.query("SELECT id FROM calls WHERE content ILIKE ? ESCAPE '\\' OR reasoning ILIKE ? ESCAPE '\\' "
-                           "ORDER BY id DESC", [like, like])
+                           "OR prompt ILIKE ? ESCAPE '\\' ORDER BY id DESC", [like, like, like])
     return [str(r[0]) for r in rows]
 
 
@@ -58,11 +58,12 @@ def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path, monkeypat
     bodies: list[str] = []
     ids: list[str] = []
     for i in range(240):
-        content, reasoning = text(), text()
+        content, reasoning, prompt = text(), text(), text()
         if i == 30:  # a word too long to store even in pieces, in one chunk only
             content = "Az" + "z" * 5000 + "b"
-        bodies += [b for b in (content, reasoning) if b]
-        ids.append(reader.insert(started_at=BASE_TIME + timedelta(seconds=i), content=content, reasoning=reasoning))
+        bodies += [b for b in (content, reasoning, prompt) if b]
+        ids.append(reader.insert(started_at=BASE_TIME + timedelta(seconds=i), content=content, reasoning=reasoning,
+                                 prompt=prompt))
     index = SearchIndex(reader.con)
     # The newest 40 stay unindexed, as calls written since the last chunk are. Chunks of 16
     # merge four at a time: calls 0-63, 64-127, 128-191 in three, 192-199 in one.
