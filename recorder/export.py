@@ -11,11 +11,12 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import duckdb
+from typing import TYPE_CHECKING, Any
 
 from llmtap.recorder.times import TIME_FORMS, parse_when
+
+if TYPE_CHECKING:  # imported where used: every `llmtap` command reads FORMATS, and DuckDB takes ~0.4 s to load
+    import duckdb
 
 FORMATS = ("parquet", "csv", "jsonl")
 # The format a file's name asks for. `.json` gets JSON lines too: DuckDB writes one object per
@@ -75,6 +76,8 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
            until: str | None = None, model: str | None = None, where_sql: str | None = None,
            params: list | None = None, progress: Callable[[int, int], None] | None = None) -> int:
     """Write the matching calls to `out`; returns the number of rows."""
+    import duckdb
+
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     out = Path(out).expanduser().absolute()
