@@ -120,7 +120,7 @@ def load_schema(reader: Reader) -> Schema:
     attempts = frozenset(str(r[1]) for r in rows if r[0] == "attempts")
     index = {str(r[0]) for r in rows if r[0] in ("_search_chunks", "_search_terms")}
     return Schema(calls=calls, attempts=attempts, has_attempts_table=bool(attempts),
-                  has_search_index=len(index) == 2 and {"content", "reasoning", "prompt"} <= calls)
+                  has_search_index=len(index) == 2 and {"content", "reasoning"} <= calls)
 
 
 # -- the filter language ---------------------------------------------------------------------
