@@ -137,8 +137,8 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 # -- env / wrap -----------------------------------------------------------------------------
 def client_env(proxy: str, confdir: Path, *, install_node_support: bool = True) -> dict[str, str]:
     """The variables that make common HTTP stacks use llmtap and trust its CA."""
+    from llmtap.addons.hostport import parse_hostport
     from llmtap.addons.node import node_env
-    from llmtap.addons.runner import parse_hostport
 
     host, port = parse_hostport(proxy, "--proxy")
     ca = ensure_ca(confdir)
@@ -251,10 +251,8 @@ def format_call_line(call: Call, attempts: list[Attempt]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from llmtap.addons import rules as rules_mod
-    from llmtap.addons.runner import RunConfig, StartupError, configure_logging, parse_hostport, serve, settle_gc
+    from llmtap.addons.hostport import StartupError, parse_hostport
 
-    configure_logging()
     try:
         proxy = None if args.proxy == "off" else parse_hostport(args.proxy, "--proxy")
         gateway = None if args.gateway == "off" else parse_hostport(args.gateway, "--gateway")
@@ -285,10 +283,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
                        gateway_token=token, allow_origins=tuple(args.allow_origin), body_limit=args.max_body)
 
+    # The recorder process loads DuckDB and opens the file while this one loads mitmproxy:
+    # each takes most of a second, and they no longer wait for each other.
+    if args.tui:  # everything in this process, nothing to overlap: log as before the recorder starts
+        from llmtap.addons.runner import configure_logging
+
+        configure_logging()
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
-                                buffer_mb=args.buffer_mb)
+                                buffer_mb=args.buffer_mb, wait=False)
     if recorder is None and not args.no_record:
         return 2
+    from llmtap.addons import rules as rules_mod
+    from llmtap.addons.runner import RunConfig, configure_logging, serve, settle_gc
+
+    configure_logging()
+    if recorder is not None and not args.tui and not _recorder_ready(recorder, db):
+        return 2
+    config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
+                       gateway_token=token, allow_origins=tuple(args.allow_origin))
     handed = 0  # calls finished by the proxy, for the stop line
     started = False
 
@@ -403,13 +415,14 @@ def _positive_int(text: str) -> int:
 
 
 def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,
-               buffer_mb: int = 256):
+               buffer_mb: int = 256, wait: bool = True):
     """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
 
     The recorder runs in a process of its own (see llmtap.recorder.process), except with the
     TUI in the same process, which reads the recorder directly. It starts even when the file
     cannot be opened yet (it says why and keeps trying); only another `llmtap run` recording
-    into it makes it refuse, and then `llmtap run` does not start."""
+    into it makes it refuse, and then `llmtap run` does not start. With `wait` False a recorder
+    process is only begun: _recorder_ready() finishes its start."""
     if no_record:
         return _NullSink(), None
     if in_process:
@@ -421,11 +434,24 @@ def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DE
 
         recorder = RecorderProcess(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
     try:
-        recorder.start()
+        if in_process or wait:
+            recorder.start()
+        else:
+            recorder.begin()
     except Exception as exc:
         print(f"llmtap: cannot record into {db}: {exc}", file=sys.stderr)
         return None, None
     return recorder, recorder
+
+
+def _recorder_ready(recorder, db: Path) -> bool:
+    """Wait for a recorder process _make_sink(wait=False) began; False (said) when it failed."""
+    try:
+        recorder.wait_ready()
+    except Exception as exc:
+        print(f"llmtap: cannot record into {db}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 class _NullSink:

@@ -18,22 +18,56 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mitmproxy import master as mitm_master
-from mitmproxy import options as mitm_options
-from mitmproxy.addons.proxyserver import Proxyserver
-from mitmproxy.proxy.mode_servers import ServerInstance
 
-from llmtap.addons import http1guard
-from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import Cooldown, Relay
-from llmtap.addons.routing import Router, Security
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink
+def _defer_mitmproxy_addons_init() -> None:
+    """Import `mitmproxy.addons` without running its __init__, which imports all 31 default
+    addons (Flask for mitm.it, ldap3 for proxy auth, the flow filter language ...) only to list
+    them in default_addons(): about 40% of `llmtap run`'s start-up, for addons llmtap never
+    loads (see _mitm_addons). Submodules import as usual; the first lookup of anything else on
+    the package (default_addons, for a DumpMaster in the same process) runs the real __init__
+    then, so nothing behaves differently."""
+    if "mitmproxy.addons" in sys.modules:
+        return
+    import importlib
+    import importlib.util
+
+    import mitmproxy
+
+    spec = importlib.util.find_spec("mitmproxy.addons")
+    if spec is None or spec.loader is None:
+        return
+    pkg = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if importlib.util.find_spec(f"mitmproxy.addons.{name}") is not None:
+            # A submodule (`from mitmproxy.addons import core` asks this first): just that one.
+            return importlib.import_module(f"mitmproxy.addons.{name}")
+        del pkg.__dict__["__getattr__"]
+        spec.loader.exec_module(pkg)  # type: ignore[union-attr]
+        return getattr(pkg, name)
+
+    pkg.__dict__["__getattr__"] = __getattr__
+    sys.modules["mitmproxy.addons"] = pkg
+    mitmproxy.addons = pkg  # type: ignore[attr-defined]
+
+
+_defer_mitmproxy_addons_init()
+
+from mitmproxy import master as mitm_master  # noqa: E402
+from mitmproxy import options as mitm_options  # noqa: E402
+from mitmproxy.addons.proxyserver import Proxyserver  # noqa: E402
+from mitmproxy.proxy.mode_servers import ServerInstance  # noqa: E402
+
+from llmtap.addons import http1guard  # noqa: E402
+from llmtap.addons.hostport import StartupError, parse_hostport  # noqa: E402,F401 (re-exported)
+from llmtap.addons import rules as rules_mod  # noqa: E402
+from llmtap.addons.relay import Cooldown, Relay  # noqa: E402
+from llmtap.addons.routing import Router, Security  # noqa: E402
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink  # noqa: E402
 
 log = logging.getLogger("llmtap")
-
-
-class StartupError(Exception):
-    """Start-up cannot go on; the message says what to change."""
 
 
 @dataclass
@@ -54,14 +88,6 @@ class RunConfig:
         return Security(token=self.gateway_token or None,
                         allow_origins=frozenset(o.strip().rstrip("/").lower() for o in self.allow_origins),
                         gateway_hosts=frozenset(hosts))
-
-
-def parse_hostport(text: str, flag: str) -> tuple[str, int]:
-    """'8080', ':8080', 'HOST:PORT' or '[::1]:8080' -> (host, port), host defaulting to loopback."""
-    m = re.fullmatch(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:]*))?:?(?P<port>\d+)", text.strip())
-    if not m or not (0 <= int(m["port"]) < 65536):
-        raise StartupError(f"{flag} {text!r}: expected HOST:PORT, e.g. {flag} 127.0.0.1:8080")
-    return (m["v6"] or m["host"] or "127.0.0.1", int(m["port"]))
 
 
 _NOT_SEEN = object()  # RulesHolder._pending before any change was seen (None is "no file")
@@ -172,8 +198,20 @@ def _mitm_addons() -> list[object]:
     """
     from mitmproxy.addons import block, core, disable_h2c, dns_resolver, next_layer, proxyserver, tlsconfig, update_alt_svc
 
+    class TlsConfig(tlsconfig.TlsConfig):
+        """mitmproxy's, without the second read of the CA when the proxy starts: its running()
+        reloads the store in case configure never saw `confdir` (a mitmproxy FIXME), but
+        Proxy.start always sets it, so the store is there already. Decrypting the CA's key
+        costs ~0.1 s."""
+
+        name = "tlsconfig"
+
+        def running(self) -> None:
+            if self.certstore is None:
+                super().running()
+
     return [core.Core(), block.Block(), disable_h2c.DisableH2C(), proxyserver.Proxyserver(),
-            dns_resolver.DnsResolver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), update_alt_svc.UpdateAltSvc()]
+            dns_resolver.DnsResolver(), next_layer.NextLayer(), TlsConfig(), update_alt_svc.UpdateAltSvc()]
 
 
 class Proxy:

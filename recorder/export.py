@@ -16,12 +16,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import duckdb
+from typing import TYPE_CHECKING, Any
 
 from llmtap.recorder.endpoint import READ_CONFIG, check_condition
 from llmtap.recorder.times import TIME_FORMS, parse_when
+
+if TYPE_CHECKING:  # imported where used: every `llmtap` command reads FORMATS, and DuckDB takes ~0.4 s to load
+    import duckdb
 
 FORMATS = ("parquet", "csv", "jsonl")
 # The format a file's name asks for. `.json` gets JSON lines too: DuckDB writes one object per
@@ -114,6 +115,8 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
            params: list | None = None, progress: Callable[[int, int], None] | None = None) -> int:
     """Write the matching calls to `out`; returns the number of rows. `con` is a cursor of its
     own: the export reads in one read-only transaction on it."""
+    import duckdb
+
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     out = Path(out).expanduser().absolute()

@@ -1522,3 +1522,88 @@ def decode_body(body: bytes, encoding: str, limit: int = DEFAULT_BODY_LIMIT) -> 
     if decoder.truncated() is not None and len(body) < limit:
         return None, False
     return out, False
+
+
+# -- the prompt ---------------------------------------------------------------------------------
+# Keys of a request body that hold what the user sent, in every dialect: OpenAI chat, Anthropic
+# and Ollama `messages`, Anthropic `system`, Responses `instructions` and `input`, Gemini
+# `contents` and `systemInstruction`, Ollama generate and legacy completions `prompt`.
+_PROMPT_KEYS = ("system", "systemInstruction", "system_instruction", "instructions", "messages", "input",
+                "contents", "prompt")
+# Nested values past this depth are not text a person wrote (and a hostile body cannot make the
+# walk recurse without end).
+_PROMPT_DEPTH = 12
+
+
+def _prompt_parts(value: Any, out: list[str], depth: int) -> None:
+    """The text parts of a message, a content list or a block: strings, `text` of typed parts,
+    `content`/`parts` of messages and tool results, `output` of Responses tool outputs. Keys,
+    roles, images and tool arguments are left out: they are not what a search looks for."""
+    if depth > _PROMPT_DEPTH:
+        return
+    if isinstance(value, str):
+        if value:
+            out.append(value)
+    elif isinstance(value, list):
+        for item in value:
+            _prompt_parts(item, out, depth + 1)
+    elif isinstance(value, dict):
+        text = value.get("text")
+        if isinstance(text, str):
+            if text:
+                out.append(text)
+            return
+        for key in ("content", "parts"):
+            if key in value:
+                _prompt_parts(value[key], out, depth + 1)
+        if isinstance(value.get("output"), str):  # Responses function_call_output
+            _prompt_parts(value["output"], out, depth + 1)
+
+
+def prompt_text(body: str | bytes | None) -> str | None:
+    """What the user sent in a request body -- the system prompt and this turn's messages (see
+    _this_turn), text parts only, joined by newlines -- or None when the body is not a JSON
+    object or holds no text. The dialect is told by the keys, so a body recorded as `other` is
+    read too. Never raises."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    out: list[str] = []
+    try:
+        for key in _PROMPT_KEYS:
+            if key in obj:
+                value = obj[key]
+                _prompt_parts(_this_turn(value) if isinstance(value, list) else value, out, 0)
+    except Exception:  # a body of some shape nobody expected: what was read so far
+        pass
+    return "\n".join(out) or None
+
+
+def _answered(item: Any) -> bool:
+    """An item of a history that the model wrote: an assistant / model message, or a
+    Responses output item (a function call, reasoning)."""
+    if not isinstance(item, dict):
+        return False
+    return (item.get("role") in ("assistant", "model")
+            or item.get("type") in ("function_call", "reasoning", "custom_tool_call"))
+
+
+def _this_turn(history: list) -> list:
+    """The part of a conversation this request added: what follows the model's last turn (the
+    user's new message, the tool results), or all of it on a first turn. Agents resend the
+    whole history every turn; keeping it all would store and search a Cline task's first
+    message once per call of the task, so a search finds the call where it was said."""
+    end = len(history)
+    while end and _answered(history[end - 1]):  # an assistant prefill ends the history: keep it
+        end -= 1
+    for i in range(end - 1, -1, -1):
+        if _answered(history[i]):
+            # The system prompt is sent every turn too, and is what the user set: kept.
+            system = [m for m in history[:i] if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+            return system + history[i + 1:]
+    return history

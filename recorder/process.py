@@ -82,6 +82,7 @@ class RecorderProcess(QueuedSink):
         self._unacked: deque[tuple] = deque()  # the finished items handed but not yet committed
         self._exited = threading.Event()  # the current child closed its output
         self._progress: threading.Thread | None = None
+        self._starting: subprocess.Popen | None = None  # begun, not yet waited for
         self._restarted_at: float | None = None
         self.restarts = 0
         self._bug_said = False
@@ -110,8 +111,21 @@ class RecorderProcess(QueuedSink):
         """Start the child and wait until it is ready; raises RecorderError with the child's
         own message when it cannot (another `llmtap run` records into the file, say). A file
         the child cannot open yet is no such case: it says so and keeps trying."""
+        self.begin()
+        self.wait_ready()
+
+    def begin(self) -> None:
+        """start()'s first half: the child starts loading DuckDB and opening the file while
+        the caller does other work (`llmtap run` imports mitmproxy meanwhile)."""
         self._follow = CpuFollower()  # the thread that starts the recorder is the proxy's loop
-        self._spawn()
+        self._starting = self._popen()
+
+    def wait_ready(self) -> None:
+        """start()'s second half: wait until the child begun holds the file."""
+        proc, self._starting = self._starting, None
+        if proc is None:
+            raise RecorderError("the recorder process was not begun")
+        self._await_ready(proc)
         self._thread = threading.Thread(target=self._run, name="llmtap-record-send", daemon=True)
         self._thread.start()
 
@@ -124,17 +138,22 @@ class RecorderProcess(QueuedSink):
             self._thread = None
 
     def _spawn(self) -> None:
+        self._await_ready(self._popen())
+
+    def _popen(self) -> subprocess.Popen:
         child_flush = max(0.01, self.flush_interval_s - SEND_INTERVAL_S)
         # Only the first child closes the calls a dead proxy left in progress: those a child
         # started again finds are this proxy's, and go on.
         args = [str(self.db_path), str(child_flush), str(self.buffer_bytes or 0),
                 "sweep" if self._restarted_at is None else "keep", str(self.body_limit)]
         try:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 [sys.executable, "-m", "llmtap.recorder.process", *args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         except OSError as exc:
             raise RecorderError(f"cannot start the recorder process: {exc}") from None
+
+    def _await_ready(self, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline().decode("utf-8", "replace").rstrip("\n")
         if line != "READY":

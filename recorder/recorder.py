@@ -32,7 +32,7 @@ from typing import Any
 import duckdb
 
 from llmtap.recorder import schema
-from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor
+from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
@@ -50,7 +50,7 @@ CALL_COLUMNS = (
     "model_reported", "provider", "route", "attempts", "stream", "complete", "ttfb_ms", "duration_ms",
     "request_headers", "request_body", "response_headers", "response_body", "reasoning", "content",
     "tool_calls", "finish_reason", "input_tokens", "output_tokens", "reasoning_tokens", "total_tokens",
-    "error", "notes", "request_body_raw", "response_body_raw",
+    "error", "notes", "request_body_raw", "response_body_raw", "prompt",
 )
 ATTEMPT_COLUMNS = ("call_id", "n", "provider", "url", "model_sent", "status", "error", "started_at",
                    "duration_ms", "ttfb_ms")
@@ -730,6 +730,7 @@ class Recorder(QueuedSink):
             ex.input_tokens if ex else None, ex.output_tokens if ex else None,
             ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,
             t(error), json.dumps(notes) if notes else None, scrub.raw(req_raw), scrub.raw(resp_raw),
+            prompt_text(req_text),  # from the masked request text: no secret in it either
         )
 
     # -- failure: spool --------------------------------------------------------------------------
@@ -810,7 +811,9 @@ class Recorder(QueuedSink):
                 bad += 1  # a line cut by a crash mid-write
                 continue
             if "call" in item:
-                calls.append(_from_jsonable(item["call"], CALL_COLUMNS))
+                row = _from_jsonable(item["call"], CALL_COLUMNS)
+                # A spool written before `prompt` existed has a value fewer per call.
+                calls.append(row + [None] * (len(CALL_COLUMNS) - len(row)))
             elif "attempt" in item:
                 attempts.append(_from_jsonable(item["attempt"], ATTEMPT_COLUMNS))
             elif "dropped" in item:

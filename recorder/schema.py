@@ -99,9 +99,17 @@ def _m002_search_index(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE TABLE _search_terms (chunk INTEGER NOT NULL, term VARCHAR NOT NULL)")
 
 
+def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
+    # The text parts of what the client sent (system prompt and messages, see
+    # extract.prompt_text), so a free-text search finds a call by its prompt. Calls recorded
+    # before this migration keep NULL: their bodies are not parsed again.
+    con.execute("ALTER TABLE calls ADD COLUMN prompt VARCHAR")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
+    ("m003_prompt", _m003_prompt),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,8 +1,8 @@
-"""A word index over `content` and `reasoning`, so a free-text search can skip most calls.
+"""A word index over `content`, `reasoning` and `prompt`, so a free-text search can skip most calls.
 
 A search matching nothing used to read every body in the file (~0.9 s on a million calls). The
-index records, per chunk of consecutive calls (by id), the set of words their content and
-reasoning contain: `_search_chunks` holds each chunk's id range, `_search_terms` its words. A
+index records, per chunk of consecutive calls (by id), the set of words their content,
+reasoning and prompt (the text parts of the request, see extract.prompt_text) contain: `_search_chunks` holds each chunk's id range, `_search_terms` its words. A
 search first asks which chunks hold words that its text needs, then reads the bodies of those
 chunks only, plus every call no chunk covers. The exact test (what ILIKE would match) still
 decides; the index only rules calls out, so it can make a search faster, never wrong.
@@ -54,7 +54,8 @@ def _words_sql(where: str) -> str:
     return f"""
         WITH words AS (
             SELECT id, unnest(string_split(translate(lower(
-                       coalesce(content, '') || ' ' || coalesce(reasoning, '')), ?, ?), ' ')) AS w
+                       coalesce(content, '') || ' ' || coalesce(reasoning, '') || ' ' || coalesce(prompt, '')), ?, ?),
+                       ' ')) AS w
             FROM calls WHERE {where})
         SELECT id, w AS term FROM words WHERE w <> '' AND length(w) <= {MAX_TERM}
         UNION ALL

@@ -68,7 +68,10 @@ SELECT
   'Answer ' || i || ': ' || c.t AS content,
   CASE WHEN i % 7 = 0 THEN '[{"id": "call_1", "name": "search", "arguments": "{\\"q\\": \\"paper\\"}"}]' END,
   'stop', 800 + i % 3000, 200 + i % 900, (i % 4) * 150, 1000 + i % 4000,
-  CASE WHEN i % 53 = 0 THEN 'Overloaded' END, NULL, NULL, NULL
+  CASE WHEN i % 53 = 0 THEN 'Overloaded' END, NULL, NULL, NULL,
+  -- prompt: the text parts of request_body, as the recorder extracts them
+  repeat('You are a careful research agent. ', 30) || chr(10) || 'question ' || i || ': ' || q1.t || ' ' || q2.t
+     || ' ' || q3.t AS prompt
 FROM (SELECT i, TIMESTAMPTZ '2025-11-23 00:00:00+00' + to_milliseconds(i * (@SPAN@ // @TOTAL@)) AS ts,
              [hash(i, k) % @NP@ for k in range(8)] AS h
       FROM range(@START@, @STOP@) t(i))

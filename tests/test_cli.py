@@ -255,3 +255,42 @@ def test_help_is_wrapped_to_the_terminal_and_every_argument_is_described(command
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     undescribed = [a.dest for a in sub.choices[command]._actions if not a.help]
     assert not undescribed
+
+
+def test_a_database_held_by_another_program_ends_start_up_before_listening(tmp_path: Path) -> None:
+    """The recorder process starts while the proxy loads; its failure still ends `llmtap run`
+    with the recorder's message, before either port is taken."""
+    db = tmp_path / "calls.duckdb"
+    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(db)!r}); "
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        r = llmtap("run", "--db", str(db), "--confdir", str(tmp_path / "ca"), "--proxy", "off",
+                   "--gateway", f"127.0.0.1:{port}")
+    finally:
+        holder.communicate("")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"llmtap: cannot record into {db}: ") and "held by another process" in r.stderr
+    assert "gateway" not in r.stderr  # it never said it listens
+
+
+def test_starting_the_proxy_loads_neither_duckdb_nor_mitmproxys_unused_addons() -> None:
+    """What `llmtap run` imports before it listens: DuckDB is the recorder process's, and
+    mitmproxy's default addons (Flask for mitm.it, ldap3 ...) are never used; loading them
+    was most of a second of start-up. mitmproxy's own default_addons() still works."""
+    code = ("import sys\n"
+            "from llmtap.cli import build_parser\n"
+            "build_parser().parse_args(['run'])\n"
+            "import llmtap.addons.runner, llmtap.addons.commands\n"
+            "from llmtap.addons.runner import _mitm_addons\n"
+            "_mitm_addons()\n"
+            "print(sorted(m for m in ('duckdb', 'flask', 'ldap3', 'mitmproxy.addons.onboarding') if m in sys.modules))\n"
+            "from mitmproxy import addons\n"
+            "print(len(addons.default_addons()))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[]", "31"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from llmtap.recorder.extract import Extraction, detect_api, extract, make_extractor
+from llmtap.recorder.extract import Extraction, detect_api, extract, make_extractor, prompt_text
 
 WIRE = Path(__file__).resolve().parent / "fixtures" / "wire"
 SSE = {"content-type": "text/event-stream"}
@@ -684,3 +684,54 @@ def test_cut_ollama_stream_labelled_json_keeps_its_lines() -> None:
     got = extract("ollama.chat", 200, {"content-type": "application/json"}, body)
     assert (got.content, got.stream, got.complete) == ("Hello", True, False)
     assert "stream ended inside a line" in got.notes
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    # OpenAI chat: string and list content, tool results; images and tool-call arguments are not text
+    ({"messages": [{"role": "system", "content": "Be terse."},
+                   {"role": "user", "content": [{"type": "text", "text": "hit rate limits"},
+                                                {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}}]},
+                   {"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{\"q\": 1}"}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "429 from upstream"}]},
+     "Be terse.\n429 from upstream"),  # the resent history before the model's last turn is not this turn's
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hit rate limits"},
+                                                {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}}]}]},
+     "hit rate limits"),
+    # Responses: instructions, input as a string or as items, tool outputs
+    ({"instructions": "Sys.", "input": "plain input"}, "Sys.\nplain input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "item text"}]},
+                {"type": "function_call", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "tool said"}]},
+     "tool said"),
+    ({"input": [{"role": "user", "content": [{"type": "input_text", "text": "item text"}]}]}, "item text"),
+    # Anthropic: system as string or blocks, tool_result content, thinking left out
+    ({"system": [{"type": "text", "text": "Sys A"}],
+      "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t",
+                                                 "content": [{"type": "text", "text": "result text"}]}]},
+                   {"role": "assistant", "content": [{"type": "thinking", "thinking": "hidden"},
+                                                     {"type": "tool_use", "input": {"x": "arg"}}]}]},
+     "Sys A\nresult text"),
+    # Ollama chat and generate
+    ({"model": "qwen3", "messages": [{"role": "user", "content": "ollama q", "images": ["QUJD"]}]}, "ollama q"),
+    ({"model": "qwen3", "system": "osys", "prompt": "generate this"}, "osys\ngenerate this"),
+    # Gemini: contents parts and systemInstruction; inline data left out
+    ({"systemInstruction": {"parts": [{"text": "gsys"}]},
+      "contents": [{"role": "user", "parts": [{"text": "gemini q"}, {"inlineData": {"data": "QUJD"}}]}]},
+     "gsys\ngemini q"),
+    # Nothing to read
+    ({"model": "m"}, None),
+    ([1, 2], None),
+])
+def test_prompt_text_is_what_the_user_sent_in_every_dialect(body: object, expected: str | None) -> None:
+    assert prompt_text(json.dumps(body)) == expected
+    assert prompt_text(json.dumps(body).encode()) == expected
+
+
+def test_prompt_text_of_a_body_that_is_not_a_chat_never_raises() -> None:
+    assert prompt_text(None) is None
+    assert prompt_text("not json {") is None
+    assert prompt_text("\xff\xfe") is None
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert prompt_text(deep) is None
+    nested = {"messages": [{"content": {"content": {"content": {"text": "deep enough"}}}}]}
+    assert prompt_text(json.dumps(nested)) == "deep enough"

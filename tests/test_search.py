@@ -29,7 +29,7 @@ PIECES = ["rate", "Limit", "日本語の文" * 20, "-", " ", ".", "\n", "İstanb
 def ilike_ids(reader: DuckReader, text: str) -> list[str]:
     like = "%" + q._like_escape(text) + "%"
     _, rows = reader.query("SELECT id FROM calls WHERE content ILIKE ? ESCAPE '\\' OR reasoning ILIKE ? ESCAPE '\\' "
-                           "ORDER BY id DESC", [like, like])
+                           "OR prompt ILIKE ? ESCAPE '\\' ORDER BY id DESC", [like, like, like])
     return [str(r[0]) for r in rows]
 
 
@@ -58,11 +58,12 @@ def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path, monkeypat
     bodies: list[str] = []
     ids: list[str] = []
     for i in range(240):
-        content, reasoning = text(), text()
+        content, reasoning, prompt = text(), text(), text()
         if i == 30:  # a word too long to store even in pieces, in one chunk only
             content = "Az" + "z" * 5000 + "b"
-        bodies += [b for b in (content, reasoning) if b]
-        ids.append(reader.insert(started_at=BASE_TIME + timedelta(seconds=i), content=content, reasoning=reasoning))
+        bodies += [b for b in (content, reasoning, prompt) if b]
+        ids.append(reader.insert(started_at=BASE_TIME + timedelta(seconds=i), content=content, reasoning=reasoning,
+                                 prompt=prompt))
     index = SearchIndex(reader.con)
     # The newest 40 stay unindexed, as calls written since the last chunk are. Chunks of 16
     # merge four at a time: calls 0-63, 64-127, 128-191 in three, 192-199 in one.
@@ -170,7 +171,9 @@ def test_a_failure_to_index_a_late_call_never_costs_the_call(tmp_path: Path, mon
 
         monkeypatch.setattr(rec.index, "add_late", broken)
         # A call whose id sorts inside the built chunk, as one imported from a spool would.
-        late = Call(id=first_id[:-1] + "0", started_at=utcnow(), method="POST", url="http://x/", api="other",
+        # (never first_id itself: a ULID ending in "0" made the two collide, 1 run in 32)
+        late_id = first_id[:-1] + ("1" if first_id.endswith("0") else "0")
+        late = Call(id=late_id, started_at=utcnow(), method="POST", url="http://x/", api="other",
                     client="t", model_requested=None, stream=False, request_headers={}, request_body=b"")
         late.status, late.duration_ms, late.response_body = 200, 1.0, b"unparsed platypus"
         rec.call_finished(late, [])

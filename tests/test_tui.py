@@ -1214,3 +1214,76 @@ async def test_escape_sequences_from_the_network_never_reach_the_terminal(tmp_pa
         assert any("answer\\x1b" in s for s in shown) and any("think\\x1b" in s for s in shown)
         assert not any("\x1b" in s or "\x07" in s for s in shown)
     reader.close()
+
+
+# What each dialect sends, with the user's words where that dialect puts them.
+def _prompt_bodies(words: str) -> dict[str, dict[str, Any]]:
+    return {
+        "openai.chat": {"model": "gpt-4o", "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": [{"type": "text", "text": f"Why do we keep hitting {words}?"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]},
+        "anthropic.messages": {"model": "claude-sonnet-4-5", "max_tokens": 100,
+                               "system": [{"type": "text", "text": f"Always respect {words}."}],
+                               "messages": [{"role": "user", "content": "Plan the crawl."}]},
+        "gemini.generate": {"contents": [{"role": "user", "parts": [{"text": f"Explain {words} to me"}]}]},
+        "openai.responses": {"model": "gpt-5", "instructions": "Be brief.",
+                             "input": [{"role": "user", "content": [{"type": "input_text", "text": f"About {words}"}]}]},
+        "ollama.chat": {"model": "qwen3", "messages": [{"role": "user", "content": f"What are {words}?"}]},
+    }
+
+
+async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/rate limits` lists the calls whose prompt (not answer) said it, in any dialect, and the
+    search index still rules out the chunks of calls that did not."""
+    from llmtap.recorder import search_index
+    from llmtap.recorder.record import Attempt, Call, new_id, utcnow
+    from llmtap.recorder.recorder import Recorder
+
+    monkeypatch.setattr(search_index, "CHUNK_CALLS", 4)
+    monkeypatch.setattr(search_index, "MAX_LEVEL", 0)  # four chunks stay four: each can be ruled out
+    db = tmp_path / "calls.duckdb"
+    rec = Recorder(db, flush_interval_s=0.02, serve=False)
+    rec.start()
+    ids: list[str] = []
+    # Chunk by chunk: the words in a prompt, in chunks 0 and 2; the chunks between hold only
+    # one of the two words each, which the index must tell apart from both.
+    plan = [["moles", "voles", "rate limits", "moles"],
+            ["rate", "rate", "voles", "moles"],
+            ["moles", "moles", "voles", "rate limits"],
+            ["limits", "limits", "voles", "moles"]]
+    apis = list(_prompt_bodies("").keys())
+    try:
+        for chunk in plan:
+            for words in chunk:
+                api = apis[len(ids) % len(apis)]
+                c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:1/v1/x", api=api,
+                         client="t", model_requested="m", stream=False, request_headers={},
+                         request_body=json.dumps(_prompt_bodies(words)[api]).encode())
+                c.status, c.duration_ms, c.response_headers = 200, 5.0, {"content-type": "application/json"}
+                c.response_body = b'{"answer": "fine"}'
+                rec.call_finished(c, [Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)])
+                ids.append(c.id)
+        deadline = asyncio.get_running_loop().time() + 30
+        while rec.index is None or rec.index.covered_to != ids[-1]:
+            assert asyncio.get_running_loop().time() < deadline, "the recorder indexes the four chunks"
+            await asyncio.sleep(0.02)
+    finally:
+        rec.close()
+    reader = DuckReader(db)
+    expected = [ids[11], ids[2]]  # newest first
+    schema = q.load_schema(reader)
+    clause = q.index_clause(reader, schema, q.parse_filter("rate limits", schema))
+    assert clause is not None
+    read = {str(r[0]) for r in reader.query(f"SELECT id FROM calls WHERE {clause[0]}", clause[1])[1]}
+    assert read == {*ids[0:4], *ids[8:12]}  # chunks 0 and 2 only
+    app = LlmtapApp(reader)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await loaded(pilot, app, 16)
+            await pilot.press("slash", *"rate limits", "enter")
+            await wait_for(pilot, lambda: [str(k.value) for k in table(app).rows] == expected,
+                           "the two calls whose prompt says rate limits")
+            assert app.calls.exhausted
+    finally:
+        reader.close()

@@ -22,7 +22,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "Parquet. When a running `llmtap run` holds the file, the UI attaches to it and "
         "updates live. Press ? inside for every key.",
         epilog="filter examples:  model:gpt-4o*  provider:openrouter status:5xx  fallbacks since:2h  "
-        "\"rate limit\"",
+        "\"rate limit\" (free text: searches what was sent -- system prompt and messages -- and "
+        "the answers and reasoning)",
     )
     tui.add_argument("--db", metavar="PATH", type=Path, default=None,
                      help=f"DuckDB file to read (default: {paths.default_db()})")

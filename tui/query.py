@@ -172,7 +172,7 @@ def load_schema(reader: Reader) -> Schema:
 FILTER_HELP = (
     "model:gpt-4o*  provider:openrouter  client:cline  api:anthropic*  status:5xx|404|>=400|live  "
     "errors  fallbacks  incomplete  live  since:2026-11-01|2h  until:…  -model:x (negate)  "
-    "free text searches content and reasoning; quote phrases: \"rate limit\""
+    "free text searches prompts, answers and reasoning; quote phrases: \"rate limit\""
 )
 
 _FLAGS = {"errors", "fallbacks", "incomplete", "live"}
@@ -221,7 +221,7 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
         raise FilterError(f"{exc}: close the quote") from None
     c = schema.col
     narrow: list[tuple[str, list[Any]]] = []  # (clause, its parameters) on small columns
-    searches: list[tuple[str, list[Any]]] = []  # those reading content and reasoning
+    searches: list[tuple[str, list[Any]]] = []  # those reading content, reasoning and prompt
     words: list[str] = []
     texts: list[str] = []
     for token in tokens:
@@ -328,12 +328,12 @@ def _fold_regex(text: str) -> str:
 
 
 def _text_clause(value: str, schema: Schema) -> tuple[str, list[Any]]:
-    cols = (schema.col("content"), schema.col("reasoning"))
+    cols = (schema.col("content"), schema.col("reasoning"), schema.col("prompt"))
     if value.isascii() and len(value) <= _TEXT_REGEX_MAX:
         rx = _fold_regex(value)
-        return " OR ".join(f"regexp_matches({col}, ?)" for col in cols), [rx, rx]
+        return " OR ".join(f"regexp_matches({col}, ?)" for col in cols), [rx] * len(cols)
     # Other scripts: DuckDB's lower() on both sides is ILIKE's own definition.
-    return " OR ".join(f"contains(lower({col}), lower(?))" for col in cols), [value, value]
+    return " OR ".join(f"contains(lower({col}), lower(?))" for col in cols), [value] * len(cols)
 
 
 # -- the search index -------------------------------------------------------------------------
