@@ -280,8 +280,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"llmtap: --gateway-token: cannot read or create {exc.filename}: {exc.strerror}. "
                   "Set LLMTAP_GATEWAY_TOKEN instead.", file=sys.stderr)
             return 2
-    config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
-                       gateway_token=token, allow_origins=tuple(args.allow_origin), body_limit=args.max_body)
 
     # The recorder process loads DuckDB and opens the file while this one loads mitmproxy:
     # each takes most of a second, and they no longer wait for each other.
@@ -300,7 +298,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if recorder is not None and not args.tui and not _recorder_ready(recorder, db):
         return 2
     config = RunConfig(proxy=proxy, gateway=gateway, rules_path=rules_path, confdir=confdir,
-                       gateway_token=token, allow_origins=tuple(args.allow_origin))
+                       gateway_token=token, allow_origins=tuple(args.allow_origin), body_limit=args.max_body)
     handed = 0  # calls finished by the proxy, for the stop line
     started = False
 
