@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmtap.recorder.endpoint import READ_CONFIG, check_condition
 from llmtap.recorder.times import TIME_FORMS, parse_when
 
 if TYPE_CHECKING:  # imported where used: every `llmtap` command reads FORMATS, and DuckDB takes ~0.4 s to load
@@ -75,6 +74,8 @@ def where_clause(since: str | None = None, until: str | None = None, model: str 
     if where_sql:
         # Checked by DuckDB's parser to be one condition over calls and nothing else; the
         # newline ends a trailing `--` comment before the closing parenthesis, as in the check.
+        from llmtap.recorder.endpoint import check_condition  # loads DuckDB: only when filtering
+
         why = check_condition(where_sql)
         if why:
             raise ExportError(why)
@@ -95,6 +96,10 @@ class _Rows:
 
 def _writer(folder: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB that can write files in `folder` and nowhere else."""
+    import duckdb
+
+    from llmtap.recorder.endpoint import READ_CONFIG
+
     w = duckdb.connect(config={k: v for k, v in READ_CONFIG.items() if k != "enable_external_access"})
     w.execute("SET allowed_directories = ?", [[str(folder) + os.sep]])
     w.execute("SET enable_external_access = false")
@@ -141,6 +146,8 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
 
 def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,
             progress: Callable[[int, int], None] | None) -> int:
+    import duckdb
+
     try:
         total = con.execute(f"SELECT count(*) FROM calls WHERE {where}", args).fetchall()[0][0]
         tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))

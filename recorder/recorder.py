@@ -910,6 +910,18 @@ def _other_run(db: Path) -> int | None:
         return None
     except PermissionError:
         pass
+    return _run_pid(pid)
+
+
+def _run_pid(pid: int) -> int:
+    """The pid to name to the user: a recorder process's parent, the `llmtap run` they started
+    (stopping the recorder process alone would only have it started again). Linux's /proc;
+    elsewhere the pid as found."""
+    try:
+        if b"llmtap.recorder.process" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return pid
 
 

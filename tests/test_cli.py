@@ -257,24 +257,26 @@ def test_help_is_wrapped_to_the_terminal_and_every_argument_is_described(command
     assert not undescribed
 
 
-def test_a_database_held_by_another_program_ends_start_up_before_listening(tmp_path: Path) -> None:
-    """The recorder process starts while the proxy loads; its failure still ends `llmtap run`
-    with the recorder's message, before either port is taken."""
+def test_a_database_another_llmtap_run_records_into_ends_start_up_before_listening(tmp_path: Path) -> None:
+    """The recorder process starts while the proxy loads; when it refuses (another `llmtap run`
+    records into the file: the one case to refuse), `llmtap run` ends with its message before
+    either port is taken."""
     db = tmp_path / "calls.duckdb"
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb, sys; c = duckdb.connect({str(db)!r}); "
-                               "print('held', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "run", "--db", str(db), "--confdir", str(tmp_path / "ca"),
+         "--proxy", "off", "--gateway", "127.0.0.1:0"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        Lines(first.stderr).wait_for("gateway")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         r = llmtap("run", "--db", str(db), "--confdir", str(tmp_path / "ca"), "--proxy", "off",
                    "--gateway", f"127.0.0.1:{port}")
     finally:
-        holder.communicate("")
+        first.send_signal(signal.SIGTERM)
+        first.wait(60)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith(f"llmtap: cannot record into {db}: ") and "held by another process" in r.stderr
+    assert r.stderr.startswith(f"llmtap: cannot record into {db}: ") and f"pid {first.pid}" in r.stderr
     assert "gateway" not in r.stderr  # it never said it listens
 
 
