@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from llmtap.recorder.columns import ATTEMPT_COLUMNS as SPEC_ATTEMPT_COLUMNS
+from llmtap.recorder.columns import CALL_COLUMNS, TIME_COLUMNS
 from llmtap.recorder.filters import error_condition, glob_to_like, like_escape, model_clause, since_clause, until_clause
 from llmtap.recorder.redact import terminal_text
 from llmtap.recorder.search_index import MAX_TERM, PIECE_STEP, split_words
@@ -31,17 +33,11 @@ LIST_COLUMNS: tuple[str, ...] = (
     "output_tokens", "reasoning_tokens", "error",
 )
 
-# Every column of `calls` the detail view knows about (schema m001). A DB from an older
-# schema may lack some; they are selected as NULL.
-DETAIL_COLUMNS: tuple[str, ...] = LIST_COLUMNS + (
-    "url", "model_reported", "route", "request_headers", "request_body", "response_headers",
-    "response_body", "reasoning", "content", "tool_calls", "finish_reason", "total_tokens",
-    "notes", "request_body_raw", "response_body_raw",
-)
+# Every column of `calls` (recorder/columns.py). A DB from an older schema may lack some;
+# they are selected as NULL.
+DETAIL_COLUMNS: tuple[str, ...] = LIST_COLUMNS + tuple(c for c in CALL_COLUMNS if c not in LIST_COLUMNS)
 
-ATTEMPT_COLUMNS: tuple[str, ...] = (
-    "n", "provider", "url", "model_sent", "status", "error", "started_at", "ttfb_ms", "duration_ms",
-)
+ATTEMPT_COLUMNS: tuple[str, ...] = tuple(c for c in SPEC_ATTEMPT_COLUMNS if c != "call_id")
 
 
 def _safe(value: Any) -> Any:
@@ -147,7 +143,7 @@ class Schema:
 
 # Timestamps travel as epoch milliseconds: DuckDB's Python client needs pytz to hand out a
 # TIMESTAMPTZ, and a remote reader would turn it into text anyway; an integer survives both.
-_TIME_COLUMNS = frozenset({"started_at"})
+_TIME_COLUMNS = TIME_COLUMNS
 
 
 def _select_one(name: str, have: frozenset[str]) -> str:
