@@ -57,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="examples:\n"
         "  llmtap stats\n"
         "  llmtap stats --since 2h\n"
+        "  llmtap stats --model 'claude-*' --since 1d\n"
         "  llmtap stats --since 2026-11-20 --until 2026-11-21 --json | jq '.[0]'",
         formatter_class=HelpFormatter,
     )
@@ -64,6 +65,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help=f"the DuckDB file (default: {paths.default_db()})")
     st.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
     st.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
+    st.add_argument("--model", metavar="GLOB",
+                    help="only calls whose model asked for, sent or reported matches GLOB, ignoring "
+                    "case, e.g. 'gpt-4o*' (the same as the UI's model: filter)")
     st.add_argument("--json", action="store_true",
                     help="a JSON list on stdout (one object per model and provider) instead of a table")
     st.set_defaults(func=cmd_stats)
@@ -115,6 +119,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from llmtap.recorder.export import ExportError, parse_time
+    from llmtap.recorder.filters import flags_where
     from llmtap.recorder.reader import ReaderError, open_reader
     from llmtap.recorder.stats import stats_rows
 
@@ -126,7 +131,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2
     try:
-        rows = stats_rows(reader, since, until)
+        rows = stats_rows(reader, *flags_where(since, until, args.model))
     except ReaderError as exc:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2

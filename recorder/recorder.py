@@ -37,6 +37,7 @@ from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
                                     without_brief)
+from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -45,15 +46,6 @@ log = logging.getLogger("llmtap.recorder")
 # json.dumps with options builds a new encoder per call; headers are encoded twice per call.
 _headers_json = json.JSONEncoder(ensure_ascii=False).encode
 
-CALL_COLUMNS = (
-    "id", "started_at", "client", "api", "method", "url", "status", "model_requested", "model_sent",
-    "model_reported", "provider", "route", "attempts", "stream", "complete", "ttfb_ms", "duration_ms",
-    "request_headers", "request_body", "response_headers", "response_body", "reasoning", "content",
-    "tool_calls", "finish_reason", "input_tokens", "output_tokens", "reasoning_tokens", "total_tokens",
-    "error", "notes", "request_body_raw", "response_body_raw", "prompt",
-)
-ATTEMPT_COLUMNS = ("call_id", "n", "provider", "url", "model_sent", "status", "error", "started_at",
-                   "duration_ms", "ttfb_ms")
 
 
 # A batch this small leaves the writer time to index the next chunk of calls for search; past
@@ -715,23 +707,29 @@ class Recorder(QueuedSink):
         whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
                  or scrub.found_shapes)
         resp_text = b(resp_text) if whole else scrub.literal(resp_text)
-        return (
-            call.id, call.started_at, t(call.client), call.api, call.method, t(redact_url(call.url)),
-            call.status if ex is not None else None,
-            t(call.model_requested), t(call.model_sent), t(ex.model) if ex else None, call.provider, call.route,
-            call.attempts, call.stream if call.stream is not None else (ex.stream if ex else None),
+        return call_tuple({
+            "id": call.id, "started_at": call.started_at, "client": t(call.client), "api": call.api,
+            "method": call.method, "url": t(redact_url(call.url)),
+            "status": call.status if ex is not None else None,
+            "model_requested": t(call.model_requested), "model_sent": t(call.model_sent),
+            "model_reported": t(ex.model) if ex else None, "provider": call.provider, "route": call.route,
+            "attempts": call.attempts,
+            "stream": call.stream if call.stream is not None else (ex.stream if ex else None),
             # A call the proxy saw fail (cut, reset, every attempt failed) did not complete,
             # whatever the part of the body that arrived looks like.
-            (False if call.error else ex.complete) if ex else None, call.ttfb_ms, call.duration_ms if ex is not None else None,
-            t(_headers_json(redact_headers(call.request_headers.items()))), req_text,
-            t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None, resp_text,
-            reasoning, content, tool_calls,
-            t(ex.finish_reason) if ex else None,
-            ex.input_tokens if ex else None, ex.output_tokens if ex else None,
-            ex.reasoning_tokens if ex else None, ex.total_tokens if ex else None,
-            t(error), json.dumps(notes) if notes else None, scrub.raw(req_raw), scrub.raw(resp_raw),
-            prompt_text(req_text),  # from the masked request text: no secret in it either
-        )
+            "complete": (False if call.error else ex.complete) if ex else None,
+            "ttfb_ms": call.ttfb_ms, "duration_ms": call.duration_ms if ex is not None else None,
+            "request_headers": t(_headers_json(redact_headers(call.request_headers.items()))),
+            "request_body": req_text,
+            "response_headers": t(_headers_json(redact_headers(call.response_headers.items()))) if ex is not None else None,
+            "response_body": resp_text, "reasoning": reasoning, "content": content, "tool_calls": tool_calls,
+            "finish_reason": t(ex.finish_reason) if ex else None,
+            "input_tokens": ex.input_tokens if ex else None, "output_tokens": ex.output_tokens if ex else None,
+            "reasoning_tokens": ex.reasoning_tokens if ex else None, "total_tokens": ex.total_tokens if ex else None,
+            "error": t(error), "notes": json.dumps(notes) if notes else None,
+            "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
+            "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
+        })
 
     # -- failure: spool --------------------------------------------------------------------------
     def _spool(self, batch: _Batch, exc: BaseException | None) -> None:
@@ -971,8 +969,11 @@ def _job(call: Call, limit: int) -> Job:
 
 
 def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:
-    return (a.call_id, a.n, a.provider, scrub.text(redact_url(a.url)), scrub.text(a.model_sent), a.status,
-            scrub.text(a.error), a.started_at, a.duration_ms, a.ttfb_ms)
+    return attempt_tuple({
+        "call_id": a.call_id, "n": a.n, "provider": a.provider, "url": scrub.text(redact_url(a.url)),
+        "model_sent": scrub.text(a.model_sent), "status": a.status, "error": scrub.text(a.error),
+        "started_at": a.started_at, "duration_ms": a.duration_ms, "ttfb_ms": a.ttfb_ms,
+    })
 
 
 def _text(body: bytes) -> tuple[str | None, bytes | None]:

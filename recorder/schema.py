@@ -1,7 +1,9 @@
 """The DuckDB schema, created and upgraded by numbered migrations applied on open.
 
 Column names of `calls` and `attempts` are a contract: users write SQL against them. Fix
-mistakes forward with a new migration; never edit one that has shipped.
+mistakes forward with a new migration; never edit one that has shipped. Their columns are
+specified in columns.py: a new column is appended there tagged with a new migration, whose
+step runs `columns.add_columns(table, name)`.
 """
 
 from __future__ import annotations
@@ -11,66 +13,16 @@ from contextlib import contextmanager
 
 import duckdb
 
+from llmtap.recorder.columns import M001, TABLES, add_columns, create_table
+
 Migration = tuple[str, Callable[[duckdb.DuckDBPyConnection], None]]
 
 
 def _m001_calls_and_attempts(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        """
-        CREATE TABLE calls (
-            id               VARCHAR PRIMARY KEY,  -- ULID: sorts by start time
-            started_at       TIMESTAMPTZ NOT NULL,
-            client           VARCHAR,              -- User-Agent
-            api              VARCHAR NOT NULL,     -- openai.chat, openai.responses, anthropic.messages,
-                                                   -- ollama.chat, gemini.generate, other
-            method           VARCHAR NOT NULL,
-            url              VARCHAR NOT NULL,     -- as the client addressed it, secrets redacted
-            status           INTEGER,              -- what the client got; NULL while in progress
-            model_requested  VARCHAR,
-            model_sent       VARCHAR,
-            model_reported   VARCHAR,              -- what the upstream says answered
-            provider         VARCHAR,
-            route            VARCHAR,              -- matching rule, NULL when none matched
-            attempts         INTEGER NOT NULL DEFAULT 0,
-            stream           BOOLEAN,
-            complete         BOOLEAN,              -- ended the way its API ends a good answer
-            ttfb_ms          DOUBLE,
-            duration_ms      DOUBLE,               -- NULL while in progress
-            request_headers  JSON,                 -- redacted
-            request_body     VARCHAR,              -- NULL when not UTF-8: see request_body_raw
-            response_headers JSON,                 -- redacted
-            response_body    VARCHAR,              -- bytes the client received, as text
-            reasoning        VARCHAR,
-            content          VARCHAR,
-            tool_calls       JSON,                 -- [{id, name, arguments}], arguments verbatim
-            finish_reason    VARCHAR,
-            input_tokens     BIGINT,
-            output_tokens    BIGINT,
-            reasoning_tokens BIGINT,
-            total_tokens     BIGINT,
-            error            VARCHAR,
-            notes            JSON,                 -- list of what went wrong while recording
-            request_body_raw  BLOB,                -- only when the body is not valid UTF-8
-            response_body_raw BLOB                 -- likewise
-        )
-        """
-    )
-    con.execute(
-        """
-        CREATE TABLE attempts (
-            call_id     VARCHAR NOT NULL,
-            n           INTEGER NOT NULL,          -- 1-based order in the fallback chain
-            provider    VARCHAR,
-            url         VARCHAR NOT NULL,
-            model_sent  VARCHAR,
-            status      INTEGER,                   -- NULL when no response arrived
-            error       VARCHAR,
-            started_at  TIMESTAMPTZ NOT NULL,
-            duration_ms DOUBLE,
-            ttfb_ms     DOUBLE
-        )
-        """
-    )
+    # From the column specification's m001 columns; test_recorder checks the tables it makes
+    # against a frozen copy of what m001 has always made.
+    con.execute(create_table("calls", M001))
+    con.execute(create_table("attempts", M001))
     con.execute(
         """
         CREATE TABLE dropped (
@@ -103,7 +55,8 @@ def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
     # The text parts of what the client sent (system prompt and messages, see
     # extract.prompt_text), so a free-text search finds a call by its prompt. Calls recorded
     # before this migration keep NULL: their bodies are not parsed again.
-    con.execute("ALTER TABLE calls ADD COLUMN prompt VARCHAR")
+    for statement in add_columns("calls", "m003_prompt"):
+        con.execute(statement)
 
 
 MIGRATIONS: list[Migration] = [
@@ -113,6 +66,24 @@ MIGRATIONS: list[Migration] = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _check_spec() -> None:
+    """Columns are only ever appended: the appender writes them in the spec's order, which must
+    be the tables' physical order (creation order)."""
+    order = {name: i for i, (name, _) in enumerate(MIGRATIONS)}
+    for table, cols in TABLES.items():
+        steps = [order.get(c.added_in, -1) for c in cols]
+        for c, step in zip(cols, steps):
+            if step < 0:
+                raise RuntimeError(f"recorder/columns.py: {table}.{c.name} is added in {c.added_in!r}, "
+                                   "which is not in schema.MIGRATIONS")
+        if steps != sorted(steps):
+            raise RuntimeError(f"recorder/columns.py: {table}'s columns must be listed in the order "
+                               "their migrations add them (append new columns at the end)")
+
+
+_check_spec()
 
 
 @contextmanager

@@ -609,3 +609,74 @@ def test_a_helper_that_dies_costs_no_record(tmp_path: Path, caplog: pytest.LogCa
     alone = tmp_path / "alone.duckdb"
     record_all(alone, calls + more, helpers=0).close()
     assert extracted(tmp_path / "helped.duckdb") == extracted(alone)
+
+
+# What m001 has always created: the tables users' SQL and every existing file rely on. The
+# migration is built from recorder/columns.py; editing an m001 column there must fail here.
+M001_TABLES = {
+    "calls": [
+        ("id", "VARCHAR", "NO", None), ("started_at", "TIMESTAMP WITH TIME ZONE", "NO", None),
+        ("client", "VARCHAR", "YES", None), ("api", "VARCHAR", "NO", None), ("method", "VARCHAR", "NO", None),
+        ("url", "VARCHAR", "NO", None), ("status", "INTEGER", "YES", None),
+        ("model_requested", "VARCHAR", "YES", None), ("model_sent", "VARCHAR", "YES", None),
+        ("model_reported", "VARCHAR", "YES", None), ("provider", "VARCHAR", "YES", None),
+        ("route", "VARCHAR", "YES", None), ("attempts", "INTEGER", "NO", "0"), ("stream", "BOOLEAN", "YES", None),
+        ("complete", "BOOLEAN", "YES", None), ("ttfb_ms", "DOUBLE", "YES", None),
+        ("duration_ms", "DOUBLE", "YES", None), ("request_headers", "JSON", "YES", None),
+        ("request_body", "VARCHAR", "YES", None), ("response_headers", "JSON", "YES", None),
+        ("response_body", "VARCHAR", "YES", None), ("reasoning", "VARCHAR", "YES", None),
+        ("content", "VARCHAR", "YES", None), ("tool_calls", "JSON", "YES", None),
+        ("finish_reason", "VARCHAR", "YES", None), ("input_tokens", "BIGINT", "YES", None),
+        ("output_tokens", "BIGINT", "YES", None), ("reasoning_tokens", "BIGINT", "YES", None),
+        ("total_tokens", "BIGINT", "YES", None), ("error", "VARCHAR", "YES", None), ("notes", "JSON", "YES", None),
+        ("request_body_raw", "BLOB", "YES", None), ("response_body_raw", "BLOB", "YES", None),
+    ],
+    "attempts": [
+        ("call_id", "VARCHAR", "NO", None), ("n", "INTEGER", "NO", None), ("provider", "VARCHAR", "YES", None),
+        ("url", "VARCHAR", "NO", None), ("model_sent", "VARCHAR", "YES", None), ("status", "INTEGER", "YES", None),
+        ("error", "VARCHAR", "YES", None), ("started_at", "TIMESTAMP WITH TIME ZONE", "NO", None),
+        ("duration_ms", "DOUBLE", "YES", None), ("ttfb_ms", "DOUBLE", "YES", None),
+    ],
+}
+
+
+def test_m001_still_makes_the_tables_it_always_made(tmp_path: Path) -> None:
+    from llmtap.recorder.schema import MIGRATIONS
+
+    con = duckdb.connect(str(tmp_path / "m001.duckdb"))
+    name, step = MIGRATIONS[0]
+    assert name == "m001_calls_and_attempts"
+    step(con)
+    for table, expected in M001_TABLES.items():
+        got = con.execute("SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns "
+                          "WHERE table_name = ? ORDER BY ordinal_position", [table]).fetchall()
+        assert got == expected, table
+    keys = con.execute("SELECT constraint_column_names FROM duckdb_constraints() "
+                       "WHERE table_name = 'calls' AND constraint_type = 'PRIMARY KEY'").fetchall()
+    assert keys == [(["id"],)]
+    con.close()
+
+
+def test_a_row_built_with_a_name_the_spec_lacks_is_refused_not_shifted() -> None:
+    from llmtap.recorder.columns import CALL_COLUMNS, call_tuple
+
+    row = {name: name for name in CALL_COLUMNS}
+    assert call_tuple(row) == CALL_COLUMNS
+    misspelt = dict(row)
+    misspelt["reasoning_token"] = misspelt.pop("reasoning_tokens")
+    with pytest.raises(KeyError, match="reasoning_token"):
+        call_tuple(misspelt)
+    with pytest.raises(KeyError, match="columns.py"):
+        call_tuple(row | {"extra": 1})
+
+
+def test_a_column_listed_before_the_migration_order_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmtap.recorder import columns, schema
+
+    late = columns.Column("late", "VARCHAR", "m002_search_index")
+    monkeypatch.setitem(schema.TABLES, "calls", (late, *columns.CALLS))
+    with pytest.raises(RuntimeError, match="append new columns at the end"):
+        schema._check_spec()
+    monkeypatch.setitem(schema.TABLES, "calls", (*columns.CALLS, columns.Column("x", "VARCHAR", "m999")))
+    with pytest.raises(RuntimeError, match="not in schema.MIGRATIONS"):
+        schema._check_spec()

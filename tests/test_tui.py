@@ -1287,3 +1287,64 @@ async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, mon
             assert app.calls.exhausted
     finally:
         reader.close()
+
+
+async def test_stats_command_and_stats_screen_give_the_same_numbers_for_the_same_filter(tmp_path: Path) -> None:
+    """`llmtap stats --json` with flags and the UI's stats screen with the same filter typed
+    in: one computation, so every number agrees, including the cases the two once counted
+    differently (a finished call that never got a status is an error; NULL tokens sum to 0)."""
+    import subprocess
+    import sys
+
+    hour = timedelta(hours=1)
+    rows: list[dict[str, Any]] = [
+        {},  # gpt-4o, 200
+        {"status": 500, "error": "upstream said 500", "ttfb_ms": 80.0, "duration_ms": 90.0},
+        {"status": None, "duration_ms": 3000.0, "ttfb_ms": None, "input_tokens": None},  # no answer ever came
+        {"status": None, "duration_ms": None, "ttfb_ms": None, "complete": None},  # still in progress
+        {"model_requested": "GPT-4o-mini", "model_sent": "gpt-4o-mini", "provider": "openrouter",
+         "attempts": 2, "ttfb_ms": 300.0, "duration_ms": 900.0, "input_tokens": None, "output_tokens": None},
+        {"model_requested": "gpt-4o-mini", "model_sent": "gpt-4o-mini", "provider": "openrouter",
+         "ttfb_ms": 50.0, "duration_ms": 200.0, "input_tokens": 1000, "output_tokens": 333},
+        {"model_requested": "fast", "model_sent": "gpt-4o", "provider": "azure", "ttfb_ms": 77.0},
+        {"model_requested": "x", "model_sent": "y", "model_reported": "gpt-4o-2024-08-06", "provider": "other"},
+        {"model_requested": "claude-sonnet-4", "model_sent": "claude-sonnet-4", "model_reported": None,
+         "provider": "anthropic"},  # the model filter leaves it out
+        {"started_at": BASE_TIME - 3 * hour},  # before --since
+        {"started_at": BASE_TIME + 3 * hour, "status": 503},  # after --until
+    ]
+    reader = reader_with_rows(tmp_path, rows)
+    db = reader.path
+    reader.close()  # the command opens the file itself, read-only
+    since, until = (BASE_TIME - hour).isoformat(), (BASE_TIME + hour).isoformat()
+    done = subprocess.run([sys.executable, "-m", "llmtap", "stats", "--db", str(db), "--json",
+                           "--since", since, "--until", until, "--model", "gpt-4o*"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cli = json.loads(done.stdout)
+    assert sum(r["calls"] for r in cli) == 8
+
+    reader = DuckReader(db)
+    flt_text = f"model:gpt-4o* since:{since} until:{until}"
+    schema = q.load_schema(reader)
+    assert q.stats(reader, schema, q.parse_filter(flt_text, schema)) == cli
+    openai = next(r for r in cli if r["provider"] == "openai")
+    assert (openai["calls"], openai["errors"], openai["input_tokens"]) == (4, 2, 36)
+
+    app = LlmtapApp(reader)
+    async with app.run_test(size=SIZE) as pilot:
+        await loaded(pilot, app)
+        await pilot.press("slash", *flt_text, "enter")
+        await wait_for(pilot, lambda: table(app).row_count == 8, "the filter to narrow the list")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, StatsScreen)
+                       and app.screen.query_one("#stats-table", DataTable).row_count == len(cli), "stats rows")
+        grid = app.screen.query_one("#stats-table", DataTable)
+        shown = [[str(c) for c in grid.get_row_at(i)] for i in range(len(cli))]
+    reader.close()
+    expected = [[r["model"], r["provider"], str(r["calls"]), f"{100 * r['error_rate']:.1f}",
+                 f"{100 * r['fallback_rate']:.1f}", render.fmt_tokens(r["input_tokens"]),
+                 render.fmt_tokens(r["output_tokens"]), render.fmt_tokens(r["reasoning_tokens"]),
+                 *(render.fmt_ms(r[f"{k}_{p}"]) for k in ("ttfb", "duration") for p in ("p50", "p95", "p99"))]
+                for r in cli]
+    assert shown == expected

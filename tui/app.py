@@ -1130,15 +1130,14 @@ class StatsScreen(Screen[None]):
     @work(thread=True, exclusive=True, group="stats")
     def _load(self) -> None:
         try:
-            sql, params = q.stats_sql(self.schema, self.filter)
-            cols, rows = self.reader.query(sql, params)
+            rows = q.stats(self.reader, self.schema, self.filter)
             activity = self._activity()
             hsql, hparams = q.latency_histogram_sql(self.schema, self.filter)
             _, hrows = self.reader.query(hsql, hparams)
         except Exception as exc:
             self.post_message(StatsLoaded([], None, [], error=str(exc)))
             return
-        self.post_message(StatsLoaded(_rows_to_records(cols, rows), activity,
+        self.post_message(StatsLoaded(rows, activity,
                                       [(int(b), int(n)) for b, n in hrows if b is not None]))
 
     def _activity(self) -> Activity | None:
@@ -1164,21 +1163,21 @@ class StatsScreen(Screen[None]):
         table = self.query_one("#stats-table", DataTable)
         table.clear()
 
-        def pct(part: Any, whole: Any) -> Text:
-            v = 100.0 * (part or 0) / whole if whole else 0.0
+        def pct(rate: float) -> Text:
+            v = 100.0 * rate
             return Text(f"{v:.1f}", style="bold red" if v >= 5 else "", justify="right")
 
-        def ms(values: Any, i: int) -> str:
-            return render.fmt_ms(values[i]) if isinstance(values, (list, tuple)) and len(values) > i else ""
+        def ms(value: float | None) -> str:
+            return "" if value is None else render.fmt_ms(value)
 
         for r in message.rows:
             table.add_row(
                 Text(str(r["model"])), Text(str(r["provider"])), Text(str(r["calls"]), justify="right"),
-                pct(r["errors"], r["calls"]), pct(r["fallbacks"], r["calls"]),
+                pct(r["error_rate"]), pct(r["fallback_rate"]),
                 render.fmt_tokens(r["input_tokens"]), render.fmt_tokens(r["output_tokens"]),
                 render.fmt_tokens(r["reasoning_tokens"]),
-                ms(r["ttfb"], 0), ms(r["ttfb"], 1), ms(r["ttfb"], 2),
-                ms(r["duration"], 0), ms(r["duration"], 1), ms(r["duration"], 2),
+                *(ms(r[f"ttfb_{p}"]) for p in ("p50", "p95", "p99")),
+                *(ms(r[f"duration_{p}"]) for p in ("p50", "p95", "p99")),
             )
         self._show_activity(message.activity)
         if message.histogram:

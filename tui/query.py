@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from llmtap.recorder.columns import ATTEMPT_COLUMNS as SPEC_ATTEMPT_COLUMNS
+from llmtap.recorder.columns import CALL_COLUMNS, TIME_COLUMNS
+from llmtap.recorder.filters import error_condition, glob_to_like, like_escape, model_clause, since_clause, until_clause
 from llmtap.recorder.redact import terminal_text
 from llmtap.recorder.search_index import MAX_TERM, PIECE_STEP, split_words
+from llmtap.recorder.stats import stats_rows
 from llmtap.recorder.times import TIME_FORMS, parse_when
 
 PAGE_SIZE = 200
@@ -29,17 +33,11 @@ LIST_COLUMNS: tuple[str, ...] = (
     "output_tokens", "reasoning_tokens", "error",
 )
 
-# Every column of `calls` the detail view knows about (schema m001). A DB from an older
-# schema may lack some; they are selected as NULL.
-DETAIL_COLUMNS: tuple[str, ...] = LIST_COLUMNS + (
-    "url", "model_reported", "route", "request_headers", "request_body", "response_headers",
-    "response_body", "reasoning", "content", "tool_calls", "finish_reason", "total_tokens",
-    "notes", "request_body_raw", "response_body_raw",
-)
+# Every column of `calls` (recorder/columns.py). A DB from an older schema may lack some;
+# they are selected as NULL.
+DETAIL_COLUMNS: tuple[str, ...] = LIST_COLUMNS + tuple(c for c in CALL_COLUMNS if c not in LIST_COLUMNS)
 
-ATTEMPT_COLUMNS: tuple[str, ...] = (
-    "n", "provider", "url", "model_sent", "status", "error", "started_at", "ttfb_ms", "duration_ms",
-)
+ATTEMPT_COLUMNS: tuple[str, ...] = tuple(c for c in SPEC_ATTEMPT_COLUMNS if c != "call_id")
 
 
 def _safe(value: Any) -> Any:
@@ -145,7 +143,7 @@ class Schema:
 
 # Timestamps travel as epoch milliseconds: DuckDB's Python client needs pytz to hand out a
 # TIMESTAMPTZ, and a remote reader would turn it into text anyway; an integer survives both.
-_TIME_COLUMNS = frozenset({"started_at"})
+_TIME_COLUMNS = TIME_COLUMNS
 
 
 def _select_one(name: str, have: frozenset[str]) -> str:
@@ -179,12 +177,8 @@ _FLAGS = {"errors", "fallbacks", "incomplete", "live"}
 _KEYS = {"model", "provider", "client", "status", "since", "until", "api", "route", "id", "text"}
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _glob_to_like(text: str) -> str:
-    return _like_escape(text).replace("*", "%").replace("?", "_")
+_like_escape = like_escape
+_glob_to_like = glob_to_like
 
 
 def _parse_time(value: str, key: str, now: datetime) -> str:
@@ -236,9 +230,7 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
             if not value:
                 raise FilterError(f"{key}: needs a value, e.g. {key}:…")
             if key == "model":
-                like = _glob_to_like(value)
-                clause = " OR ".join(f"{c(m)} ILIKE ? ESCAPE '\\'" for m in ("model_requested", "model_sent", "model_reported"))
-                p = [like] * 3
+                clause, p = model_clause(value, c)
             elif key in ("provider", "api", "route"):
                 clause, p = f"{c(key)} ILIKE ? ESCAPE '\\'", [_glob_to_like(value)]
             elif key == "client":
@@ -249,9 +241,9 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
             elif key == "status":
                 clause, p = _status_clause(value, c("status"))
             elif key == "since":
-                clause, p = "started_at >= CAST(? AS TIMESTAMPTZ)", [_parse_time(value, key, now)]
+                clause, p = since_clause(_parse_time(value, key, now))
             elif key == "until":
-                clause, p = "started_at < CAST(? AS TIMESTAMPTZ)", [_parse_time(value, key, now)]
+                clause, p = until_clause(_parse_time(value, key, now))
             else:  # text:
                 clause, p = _text_clause(value, schema)
                 searches_text = True
@@ -265,7 +257,7 @@ def parse_filter(text: str, schema: Schema, now: datetime | None = None) -> Filt
             flag = body.lower()
             p = []
             if flag == "errors":
-                clause = f"{c('status')} >= 400 OR {c('error')} IS NOT NULL"
+                clause = error_condition(c)
             elif flag == "fallbacks":
                 clause = f"{c('attempts')} > 1"
             elif flag == "incomplete":
@@ -563,24 +555,12 @@ def _where(flt: Filter) -> str:
     return (" WHERE " + flt.where_sql) if flt.where_sql else ""
 
 
-def stats_sql(schema: Schema, flt: Filter) -> tuple[str, list[Any]]:
-    """Per model and provider; percentiles over finished calls only."""
-    c = schema.col
-    sql = f"""
-        SELECT coalesce({c('model_sent')}, {c('model_requested')}, '-') AS model,
-               coalesce({c('provider')}, '-') AS provider,
-               count(*) AS calls,
-               count(*) FILTER (WHERE {c('status')} >= 400 OR {c('error')} IS NOT NULL) AS errors,
-               count(*) FILTER (WHERE {c('attempts')} > 1) AS fallbacks,
-               sum({c('input_tokens')}) AS input_tokens,
-               sum({c('output_tokens')}) AS output_tokens,
-               sum({c('reasoning_tokens')}) AS reasoning_tokens,
-               quantile_cont({c('ttfb_ms')}, [0.5, 0.95, 0.99]) AS ttfb,
-               quantile_cont({c('duration_ms')}, [0.5, 0.95, 0.99]) AS duration
-        FROM calls{_where(flt)}
-        GROUP BY ALL ORDER BY calls DESC LIMIT 500
-    """
-    return sql, list(flt.params)
+STATS_MAX_ROWS = 500  # groups drawn in the stats table; the busiest come first
+
+
+def stats(reader: Reader, schema: Schema, flt: Filter) -> list[dict[str, Any]]:
+    """Per model and provider, as `llmtap stats` computes them (recorder.stats)."""
+    return stats_rows(reader, flt.where_sql, flt.params, schema.calls, limit=STATS_MAX_ROWS)
 
 
 # Bucket widths for the stats charts, in ms: the first that cuts the filtered calls' time
@@ -614,7 +594,7 @@ def activity_sql(schema: Schema, flt: Filter, start_ms: int, width_ms: int) -> t
     """Per time bucket of the filtered calls: calls, errors, p95 duration (finished calls)."""
     c = schema.col
     sql = (f"SELECT CAST((epoch_ms({c('started_at')}) - ?) // ? AS BIGINT) AS b, count(*) AS calls, "
-           f"count(*) FILTER (WHERE {c('status')} >= 400 OR {c('error')} IS NOT NULL) AS errors, "
+           f"count(*) FILTER (WHERE {error_condition(c)}) AS errors, "
            f"quantile_cont({c('duration_ms')}, 0.95) AS p95 "
            f"FROM calls{_where(flt)} GROUP BY b ORDER BY b")
     return sql, [int(start_ms), int(width_ms), *flt.params]
