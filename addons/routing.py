@@ -23,7 +23,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, Plan, Policy, Relay, Target
+from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
 from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url

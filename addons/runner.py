@@ -170,7 +170,16 @@ def _mitm_addons() -> list[object]:
     from public addresses when no auth is set (block_global), h2c protection, and Alt-Svc
     rewriting so a gateway client is not sent to the provider's own HTTP/3 port.
     """
-    from mitmproxy.addons import block, core, disable_h2c, dns_resolver, next_layer, proxyserver, tlsconfig, update_alt_svc
+    from mitmproxy.addons import (
+        block,
+        core,
+        disable_h2c,
+        dns_resolver,
+        next_layer,
+        proxyserver,
+        tlsconfig,
+        update_alt_svc,
+    )
 
     return [core.Core(), block.Block(), disable_h2c.DisableH2C(), proxyserver.Proxyserver(),
             dns_resolver.DnsResolver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), update_alt_svc.UpdateAltSvc()]

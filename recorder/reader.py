@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import duckdb
 
 from llmtap.recorder.endpoint import READ_CONFIG, discovery_path, jsonable, read_only_query
-from llmtap.recorder.export import ExportError, export as export_calls
+from llmtap.recorder.export import ExportError
+from llmtap.recorder.export import export as export_calls
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder

@@ -35,8 +35,15 @@ from llmtap.recorder import schema
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
-                                    without_brief)
+from llmtap.recorder.record import (
+    DEFAULT_BODY_LIMIT,
+    Attempt,
+    Call,
+    QueuedSink,
+    RecorderError,
+    body_cut_note,
+    without_brief,
+)
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
