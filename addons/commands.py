@@ -20,6 +20,7 @@ from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, size_text
 if TYPE_CHECKING:
     from llmtap.addons.runner import RunConfig
     from llmtap.recorder.process import RecorderProcess
+    from llmtap.recorder.recorder import Recorder
 
 # `llmtap run --tui`: (config, sink, recorder) -> exit code. The UI is handed in by the
 # composition root (llmtap.compose) because this area never imports llmtap.tui.
@@ -422,6 +423,7 @@ def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DE
     into it makes it refuse, and then `llmtap run` does not start."""
     if no_record:
         return _NullSink(), None
+    recorder: Recorder | RecorderProcess
     if in_process:
         from llmtap.recorder.recorder import Recorder
 

@@ -318,7 +318,7 @@ def _listen_problem(server: ServerInstance) -> str:
     addr = f"{_fmt_host(server.mode.listen_host())}:{server.mode.listen_port()}"
     exc = server.last_exception
     # mitmproxy wraps the OS error in one whose text names its own mode; the cause is the OS's.
-    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    cause = exc.__cause__ if exc is not None and isinstance(exc.__cause__, OSError) else exc
     if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
         return f"port {addr} ({what}) is in use by another program; choose another with {flag} HOST:PORT"
     reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)

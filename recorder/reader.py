@@ -223,7 +223,9 @@ class RemoteReader:
 
     def _follow(self) -> bool:
         """Switch to the endpoint now serving the DB, if it is another one that answers."""
-        info = _discover(self.db) if self.db is not None else None
+        if self.db is None:
+            return False
+        info = _discover(self.db)
         if info is None or info["url"] == self.url:
             return False
         old = (self.url, self._client)

@@ -967,7 +967,7 @@ def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:
             scrub.text(a.error), a.started_at, a.duration_ms, a.ttfb_ms)
 
 
-def _text(body: bytes) -> tuple[str | None, bytes | None]:
+def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
     if not body:
         return (None, None)
     try:
@@ -985,7 +985,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _from_jsonable(values: list, columns: tuple[str, ...]) -> list:
-    out = []
+    out: list[Any] = []
     for v in values:
         if isinstance(v, dict) and "t" in v:
             out.append(datetime.fromisoformat(v["t"]))

@@ -15,7 +15,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -1059,7 +1059,7 @@ class BarChart(Widget):
     """
     BLOCKS = " ▁▂▃▄▅▆▇█"
 
-    data: reactive[list[float]] = reactive(list, always_update=True)
+    data: reactive[Sequence[float]] = reactive(list, always_update=True)
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
