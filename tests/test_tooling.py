@@ -1,0 +1,45 @@
+"""The lint, type and import-contract checks (scripts/lint.py) pass, so `./scripts/test.sh`
+is the one command a contributor runs; and the import contracts do catch a crossing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT = ROOT / "scripts" / "lint.py"
+
+
+def lint(script: Path, check: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(script), check], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("check", ["ruff", "mypy", "imports"])
+def test_the_tree_passes(check: str) -> None:
+    done = lint(LINT, check)
+    assert done.returncode == 0, f"scripts/lint.py {check} failed:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.mark.timeout(600)
+def test_a_recorder_importing_textual_or_a_ui_importing_the_proxy_breaks_the_contracts(tmp_path: Path) -> None:
+    """The contracts run on a copy of the repo with two crossings a careless edit would make."""
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("llmtap", "addons", "recorder", "tui", "scripts"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    with open(tmp_path / "recorder" / "times.py", "a") as f:
+        f.write("\nimport textual  # noqa: E402,F401\n")
+    with open(tmp_path / "tui" / "render.py", "a") as f:
+        f.write("\nfrom llmtap.addons.runner import Proxy  # noqa: E402,F401\n")
+
+    done = lint(tmp_path / "scripts" / "lint.py", "imports")
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "llmtap.recorder.times -> textual" in out, out
+    assert "llmtap.tui.render -> llmtap.addons.runner" in out, out
+    assert "Contracts: 1 kept, 2 broken." in out, out
