@@ -273,7 +273,7 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
         print("llmtap: --proxy off and --gateway off leave nothing to run", file=sys.stderr)
         return 2
     if args.tui and run_tui is None:
-        print("llmtap: --tui: this build of the command has no UI wired in (llmtap.compose)",
+        print("llmtap: --tui: no UI was handed to `run` (llmtap.cli passes llmtap.compose's)",
               file=sys.stderr)
         return 2
     rules_path = args.rules or paths.default_rules()
