@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmtap import paths
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, size_text
 
 if TYPE_CHECKING:
+    from llmtap.addons.runner import RunConfig
     from llmtap.recorder.process import RecorderProcess
+    from llmtap.recorder.recorder import Recorder
+
+# `llmtap run --tui`: (config, sink, recorder) -> exit code. The UI is handed in by the
+# composition root (llmtap.compose) because this area never imports llmtap.tui.
+TuiRunner = Callable[["RunConfig", Any, Any], int]
 
 RUN_EPILOG = """\
 two ways in:
@@ -47,8 +55,8 @@ security:
 """
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    from llmtap.cli import HelpFormatter
+def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) -> None:
+    from llmtap.helpformat import HelpFormatter
 
     run = sub.add_parser(
         "run",
@@ -94,7 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "(repeatable; default: none, requests from web pages are refused)")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI in this process")
     run.add_argument("-q", "--quiet", action="store_true", help="no line per call on stdout")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
         "env",
@@ -250,7 +258,7 @@ def format_call_line(call: Call, attempts: list[Attempt]) -> str:
             f"{fallback}  {ms}{tail}")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
     from llmtap.addons.hostport import StartupError, parse_hostport
 
     try:
@@ -261,6 +269,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     if proxy is None and gateway is None:
         print("llmtap: --proxy off and --gateway off leave nothing to run", file=sys.stderr)
+        return 2
+    if args.tui and run_tui is None:
+        print("llmtap: --tui: no UI was handed to `run` (llmtap.cli passes llmtap.compose's)",
+              file=sys.stderr)
         return 2
     rules_path = args.rules or paths.default_rules()
     if args.rules is None and not rules_path.is_file():
@@ -332,9 +344,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         if args.tui:
-            from llmtap.tui.commands import run_with_proxy
-
-            return run_with_proxy(config, sink, recorder)
+            assert run_tui is not None  # checked above, before anything started
+            return run_tui(config, sink, recorder)
         asyncio.run(serve(config, sink, ready=ready, on_finished=on_finished))
     except StartupError as exc:
         print(f"llmtap: {exc}", file=sys.stderr)
@@ -423,6 +434,7 @@ def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DE
     process is only begun: _recorder_ready() finishes its start."""
     if no_record:
         return _NullSink(), None
+    recorder: Recorder | RecorderProcess
     if in_process:
         from llmtap.recorder.recorder import Recorder
 

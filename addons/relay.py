@@ -263,7 +263,7 @@ class _RelayConnection(asyncio.Protocol):
         # without a plan (an unguessable key only this process's mitmproxy knows) must not
         # make us wait for, or hold, a body of its choosing.
         plan = self.relay._plans.get(key) if key else None
-        if plan is None:
+        if plan is None or key is None:
             self.buf.clear()
             self._refuse(403, b"llmtap relay: no valid llmtap plan; this port serves only llmtap's own proxy")
             return
@@ -574,7 +574,7 @@ def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
         {"n": a.n, "provider": a.provider, "url": a.url, "model": a.model_sent, "error": a.error}
         for a in attempts
     ]
-    lines = "; ".join(f"#{a['n']} {a['provider'] or urlsplit(a['url']).netloc}: {a['error']}" for a in tried)
+    lines = "; ".join(f"#{a['n']} {a['provider'] or urlsplit(str(a['url'])).netloc}: {a['error']}" for a in tried)
     message = f"llmtap: no upstream answered ({lines or 'no target to try'})"
     if api_family == "anthropic":
         payload: object = {"type": "error", "error": {"type": "api_error", "message": message}, "llmtap_attempts": tried}

@@ -23,7 +23,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import PLAN_HEADER, HOP_BY_HOP, Plan, Policy, Relay, Target
+from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target
 from llmtap.addons.upstream import Origin
 from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
@@ -131,7 +131,7 @@ class Router:
     def response(self, flow: http.HTTPFlow) -> None:
         key = flow.metadata.get("llmtap_plan")
         plan = self.relay.drop_plan(key) if key is not None and flow.response is not None else None
-        if plan is not None:  # the relay refused the request before taking it (a head over its limit)
+        if plan is not None and flow.response is not None:  # the relay refused the request before taking it (a head over its limit)
             plan.call.status = flow.response.status_code
             plan.call.duration_ms = 0.0
             why = " (request head too large: over 1 MiB)" if plan.call.status == 431 else ""
@@ -231,8 +231,8 @@ class Router:
             policy = _policy(None, rules)
 
         secrets = collect_secrets(client_headers, req.path)
-        for t in targets:
-            secrets |= collect_secrets(t.headers, t.target)
+        for target_ in targets:
+            secrets |= collect_secrets(target_.headers, target_.target)
         call.secrets = tuple(secrets)
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
@@ -430,7 +430,7 @@ class Router:
                 return  # not an LLM API: not ours to record
             url = req.pretty_url
         # mitmproxy's advice to turn its header validation off is not advice for a user of llmtap.
-        reason = str(flow.error.msg).split(" Disable the validate_inbound_headers", 1)[0]
+        reason = str(flow.error.msg if flow.error is not None else "").split(" Disable the validate_inbound_headers", 1)[0]
         if "disconnect" in reason.lower() or "peer closed" in reason.lower():
             status, error = 499, f"client disconnected before the request was complete: {reason}"
         else:

@@ -253,7 +253,7 @@ class _Parser:
     def number(self, node: yaml.Node, what: str, *, low: float, high: float, integer: bool = False) -> float | None:
         value = self.scalar(node) if isinstance(node, yaml.ScalarNode) else None
         ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if not ok or isinstance(value, bool) or not (low <= value <= high):
+        if not ok or value is None or isinstance(value, bool) or not (low <= value <= high):
             kind = "a whole number" if integer else "a number"
             self.problem(node, f"{what} must be {kind} from {low:g} to {high:g}, got {value!r}")
             return None
@@ -363,7 +363,7 @@ def _parse_providers(p: _Parser, node: yaml.Node, providers: dict[str, Provider]
                     headers[hname] = str(value)
             values["headers"] = headers
         if base is not None:
-            merged = {"base_url": base.base_url, "api": base.api, "key_env": base.key_env, "headers": {}}
+            merged: dict[str, Any] = {"base_url": base.base_url, "api": base.api, "key_env": base.key_env, "headers": {}}
             merged.update(values)
             values = merged
         if {"base_url", "api"} <= values.keys():

@@ -196,7 +196,16 @@ def _mitm_addons() -> list[object]:
     from public addresses when no auth is set (block_global), h2c protection, and Alt-Svc
     rewriting so a gateway client is not sent to the provider's own HTTP/3 port.
     """
-    from mitmproxy.addons import block, core, disable_h2c, dns_resolver, next_layer, proxyserver, tlsconfig, update_alt_svc
+    from mitmproxy.addons import (
+        block,
+        core,
+        disable_h2c,
+        dns_resolver,
+        next_layer,
+        proxyserver,
+        tlsconfig,
+        update_alt_svc,
+    )
 
     class TlsConfig(tlsconfig.TlsConfig):
         """mitmproxy's, without the second read of the CA when the proxy starts: its running()
@@ -347,7 +356,7 @@ def _listen_problem(server: ServerInstance) -> str:
     addr = f"{_fmt_host(server.mode.listen_host())}:{server.mode.listen_port()}"
     exc = server.last_exception
     # mitmproxy wraps the OS error in one whose text names its own mode; the cause is the OS's.
-    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    cause = exc.__cause__ if exc is not None and isinstance(exc.__cause__, OSError) else exc
     if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
         return f"port {addr} ({what}) is in use by another program; choose another with {flag} HOST:PORT"
     reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause)

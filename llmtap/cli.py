@@ -5,38 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 from llmtap import __version__
 
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Wraps prose to the terminal and keeps indented lines (examples, tables) as written.
-
-    argparse's default joins every line of an epilog into one paragraph, which scrambles
-    examples; RawDescriptionHelpFormatter keeps them but leaves long prose unwrapped."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        out: list[str] = []
-        prose: list[str] = []
-
-        def flush() -> None:
-            if prose:
-                out.append(textwrap.fill(" ".join(prose), width, initial_indent=indent,
-                                         subsequent_indent=indent, break_on_hyphens=False))
-                prose.clear()
-
-        for line in text.splitlines():
-            if not line.strip():
-                flush()
-                out.append("")
-            elif line[0].isspace():
-                flush()
-                out.append(indent + line)
-            else:
-                prose.append(line.strip())
-        flush()
-        return "\n".join(out)
+# A module of its own so the areas can use it without importing this router, which imports
+# every area (the import contracts in pyproject.toml).
+from llmtap.helpformat import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Imported here so `llmtap --help` stays fast and a broken area names itself.
     from llmtap.addons import commands as proxy_commands
+    from llmtap.compose import run_tui_with_proxy
     from llmtap.recorder import commands as recorder_commands
     from llmtap.tui import commands as tui_commands
 
-    proxy_commands.register(sub)
+    # The proxy and the UI never import each other; `run --tui` is wired together here.
+    proxy_commands.register(sub, run_tui=run_tui_with_proxy)
     recorder_commands.register(sub)
     tui_commands.register(sub)
     return parser

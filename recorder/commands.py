@@ -9,13 +9,12 @@ from pathlib import Path
 
 from llmtap import paths
 
-
 TIME_HELP = ("an age (2h, 30m, 7d, 1w) or a date, e.g. 2026-11-01 or 2026-11-01T08:00 "
              "(your local time unless it names a zone); the same forms as since: in the UI")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmtap.cli import HelpFormatter
+    from llmtap.helpformat import HelpFormatter
     from llmtap.recorder.export import FORMATS
 
     exp = sub.add_parser(

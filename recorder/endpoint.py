@@ -201,6 +201,8 @@ class Endpoint:
     def url(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
+        if isinstance(host, bytes):  # typeshed allows it (AF_UNIX); a TCP server's is a str
+            host = host.decode()
         return f"http://{host}:{port}"
 
     def start(self) -> None:

@@ -240,6 +240,12 @@ def _norm_error(obj: Any, status: int | None) -> dict:
     return out
 
 
+def _sub(obj: dict, key: str) -> dict:
+    """obj[key] when it is an object, else {}: providers' JSON is not trusted to be well-formed."""
+    value = obj.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _merge_error(first: dict | None, second: dict | None) -> dict:
     """`first`, with the fields it lacks taken from `second`."""
     if not second:
@@ -396,7 +402,7 @@ class _OpenAIChat(_Dialect):
             t = st.tool(("i", idx))
             if tc.get("id"):
                 t["id"] = tc["id"]
-            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+            fn = _sub(tc, "function")
             if fn.get("name"):
                 t["name"] = fn["name"]
             args = fn.get("arguments")
@@ -446,7 +452,7 @@ class _OpenAIResponses(_Dialect):
         elif typ == "response.function_call_arguments.delta":
             if type(oi := obj.get("output_index")) is int and oi not in self._at:
                 self._at[oi] = (obj.get("item_id"), "function_call")
-            st.tool(obj.get("item_id")).get("args").add(obj.get("delta"))
+            st.tool(obj.get("item_id"))["args"].add(obj.get("delta"))
         elif typ in ("response.reasoning_summary_text.done", "response.reasoning_text.done"):
             # `done` repeats the whole text: use it only where no delta arrived.
             sub = obj.get("summary_index") if typ.endswith("summary_text.done") else ("text", obj.get("content_index"))
@@ -547,7 +553,7 @@ class _AnthropicMessages(_Dialect):
             return
         typ = obj.get("type") or name
         if typ == "content_block_delta":
-            d = obj.get("delta") if isinstance(obj.get("delta"), dict) else {}
+            d = _sub(obj, "delta")
             dt = d.get("type")
             if dt == "text_delta":
                 st.content.add(d.get("text"))
@@ -561,14 +567,14 @@ class _AnthropicMessages(_Dialect):
         elif typ == "content_block_start":
             self._block(obj.get("index"), obj.get("content_block"), streamed=True)
         elif typ == "message_start":
-            msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+            msg = _sub(obj, "message")
             st.set_model(msg.get("model"))
             # message_start's output_tokens is a placeholder (1); the real count comes later.
             st.input_tokens = _int(_dig(msg, "usage", "input_tokens"))
         elif typ == "message_delta":
             if isinstance(_dig(obj, "delta", "stop_reason"), str):
                 st.finish_reason = obj["delta"]["stop_reason"]
-            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            usage = _sub(obj, "usage")
             if _int(usage.get("input_tokens")) is not None:
                 st.input_tokens = usage["input_tokens"]
             if _int(usage.get("output_tokens")) is not None:
@@ -583,7 +589,7 @@ class _AnthropicMessages(_Dialect):
                 self._block(i, block, streamed=False)
             if isinstance(obj.get("stop_reason"), str):
                 st.finish_reason = obj["stop_reason"]
-            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            usage = _sub(obj, "usage")
             st.input_tokens = _int(usage.get("input_tokens"))
             st.output_tokens = _int(usage.get("output_tokens"))
 
@@ -626,13 +632,13 @@ class _Ollama(_Dialect):
             st.fail(_norm_error(obj, None))
             return
         st.set_model(obj.get("model"))
-        msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
+        msg = _sub(obj, "message")
         st.reasoning.add(msg.get("thinking"))
         st.content.add(msg.get("content"))
         for tc in msg.get("tool_calls") or ():
             if not isinstance(tc, dict):
                 continue
-            fn = tc.get("function") if isinstance(tc.get("function"), dict) else {}
+            fn = _sub(tc, "function")
             # Ollama sends each call whole (arguments as an object), never as fragments.
             t = st.tool(("n", len(st.tools)))
             t["id"], t["name"] = tc.get("id"), fn.get("name")
@@ -752,7 +758,8 @@ def _put_partial_arg(root: dict, pa: dict) -> None:
         value = None
     else:
         return
-    steps = _json_path(pa.get("jsonPath"))
+    # Any: an int step indexes a list and a str step a dict, as the loop checks before each use.
+    steps: list[Any] | None = _json_path(pa.get("jsonPath"))
     if not steps:
         return
     node: Any = root
@@ -869,7 +876,7 @@ def _text(line: bytes, st: _State, where: str) -> str:
 # frames. It also says where the value ended, which tells whether it was the whole payload.
 # (Events are parsed one by one, not joined into one JSON array: payloads that are not JSON
 # alone can be JSON together, `[1` and `2]`, and one C call for many saved only ~10%.)
-_scan_json = json.JSONDecoder().scan_once
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in __init__, not in typeshed
 
 
 def _loads(text: str | bytes) -> tuple[bool, Any]:
@@ -1301,8 +1308,8 @@ class Extractor:
             self._sse_slow(piece)
             line_no, objects = self.line_no, self.objects
         self.line_no, self.objects = line_no, objects
-        for line in tail.split("\n")[:-1]:
-            self._line(line.encode("utf-8"))
+        for text in tail.split("\n")[:-1]:
+            self._line(text.encode("utf-8"))
 
     def _sse_slow(self, piece: str) -> None:
         """One event (its lines, then the blank line that ended it) through the line parser."""
@@ -1434,8 +1441,8 @@ class Extractor:
             # (A dialect picked by no path has no known normal end: `complete` stays unknown.)
             st.complete = False
             if st.error is None and not dead:
-                cut = "stream ended without its terminator"
-                st.note(cut if self.objects else "stream carried nothing that was understood")
+                why = "stream ended without its terminator"
+                st.note(why if self.objects else "stream carried nothing that was understood")
 
     def _whole(self, body: bytes, cut: bool = False) -> None:
         st = self.st

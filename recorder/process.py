@@ -406,9 +406,9 @@ def _feed(recorder: Recorder, inp: BinaryIO) -> None:
                 calls[call.id] = call
                 recorder.call_started(call)
             elif kind == "head":
-                call = calls.get(item[1])
-                if call is not None:
-                    call.status, call.response_headers = item[2], item[3]
+                known = calls.get(item[1])
+                if known is not None:
+                    known.status, known.response_headers = item[2], item[3]
             elif kind == "dropped":
                 recorder.dropped_total += item[1]
             elif kind == "adopt":

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import duckdb
 
 from llmtap.recorder.endpoint import READ_CONFIG, discovery_path, jsonable, read_only_query
-from llmtap.recorder.export import ExportError, export as export_calls
+from llmtap.recorder.export import ExportError
+from llmtap.recorder.export import export as export_calls
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -222,7 +223,9 @@ class RemoteReader:
 
     def _follow(self) -> bool:
         """Switch to the endpoint now serving the DB, if it is another one that answers."""
-        info = _discover(self.db) if self.db is not None else None
+        if self.db is None:
+            return False
+        info = _discover(self.db)
         if info is None or info["url"] == self.url:
             return False
         old = (self.url, self._client)

@@ -35,9 +35,16 @@ from llmtap.recorder import schema
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.record import (DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, body_cut_note,
-                                    without_brief)
 from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
+from llmtap.recorder.record import (
+    DEFAULT_BODY_LIMIT,
+    Attempt,
+    Call,
+    QueuedSink,
+    RecorderError,
+    body_cut_note,
+    without_brief,
+)
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -976,7 +983,7 @@ def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:
     })
 
 
-def _text(body: bytes) -> tuple[str | None, bytes | None]:
+def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
     if not body:
         return (None, None)
     try:
@@ -994,7 +1001,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _from_jsonable(values: list, columns: tuple[str, ...]) -> list:
-    out = []
+    out: list[Any] = []
     for v in values:
         if isinstance(v, dict) and "t" in v:
             out.append(datetime.fromisoformat(v["t"]))

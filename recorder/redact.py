@@ -362,7 +362,7 @@ class Scrubber:
         shape (`found_shapes`)."""
         if not text:
             return text
-        before = self.literal(_storable(text))
+        before = self.literal(_storable(text)) or ""  # never empty: `text` is not
         out = mask_shapes(before, False)
         if out is not before:
             self.found_shapes = True

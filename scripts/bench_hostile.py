@@ -169,7 +169,7 @@ def case_full_disk(tmp: Path, calls: int, keys: dict[str, str], found: dict) -> 
         made = 1
         failed = 0
         with httpx.Client(timeout=30) as client:
-            for i in range(calls):
+            for _ in range(calls):
                 try:
                     r = client.post(f"{run.url}/fake/chat/completions?key={keys['query']}",
                                     headers={"authorization": f"Bearer {keys['header_bearer']}",

@@ -39,8 +39,8 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.process import RecorderProcess  # noqa: E402
+from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
 
 PY = sys.executable

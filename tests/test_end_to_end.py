@@ -9,8 +9,8 @@ import duckdb
 import openai
 
 from fakeprovider import FakeProvider, status
-from proxyharness import RunningProxy
 from llmtap.recorder.recorder import Recorder
+from proxyharness import RunningProxy
 
 KEY = "sk-ant-api03-PLANTED-e2e-0123456789"
 

@@ -18,12 +18,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_recorder import finish, make_call  # noqa: E402
-
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.export import ExportError
 from llmtap.recorder.reader import LocalReader, Reader, ReaderError, RemoteReader, open_reader
 from llmtap.recorder.recorder import Recorder
+from test_recorder import finish, make_call  # noqa: E402
 
 SECRET = "PLANTED-SECRET-6f1d2c"
 CALLS = 3

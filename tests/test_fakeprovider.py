@@ -15,8 +15,7 @@ import httpx
 import openai
 import pytest
 
-from fakeprovider import (FakeProvider, cut, garbage, ok, reset, slow, split_text, stall,
-                          status)
+from fakeprovider import FakeProvider, cut, garbage, ok, reset, slow, split_text, stall, status
 
 MSG = [{"role": "user", "content": "hi"}]
 TIDE_TOOL = {"type": "function", "function": {

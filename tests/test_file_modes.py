@@ -17,11 +17,10 @@ import duckdb
 import httpx
 
 from fakeprovider import FakeProvider
-from test_cli import Lines, llmtap
-
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import LocalReader
 from llmtap.recorder.recorder import Recorder
+from test_cli import Lines, llmtap
 
 
 def user_umask() -> None:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import ssl
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path

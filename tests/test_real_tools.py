@@ -23,8 +23,8 @@ import duckdb
 import pytest
 
 from fakeprovider import FakeProvider, ok
-from proxyharness import RunningProxy
 from llmtap.recorder.recorder import Recorder
+from proxyharness import RunningProxy
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("LLMTAP_TEST_TOOLS", REPO / ".tools"))

@@ -21,7 +21,7 @@ import pytest
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import InProcessReader, LocalReader, ReaderError, RemoteReader, open_reader
 from llmtap.recorder.record import Attempt, Call, new_id, utcnow
-from llmtap.recorder.recorder import Recorder, RecorderError, spool_path
+from llmtap.recorder.recorder import Recorder, spool_path
 from llmtap.recorder.schema import migrate
 
 PLANTED = "sk-live-PLANTED-123456789abcdef"
@@ -498,7 +498,7 @@ def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: P
     for fmt in ("parquet", "jsonl", "csv"):
         seen: list[tuple[int, int]] = []
         out = tmp_path / f"all.{fmt}"
-        assert reader.export(out, fmt, progress=lambda d, t: seen.append((d, t))) == 30
+        assert reader.export(out, fmt, progress=lambda d, t, seen=seen: seen.append((d, t))) == 30
         assert seen[-1] == (30, 30) and len(seen) == 5
         with duckdb.connect() as con:
             # One CSV header, however many parts: read_csv would take a repeated one for a row.

@@ -23,8 +23,8 @@ from fakeprovider import FakeProvider
 from waiting import wait_gone
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.process import RecorderProcess
-from llmtap.recorder.record import Call
 from llmtap.recorder.reader import Reader, open_reader
+from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import RecorderError
 from test_cli import Lines
 from test_recorder import ANTHROPIC_SSE, PLANTED, finish, make_call

@@ -18,12 +18,12 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider, ok, status
-from proxyharness import RunningProxy
-from test_cli import Lines
 from llmtap.addons.commands import format_call_line
 from llmtap.recorder.export import export
 from llmtap.recorder.recorder import Recorder, spool_path
 from llmtap.recorder.redact import fingerprint, redact_headers
+from proxyharness import RunningProxy
+from test_cli import Lines
 
 # One distinct value per place; none has a well-known key shape unless its name says so, so
 # that only exact-value masking can catch it.

@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 from llmtap.recorder import search_index
 from llmtap.recorder.reader import InProcessReader
@@ -18,6 +17,7 @@ from llmtap.recorder.record import Attempt, Call, new_id, utcnow
 from llmtap.recorder.recorder import Recorder
 from llmtap.recorder.search_index import SearchIndex, split_words
 from llmtap.tui import query as q
+from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 # Pieces of text where a word index is easy to get wrong: case, punctuation inside and around
 # words, code points DuckDB lowers to ASCII (İ, the Kelvin sign), scripts without ASCII spaces,

@@ -16,7 +16,6 @@ import pytest
 from textual.containers import VerticalScroll
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Label, Static, TabbedContent, TextArea
-from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 from llmtap.tui import query as q
 from llmtap.tui import render
@@ -29,6 +28,7 @@ from llmtap.tui.app import (
     LlmtapApp,
     StatsScreen,
 )
+from tuihelpers import BASE_TIME, DuckReader, make_reader
 
 SIZE = (160, 45)
 
@@ -244,7 +244,7 @@ def test_windowed_pages_return_exactly_what_one_query_did(tmp_path: Path) -> Non
             while True:
                 shown: list[str] = []
                 page = q.load_page(reader, schema, flt, before, bounds, limit, offsets=WINDOWS,
-                                   on_rows=lambda c, rs: shown.extend(str(r[c.index("id")]) for r in rs))
+                                   on_rows=lambda c, rs, shown=shown: shown.extend(str(r[c.index("id")]) for r in rs))
                 assert page is not None
                 ids = page_ids(page)
                 assert len(ids) <= limit and ids[:len(shown)] == shown  # early rows are the page's first
@@ -617,7 +617,7 @@ async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Pa
         while not screen.exhausted:
             n = screen.pages_loaded
             await pilot.press("end")
-            await wait_for(pilot, lambda: screen.pages_loaded > n, "the next page")
+            await wait_for(pilot, lambda n=n: screen.pages_loaded > n, "the next page")
         assert [str(k.value) for k in table(app).rows] == expected
         # And a search that matches nothing says so.
         await pilot.press("slash", "ctrl+a", "ctrl+k", *"no-such-text", "enter")
@@ -919,7 +919,7 @@ async def test_vim_keys_scroll_the_detail_tabs(tmp_path: Path) -> None:
             screen.query_one(TabbedContent).active = tab
             await pilot.pause()
             scroller = screen.query_one(f"#{tab}").query_one(VerticalScroll)
-            await wait_for(pilot, lambda: scroller.max_scroll_y > 0, "a scrollable tab")
+            await wait_for(pilot, lambda scroller=scroller: scroller.max_scroll_y > 0, "a scrollable tab")
             await pilot.press("j", "j", "j")
             assert scroller.scroll_y == 3
             await pilot.press("k")
@@ -1160,10 +1160,10 @@ async def test_curl_of_a_call_recorded_through_the_proxy_carries_no_key(tmp_path
     proxy into a real DB: the curl the UI hands out holds fingerprints only, and the
     Conversation tab ends with the provider's answer."""
     import openai
-    from fakeprovider import FakeProvider
-    from proxyharness import RunningProxy
 
+    from fakeprovider import FakeProvider
     from llmtap.recorder.recorder import Recorder
+    from proxyharness import RunningProxy
 
     key = "sk-proj-PLANTED-curl-0123456789abcdef"
     db = tmp_path / "llmtap.duckdb"

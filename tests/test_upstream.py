@@ -21,7 +21,6 @@ from pathlib import Path
 
 import duckdb
 import httpx
-import openai
 import pytest
 
 from fakeprovider import FakeProvider, cut, ok, reset

@@ -15,7 +15,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -1059,7 +1059,7 @@ class BarChart(Widget):
     """
     BLOCKS = " ▁▂▃▄▅▆▇█"
 
-    data: reactive[list[float]] = reactive(list, always_update=True)
+    data: reactive[Sequence[float]] = reactive(list, always_update=True)
 
     def render(self) -> Text:
         width, height = self.size.width, self.size.height
@@ -1406,17 +1406,13 @@ class LlmtapApp(App[int]):
 
     async def _run_proxy(self) -> None:
         """The proxy lives on this loop (mitmproxy is asyncio); its start-up error ends the app."""
-        from llmtap.addons.runner import StartupError
-
         assert self.proxy_factory is not None
         try:
             proxy = self.proxy_factory()
             await proxy.start()
-        except StartupError as exc:
-            self.startup_error = str(exc)
-            self.exit(return_code=2)
-            return
-        except Exception as exc:  # e.g. rules errors: same contract, a message and code 2
+        # The proxy's StartupError and rules errors alike: a message and code 2. Caught as
+        # Exception because the UI does not import the proxy (the import contracts forbid it).
+        except Exception as exc:
             self.startup_error = str(exc)
             self.exit(return_code=2)
             return

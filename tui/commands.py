@@ -1,4 +1,4 @@
-"""`llmtap tui` and the `--tui` mode of `llmtap run`."""
+"""`llmtap tui`, and the log handler of `llmtap run --tui` (wired in llmtap.compose)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
     return int(code or 0)
 
 
-class _UILogHandler(logging.Handler):
+class UILogHandler(logging.Handler):
     """Routes log records to toasts: a StreamHandler on the real stderr would scribble over the
     screen Textual draws."""
 
@@ -77,44 +77,3 @@ class _UILogHandler(logging.Handler):
             loop.call_soon_threadsafe(lambda: self.app.notify(msg, severity=severity, timeout=8))
         except Exception:  # logging must never take the UI down
             pass
-
-
-def run_with_proxy(config: Any, sink: Any, recorder: Any) -> int:
-    """`llmtap run --tui`: the proxy runs on the UI's event loop; quitting stops it cleanly.
-
-    Returns the exit code: 2 with the message on stderr when the proxy cannot start."""
-    from llmtap.addons.runner import Proxy
-    from llmtap.tui.app import Listening, LlmtapApp
-
-    reader = None
-    note = None
-    if recorder is not None:
-        from llmtap.recorder.reader import InProcessReader
-
-        reader = InProcessReader(recorder)
-        source = str(getattr(recorder, "path", getattr(recorder, "db", "")) or "")
-    else:
-        source = "not recording"
-        note = "not recording (--no-record): calls are proxied but not kept"
-    app = LlmtapApp(reader, source=source, proxy_factory=lambda: Proxy(config, sink), note=note,
-                    listening=Listening(config.proxy, config.gateway, config.confdir))
-
-    root = logging.getLogger()
-    saved = list(root.handlers)
-    for h in saved:
-        root.removeHandler(h)
-    handler = _UILogHandler(app)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    root.addHandler(handler)
-    try:
-        code = app.run()
-    finally:
-        root.removeHandler(handler)
-        for h in saved:
-            root.addHandler(h)
-        if reader is not None:
-            reader.close()
-    if app.startup_error:
-        print(f"llmtap: {app.startup_error}", file=sys.stderr)
-        return 2
-    return int(code or 0)

@@ -97,7 +97,8 @@ class Reader(Protocol):
 
     def partial(self, call_id: str) -> dict | None: ...
 
-    def export(self, out: Any, fmt: str, **kwargs: Any) -> int: ...
+    # Any arguments (mypy reads this as `...`): each reader takes the filters its own way.
+    def export(self, *args: Any, **kwargs: Any) -> int: ...
 
     def close(self) -> None: ...
 
@@ -468,7 +469,7 @@ def windows(bounds: Sequence[str], before_id: str | None,
     wholly newer than `before_id` are left out. `bounds` are window_bounds(…, offsets)."""
     offsets = WINDOW_OFFSETS if offsets is None else offsets
     edges: list[str | None] = [None, *bounds, None]
-    sizes: list[int | None] = [b - a for a, b in zip((0, *offsets), offsets)][:len(bounds)]
+    sizes: list[int | None] = [b - a for a, b in zip((0, *offsets), offsets[:len(bounds)])]
     out: list[tuple[str | None, str | None, int | None]] = []
     for upper, lower, size in zip(edges, edges[1:], [*sizes, None]):
         if before_id is not None:

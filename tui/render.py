@@ -220,6 +220,7 @@ def conversation(body: Any) -> Conversation:
 def body_for_display(text: str | None, raw: bytes | None, limit: int = BODY_DISPLAY_LIMIT) -> tuple[str, str | None]:
     """(text to show, note or None): pretty JSON when it parses, SSE/NDJSON as is, a hex dump
     for bytes that are not UTF-8, truncated beyond `limit`."""
+    note: str | None
     if text is None and raw is not None:
         data = bytes(raw)
         shown = data[:HEX_DISPLAY_LIMIT]
