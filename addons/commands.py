@@ -434,20 +434,20 @@ def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DE
     process is only begun: _recorder_ready() finishes its start."""
     if no_record:
         return _NullSink(), None
+    from llmtap.recorder.process import RecorderProcess  # loads no DuckDB: the child does
+
     recorder: Recorder | RecorderProcess
     if in_process:
         from llmtap.recorder.recorder import Recorder
 
         recorder = Recorder(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
     else:  # the proxy's process then never loads DuckDB
-        from llmtap.recorder.process import RecorderProcess
-
         recorder = RecorderProcess(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
     try:
-        if in_process or wait:
-            recorder.start()
-        else:
+        if isinstance(recorder, RecorderProcess) and not wait:
             recorder.begin()
+        else:
+            recorder.start()
     except Exception as exc:
         print(f"llmtap: cannot record into {db}: {exc}", file=sys.stderr)
         return None, None

@@ -61,8 +61,8 @@ from mitmproxy.addons.proxyserver import Proxyserver  # noqa: E402
 from mitmproxy.proxy.mode_servers import ServerInstance  # noqa: E402
 
 from llmtap.addons import http1guard  # noqa: E402
-from llmtap.addons.hostport import StartupError, parse_hostport  # noqa: E402,F401 (re-exported)
 from llmtap.addons import rules as rules_mod  # noqa: E402
+from llmtap.addons.hostport import StartupError, parse_hostport  # noqa: E402,F401 (re-exported)
 from llmtap.addons.relay import Cooldown, Relay  # noqa: E402
 from llmtap.addons.routing import Router, Security  # noqa: E402
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink  # noqa: E402

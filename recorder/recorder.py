@@ -32,10 +32,10 @@ from typing import Any
 import duckdb
 
 from llmtap.recorder import schema
+from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
-from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
 from llmtap.recorder.record import (
     DEFAULT_BODY_LIMIT,
     Attempt,

@@ -20,11 +20,11 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider, slow
-from waiting import wait_gone
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import open_reader
 from llmtap.recorder.recorder import INTERRUPTED, spool_path
 from test_cli import Lines
+from waiting import wait_gone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tmpfs mounts and signals as on Linux")
 

@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider
-from waiting import wait_gone
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.process import RecorderProcess
 from llmtap.recorder.reader import Reader, open_reader
@@ -28,6 +27,7 @@ from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import RecorderError
 from test_cli import Lines
 from test_recorder import ANTHROPIC_SSE, PLANTED, finish, make_call
+from waiting import wait_gone
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipes and signals as on Linux")
 
