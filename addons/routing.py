@@ -230,9 +230,13 @@ class Router:
             targets.append(Target(None, origin, target, headers, raw, model))
             policy = _policy(None, rules)
 
+        # The targets forward the client's own headers and query, already collected here; what
+        # they add is llmtap's: a provider's key_env key and its configured headers.
         secrets = collect_secrets(client_headers, req.path)
         for target_ in targets:
-            secrets |= collect_secrets(target_.headers, target_.target)
+            provider = rules.providers.get(target_.provider) if target_.provider else None
+            if provider is not None:
+                secrets |= _added_secrets(provider)
         call.secrets = tuple(secrets)
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
@@ -452,6 +456,16 @@ class _KeyUse:
 
     token: bool  # the client sent the llmtap token: every target
     fallback: bool  # the client authenticated to the provider it addressed: targets on others
+
+
+def _added_secrets(provider: rules_mod.Provider) -> set[str]:
+    """The credentials llmtap itself may send to `provider`: its key_env key and any secret
+    header the rules give it (masked whether or not this call used them)."""
+    pairs = list(provider.headers.items())
+    key = os.environ.get(provider.key_env) if provider.key_env else None
+    if key:
+        pairs.append(("authorization", key))
+    return collect_secrets(pairs)
 
 
 def _has_auth(headers: list[tuple[str, str]], query: str) -> bool:
