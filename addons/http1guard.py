@@ -22,8 +22,7 @@ from mitmproxy import http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers.http import _http1
 
-from llmtap.addons.routing import error_body
-from llmtap.recorder.record import detect_api
+from llmtap.addons.routing import error_body, error_family
 
 _installed = False
 _HTML_MESSAGE = re.compile(rb"<p>(.*?)</p>", re.S)
@@ -58,11 +57,7 @@ class _StrictReader:
 
 
 def _answer(request: http.Request | None, message: str) -> bytes:
-    family = "openai"
-    if request is not None:
-        family = detect_api(request.method, request.path.split("?", 1)[0]).split(".", 1)[0]
-        if family not in ("anthropic", "gemini", "ollama"):
-            family = "openai"
+    family = error_family(request.method, request.path.split("?", 1)[0]) if request is not None else "openai"
     body = error_body(family, 400, f"llmtap: malformed request: {message}", "llmtap_bad_request")
     return (b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body))

@@ -384,8 +384,7 @@ class Router:
         provider = self.rules().providers.get(path.lstrip("/").partition("/")[0])
         if provider is not None and provider.api in ("openai", "anthropic", "gemini", "ollama"):
             return provider.api
-        family = _family(detect_api(req.method, path))
-        return family if family in ("anthropic", "gemini", "ollama") else "openai"
+        return error_family(req.method, path)
 
     def _refuse_gateway(self, flow: http.HTTPFlow) -> bool:
         """Refuse (403, recorded) a gateway request from a web page or addressed by a foreign
@@ -476,6 +475,12 @@ def _has_auth(headers: list[tuple[str, str]], query: str) -> bool:
 
 def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def error_family(method: str, path: str) -> str:
+    """The API family whose error shape llmtap answers a request in, from its path alone."""
+    family = _family(detect_api(method, path))
+    return family if family in ("anthropic", "gemini", "ollama") else "openai"
 
 
 def error_body(family: str, status: int, message: str, code: str) -> bytes:
