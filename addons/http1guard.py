@@ -22,7 +22,8 @@ from mitmproxy import http
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.layers.http import _http1
 
-from llmtap.addons.routing import error_body, error_family
+from llmtap.addons.relay import error_body
+from llmtap.addons.routing import error_family
 
 _installed = False
 _HTML_MESSAGE = re.compile(rb"<p>(.*?)</p>", re.S)

@@ -576,13 +576,29 @@ def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
     ]
     lines = "; ".join(f"#{a['n']} {a['provider'] or urlsplit(str(a['url'])).netloc}: {a['error']}" for a in tried)
     message = f"llmtap: no upstream answered ({lines or 'no target to try'})"
-    if api_family == "anthropic":
-        payload: object = {"type": "error", "error": {"type": "api_error", "message": message}, "llmtap_attempts": tried}
-    elif api_family == "ollama":
-        payload = {"error": message, "llmtap_attempts": tried}
-    elif api_family == "gemini":
-        payload = {"error": {"code": 502, "message": message, "status": "UNAVAILABLE"}, "llmtap_attempts": tried}
+    return error_body(api_family, 502, message, "llmtap_no_upstream", attempts=tried)
+
+
+def error_body(family: str, status: int, message: str, code: str, attempts: list[dict] | None = None) -> bytes:
+    """llmtap's own error in the shape the client's SDK reads for its API family; `attempts`
+    (the upstream tries that failed) ride along where that shape has room for them."""
+    payload: dict[str, object]
+    if family == "anthropic":
+        kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error"}.get(status, "api_error")
+        payload = {"type": "error", "error": {"type": kind, "message": message}}
+    elif family == "ollama":
+        payload = {"error": message}
+    elif family == "gemini":
+        state = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 502: "UNAVAILABLE"}.get(status, "UNKNOWN")
+        payload = {"error": {"code": status, "message": message, "status": state}}
     else:
-        payload = {"error": {"message": message, "type": "upstream_unavailable", "param": None,
-                             "code": "llmtap_no_upstream", "attempts": tried}}
+        kind = {400: "invalid_request_error", 403: "permission_denied", 404: "invalid_request_error",
+                502: "upstream_unavailable"}.get(status, "api_error")
+        error: dict[str, object] = {"message": message, "type": kind, "param": None, "code": code}
+        if attempts is not None:
+            error["attempts"] = attempts
+        payload = {"error": error}
+    if attempts is not None and family in ("anthropic", "ollama", "gemini"):
+        payload["llmtap_attempts"] = attempts
     return json.dumps(payload).encode()

@@ -23,7 +23,7 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from llmtap.addons import rules as rules_mod
-from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target
+from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target, error_body
 from llmtap.addons.upstream import Origin
 from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
@@ -481,23 +481,6 @@ def error_family(method: str, path: str) -> str:
     """The API family whose error shape llmtap answers a request in, from its path alone."""
     family = _family(detect_api(method, path))
     return family if family in ("anthropic", "gemini", "ollama") else "openai"
-
-
-def error_body(family: str, status: int, message: str, code: str) -> bytes:
-    """llmtap's own error in the shape the client's SDK reads for its API family."""
-    payload: object
-    if family == "anthropic":
-        kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error"}.get(status, "api_error")
-        payload = {"type": "error", "error": {"type": kind, "message": message}}
-    elif family == "ollama":
-        payload = {"error": message}
-    elif family == "gemini":
-        state = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND"}.get(status, "UNKNOWN")
-        payload = {"error": {"code": status, "message": message, "status": state}}
-    else:
-        kind = {400: "invalid_request_error", 403: "permission_denied", 404: "invalid_request_error"}.get(status, "api_error")
-        payload = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return json.dumps(payload).encode()
 
 
 def _kept(body: bytes, limit: int, notes: list[str]) -> bytes:
