@@ -215,7 +215,9 @@ class Endpoint:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="llmtap-endpoint", daemon=True)
         self._thread.start()
-        info = {"url": self.url, "token": self.token, "pid": os.getpid(), "db": str(self.recorder.db_path)}
+        info = {"url": self.url, "token": self.token, "pid": os.getpid(), "db": str(self.recorder.db_path),
+                # The process the user started: `llmtap run`, whose recorder process this may be.
+                "run_pid": self.recorder.run_pid}
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import pickle
 import signal
 import struct
@@ -357,6 +358,7 @@ def _main(argv: list[str]) -> int:
     out = sys.stdout.buffer
     recorder = (Recorder(db, flush_interval_s=flush, close_interrupted=sweep, body_limit=limit) if buffer is None else
                 Recorder(db, flush_interval_s=flush, close_interrupted=sweep, buffer_bytes=buffer, body_limit=limit))
+    recorder.run_pid = os.getppid()  # the proxy that started this process
     try:
         recorder.start()
     except Exception as exc:

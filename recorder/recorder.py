@@ -115,6 +115,9 @@ class Recorder(QueuedSink):
         self._dropped_recorded = 0
         self.buffer_bytes = buffer_bytes
         self.close_interrupted = close_interrupted
+        # The `llmtap run` this recorder serves, as named to a second run refused the file
+        # (the recorder process sets its parent's).
+        self.run_pid = os.getpid()
         self._failing = False  # the last open or write of the database failed
         self._fail_reason = ""
         self._waiting: deque[_Batch] = deque()  # batches not yet committed, oldest first
@@ -915,19 +918,8 @@ def _other_run(db: Path) -> int | None:
         return None
     except PermissionError:
         pass
-    return _run_pid(pid)
-
-
-def _run_pid(pid: int) -> int:
-    """The pid to name to the user: a recorder process's parent, the `llmtap run` they started
-    (stopping the recorder process alone would only have it started again). Linux's /proc;
-    elsewhere the pid as found."""
-    try:
-        if b"llmtap.recorder.process" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return pid
+    run_pid = info.get("run_pid")
+    return run_pid if isinstance(run_pid, int) and run_pid > 0 else pid
 
 
 def _close_interrupted(con: duckdb.DuckDBPyConnection) -> None:
