@@ -43,9 +43,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# What one exchange may hold in memory for the record (`Relay.body_limit`, `llmtap run
-# --max-body`); the stream itself is never capped.
-RECORD_BODY_LIMIT = DEFAULT_BODY_LIMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +128,9 @@ class Relay:
 
     def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
                  on_finished: Callable[[Call, list[Attempt]], None] | None = None,
-                 body_limit: int = RECORD_BODY_LIMIT) -> None:
+                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
+        """`body_limit`: what one exchange may hold in memory for the record (`llmtap run
+        --max-body`); the stream itself is never capped."""
         self.sink = sink
         self.body_limit = body_limit
         self.pool = pool or Pool()
