@@ -234,9 +234,9 @@ class Router:
         # they add is llmtap's: a provider's key_env key and its configured headers.
         secrets = collect_secrets(client_headers, req.path)
         for target_ in targets:
-            provider = rules.providers.get(target_.provider) if target_.provider else None
-            if provider is not None:
-                secrets |= _added_secrets(provider)
+            own = rules.providers.get(target_.provider) if target_.provider else None
+            if own is not None:
+                secrets |= _added_secrets(own)
         call.secrets = tuple(secrets)
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
