@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # package-dir of pyproject.toml: subpackage of llmtap -> folder in the repo.
-MAPPED = {"addons": "addons", "recorder": "recorder", "tui": "tui"}
-RUFF_PATHS = ["addons", "recorder", "tui", "llmtap", "tests", "scripts"]
+MAPPED = {"addons": "addons", "dialects": "dialects", "recorder": "recorder", "tui": "tui"}
+RUFF_PATHS = ["addons", "dialects", "recorder", "tui", "llmtap", "tests", "scripts"]
 
 
 def installed_tree(dest: Path) -> Path:
