@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmtap import paths
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, size_text
+from llmtap.recorder.services import Options
 
 if TYPE_CHECKING:
     from llmtap.addons.runner import RunConfig
@@ -300,7 +301,7 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
 
         configure_logging()
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
-                                buffer_mb=args.buffer_mb, wait=False)
+                                buffer_mb=args.buffer_mb, wait=False, services=_service_options(args))
     if recorder is None and not args.no_record:
         return 2
     from llmtap.addons import rules as rules_mod
@@ -423,8 +424,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _service_options(args: argparse.Namespace) -> Options:
+    """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
+    return Options()
+
+
 def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,
-               buffer_mb: int = 256, wait: bool = True):
+               buffer_mb: int = 256, wait: bool = True, services: Options | None = None):
     """(sink, recorder): the recorder when recording, else a sink that keeps nothing.
 
     The recorder runs in a process of its own (see llmtap.recorder.process), except with the
@@ -440,9 +446,9 @@ def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DE
     if in_process:
         from llmtap.recorder.recorder import Recorder
 
-        recorder = Recorder(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
+        recorder = Recorder(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20, services=services)
     else:  # the proxy's process then never loads DuckDB
-        recorder = RecorderProcess(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20)
+        recorder = RecorderProcess(db, body_limit=body_limit, buffer_bytes=buffer_mb << 20, services=services)
     try:
         if isinstance(recorder, RecorderProcess) and not wait:
             recorder.begin()

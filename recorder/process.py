@@ -43,6 +43,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, without_brief
+from llmtap.recorder.services import Options
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -63,8 +64,10 @@ class RecorderProcess(QueuedSink):
     """The proxy's Sink when the recorder runs in a child process; see the module docstring."""
 
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
-                 body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int | None = None) -> None:
+                 body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int | None = None,
+                 services: Options | None = None) -> None:
         super().__init__(queue_limit)
+        self.services = services or Options()  # what the child runs beside its writer
         self.db_path = Path(db_path).expanduser().absolute()
         self.flush_interval_s = flush_interval_s
         self.body_limit = body_limit  # see `Recorder`
@@ -146,7 +149,8 @@ class RecorderProcess(QueuedSink):
         # Only the first child closes the calls a dead proxy left in progress: those a child
         # started again finds are this proxy's, and go on.
         args = [str(self.db_path), str(child_flush), str(self.buffer_bytes or 0),
-                "sweep" if self._restarted_at is None else "keep", str(self.body_limit)]
+                "sweep" if self._restarted_at is None else "keep", str(self.body_limit),
+                self.services.to_json()]
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "llmtap.recorder.process", *args],
@@ -352,12 +356,15 @@ def _main(argv: list[str]) -> int:
     buffer = int(argv[2]) if len(argv) > 2 and int(argv[2]) > 0 else None
     sweep = len(argv) <= 3 or argv[3] == "sweep"
     limit = int(argv[4]) if len(argv) > 4 else DEFAULT_BODY_LIMIT
+    services = Options.from_json(argv[5]) if len(argv) > 5 else Options()
     from llmtap.paths import private_umask
 
     private_umask()  # DuckDB makes the DB, its WAL and temp files: the user's alone
     out = sys.stdout.buffer
-    recorder = (Recorder(db, flush_interval_s=flush, close_interrupted=sweep, body_limit=limit) if buffer is None else
-                Recorder(db, flush_interval_s=flush, close_interrupted=sweep, buffer_bytes=buffer, body_limit=limit))
+    recorder = (Recorder(db, flush_interval_s=flush, close_interrupted=sweep, body_limit=limit,
+                         services=services) if buffer is None else
+                Recorder(db, flush_interval_s=flush, close_interrupted=sweep, buffer_bytes=buffer, body_limit=limit,
+                         services=services))
     recorder.run_pid = os.getppid()  # the proxy that started this process
     try:
         recorder.start()

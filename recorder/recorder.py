@@ -47,6 +47,8 @@ from llmtap.recorder.record import (
 )
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
+from llmtap.recorder.services import Options, Service
+from llmtap.recorder.services import start as start_services
 from llmtap.recorder.workers import Helpers, Job, extract_job
 
 log = logging.getLogger("llmtap.recorder")
@@ -88,14 +90,15 @@ class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
                  body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
-                 close_interrupted: bool = True) -> None:
+                 close_interrupted: bool = True, services: Options | None = None) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
         the wire and as many once decoded.
         `buffer_bytes` bounds the records kept in memory while the database cannot be written.
         `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
-        recorder process started again for the same proxy must not: those calls go on)."""
+        recorder process started again for the same proxy must not: those calls go on).
+        `services`: what runs beside the writer, fed from committed rows (see services.py)."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -150,6 +153,8 @@ class Recorder(QueuedSink):
             helpers = 2 if usable >= 2 else 0
         self.helpers = Helpers(helpers, cpus)
         self.offload_min = offload_min
+        self.options = services or Options()
+        self.services: list[Service] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -165,6 +170,8 @@ class Recorder(QueuedSink):
             raise
         except Exception as exc:
             self._failed(exc, opening=True)
+        if self.options.any():
+            self.services = start_services(self.options, self)
         self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
         self._thread.start()
 
@@ -253,6 +260,12 @@ class Recorder(QueuedSink):
             self._thread.join()
             self._thread = None
         self.helpers.stop()
+        for service in self.services:
+            try:
+                service.close()
+            except Exception:
+                log.exception("llmtap recorder: a service failed to close")
+        self.services = []
         if self.con is not None:
             self.con.close()
             self.con = None
@@ -418,7 +431,18 @@ class Recorder(QueuedSink):
                 self._owed.pop(reason, None)
         self._in_progress.update(r[0] for r in batch.new_rows)
         self._in_progress.difference_update(batch.final_rows.ids)
+        if self.services and batch.final_rows.ids:
+            self._tell_services(batch)
         self._import_due()
+
+    def _tell_services(self, batch: _Batch) -> None:
+        calls = [dict(zip(CALL_COLUMNS, row)) for row in batch.final_rows.all()]
+        attempts = [dict(zip(ATTEMPT_COLUMNS, row)) for row in batch.attempt_rows]
+        for service in self.services:
+            try:
+                service.committed(calls, attempts)
+            except Exception:  # a service's fault never reaches the writer
+                log.exception("llmtap recorder: a service failed on committed rows")
 
     def _import_due(self) -> bool:
         """Import the spool if it holds records. One that cannot be imported yet (the space the
