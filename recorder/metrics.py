@@ -22,15 +22,19 @@ import ipaddress
 import logging
 import sys
 import threading
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+
+from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS
 
 log = logging.getLogger("llmtap.recorder")
 
@@ -40,6 +44,7 @@ BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 MODEL_CAP = 100  # distinct model names with a series of their own
 NAME_CAP = 100  # likewise for providers and routes (bounded by rules.yaml, capped all the same)
 LABEL_CHARS = 128  # a longer model name (a hostile client's) is cut to this
+LABEL_MEMO = 10_000  # raw label combinations remembered (forgotten all at once past it)
 QUEUE_CALLS = 100_000  # calls waiting to be counted; past it they are dropped, and counted
 DRAIN_S = 1.0
 OTHER = "other"
@@ -104,9 +109,46 @@ def _amount(value: Any) -> float:
 
 
 # What committed() keeps of a call row and of an attempt row: no body, no header, no client.
+# `cost_usd` and the cache columns are read where the table has them.
 _CALL_FIELDS = ("provider", "model_sent", "model_requested", "route", "api", "status", "stream", "attempts",
                 "complete", "duration_ms", "ttfb_ms", "cost_usd") + tuple(c for c, _ in _TOKEN_KINDS)
 _ATTEMPT_FIELDS = ("provider", "status", "error")
+_CALL_LABELS = ("provider", "model", "route", "api", "status_class", "stream")
+_TIMING_LABELS = ("provider", "model", "stream")
+_PM = ("provider", "model")
+# name -> (help, label names); the counters, kept as plain dicts from label values to counts
+# (prometheus-client's own Counter costs about ten times as much per increment), and exposed
+# at scrape time through the library's metric families.
+_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llmtap_requests": ("Finished calls, as committed to the DB", _CALL_LABELS),
+    "llmtap_attempts": ("Upstream attempts by outcome: 2xx..5xx, cut, connect, timeout, skipped, error",
+                        ("provider", "outcome")),
+    "llmtap_fallbacks": ("Calls answered after more than one upstream attempt (provider: the one that answered)",
+                         ("provider", "model", "route")),
+    "llmtap_tokens": ("Tokens by kind: input, output, reasoning, cache_read, cache_write", ("provider", "model", "kind")),
+    "llmtap_cost_usd": ("Cost of the calls priced (calls.cost_usd)", _PM),
+    "llmtap_cut_streams": ("Answers that began (status under 400) and ended short", _PM),
+}
+_HISTOGRAMS: dict[str, str] = {
+    "llmtap_request_duration_seconds": "Call duration, request to last byte",
+    "llmtap_ttfb_seconds": "Time to the first response byte forwarded to the client",
+}
+_LE = tuple(f"{b:g}" if b != int(b) else f"{b:.1f}" for b in BUCKETS_S) + ("+Inf",)
+
+
+def _getter(fields: tuple[str, ...], columns: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple]:
+    """A row's `fields` in one C call; None for those the table does not have."""
+    present = [f for f in fields if f in columns]
+    get = itemgetter(*present)
+    if len(present) == len(fields):
+        return get
+    where = [present.index(f) if f in present else -1 for f in fields]
+
+    def pick(row: dict[str, Any]) -> tuple:
+        got = get(row)
+        return tuple(got[i] if i >= 0 else None for i in where)
+
+    return pick
 
 
 class Metrics:
@@ -114,10 +156,6 @@ class Metrics:
 
     def __init__(self, recorder: Any, *, model_cap: int = MODEL_CAP, name_cap: int = NAME_CAP,
                  queue_calls: int = QUEUE_CALLS) -> None:
-        # A `_created` sample beside every counter and histogram would double the series for
-        # nothing Prometheus needs. The switch is the library's, process-wide: this process
-        # has no other metrics.
-        disable_created_metrics()
         self.recorder = recorder
         self.queue_calls = queue_calls
         self.registry = CollectorRegistry()
@@ -125,32 +163,21 @@ class Metrics:
         self.provider = Capped(name_cap)
         self.route = Capped(name_cap)
         self.server: ThreadingWSGIServer | None = None
+        self._call = _getter(_CALL_FIELDS, CALL_COLUMNS)
+        self._attempt = _getter(_ATTEMPT_FIELDS, ATTEMPT_COLUMNS)
         self._pending: deque[tuple[list[tuple], list[tuple]]] = deque()
         self._queued = 0  # calls appended to _pending, by the writer only
         self._taken = 0  # calls taken from _pending, by the drain only
         self.dropped = 0  # calls not counted because the queue was full (written by the writer only)
-        self._lock = threading.Lock()  # one drain at a time: the thread's or a scrape's
+        self._lock = threading.Lock()  # guards the counts: one drain or one scrape at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        r = self.registry
-        call = ["provider", "model", "route", "api", "status_class", "stream"]
-        self.requests = Counter("llmtap_requests", "Finished calls, as committed to the DB", call, registry=r)
-        self.attempts = Counter("llmtap_attempts", "Upstream attempts by outcome: 2xx..5xx, cut, connect, "
-                                "timeout, skipped, error", ["provider", "outcome"], registry=r)
-        self.fallbacks = Counter("llmtap_fallbacks", "Calls answered after more than one upstream attempt "
-                                 "(provider: the one that answered)", ["provider", "model", "route"], registry=r)
-        timing = ["provider", "model", "stream"]
-        self.duration = Histogram("llmtap_request_duration_seconds", "Call duration, request to last byte",
-                                  timing, buckets=BUCKETS_S, registry=r)
-        self.ttfb = Histogram("llmtap_ttfb_seconds", "Time to the first response byte forwarded to the client",
-                              timing, buckets=BUCKETS_S, registry=r)
-        self.tokens = Counter("llmtap_tokens", "Tokens by kind: input, output, reasoning, cache_read, cache_write",
-                              ["provider", "model", "kind"], registry=r)
-        self.cost = Counter("llmtap_cost_usd", "Cost of the calls priced (calls.cost_usd)", ["provider", "model"],
-                            registry=r)
-        self.cut = Counter("llmtap_cut_streams", "Answers that began (status under 400) and ended short",
-                           ["provider", "model"], registry=r)
-        r.register(_RecorderCollector(self))
+        # A row's raw values -> its label tuples: most calls repeat a few combinations.
+        self._labels: dict[tuple, tuple[tuple[str, ...], ...]] = {}
+        self.counts: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in _COUNTERS}
+        # label values -> [count per bucket (not cumulative), ..., count over the last, sum]
+        self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {name: {} for name in _HISTOGRAMS}
+        self.registry.register(_Collector(self))
 
     # -- the Service ---------------------------------------------------------------------------
     def committed(self, calls: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> None:
@@ -158,8 +185,7 @@ class Metrics:
         if self._queued - self._taken + len(calls) > self.queue_calls:
             self.dropped += len(calls)
             return
-        self._pending.append(([tuple(row.get(k) for k in _CALL_FIELDS) for row in calls],
-                              [tuple(row.get(k) for k in _ATTEMPT_FIELDS) for row in attempts]))
+        self._pending.append((list(map(self._call, calls)), list(map(self._attempt, attempts))))
         self._queued += len(calls)
 
     def close(self) -> None:
@@ -193,29 +219,60 @@ class Metrics:
                 self._taken += len(calls)
 
     def _count(self, calls: list[tuple], attempts: list[tuple]) -> None:
+        c = self.counts
+        requests, fallbacks, tokens, costs, cuts = (c["llmtap_requests"], c["llmtap_fallbacks"], c["llmtap_tokens"],
+                                                    c["llmtap_cost_usd"], c["llmtap_cut_streams"])
+        durations, ttfbs = self.histograms["llmtap_request_duration_seconds"], self.histograms["llmtap_ttfb_seconds"]
+        labels = self._labels
+        if len(labels) > LABEL_MEMO:
+            labels.clear()
         for (provider, model_sent, model_requested, route, api, status, stream, n_attempts, complete,
-             duration_ms, ttfb_ms, cost, *tokens) in calls:
-            p = self.provider(provider)
-            m = self.model(model_sent or model_requested)
-            r = self.route(route)
-            s = _stream(stream)
-            self.requests.labels(p, m, r, api if api in _APIS else OTHER, status_class(status), s).inc()
+             duration_ms, ttfb_ms, cost, *token_counts) in calls:
+            raw = (provider, model_sent or model_requested, route, api, status, stream)
+            memo = labels.get(raw)
+            if memo is None:
+                p, m, r, s = self.provider(provider), self.model(raw[1]), self.route(route), _stream(stream)
+                memo = labels[raw] = ((p, m, r, api if api in _APIS else OTHER, status_class(status), s),
+                                      (p, m, r), (p, m), (p, m, s))
+            key, pmr, pm, timing = memo
+            requests[key] = requests.get(key, 0) + 1
             if isinstance(n_attempts, int) and n_attempts > 1:
-                self.fallbacks.labels(p, m, r).inc()
-            if isinstance(duration_ms, (int, float)) and duration_ms >= 0:
-                self.duration.labels(p, m, s).observe(duration_ms / 1000)
-            if isinstance(ttfb_ms, (int, float)) and ttfb_ms >= 0:
-                self.ttfb.labels(p, m, s).observe(ttfb_ms / 1000)
-            for (_, kind), value in zip(_TOKEN_KINDS, tokens):
-                amount = _amount(value)
-                if amount:
-                    self.tokens.labels(p, m, kind).inc(amount)
-            if (amount := _amount(cost)):
-                self.cost.labels(p, m).inc(amount)
+                fallbacks[pmr] = fallbacks.get(pmr, 0) + 1
+            p, m = pm
+            _observe(durations, timing, duration_ms)
+            _observe(ttfbs, timing, ttfb_ms)
+            for (_, kind), value in zip(_TOKEN_KINDS, token_counts):
+                if value and (amount := _amount(value)):
+                    key = (p, m, kind)
+                    tokens[key] = tokens.get(key, 0) + amount
+            if cost is not None and (amount := _amount(cost)):
+                costs[pm] = costs.get(pm, 0) + amount
             if complete is False and isinstance(status, int) and status < 400:
-                self.cut.labels(p, m).inc()
+                cuts[pm] = cuts.get(pm, 0) + 1
+        outcomes = c["llmtap_attempts"]
         for provider, status, error in attempts:
-            self.attempts.labels(self.provider(provider), attempt_outcome(status, error)).inc()
+            key = (self.provider(provider), attempt_outcome(status, error))
+            outcomes[key] = outcomes.get(key, 0) + 1
+
+    def families(self) -> Iterator[Metric]:
+        """The counts as the library's metric families, for a scrape."""
+        with self._lock:
+            counts = {name: list(values.items()) for name, values in self.counts.items()}
+            histograms = {name: [(k, list(v)) for k, v in values.items()] for name, values in self.histograms.items()}
+        for name, (doc, labels) in _COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in counts[name]:
+                family.add_metric(key, value)
+            yield family
+        for name, doc in _HISTOGRAMS.items():
+            hist = HistogramMetricFamily(name, doc, labels=_TIMING_LABELS)
+            for key, cells in histograms[name]:
+                cumulative, running = [], 0.0
+                for le, n in zip(_LE, cells):
+                    running += n
+                    cumulative.append((le, running))
+                hist.add_metric(key, cumulative, cells[-1])
+            yield hist
 
     # -- serving -------------------------------------------------------------------------------
     def serve(self, host: str, port: int) -> tuple[str, int]:
@@ -231,8 +288,19 @@ class Metrics:
         return str(bound[0]), int(bound[1])
 
 
-class _RecorderCollector(Collector):
-    """What the recorder holds right now, read at scrape time."""
+def _observe(histogram: dict[tuple[str, ...], list[float]], key: tuple[str, ...], ms: Any) -> None:
+    if not isinstance(ms, (int, float)) or ms < 0:
+        return
+    cells = histogram.get(key)
+    if cells is None:
+        cells = histogram[key] = [0.0] * (len(BUCKETS_S) + 2)
+    seconds = ms / 1000
+    cells[bisect_left(BUCKETS_S, seconds)] += 1  # le: a value on a bound counts in that bound's bucket
+    cells[-1] += seconds
+
+
+class _Collector(Collector):
+    """The counts, and what the recorder holds right now, read at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -240,6 +308,8 @@ class _RecorderCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         from llmtap.recorder.recorder import spool_path
 
+        yield from self.metrics.families()
+        rec = self.metrics.recorder
         rec = self.metrics.recorder
         # len() of a dict or deque another thread changes is safe: one atomic step under the GIL.
         yield GaugeMetricFamily("llmtap_calls_in_flight", "Calls started and not yet finished, as the recorder "
