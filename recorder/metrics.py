@@ -39,7 +39,7 @@ from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS
 log = logging.getLogger("llmtap.recorder")
 
 # Up to long reasoning calls, which can think for many minutes before and while they answer.
-BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
+BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0,
              3600.0)
 MODEL_CAP = 100  # distinct model names with a series of their own
 NAME_CAP = 100  # likewise for providers and routes (bounded by rules.yaml, capped all the same)

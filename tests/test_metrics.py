@@ -14,7 +14,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakeprovider import FakeProvider, cut, slow, status
+from fakeprovider import FakeProvider, cut, reset, slow, status
+from llmtap.recorder.metrics import BUCKETS_S
 from test_cli import Lines
 
 AGENT = "planted-agent/7.7 (secret-session-42)"
@@ -98,10 +99,15 @@ routes:
     match: {{model: fast}}
     targets: [{{provider: local, model: real-model}}, {{provider: backup, model: backup-model}}]
     retry: {{backoff_ms: 1, on: [503]}}
+  - name: sturdy
+    match: {{model: sturdy}}
+    targets: [{{provider: local, model: reset-model}}, {{provider: backup}}]
+    retry: {{backoff_ms: 1, on: [connect]}}
 """
     fake.script_for_model("real-model", status(503))
     fake.script_for_model("bad", status(400))
     fake.script_for_model("cutme", cut(after_events=2))
+    fake.script_for_model("reset-model", reset())  # no response at all: a `connect` failure
     run = MetricsRun(tmp_path, rules)
     started.append(run)
     assert run.metrics_url.endswith("/metrics") and run.metrics_url.startswith("http://127.0.0.1:")
@@ -120,11 +126,11 @@ routes:
     with httpx.Client(timeout=60, headers={"user-agent": AGENT}) as client:
         codes = [chat(client, "m1") for _ in range(3)]
         codes += [chat(client, "m2", stream=True) for _ in range(2)]
-        codes += [chat(client, "bad"), chat(client, "fast"), chat(client, "cutme", stream=True)]
-    assert codes[:7] == [200, 200, 200, 200, 200, 400, 200]
+        codes += [chat(client, "bad"), chat(client, "fast"), chat(client, "sturdy"), chat(client, "cutme", stream=True)]
+    assert codes[:8] == [200, 200, 200, 200, 200, 400, 200, 200]
 
-    s = run.scrape_when(lambda s: total(s, "llmtap_requests_total") >= 8)
-    assert total(s, "llmtap_requests_total") == 8
+    s = run.scrape_when(lambda s: total(s, "llmtap_requests_total") >= 9)
+    assert total(s, "llmtap_requests_total") == 9
     assert total(s, "llmtap_requests_total", provider="local", model="m1", status_class="2xx", stream="false",
                  api="openai.chat", route="") == 3
     assert total(s, "llmtap_requests_total", provider="local", model="m2", status_class="2xx", stream="true") == 2
@@ -132,11 +138,13 @@ routes:
     # The fallback: asked for `fast`, answered by the second target.
     assert total(s, "llmtap_requests_total", provider="backup", model="backup-model", route="fast",
                  status_class="2xx") == 1
-    assert total(s, "llmtap_fallbacks_total") == 1
+    assert total(s, "llmtap_fallbacks_total") == 2
     assert total(s, "llmtap_fallbacks_total", provider="backup", model="backup-model", route="fast") == 1
+    assert total(s, "llmtap_fallbacks_total", provider="backup", route="sturdy") == 1
     assert total(s, "llmtap_attempts_total", provider="local", outcome="5xx") == 1
-    assert total(s, "llmtap_attempts_total", provider="backup", outcome="2xx") == 1
-    assert total(s, "llmtap_attempts_total") == 9
+    assert total(s, "llmtap_attempts_total", provider="local", outcome="connect") == 1
+    assert total(s, "llmtap_attempts_total", provider="backup", outcome="2xx") == 2
+    assert total(s, "llmtap_attempts_total") == 11
     assert total(s, "llmtap_cut_streams_total") == 1
     assert total(s, "llmtap_cut_streams_total", provider="local", model="cutme") == 1
     assert total(s, "llmtap_attempts_total", provider="local", outcome="cut") == 1
@@ -146,13 +154,13 @@ routes:
         bounds = {float(l["le"]) for l, _ in s[f"{name}_bucket"]}
         assert {60.0, 300.0, 1800.0, 3600.0} <= bounds
         assert total(s, f"{name}_bucket", le="+Inf") == total(s, f"{name}_count")
-    assert total(s, "llmtap_request_duration_seconds_count") == 8
+    assert total(s, "llmtap_request_duration_seconds_count") == 9
     assert total(s, "llmtap_request_duration_seconds_count", model="m1", provider="local") == 3
 
     # The recorder's own state, read at scrape time.
     assert total(s, "llmtap_recorder_dropped_calls_total") == 0
     assert total(s, "llmtap_recorder_spool_bytes") == 0
-    assert total(s, "llmtap_recorder_committed_calls_total") == 8
+    assert total(s, "llmtap_recorder_committed_calls_total") == 9
     assert "llmtap_recorder_queue_depth" in s and "llmtap_calls_in_flight" in s
 
     # Never a user agent, a session or a key: not as a label, not anywhere on the page.
@@ -205,7 +213,7 @@ def test_three_hundred_model_names_stay_within_the_cap_and_the_rest_count_as_oth
     # Every family stays bounded by the cap, histograms included (buckets per model, not per call).
     for name, rows in s.items():
         assert len({l.get("model") for l, _ in rows}) <= 101, name
-    assert len(s["llmtap_request_duration_seconds_bucket"]) <= 101 * 18
+    assert len(s["llmtap_request_duration_seconds_bucket"]) == 101 * (len(BUCKETS_S) + 1)
 
 
 def test_a_port_in_use_is_said_naming_the_flag_and_recording_goes_on(
