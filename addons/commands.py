@@ -442,8 +442,9 @@ def _metrics_address(text: str) -> str:
 
     try:
         host, port = parse_hostport(text, "--metrics")
-    except StartupError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--metrics {text!r}: ")) from None
+    except StartupError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT or PORT, e.g. --metrics 127.0.0.1:9464 "
+                                         "(the port Prometheus scrapes)") from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
