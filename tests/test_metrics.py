@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakeprovider import FakeProvider, cut, reset, slow, status
+from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.metrics import BUCKETS_S
 from test_cli import Lines
 
@@ -259,3 +263,32 @@ def test_metrics_without_a_recorder_is_refused_with_the_reason(tmp_path: Path) -
     r = subprocess.run([sys.executable, "-m", "llmtap", "run", "--metrics", "nine"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 2 and "--metrics" in r.stderr and "HOST:PORT" in r.stderr
+
+
+def test_a_recorder_process_started_again_serves_the_metrics_again_on_the_same_port(
+        tmp_path: Path, fake: FakeProvider, started: list[MetricsRun]) -> None:
+    with socket.socket() as probe:  # a port from the OS, given by number as a user would
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = MetricsRun(tmp_path, f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n",
+                     metrics=f"127.0.0.1:{port}")
+    started.append(run)
+    assert run.metrics_url == f"http://127.0.0.1:{port}/metrics"
+
+    def call(model: str) -> None:
+        r = httpx.post(f"{run.gateway}/local/chat/completions", timeout=60,
+                       json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+
+    for _ in range(3):
+        call("before")
+    run.scrape_when(lambda s: total(s, "llmtap_requests_total", model="before") == 3)
+    os.kill(json.loads(discovery_path(run.db).read_text())["pid"], signal.SIGKILL)
+    run.err.wait_for("a new recorder process records into")
+    for _ in range(2):
+        call("after")
+    s = run.scrape_when(lambda s: total(s, "llmtap_requests_total", model="after") == 2)
+    # Counted from 0 by the new process: only what the dead one may not have reported committed
+    # is handed (and counted) again.
+    assert total(s, "llmtap_requests_total", model="before") <= 3
+    assert sum(1 for l in run.err.lines if l.startswith("llmtap metrics ")) == 2
