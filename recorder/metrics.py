@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socketserver
 import sys
 import threading
 from bisect import bisect_left
@@ -281,6 +282,13 @@ class Metrics:
 
         class Server(ThreadingWSGIServer):
             address_family = _family(host)
+
+            def server_bind(self) -> None:
+                # HTTPServer's would look the host up in reverse DNS (socket.getfqdn): seconds
+                # of start-up on a machine whose resolver is out of reach.
+                socketserver.TCPServer.server_bind(self)
+                self.server_name, self.server_port = host, self.server_address[1]
+                self.setup_environ()
 
         self.server = make_server(host, port, app, Server, handler_class=_QuietHandler)
         threading.Thread(target=self.server.serve_forever, name="llmtap-metrics-http", daemon=True).start()
