@@ -47,6 +47,7 @@ examples:
   llmtap run --proxy off --db /tmp/try.duckdb   only the gateway, another file
   llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN: anyone there can use it,
                                       and with --gateway-token anyone who has the token
+  llmtap run --metrics 9464           Prometheus metrics at http://127.0.0.1:9464/metrics
 
 security:
   The gateway adds a provider's key_env key only for a client that sent the llmtap gateway
@@ -103,6 +104,13 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
                           "(repeatable; default: none, requests from web pages are refused)")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI in this process")
     run.add_argument("-q", "--quiet", action="store_true", help="no line per call on stdout")
+    # -- services of the recorder's process (--metrics, ...) --
+    run.add_argument("--metrics", metavar="HOST:PORT", type=_metrics_address, default=None,
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics from the recorder process "
+                          "(a bare PORT listens on 127.0.0.1): calls by provider, model, route, API, status "
+                          "class and stream, attempts, fallbacks, duration and time-to-first-byte histograms, "
+                          "tokens, cost, cut streams, calls in flight, the recorder's queue, drops and spool. "
+                          "A port in use is said once and recording goes on without metrics. Off by default")
     run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
@@ -271,6 +279,10 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
     if proxy is None and gateway is None:
         print("llmtap: --proxy off and --gateway off leave nothing to run", file=sys.stderr)
         return 2
+    if args.metrics and args.no_record:
+        print("llmtap: --metrics counts the calls the recorder commits, and --no-record starts no recorder: "
+              "leave one of them out", file=sys.stderr)
+        return 2
     if args.tui and run_tui is None:
         print("llmtap: --tui: no UI was handed to `run` (llmtap.cli passes llmtap.compose's)",
               file=sys.stderr)
@@ -424,9 +436,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _metrics_address(text: str) -> str:
+    """`--metrics`: HOST:PORT as the recorder's process binds it (a bare port on loopback)."""
+    from llmtap.addons.hostport import StartupError, parse_hostport
+
+    try:
+        host, port = parse_hostport(text, "--metrics")
+    except StartupError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT or PORT, e.g. --metrics 127.0.0.1:9464 "
+                                         "(the port Prometheus scrapes)") from None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _service_options(args: argparse.Namespace) -> Options:
     """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
-    return Options()
+    return Options(metrics=args.metrics)
 
 
 def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,

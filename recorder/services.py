@@ -52,4 +52,10 @@ def start(options: Options, recorder: Any) -> list[Service]:
     """The services `options` turns on, started. One that cannot start is said and left out:
     recording goes on without it."""
     services: list[Service] = []
+    if options.metrics:
+        from llmtap.recorder import metrics
+
+        served = metrics.start(options.metrics, recorder)
+        if served is not None:
+            services.append(served)
     return services
