@@ -8,16 +8,22 @@ network-sized chunks and finished; a whole-body answer is read too. A ratio near
 and reading cost little beyond parsing the JSON; compare ratios across versions, not seconds.
 
     .venv/bin/python scripts/bench_extract.py --events 20000 --repeat 5
+
+`--against OLD.py` also runs another copy of recorder/extract.py (e.g. `git show
+HEAD~5:recorder/extract.py > /tmp/old_extract.py`) on the same streams, interleaved with this
+one, and prints this one's time over that one's: the before/after ratio of a change.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,15 +93,26 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20000, help="events per stream (default 20000)")
     ap.add_argument("--repeat", type=int, default=5, help="runs of each; the fastest counts (default 5)")
     ap.add_argument("--chunk", type=int, default=1400, help="bytes per network read (default 1400)")
+    ap.add_argument("--against", metavar="OLD.py", help="another extract.py to compare with (see above)")
     args = ap.parse_args()
-    total_read = total_base = 0.0
-    print(f"{'stream':<20} {'events':>7} {'MB':>6} {'read ms':>9} {'json ms':>9} {'ratio':>6}")
+    old_make = None
+    if args.against:
+        spec = importlib.util.spec_from_file_location("old_extract", args.against)
+        assert spec is not None and spec.loader is not None
+        old = importlib.util.module_from_spec(spec)
+        sys.modules["old_extract"] = old  # dataclasses look their module up
+        spec.loader.exec_module(old)
+        old_make = old.make_extractor
+    total_read = total_base = total_old = 0.0
+    print(f"{'stream':<20} {'events':>7} {'MB':>6} {'read ms':>9} {'json ms':>9} {'ratio':>6}"
+          + (f" {'old ms':>9} {'new/old':>7}" if old_make else ""))
     for name, (api, headers, body, objs) in streams(args.events).items():
         chunks = [body[i:i + args.chunk] for i in range(0, len(body), args.chunk)]
         texts = [json.dumps(o) for o in objs]
 
-        def read(api: str = api, headers: dict = headers, chunks: list[bytes] = chunks) -> object:
-            ex = make_extractor(api, status=200, headers=headers, limit=1 << 30)
+        def read(api: str = api, headers: dict = headers, chunks: list[bytes] = chunks,
+                 make: Callable[..., Any] = make_extractor) -> object:
+            ex = make(api, status=200, headers=headers, limit=1 << 30)
             for c in chunks:
                 ex.feed(c)
             return ex.finish()
@@ -105,13 +122,25 @@ def main() -> None:
 
         got = read()
         assert getattr(got, "content", None), f"{name}: nothing read ({getattr(got, 'notes', None)})"
-        t_read, t_base = best(read, args.repeat), best(base, args.repeat)
+        t_read = t_base = t_old = float("inf")
+        for _ in range(args.repeat):  # interleaved, so that a busy moment costs each the same
+            t_read = min(t_read, best(read, 1))
+            t_base = min(t_base, best(base, 1))
+            if old_make is not None:
+                t_old = min(t_old, best(lambda: read(make=old_make), 1))
         total_read += t_read
         total_base += t_base
-        print(f"{name:<20} {len(objs):>7} {len(body) / 1e6:>6.2f} {t_read * 1e3:>9.1f} {t_base * 1e3:>9.1f} "
-              f"{t_read / t_base:>6.2f}")
-    print(f"{'all':<20} {'':>7} {'':>6} {total_read * 1e3:>9.1f} {total_base * 1e3:>9.1f} "
-          f"{total_read / total_base:>6.2f}")
+        line = (f"{name:<20} {len(objs):>7} {len(body) / 1e6:>6.2f} {t_read * 1e3:>9.1f} {t_base * 1e3:>9.1f} "
+                f"{t_read / t_base:>6.2f}")
+        if old_make is not None:
+            total_old += t_old
+            line += f" {t_old * 1e3:>9.1f} {t_read / t_old:>7.2f}"
+        print(line)
+    line = (f"{'all':<20} {'':>7} {'':>6} {total_read * 1e3:>9.1f} {total_base * 1e3:>9.1f} "
+            f"{total_read / total_base:>6.2f}")
+    if old_make is not None:
+        line += f" {total_old * 1e3:>9.1f} {total_read / total_old:>7.2f}"
+    print(line)
 
 
 if __name__ == "__main__":
