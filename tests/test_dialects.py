@@ -5,6 +5,7 @@ llmtap answers in it, and the usage of its answers."""
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -232,3 +233,95 @@ def test_relay_error_body_is_the_dialects() -> None:
     from llmtap.addons.relay import error_body
 
     assert error_body("gemini", 404, "m", "c") == registry.for_family("gemini").error_body(404, "m", "c")
+
+
+# --- usage of answers, normalised -------------------------------------------------------------------
+
+
+def answer(api: str, body: bytes, sse: bool = False):  # type: ignore[no-untyped-def]
+    reader = registry.response_reader(api, status=200, headers={
+        "content-type": "text/event-stream" if sse else "application/json"})
+    reader.feed(body)
+    return reader.finish()
+
+
+def events(*objs: dict, named: bool = False) -> bytes:
+    return "".join((f"event: {o['type']}\n" if named else "") + f"data: {json.dumps(o)}\n\n" for o in objs).encode()
+
+
+def test_openai_chat_usage_with_cached_tokens_and_openrouter_cost() -> None:
+    usage = {"prompt_tokens": 1200, "completion_tokens": 80, "total_tokens": 1280, "cost": 0.00123,
+             "prompt_tokens_details": {"cached_tokens": 1024},
+             "completion_tokens_details": {"reasoning_tokens": 64}}
+    got = answer("openai.chat", json.dumps({"id": "gen-1", "model": "m", "usage": usage, "choices": [
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}]}).encode())
+    u = got.usage
+    assert (u.input_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens) == (1200, 80, 64, 1280)
+    assert (u.cache_read_tokens, u.cache_write_tokens) == (1024, None)
+    assert u.cost_usd == Decimal("0.00123") and u.raw == usage and got.id == "gen-1"
+
+
+def test_deepseek_cache_hit_tokens_in_a_stream() -> None:
+    usage = {"prompt_tokens": 90, "completion_tokens": 5, "total_tokens": 95, "prompt_cache_hit_tokens": 64,
+             "prompt_cache_miss_tokens": 26}
+    got = answer("openai.chat", events(
+        {"id": "x", "model": "deepseek-chat", "choices": [{"index": 0, "delta": {"content": "ok"}}]},
+        {"id": "x", "model": "deepseek-chat", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+         "usage": usage}) + b"data: [DONE]\n\n", sse=True)
+    assert (got.usage.input_tokens, got.usage.cache_read_tokens, got.usage.raw) == (90, 64, usage)
+    assert got.usage.cost_usd is None
+
+
+def test_anthropic_input_counts_cache_reads_and_writes() -> None:
+    start = {"input_tokens": 10, "cache_read_input_tokens": 2000, "cache_creation_input_tokens": 300,
+             "output_tokens": 1}
+    got = answer("anthropic.messages", events(
+        {"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": start}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 42}},
+        {"type": "message_stop"}, named=True), sse=True)
+    u = got.usage
+    assert (u.input_tokens, u.cache_read_tokens, u.cache_write_tokens, u.output_tokens) == (2310, 2000, 300, 42)
+    assert u.raw == {**start, "output_tokens": 42} and got.id == "msg_1"
+    whole = answer("anthropic.messages", json.dumps({"type": "message", "model": "claude", "content": [], "usage": {
+        "input_tokens": 5, "cache_read_input_tokens": 7, "output_tokens": 3}}).encode())
+    assert (whole.usage.input_tokens, whole.usage.cache_read_tokens, whole.usage.cache_write_tokens) == (12, 7, None)
+
+
+def test_responses_cached_tokens() -> None:
+    usage = {"input_tokens": 500, "output_tokens": 50, "total_tokens": 550,
+             "input_tokens_details": {"cached_tokens": 384}, "output_tokens_details": {"reasoning_tokens": 20}}
+    got = answer("openai.responses", events(
+        {"type": "response.created", "response": {"id": "resp_9", "model": "gpt-5"}},
+        {"type": "response.output_text.delta", "item_id": "m", "output_index": 0, "content_index": 0, "delta": "x"},
+        {"type": "response.completed", "response": {"id": "resp_9", "model": "gpt-5", "status": "completed",
+                                                    "output": [], "usage": usage}}, named=True), sse=True)
+    u = got.usage
+    assert (u.input_tokens, u.cache_read_tokens, u.reasoning_tokens, u.output_tokens) == (500, 384, 20, 50)
+    assert u.raw == usage and got.id == "resp_9"
+
+
+def test_gemini_output_counts_thoughts_and_cached_content() -> None:
+    usage = {"promptTokenCount": 4000, "cachedContentTokenCount": 3000, "candidatesTokenCount": 10,
+             "thoughtsTokenCount": 90, "totalTokenCount": 4100}
+    got = answer("gemini.generate", json.dumps({"modelVersion": "gemini-2.5-pro", "usageMetadata": usage,
+                                                "candidates": [{"content": {"parts": [{"text": "a"}]},
+                                                                "finishReason": "STOP"}]}).encode())
+    u = got.usage
+    assert (u.input_tokens, u.cache_read_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens) == (
+        4000, 3000, 100, 90, 4100)
+    assert u.raw == usage
+
+
+def test_ollama_counts_are_its_usage() -> None:
+    got = answer("ollama.chat", json.dumps({"model": "qwen3", "message": {"role": "assistant", "content": "a"},
+                                            "done": True, "prompt_eval_count": 7, "eval_count": 3,
+                                            "eval_duration": 100}).encode())
+    assert (got.usage.input_tokens, got.usage.output_tokens) == (7, 3)
+    assert got.usage.raw == {"prompt_eval_count": 7, "eval_count": 3, "eval_duration": 100}
+
+
+def test_no_usage_is_none_never_zero() -> None:
+    got = answer("openai.chat", json.dumps({"choices": [{"index": 0, "message": {"content": "a"}}]}).encode())
+    assert got.usage.input_tokens is None and got.usage.raw is None and got.usage.cache_read_tokens is None
