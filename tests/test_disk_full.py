@@ -154,7 +154,11 @@ def test_a_full_disk_and_a_full_buffer_count_every_lost_call_exactly(tmp_path: P
         assert dropped > 0 and len(bodies) > 0, "".join(run.err.lines)
         assert len(bodies) + dropped == made, "".join(run.err.lines)
         assert len(set(bodies)) == len(bodies)
-        assert run.said("records are being lost") == 1
+        # Said once per episode of failure, not once per batch. The disk may let a tiny commit
+        # (the drop counts) through before the filler goes, which ends one episode and starts
+        # another: each says it once.
+        episodes = run.said("cannot write to")
+        assert 1 <= run.said("records are being lost") == episodes, "".join(run.err.lines)
 
 
 def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path: Path,
