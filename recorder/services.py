@@ -52,4 +52,11 @@ def start(options: Options, recorder: Any) -> list[Service]:
     """The services `options` turns on, started. One that cannot start is said and left out:
     recording goes on without it."""
     services: list[Service] = []
+    if options.archive:
+        from llmtap.recorder.archive import ArchiveService
+
+        try:
+            services.append(ArchiveService(options.archive, recorder))
+        except Exception as exc:
+            log.error("llmtap recorder: --archive-to: %s; recording goes on without the archive", exc)
     return services
