@@ -453,13 +453,21 @@ def delete_calls(cursor: Callable[[], duckdb.DuckDBPyConnection], ids: list[str]
                 progress("deleting", min(s + DELETE_BATCH, len(ids)), len(ids))
 
         def prune() -> None:
+            import duckdb
+
             prune_index(con)
+            try:
+                # Folds the deletes into the file so DuckDB can reuse the space. On the writer's
+                # thread no write of its own is open; a reader's may be, and then DuckDB's own
+                # automatic checkpoint does it later.
+                con.execute("CHECKPOINT")
+            except duckdb.TransactionException:
+                pass
 
         if on_writer is None:
             prune()
         else:
             on_writer(prune)
-        con.execute("CHECKPOINT")
     finally:
         con.close()
     return removed
