@@ -363,3 +363,20 @@ def test_run_archives_on_a_schedule_and_keep_removes_only_archived_calls(tmp_pat
 def test_run_refuses_keep_without_an_archive(tmp_path: Path) -> None:
     r = llmtap("run", "--db", str(tmp_path / "x.duckdb"), "--keep", "30d", "--confdir", str(tmp_path / "ca"))
     assert r.returncode == 2 and "--keep needs --archive-to" in r.stderr, r.stderr
+
+
+def test_sessions_are_archived_by_day_once_their_day_is_over(tmp_path: Path) -> None:
+    db, root = tmp_path / "calls.duckdb", tmp_path / "archive"
+    build_db(db, {1: 1})
+    with duckdb.connect(str(db)) as con:  # the shape a sessions table has: a key, then when it started
+        con.execute("CREATE TABLE sessions (id VARCHAR PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL, calls BIGINT)")
+        con.execute("INSERT INTO sessions VALUES ('s-old', now() - INTERVAL 2 DAY, 3), ('s-old2', now() - INTERVAL 2 DAY, 1), "
+                    "('s-today', now(), 1)")
+    r = llmtap("archive", "--db", str(db), "--to", str(root))
+    assert r.returncode == 0 and "2 sessions" in r.stderr, r.stderr
+    got = rows(duckdb.connect(), f"SELECT id, calls FROM read_parquet('{root}/sessions/**/*.parquet', "
+                                 "hive_partitioning = true) ORDER BY id")
+    assert got == [("s-old", 3), ("s-old2", 1)]  # today's may still grow: not yet
+    again = llmtap("archive", "--db", str(db), "--to", str(root))
+    assert again.returncode == 0 and "archived 0 calls (0 attempts) to" in again.stderr, again.stderr
+    assert len(files(root / "sessions")) == 1
