@@ -542,7 +542,7 @@ class ArchiveService:
         self.to = str(options["to"])
         self.every_s = float(options.get("every_s") or 3600.0)
         self.keep = options.get("keep")
-        self.target = open_target(self.to, flag="--archive-to")
+        self.target: Target | None = None  # opened on the first run: pyarrow loads off the start-up
         self.runs = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -565,6 +565,8 @@ class ArchiveService:
     def run_once(self) -> Result | None:
         rec = self.recorder
         try:
+            if self.target is None:
+                self.target = open_target(self.to, flag="--archive-to")
             keep = parse_age(self.keep, "--keep") if self.keep else None
             result = archive(rec.cursor, self.target, keep=keep, in_progress=rec.in_progress,
                              on_writer=rec.on_writer, flag="--archive-to")

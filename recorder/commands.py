@@ -233,6 +233,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
         if result.compacted:
             before, after = result.compacted
             said += f" ({before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB)"
+        elif via and result.deleted:
+            said += (" (DuckDB reuses their space for new calls; the file itself shrinks when `llmtap "
+                     "archive --delete` runs with the proxy stopped)")
     print(said, file=sys.stderr)
     return 0
 
@@ -332,9 +335,12 @@ def _archive_local(db: Path, target, older_than: str | None, delete: bool, progr
     try:
         migrate(con)  # a file of an older llmtap: the columns the archive writes
         result = archive(con.cursor, target, older_than=older_than, delete=delete, progress=progress)
+        # Space freed by deletes made while `llmtap run` held the file is given back now too.
+        row = con.execute("SELECT free_blocks, total_blocks FROM pragma_database_size()").fetchone()
+        spare = bool(row and row[1] and row[0] / row[1] > 0.25)
     finally:
         con.close()
-    if delete and result.deleted:
+    if delete and (result.deleted or spare):
         try:
             result.compacted = compact(db)
         except Exception as exc:  # the calls are archived and removed; only the space is not given back

@@ -328,7 +328,7 @@ def test_archive_runs_inside_a_recording_llmtap_run_and_delete_keeps_the_new_cal
         r = llmtap("archive", "--db", str(db), "--to", str(root), "--delete")
         assert r.returncode == 0, r.stderr
         assert "archived 4 calls" in r.stderr and "inside the running llmtap" in r.stderr
-        assert "removed 4 archived calls" in r.stderr
+        assert "removed 4 archived calls" in r.stderr and "shrinks when" in r.stderr
         assert committed(db) == 0
         send(gateway, 3)  # recording goes on
         wait_until(lambda: committed(db) == 3, "3 more calls committed")
@@ -380,3 +380,24 @@ def test_sessions_are_archived_by_day_once_their_day_is_over(tmp_path: Path) -> 
     again = llmtap("archive", "--db", str(db), "--to", str(root))
     assert again.returncode == 0 and "archived 0 calls (0 attempts) to" in again.stderr, again.stderr
     assert len(files(root / "sessions")) == 1
+
+
+def test_run_with_an_unreachable_archive_says_so_and_goes_on_recording(
+        tmp_path: Path, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "calls.duckdb"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")  # the run inherits it
+    proc, err, gateway = start_run(tmp_path, fake, db, "--archive-to", f"s3://{BUCKET}/x",
+                                   "--archive-every", "0.2s", "--keep", "0s")
+    try:
+        send(gateway, 2)
+        line = err.wait_for("--archive-to s3://")
+        assert "cannot reach S3" in line and "recording goes on" in line
+        wait_until(lambda: committed(db) == 2, "the calls recorded all the same")
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    assert sum("cannot reach S3" in l for l in err.lines) == 1  # said once, not every 0.2 s
+    assert len(local_rows(db, "calls")) == 2  # nothing archived, so --keep removed nothing
