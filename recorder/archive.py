@@ -247,8 +247,9 @@ class _Writer:
         self.db.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def write(self, rows: duckdb.DuckDBPyRelation, dest: str, expect: int) -> None:
-        """COPY `rows` to a local file, then put it at `dest` whole and check what landed."""
+    def write(self, rows: duckdb.DuckDBPyRelation, dest: str, expect: int | None = None) -> int:
+        """COPY `rows` to a local file, then put it at `dest` whole and check what landed (the
+        rows COPY wrote, and `expect` when given). Returns the number of rows."""
         import pyarrow.parquet as pq
 
         from llmtap.recorder.export import _quoted, _Rows
@@ -256,7 +257,9 @@ class _Writer:
         local = self.tmp / "part.parquet"
         self.db.register("rows", _Rows(rows))
         try:
-            self.db.execute(f"COPY (SELECT * FROM rows) TO {_quoted(local)} (FORMAT parquet, COMPRESSION zstd)")
+            row = self.db.execute(f"COPY (SELECT * FROM rows) TO {_quoted(local)} (FORMAT parquet, "
+                                  "COMPRESSION zstd)").fetchone()
+            written = int(row[0]) if row else 0
         finally:
             self.db.unregister("rows")
         size = local.stat().st_size
@@ -278,9 +281,11 @@ class _Writer:
             local.unlink()
         info = self.target.fs.get_file_info(dest)
         rows_there = pq.read_metadata(dest, filesystem=self.target.fs).num_rows
-        if info.size != size or rows_there != expect:
+        want = written if expect is None else expect
+        if info.size != size or rows_there != want or written != want:
             raise ArchiveError(f"{dest}: the stored file does not match what was written "
-                               f"({info.size} bytes and {rows_there} rows, expected {size} and {expect})")
+                               f"({info.size} bytes and {rows_there} rows, expected {size} and {want})")
+        return written
 
 
 def _day_of(table_cols: list[tuple[str, str]]) -> str | None:
@@ -365,11 +370,10 @@ def _archive(cursor: Callable[[], duckdb.DuckDBPyConnection], target: Target, ol
                     # The id range lets DuckDB skip every row group outside it (ids sort by
                     # time, as rows are appended); the list then picks the slice's calls.
                     span = [ids[0], ids[-1], ids]
-                    n_att = con.execute("SELECT count(*) FROM attempts WHERE call_id BETWEEN ? AND ? "
-                                        "AND call_id IN (SELECT unnest(?))", span).fetchall()[0][0]
-                    writer.write(con.sql("SELECT * FROM attempts WHERE call_id BETWEEN ? AND ? "
-                                         "AND call_id IN (SELECT unnest(?)) ORDER BY call_id, n", params=span),
-                                 target.path("attempts", f"date={day}", name), n_att)
+                    n_att = writer.write(con.sql("SELECT * FROM attempts WHERE call_id BETWEEN ? AND ? "
+                                                 "AND call_id IN (SELECT unnest(?)) ORDER BY call_id, n",
+                                                 params=span),
+                                         target.path("attempts", f"date={day}", name))
                     writer.write(con.sql("SELECT * FROM calls WHERE id BETWEEN ? AND ? "
                                          "AND id IN (SELECT unnest(?)) ORDER BY id", params=span),
                                  target.path("calls", f"date={day}", name), len(ids))
