@@ -441,9 +441,9 @@ def _service_options(args: argparse.Namespace) -> Options:
         from llmtap.recorder.archive import age_seconds
 
         if not archive_to:
-            flag = "--archive-every" if every else "--keep"
-            print(f"llmtap: {flag} needs --archive-to DIR|s3://BUCKET/PREFIX: calls leave the DB only once "
-                  "archived there", file=sys.stderr)
+            flag, why = (("--archive-every", "where to archive") if every else
+                         ("--keep", "calls leave the DB only once archived there"))
+            print(f"llmtap: {flag} needs --archive-to DIR|s3://BUCKET/PREFIX ({why})", file=sys.stderr)
             raise SystemExit(2)
         seconds: dict[str, float] = {}
         for flag, text in (("--archive-every", every or "1h"), ("--keep", keep)):
