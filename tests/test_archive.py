@@ -401,3 +401,20 @@ def test_run_with_an_unreachable_archive_says_so_and_goes_on_recording(
     assert proc.returncode == 0
     assert sum("cannot reach S3" in l for l in err.lines) == 1  # said once, not every 0.2 s
     assert len(local_rows(db, "calls")) == 2  # nothing archived, so --keep removed nothing
+
+
+def test_keep_removes_only_archived_calls_older_than_it(tmp_path: Path) -> None:
+    db = tmp_path / "calls.duckdb"
+    build_db(db, {5: 3, 0: 2})
+    target = archive_mod.open_target(str(tmp_path / "archive"))
+    keep = archive_mod.parse_age("2d", "--keep")
+    con = duckdb.connect(str(db))
+    try:
+        result = archive_mod.archive(con.cursor, target, keep=keep)  # what one scheduled run does
+        assert (result.calls, result.deleted) == (5, 3)
+        left = rows(con, "SELECT count(*) FROM calls WHERE started_at > now() - INTERVAL 1 DAY")
+        assert rows(con, "SELECT count(*) FROM calls") == left == [(2,)]
+        assert rows(con, "SELECT count(*) FROM attempts") == [(4,)]
+    finally:
+        con.close()
+    assert len(archived(tmp_path / "archive", "calls")) == 5
