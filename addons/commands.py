@@ -111,6 +111,15 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
                           "class and stream, attempts, fallbacks, duration and time-to-first-byte histograms, "
                           "tokens, cost, cut streams, calls in flight, the recorder's queue, drops and spool. "
                           "A port in use is said once and recording goes on without metrics. Off by default")
+    # -- the archive schedule (recorder/archive.py), run inside the recorder's process
+    run.add_argument("--archive-to", metavar="DIR|s3://BUCKET/PREFIX", default=None,
+                     help="archive finished calls there as Parquet on a schedule, as `llmtap archive --to` "
+                          "does (S3 credentials: the AWS_* variables or AWS_PROFILE of this process)")
+    run.add_argument("--archive-every", metavar="AGE", default=None,
+                     help="how often to archive, e.g. 1h, 30m (default with --archive-to: 1h)")
+    run.add_argument("--keep", metavar="AGE", default=None,
+                     help="with --archive-to: remove from the DB the archived calls older than AGE, e.g. 30d "
+                          "(calls not archived yet always stay)")
     run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
@@ -450,7 +459,29 @@ def _metrics_address(text: str) -> str:
 
 def _service_options(args: argparse.Namespace) -> Options:
     """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
-    return Options(metrics=args.metrics)
+    options = Options(metrics=args.metrics)
+    archive_to, every, keep = (getattr(args, k, None) for k in ("archive_to", "archive_every", "keep"))
+    if archive_to or every or keep:
+        from llmtap.recorder.archive import age_seconds
+
+        if not archive_to:
+            flag, why = (("--archive-every", "where to archive") if every else
+                         ("--keep", "calls leave the DB only once archived there"))
+            print(f"llmtap: {flag} needs --archive-to DIR|s3://BUCKET/PREFIX ({why})", file=sys.stderr)
+            raise SystemExit(2)
+        seconds: dict[str, float] = {}
+        for flag, text in (("--archive-every", every or "1h"), ("--keep", keep)):
+            try:
+                seconds[flag] = age_seconds(text or "0s")
+            except ValueError:
+                print(f"llmtap: {flag} {text!r}: expected an age like 30m, 1h, 30d, 1w", file=sys.stderr)
+                raise SystemExit(2) from None
+        if seconds["--archive-every"] <= 0:
+            print("llmtap: --archive-every must be more than 0, e.g. 1h", file=sys.stderr)
+            raise SystemExit(2)
+        to = archive_to if archive_to.startswith("s3://") else str(Path(archive_to).expanduser().absolute())
+        options.archive = {"to": to, "every_s": seconds["--archive-every"], "keep": keep}
+    return options
 
 
 def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,

@@ -71,6 +71,42 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="a JSON list on stdout (one object per model and provider) instead of a table")
     st.set_defaults(func=cmd_stats)
 
+    # -- llmtap archive (recorder/archive.py)
+    ar = sub.add_parser(
+        "archive",
+        help="archive finished calls as Parquet, by day, to a folder or S3",
+        description="Write the finished calls (and their attempts; sessions where the DB has them) as "
+        "Parquet partitioned by day, hive layout: TARGET/calls/date=YYYY-MM-DD/*.parquet, "
+        "TARGET/attempts/..., one dataset for DuckDB, polars, Spark or Trino. Running it again "
+        "writes only what is not archived yet; many llmtap files can archive into one prefix. With "
+        "--delete the archived calls then leave the DB, once their files are written and read back. "
+        "Works while `llmtap run` is recording: the archive then runs inside it.",
+        epilog="examples:\n"
+        "  llmtap archive --to ~/llmtap-archive\n"
+        "  llmtap archive --to s3://my-bucket/llmtap --older-than 30d --delete\n"
+        "  AWS_ENDPOINT_URL=http://127.0.0.1:9000 llmtap archive --to s3://bucket/llmtap   (MinIO)\n"
+        "\n"
+        "query the archive with the DuckDB that llmtap installs:\n"
+        "  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"SELECT date, count(*) FROM \\\n"
+        "    read_parquet('$HOME/llmtap-archive/calls/**/*.parquet', hive_partitioning=true) GROUP BY 1\\\"))\"\n"
+        "\n"
+        "S3 credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN), or AWS_PROFILE;\n"
+        "AWS_REGION; AWS_ENDPOINT_URL for a server other than AWS. On a schedule, inside the proxy:\n"
+        "  llmtap run --archive-to s3://my-bucket/llmtap --archive-every 1h --keep 30d",
+        formatter_class=HelpFormatter,
+    )
+    ar.add_argument("--to", required=True, metavar="DIR|s3://BUCKET/PREFIX",
+                    help="the archive: a folder (made if missing) or an S3 prefix")
+    ar.add_argument("--db", type=Path, default=None, metavar="PATH",
+                    help=f"the DuckDB file (default: {paths.default_db()})")
+    ar.add_argument("--older-than", metavar="AGE",
+                    help="only calls started before AGE ago (or a date), e.g. 30d; default: every finished call")
+    ar.add_argument("--delete", action="store_true",
+                    help="then remove the archived calls (and their attempts) from the DB; calls in "
+                    "progress, newer than --older-than or not archived stay. The file shrinks (it is "
+                    "rewritten) when no `llmtap run` holds it")
+    ar.set_defaults(func=cmd_archive)
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -162,3 +198,152 @@ def cmd_stats(args: argparse.Namespace) -> int:
         console = Console(width=max(console.width, 170))  # piped: never squash the columns
     console.print(table if rows else "no calls recorded yet")
     return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from llmtap.recorder.archive import ArchiveError, Result, open_target, parse_age
+
+    try:
+        older_than = parse_age(args.older_than, "--older-than")
+        to = args.to if args.to.startswith("s3://") else str(Path(args.to).expanduser().absolute())
+        target = open_target(to)
+    except ArchiveError as exc:
+        print(f"llmtap archive: {exc}", file=sys.stderr)
+        return 2
+    db = Path(args.db or paths.default_db()).expanduser().absolute()
+    with _ProgressBar("archiving") as bar:
+        try:
+            remote = _archive_remote(db, to, older_than, args.delete, bar.update)
+            if remote is not None:
+                result, via = remote, " (inside the running llmtap)"
+            else:
+                result, via = _archive_local(db, target, older_than, args.delete, bar.update), ""
+        except ArchiveError as exc:
+            bar.stop()
+            print(f"llmtap archive: {exc}", file=sys.stderr)
+            return 2
+    assert isinstance(result, Result)
+    said = f"archived {result.calls} calls ({result.attempts} attempts"
+    said += f", {result.sessions} sessions)" if result.sessions else ")"
+    said += f" to {target.display} in {len(result.files)} files{via}"
+    if result.already:
+        said += f"; {result.already} were archived before"
+    if args.delete:
+        said += f"; removed {result.deleted} archived calls from {db}"
+        if result.compacted:
+            before, after = result.compacted
+            said += f" ({before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB)"
+        elif via and result.deleted:
+            said += (" (DuckDB reuses their space for new calls; the file itself shrinks when `llmtap "
+                     "archive --delete` runs with the proxy stopped)")
+    print(said, file=sys.stderr)
+    return 0
+
+
+class _ProgressBar:
+    """A rich bar for runs long enough to read one; quiet for small ones."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), transient=True)
+        self.tasks: dict[str, object] = {}
+        self.started = False
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()
+            self.started = False
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            if total < 20_000:
+                return
+            if not self.started:
+                self.bar.start()
+                self.started = True
+            self.tasks[stage] = self.bar.add_task(stage, total=total)
+        self.bar.update(self.tasks[stage], completed=done)  # type: ignore[arg-type]
+
+
+def _archive_remote(db: Path, to: str, older_than: str | None, delete: bool, progress) -> object | None:
+    """Through the `llmtap run` holding `db`, if one does; None when none does."""
+    import os
+
+    import httpx
+
+    from llmtap.recorder.archive import S3_ENV, ArchiveError, Result
+    from llmtap.recorder.reader import _discover
+
+    info = _discover(db)
+    if info is None or Path(str(info.get("db", ""))).absolute() != db:
+        return None
+    payload = {"to": to, "older_than": older_than, "delete": delete,
+               # The recorder's process was started with the proxy's environment, not this one's.
+               "env": {k: os.environ[k] for k in S3_ENV if k in os.environ}}
+    reply: dict = {}
+    try:
+        with httpx.Client(base_url=info["url"], headers={"authorization": f"Bearer {info['token']}"},
+                          timeout=httpx.Timeout(None, connect=5.0), trust_env=False) as client:
+            with client.stream("POST", "/archive", json=payload) as r:
+                if r.status_code != 200:
+                    raise ArchiveError(f"the running llmtap at {info['url']} refused the archive "
+                                       f"(HTTP {r.status_code}): is it an older llmtap? Restart it")
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    item = json.loads(line)
+                    if "stage" in item:
+                        progress(item["stage"], item["done"], item["total"])
+                    elif "ok" in item:
+                        reply = item
+    except httpx.ConnectError:
+        return None  # its endpoint is gone: the file may be free now
+    except httpx.HTTPError as exc:
+        raise ArchiveError(f"the running llmtap at {info['url']} stopped answering: {exc}") from None
+    if not reply.get("ok"):
+        raise ArchiveError(reply.get("error") or "the running llmtap did not finish the archive")
+    return Result(calls=reply["calls"], attempts=reply["attempts"], sessions=reply.get("sessions", 0),
+                  files=reply["files"], already=reply["already"], deleted=reply["deleted"])
+
+
+def _archive_local(db: Path, target, older_than: str | None, delete: bool, progress) -> object:
+    """No `llmtap run` holds the file: open it here (and rewrite it smaller after --delete)."""
+    import duckdb
+
+    from llmtap.recorder.archive import ArchiveError, archive, compact
+    from llmtap.recorder.endpoint import READ_CONFIG
+    from llmtap.recorder.schema import migrate
+
+    if not db.exists():
+        raise ArchiveError(f"no database at {db}: pass --db PATH, or run `llmtap run` first")
+    try:
+        con = duckdb.connect(str(db), config=READ_CONFIG)
+    except duckdb.IOException as exc:
+        if "lock" in str(exc).lower():
+            raise ArchiveError(f"{db} is held by another program that is not a running `llmtap run` (a DuckDB "
+                               "shell or script?). Close it and try again; while `llmtap run` records, "
+                               "`llmtap archive` runs inside it.") from None
+        raise ArchiveError(f"cannot open {db}: {exc}") from None
+    try:
+        migrate(con)  # a file of an older llmtap: the columns the archive writes
+        result = archive(con.cursor, target, older_than=older_than, delete=delete, progress=progress)
+        # Space freed by deletes made while `llmtap run` held the file is given back now too.
+        row = con.execute("SELECT free_blocks, total_blocks FROM pragma_database_size()").fetchone()
+        spare = bool(row and row[1] and row[0] / row[1] > 0.25)
+    finally:
+        con.close()
+    if delete and (result.deleted or spare):
+        try:
+            result.compacted = compact(db)
+        except Exception as exc:  # the calls are archived and removed; only the space is not given back
+            print(f"llmtap archive: the archived calls are removed, but {db} could not be rewritten smaller "
+                  f"({exc}); DuckDB reuses the space for new calls", file=sys.stderr)
+    return result

@@ -311,6 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._query(data)
         elif url.path == "/export":
             self._export(data)
+        elif url.path == "/archive":
+            self._archive(data)
         else:
             self._send(404, {"error": f"no such endpoint {url.path}"})
 
@@ -368,3 +370,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(json.dumps(result).encode() + b"\n")
         except OSError:
             pass  # the client went away; the file (or its absence) tells the rest
+
+    def _archive(self, data: dict) -> None:
+        """`llmtap archive` while recording: runs here, where the file is open. NDJSON progress
+        lines `{"stage", "done", "total"}`, then `{"ok", ...}`."""
+        from llmtap.recorder.archive import ArchiveError, archive, open_target
+
+        self.send_response(200)
+        self.send_header("content-type", "application/x-ndjson")
+        self.send_header("connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+        def progress(stage: str, done: int, total: int) -> None:
+            self.wfile.write(json.dumps({"stage": stage, "done": done, "total": total}).encode() + b"\n")
+            self.wfile.flush()
+
+        rec = self.owner.recorder
+        try:
+            # The AWS_* variables of the `llmtap archive` that asked: used for this run only.
+            env = {k: str(v) for k, v in (data.get("env") or {}).items()}
+            target = open_target(str(data["to"]), {**os.environ, **env} if env else None)
+            result = archive(rec.cursor, target, older_than=data.get("older_than"), delete=bool(data.get("delete")),
+                             keep=data.get("keep"), in_progress=rec.in_progress, progress=progress,
+                             on_writer=rec.on_writer)
+            reply: dict = {"ok": True, **result.as_dict()}
+        except (ArchiveError, KeyError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            reply = {"ok": False, "error": f"archive failed: {exc}"}
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the client went away; the archive itself is complete or failed whole

@@ -155,6 +155,8 @@ class Recorder(QueuedSink):
         self.offload_min = offload_min
         self.options = services or Options()
         self.services: list[Service] = []
+        # Work other threads hand the writer's thread (on_writer), run between batches.
+        self._writer_jobs: deque[tuple[Callable[[], None], threading.Event, list[BaseException]]] = deque()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -310,14 +312,50 @@ class Recorder(QueuedSink):
                     self._retry()
                 self._serve_reads()
                 items = self._write_batch()
+                self._run_jobs()
             except Exception:  # the writer must survive anything; the batch waits or went to the spool
                 log.exception("llmtap recorder: unexpected error while writing")
             took = time.monotonic() - batch_at
             if stopping and not self._queue:
                 self._last_try()
+                self._run_jobs()
                 return
             if not stopping:
                 self._index_step(items)
+
+    def on_writer(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the writer's thread between two batches and wait for it (what must not
+        race the writer's own transactions on a table, such as the search index's); its error
+        is raised here. Run at once when no writer runs."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            fn()
+            return
+        done, errors = threading.Event(), list[BaseException]()
+        self._writer_jobs.append((fn, done, errors))
+        self._wake.set()
+        while not done.wait(1.0):
+            if not thread.is_alive():  # it stopped before taking the job
+                if self._writer_jobs and self._writer_jobs[-1][1] is done:
+                    self._writer_jobs.pop()
+                fn()
+                return
+        if errors:
+            raise errors[0]
+
+    def in_progress(self) -> set[str]:
+        """Ids of the calls with an in-progress row (a copy: the writer changes the set)."""
+        return self._in_progress.copy()
+
+    def _run_jobs(self) -> None:
+        while self._writer_jobs:
+            fn, done, errors = self._writer_jobs.popleft()
+            try:
+                fn()
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                done.set()
 
     def _index_step(self, items: int) -> None:
         """Index the next chunk of calls for search when the last batch was small, or when

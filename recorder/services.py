@@ -58,4 +58,11 @@ def start(options: Options, recorder: Any) -> list[Service]:
         served = metrics.start(options.metrics, recorder)
         if served is not None:
             services.append(served)
+    if options.archive:
+        from llmtap.recorder.archive import ArchiveService
+
+        try:
+            services.append(ArchiveService(options.archive, recorder))
+        except Exception as exc:
+            log.error("llmtap recorder: --archive-to: %s; recording goes on without the archive", exc)
     return services
