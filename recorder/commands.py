@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  llmtap export --out today.csv --since 24h\n"
         "  llmtap export --out claude.jsonl --model 'claude-*' --since 2026-11-01 \\\n"
         "                --until 2026-12-01\n"
+        "  llmtap export --table attempts --out attempts.parquet --since 7d\n"
         "\n"
         "then query the file with the DuckDB that llmtap installs (no duckdb CLI needed):\n"
         "  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"FROM 'calls.parquet' LIMIT 5\\\"))\"",
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
     exp.add_argument("--model", metavar="GLOB",
                      help="only calls whose model asked for or sent matches, e.g. 'gpt-4o*'")
+    exp.add_argument("--table", default="calls", metavar="NAME",
+                     help="the table to export: calls (the default), attempts, dropped, or any other "
+                     "of the database's (`llmtap sql 'SHOW TABLES'`); --since/--until apply to those "
+                     "with a started_at, --model to calls only")
     exp.set_defaults(func=cmd_export)
 
     st = sub.add_parser(
@@ -70,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true",
                     help="a JSON list on stdout (one object per model and provider) instead of a table")
     st.set_defaults(func=cmd_stats)
+
+    from llmtap.recorder import sql
+
+    sql.register(sub)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -100,7 +109,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         bar.update(task, completed=done)
 
     try:
-        rows = reader.export(args.out, fmt, since=since, until=until, model=args.model, progress=progress)
+        rows = reader.export(args.out, fmt, since=since, until=until, model=args.model, progress=progress,
+                             table=args.table)
     except (ExportError, ReaderError) as exc:
         print(f"llmtap export: {exc}", file=sys.stderr)
         return 2
@@ -109,7 +119,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             bar.stop()
         reader.close()
     via = " (through the running llmtap)" if reader.kind == "remote" else ""
-    print(f"exported {rows} calls to {args.out}{via}", file=sys.stderr)
+    what = "calls" if args.table == "calls" else f"rows of {args.table}"
+    print(f"exported {rows} {what} to {args.out}{via}", file=sys.stderr)
     return 0
 
 
