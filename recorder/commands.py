@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser(
         "export",
         help="export recorded calls to Parquet, CSV or JSON lines",
-        description="Export the calls table (one row per call, every column) with DuckDB's own "
-        "COPY. The format follows the file's extension: .parquet, .csv, .jsonl (.ndjson and "
+        description="Export the calls table (one row per call, every column), or another with "
+        "--table, with DuckDB's own COPY. The format follows the file's extension: .parquet, .csv, .jsonl (.ndjson and "
         ".json are JSON lines too), or --format. Works while `llmtap run` is recording: the "
         "export then runs inside it.",
         epilog="examples:\n"

@@ -15,6 +15,7 @@ import csv
 import datetime as dt
 import decimal
 import json
+import math
 import os
 import shutil
 import sys
@@ -109,10 +110,17 @@ def cmd_sql(args: argparse.Namespace) -> int:
         run_one(reader, query, args, sys.stdout)
         return 0
     except SqlError as exc:
-        print(f"llmtap sql: {exc}", file=sys.stderr)
+        print(f"llmtap sql: {_shown(str(exc))}", file=sys.stderr)
         return 2
     finally:
         reader.close()
+
+
+def _shown(message: str) -> str:
+    """An error for the terminal: DuckDB's messages quote the query and values from the record."""
+    from llmtap.recorder.redact import printable
+
+    return printable(message)
 
 
 def _refusal(sql: str) -> str | None:
@@ -196,6 +204,8 @@ def _plain(value: Any) -> Any:
         return {"base64": base64.b64encode(bytes(value)).decode()}
     if isinstance(value, decimal.Decimal):
         return float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN or infinity
     if isinstance(value, (uuid.UUID, dt.timedelta)):
         return str(value)
     if isinstance(value, (list, tuple)):
@@ -485,7 +495,7 @@ def repl(reader: Reader, args: argparse.Namespace) -> int:
             try:
                 run_one(reader, sql, args, sys.stdout)
             except SqlError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"error: {_shown(str(exc))}", file=sys.stderr)
             except KeyboardInterrupt:
                 print("interrupted", file=sys.stderr)
     finally:
