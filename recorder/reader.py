@@ -72,15 +72,22 @@ class Rows(Protocol):
 
 
 class _LocalRows:
-    """A RowStream whose errors (the SQL's own, mid-result) read as the endpoint's would."""
+    """A RowStream whose errors (the SQL's own, mid-result) read as the endpoint's would.
+
+    DuckDB does not see Ctrl-C while it computes, and Python raises KeyboardInterrupt only
+    once it returns: each step runs on a helper thread while this one waits, so that Ctrl-C
+    interrupts the query at once (as it does through the endpoint)."""
 
     def __init__(self, cur: duckdb.DuckDBPyConnection, sql: str, params: list | None, limit: int | None) -> None:
         self.cur = cur
         try:
-            self.rows = RowStream(cur, sql, params, limit)
+            self.rows = _interruptible(cur, lambda: RowStream(cur, sql, params, limit))
         except (ValueError, duckdb.Error) as exc:
             cur.close()
             raise ReaderError(str(exc)) from None
+        except BaseException:
+            cur.close()
+            raise
         self.columns, self.types = self.rows.columns, self.rows.types
 
     @property
@@ -88,8 +95,13 @@ class _LocalRows:
         return self.rows.truncated
 
     def __iter__(self) -> Iterator[list[tuple]]:
+        batches = iter(self.rows)
         try:
-            yield from self.rows
+            while True:
+                batch = _interruptible(self.cur, lambda: next(batches, None))
+                if batch is None:
+                    return
+                yield batch
         except duckdb.Error as exc:
             raise ReaderError(str(exc)) from None
         finally:
@@ -98,6 +110,35 @@ class _LocalRows:
     def close(self) -> None:
         self.rows.close()
         self.cur.close()
+
+
+def _interruptible(cur: duckdb.DuckDBPyConnection, step: Callable[[], Any]) -> Any:
+    import threading
+
+    box: list[Any] = []
+    # An Event, not Thread.join(): a join cut short by Ctrl-C can later return while the
+    # thread still runs (and the cursor is then closed under it).
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, step()))
+        except BaseException as exc:
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="llmtap-sql-local", daemon=True).start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        cur.interrupt()
+        done.wait()
+        raise
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _pid_alive(pid: int) -> bool:

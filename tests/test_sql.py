@@ -4,6 +4,7 @@ other DuckDB program may open then), and on a file at rest."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import stat
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -304,7 +306,10 @@ class Pty:
 
     def __init__(self, args: list[str], env: dict) -> None:
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+        # Its controlling terminal, in a session of its own: Ctrl-C typed there is a SIGINT.
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+                                     start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(slave)
         self.seen = ""
 
@@ -396,3 +401,43 @@ def test_text_from_the_network_is_escaped_on_the_terminal(tmp_path: Path) -> Non
     r = llmtap("sql", "--db", str(db), "--json", evil, env=env)
     assert "\x1b" not in r.stdout and "\u202e" not in r.stdout
     assert json.loads(r.stdout) == [{"t": "a\x1b[2J\u202eb"}]
+
+
+HEAVY = "SELECT sum(i % 7) FROM range(1000000000000000) t(i);\n"  # hours of work
+
+
+@pytest.mark.parametrize("where", ["recording", "at rest"])
+def test_ctrl_c_in_the_prompt_stops_a_long_query_and_the_prompt_goes_on(live: Live, tmp_path: Path,
+                                                                        where: str) -> None:
+    if where == "recording":
+        db = live.db
+    else:
+        db = tmp_path / "rest.duckdb"
+        record(db, [])
+    term = Pty([sys.executable, "-m", "llmtap", "sql", "--db", str(db)], {**live.env, "TERM": "dumb"})
+    try:
+        term.expect("llmtap> ")
+        term.send(HEAVY)
+        term.expect(HEAVY.strip())
+        if where == "recording":
+            for _ in range(600):
+                if live.health()["sql_running"] == 1:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the query never started")
+        term.send("\x03")  # Ctrl-C, as typed on the terminal
+        term.expect("llmtap> ")
+        if where == "recording":
+            for _ in range(600):
+                if live.health()["sql_running"] == 0:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("the recorder still runs the interrupted query")
+        term.send("SELECT 6 * 7 AS answer;\n")
+        assert "42" in term.expect("llmtap> ")
+        term.send("\x04")
+        assert term.proc.wait(60) == 0
+    finally:
+        term.close()
