@@ -264,7 +264,7 @@ class Endpoint:
         # Cursors running a streamed query (/sql): interrupted on stop, so that a long query
         # never holds up the recorder's exit, whose connection it reads.
         self.running: set[duckdb.DuckDBPyConnection] = set()
-        self.running_lock = threading.Lock()
+        self.running_lock = threading.Condition()
 
     @property
     def url(self) -> str:
@@ -305,6 +305,8 @@ class Endpoint:
                     cur.interrupt()
                 except duckdb.Error:
                     pass
+            # Until their cursors are closed: the recorder's connection cannot close under them.
+            self.running_lock.wait_for(lambda: not self.running, timeout=STOP_WAIT_S)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -505,9 +507,12 @@ class _Handler(BaseHTTPRequestHandler):
                 rows.close()
         finally:
             done.set()
-            with owner.running_lock:
-                owner.running.discard(cur)
-            cur.close()
+            try:
+                cur.close()
+            finally:
+                with owner.running_lock:
+                    owner.running.discard(cur)
+                    owner.running_lock.notify_all()
 
     def _line(self, item: dict) -> None:
         self.wfile.write(json.dumps(item).encode() + b"\n")
@@ -515,6 +520,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 SEND_TIMEOUT_S = 120.0
+STOP_WAIT_S = 10.0
 
 
 def _interrupt_when_gone(conn: socket.socket, cur: duckdb.DuckDBPyConnection, done: threading.Event) -> None:

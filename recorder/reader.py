@@ -449,6 +449,9 @@ class _RemoteRows:
             head = self._next()
             if "columns" not in head:
                 raise ReaderError(head.get("error") or "the running llmtap sent no result")
+        except httpx.HTTPError as exc:
+            self.close()
+            raise ReaderError(f"the running llmtap at {reader.url} stopped answering: {exc}") from None
         except BaseException:
             self.close()
             raise
@@ -483,7 +486,12 @@ class _RemoteRows:
             self.close()
 
     def close(self) -> None:
-        self._cm.__exit__(None, None, None)
+        import httpx
+
+        try:
+            self._cm.__exit__(None, None, None)
+        except httpx.HTTPError:
+            pass  # the endpoint is gone already: nothing left to close
 
 
 _FROM_JSON: dict[str, Callable[[Any], Any]] = {

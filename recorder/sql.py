@@ -145,6 +145,8 @@ def _explained(message: str) -> str:
     lowered = first.lower()
     if "external access" in lowered or "permission error" in lowered:
         return f"{first}; {ALLOWED}"
+    if lowered.startswith("interrupt error"):
+        return "the query was interrupted: the llmtap run serving it is stopping"
     if lowered.startswith("catalog error: table with name"):
         return f"{first} (.tables or SHOW TABLES lists llmtap's tables)"
     return first

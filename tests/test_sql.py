@@ -441,3 +441,43 @@ def test_ctrl_c_in_the_prompt_stops_a_long_query_and_the_prompt_goes_on(live: Li
         assert term.proc.wait(60) == 0
     finally:
         term.close()
+
+
+def test_llmtap_run_stops_cleanly_while_a_long_query_runs_through_it(tmp_path: Path, fake: FakeProvider) -> None:
+    """Ctrl-C on the proxy while someone's `llmtap sql` computes: the query is interrupted and
+    told why, and every record is committed (DuckDB refuses to close a connection in use)."""
+    env = _env(tmp_path / "home")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"providers:\n  local: {{base_url: '{fake.url}/v1', api: openai}}\n")
+    db = tmp_path / "calls.duckdb"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmtap", "run", "--db", str(db), "--rules", str(rules), "--confdir",
+         str(tmp_path / "ca"), "--proxy", "off", "--gateway", "127.0.0.1:0", "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    heavy: subprocess.Popen | None = None
+    try:
+        err = Lines(proc.stderr)
+        gateway = re.search(r"(http://\S+)/<provider>", err.wait_for("gateway")).group(1)
+        lv = Live(db, gateway, proc, env)
+        lv.call("m")
+        lv.committed(1)
+        heavy = subprocess.Popen([sys.executable, "-m", "llmtap", "sql", "--db", str(db), HEAVY],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(600):
+            if lv.health()["sql_running"] == 1:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the query never started")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert err.ended.wait(10)
+        assert err.lines[-1] == f"llmtap: stopped; 1 call committed to {db}, none lost\n", "".join(err.lines)
+        assert heavy.wait(60) == 2, heavy.stderr.read()
+        said = heavy.stderr.read()  # type: ignore[union-attr]
+        assert said == "llmtap sql: the query was interrupted: the llmtap run serving it is stopping\n", said
+    finally:
+        for p in (heavy, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
