@@ -186,7 +186,7 @@ def run_one(reader: Reader, sql: str, args: argparse.Namespace, out: TextIO) -> 
         write_csv(rows, out)
     elif args.parquet:
         n = write_parquet(rows, args.parquet)
-        print(f"wrote {n} rows to {args.parquet}{_more(rows, args)}", file=sys.stderr)
+        print(f"wrote {n} row{'' if n == 1 else 's'} to {args.parquet}{_more(rows, args)}", file=sys.stderr)
     else:
         print_table(rows, out, args)
     if rows.truncated and (args.json or args.csv):
@@ -375,10 +375,10 @@ def write_parquet(rows: Rows, out: Path) -> int:
         try:
             w.execute("SET allowed_directories = ?", [[str(tmp) + os.sep]])
             w.execute("SET enable_external_access = false")
-            source = f"read_json('{spool}', format = 'newline_delimited', columns = {columns})"
+            source = f"read_json({_literal(spool)}, format = 'newline_delimited', columns = {columns})"
             if not selects:
                 raise SqlError("--parquet: the query returns no columns")
-            w.execute(f"COPY (SELECT {', '.join(selects)} FROM {source}) TO '{final}' "
+            w.execute(f"COPY (SELECT {', '.join(selects)} FROM {source}) TO {_literal(final)} "
                       "(FORMAT parquet, COMPRESSION zstd)")
         except duckdb.Error as exc:
             raise SqlError(f"--parquet {out}: {str(exc).splitlines()[0]}") from None
@@ -391,6 +391,11 @@ def write_parquet(rows: Rows, out: Path) -> int:
         raise SqlError(f"--parquet {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _literal(path: Path) -> str:
+    """A path as a SQL string literal (a file name cannot be a bound parameter of COPY)."""
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 # -- the prompt --------------------------------------------------------------------------------
@@ -447,7 +452,7 @@ def helper(text: str) -> str | None:
     word, _, rest = text.partition(" ")
     rest = rest.strip().rstrip(";").strip()
     if word == ".tables":
-        return ("SELECT table_name AS name, estimated_size AS rows, column_count AS columns FROM duckdb_tables() "
+        return ("SELECT table_name AS name, estimated_size AS approx_rows, column_count AS columns FROM duckdb_tables() "
                 "WHERE database_name = current_database() ORDER BY name LIKE '\\_%' ESCAPE '\\', name")
     if word == ".schema" and rest:
         return f"DESCRIBE {_ident(rest)}"
@@ -492,7 +497,7 @@ def repl(reader: Reader, args: argparse.Namespace) -> int:
                 if not line.rstrip().endswith(";"):
                     continue
                 sql = "\n".join(buf)
-                _remember(sql, len(buf))
+                _remember(sql, sum(1 for typed in buf if typed))  # readline keeps no empty line
                 buf = []
             try:
                 run_one(reader, sql, args, sys.stdout)
