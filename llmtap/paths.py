@@ -112,3 +112,11 @@ def default_rules() -> Path:
     """rules.yaml in the working directory if present, else the one in the config dir."""
     local = Path.cwd() / "rules.yaml"
     return local if local.is_file() else config_dir() / "rules.yaml"
+
+
+def state_dir() -> Path:
+    """Holds what llmtap keeps between runs that is neither config nor record (`llmtap sql`'s
+    prompt history): XDG_STATE_HOME on Linux."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "llmtap"
+    return _xdg("XDG_STATE_HOME", ".local/state") / "llmtap"

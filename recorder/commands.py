@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser(
         "export",
         help="export recorded calls to Parquet, CSV or JSON lines",
-        description="Export the calls table (one row per call, every column) with DuckDB's own "
-        "COPY. The format follows the file's extension: .parquet, .csv, .jsonl (.ndjson and "
+        description="Export the calls table (one row per call, every column), or another with "
+        "--table, with DuckDB's own COPY. The format follows the file's extension: .parquet, .csv, .jsonl (.ndjson and "
         ".json are JSON lines too), or --format. Works while `llmtap run` is recording: the "
         "export then runs inside it.",
         epilog="examples:\n"
@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  llmtap export --out today.csv --since 24h\n"
         "  llmtap export --out claude.jsonl --model 'claude-*' --since 2026-11-01 \\\n"
         "                --until 2026-12-01\n"
+        "  llmtap export --table attempts --out attempts.parquet --since 7d\n"
         "\n"
         "then query the file with the DuckDB that llmtap installs (no duckdb CLI needed):\n"
         "  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"FROM 'calls.parquet' LIMIT 5\\\"))\"",
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
     exp.add_argument("--model", metavar="GLOB",
                      help="only calls whose model asked for or sent matches, e.g. 'gpt-4o*'")
+    exp.add_argument("--table", default="calls", metavar="NAME",
+                     help="the table to export: calls (the default), attempts, dropped, or any other "
+                     "of the database's (`llmtap sql 'SHOW TABLES'`); --since/--until apply to those "
+                     "with a started_at, --model to calls only")
     exp.set_defaults(func=cmd_export)
 
     st = sub.add_parser(
@@ -106,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "progress, newer than --older-than or not archived stay. The file shrinks (it is "
                     "rewritten) when no `llmtap run` holds it")
     ar.set_defaults(func=cmd_archive)
+    from llmtap.recorder import sql
+
+    sql.register(sub)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -136,7 +144,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         bar.update(task, completed=done)
 
     try:
-        rows = reader.export(args.out, fmt, since=since, until=until, model=args.model, progress=progress)
+        rows = reader.export(args.out, fmt, since=since, until=until, model=args.model, progress=progress,
+                             table=args.table)
     except (ExportError, ReaderError) as exc:
         print(f"llmtap export: {exc}", file=sys.stderr)
         return 2
@@ -145,7 +154,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             bar.stop()
         reader.close()
     via = " (through the running llmtap)" if reader.kind == "remote" else ""
-    print(f"exported {rows} calls to {args.out}{via}", file=sys.stderr)
+    what = "calls" if args.table == "calls" else f"rows of {args.table}"
+    print(f"exported {rows} {what} to {args.out}{via}", file=sys.stderr)
     return 0
 
 

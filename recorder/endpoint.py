@@ -16,6 +16,8 @@ import hmac
 import json
 import os
 import secrets
+import select
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -106,7 +108,7 @@ def _why_refused(sql: str) -> str | None:
     called = sorted(set(_table_functions(tree)) - READ_TABLE_FUNCTIONS)
     if called:
         return (f"table function {', '.join(called)} is not served: readers query llmtap's tables "
-                "(calls, attempts) and DuckDB's own catalog, no files")
+                "(calls, attempts, ... : SHOW TABLES lists them) and DuckDB's own catalog, no files")
     return None
 
 
@@ -173,6 +175,69 @@ def read_only_query(cur: duckdb.DuckDBPyConnection, sql: str, params: list | Non
     return columns, types, rows
 
 
+# A streamed result goes out in batches of about this many bytes: a batch grows from one row
+# while rows are small, so a result of millions of rows (or of 8 MiB bodies) is never held
+# whole by the recorder process, nor by the client.
+BATCH_BYTES = 1 << 20
+MAX_BATCH_ROWS = 4096
+
+
+def _row_bytes(row: tuple) -> int:
+    return sum(len(v) if isinstance(v, (str, bytes)) else 16 for v in row) + 16
+
+
+class RowStream:
+    """One reader's SELECT, run on `cur` in a read-only transaction and read in batches.
+
+    The query runs when this is made (its SQL errors raise here); iterating yields lists of
+    rows of about BATCH_BYTES each, at most `limit` rows in all; `truncated` then says whether
+    the result had more. `close()` ends the transaction (iterating to the end does too)."""
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection, sql: str, params: list | None = None,
+                 limit: int | None = None) -> None:
+        why = check_read_only(sql)
+        if why:
+            raise ValueError(why)
+        self.cur = cur
+        self.limit = limit
+        self.count = 0
+        self.truncated = False
+        self._open = True
+        cur.execute("BEGIN TRANSACTION READ ONLY")
+        try:
+            self._res = cur.execute(sql, params or [])
+        except BaseException:
+            self.close()
+            raise
+        self.columns = [d[0] for d in self._res.description or []]
+        self.types = [str(d[1]) for d in self._res.description or []]
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        want = 1
+        try:
+            while self._open and (self.limit is None or self.count < self.limit):
+                rows = self._res.fetchmany(want if self.limit is None else min(want, self.limit - self.count))
+                if not rows:
+                    return
+                self.count += len(rows)
+                yield rows
+                per_row = max(1, sum(_row_bytes(r) for r in rows) // len(rows))
+                want = max(1, min(MAX_BATCH_ROWS, want * 4, BATCH_BYTES // per_row))
+            if self._open and self.limit is not None:
+                self.truncated = bool(self._res.fetchmany(1))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            self.cur.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the query's own error ended the transaction; that error is the one to report
+
+
 def jsonable(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date, dt.time)):
         return value.isoformat()
@@ -196,6 +261,10 @@ class Endpoint:
         self.path = discovery_path(recorder.db_path)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # Cursors running a streamed query (/sql): interrupted on stop, so that a long query
+        # never holds up the recorder's exit, whose connection it reads.
+        self.running: set[duckdb.DuckDBPyConnection] = set()
+        self.running_lock = threading.Condition()
 
     @property
     def url(self) -> str:
@@ -230,6 +299,14 @@ class Endpoint:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+        with self.running_lock:
+            for cur in self.running:
+                try:
+                    cur.interrupt()
+                except duckdb.Error:
+                    pass
+            # Until their cursors are closed: the recorder's connection cannot close under them.
+            self.running_lock.wait_for(lambda: not self.running, timeout=STOP_WAIT_S)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -286,7 +363,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if url.path == "/health":
                 self._send(200, {"ok": True, "pid": os.getpid(), "db": str(rec.db_path),
-                                 "schema_version": schema.SCHEMA_VERSION, "seq": rec.hub.seq})
+                                 "schema_version": schema.SCHEMA_VERSION, "seq": rec.hub.seq,
+                                 "sql_running": len(self.owner.running)})
             elif url.path == "/live":
                 seq, events = rec.hub.events_after(int(q.get("after", 0)), min(float(q.get("timeout", 10)), 30.0))
                 self._send(200, {"seq": seq, "events": events})
@@ -313,6 +391,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._export(data)
         elif url.path == "/archive":
             self._archive(data)
+        elif url.path == "/sql":
+            self._sql(data)
         else:
             self._send(404, {"error": f"no such endpoint {url.path}"})
 
@@ -356,7 +436,8 @@ class _Handler(BaseHTTPRequestHandler):
             if not out.is_absolute():
                 # Relative to what? The CLI sends the path the user gave, made absolute there.
                 raise ExportError(f"the export's target {str(out)!r} must be an absolute path")
-            rows = export(cur, out, data.get("format", "parquet"), since=data.get("since"),
+            rows = export(cur, out, data.get("format", "parquet"), table=str(data.get("table") or "calls"),
+                          since=data.get("since"),
                           until=data.get("until"), model=data.get("model"), where_sql=data.get("where_sql"),
                           params=data.get("params"), progress=progress)
             result: dict = {"ok": True, "rows": rows, "out": data["out"]}
@@ -403,3 +484,90 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(json.dumps(reply).encode() + b"\n")
         except OSError:
             pass  # the client went away; the archive itself is complete or failed whole
+    def _sql(self, data: dict) -> None:
+        """`llmtap sql`: one SELECT, streamed as NDJSON lines -- {"columns", "types"}, then
+        {"rows": [...]} per batch, then {"end": true, "rows": n, "truncated": bool}, or
+        {"error": ...} if it fails on the way. A refused or failing query is a 400 before any
+        line. The query runs on a cursor of its own (the writer goes on meanwhile) and is
+        interrupted when the client goes away, so a Ctrl-C'd query stops costing CPU here."""
+        limit = data.get("limit")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            self._send(400, {"error": f"limit must be a whole number >= 0, not {limit!r}"})
+            return
+        sql = str(data.get("sql", ""))
+        why = check_read_only(sql)
+        if why:
+            self._send(400, {"error": why})
+            return
+        try:
+            cur = self.owner.recorder.cursor()
+        except Exception as exc:
+            self._send(400, {"error": str(exc)})
+            return
+        owner = self.owner
+        with owner.running_lock:
+            owner.running.add(cur)
+        done = threading.Event()
+        watcher = threading.Thread(target=_interrupt_when_gone, args=(self.connection, cur, done),
+                                   name="llmtap-sql-watch", daemon=True)
+        watcher.start()
+        try:
+            try:
+                rows = RowStream(cur, sql, data.get("params") or [], limit)
+            except Exception as exc:  # the SQL's own error (or an interrupt), reported as such
+                self._send(400, {"error": str(exc)})
+                return
+            self.send_response(200)
+            self.send_header("content-type", "application/x-ndjson")
+            self.send_header("connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            # A client that stops reading (a paused pager) would hold the read transaction
+            # open for ever: the socket's sends give up after this long.
+            self.connection.settimeout(SEND_TIMEOUT_S)
+            try:
+                self._line({"columns": rows.columns, "types": rows.types})
+                for batch in rows:
+                    self._line({"rows": jsonable(batch)})
+                self._line({"end": True, "rows": rows.count, "truncated": rows.truncated})
+            except OSError:
+                pass  # the client went away (or stalled): nothing left to tell it
+            except Exception as exc:
+                try:
+                    self._line({"error": str(exc)})
+                except OSError:
+                    pass
+            finally:
+                rows.close()
+        finally:
+            done.set()
+            try:
+                cur.close()
+            finally:
+                with owner.running_lock:
+                    owner.running.discard(cur)
+                    owner.running_lock.notify_all()
+
+    def _line(self, item: dict) -> None:
+        self.wfile.write(json.dumps(item).encode() + b"\n")
+        self.wfile.flush()
+
+
+SEND_TIMEOUT_S = 120.0
+STOP_WAIT_S = 10.0
+
+
+def _interrupt_when_gone(conn: socket.socket, cur: duckdb.DuckDBPyConnection, done: threading.Event) -> None:
+    """Interrupt `cur`'s query once the client has closed its end (it sends nothing more after
+    its request, so a readable socket means it left)."""
+    while not done.is_set():
+        try:
+            readable, _, _ = select.select([conn], [], [], 0.5)
+            if readable and not conn.recv(1, socket.MSG_PEEK):
+                if not done.is_set():
+                    cur.interrupt()
+                return
+            if readable:
+                return  # it sent more than its request: not ours to read
+        except (OSError, ValueError, duckdb.Error):
+            return

@@ -117,9 +117,10 @@ def _quoted(p: Path) -> str:
 
 def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, since: str | None = None,
            until: str | None = None, model: str | None = None, where_sql: str | None = None,
-           params: list | None = None, progress: Callable[[int, int], None] | None = None) -> int:
-    """Write the matching calls to `out`; returns the number of rows. `con` is a cursor of its
-    own: the export reads in one read-only transaction on it."""
+           params: list | None = None, progress: Callable[[int, int], None] | None = None,
+           table: str = "calls") -> int:
+    """Write the matching rows of `table` (calls unless named) to `out`; returns the number of
+    rows. `con` is a cursor of its own: the export reads in one read-only transaction on it."""
     import duckdb
 
     if fmt not in FORMATS:
@@ -136,12 +137,62 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
     except duckdb.Error as exc:
         raise ExportError(f"cannot read the calls: {exc}") from None
     try:
+        if table != "calls":
+            return _export_table(con, out, fmt, options, table, since=since, until=until, model=model,
+                                 where_sql=where_sql, progress=progress)
         return _export(con, out, fmt, options, where, args, progress)
     finally:
         try:
             con.execute("ROLLBACK")
         except duckdb.Error:
             pass
+
+
+def _export_table(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, table: str, *,
+                  since: str | None, until: str | None, model: str | None, where_sql: str | None,
+                  progress: Callable[[int, int], None] | None) -> int:
+    """Another table of the database (attempts, dropped, and whatever later migrations add),
+    found in DuckDB's catalog rather than in a list here. --since/--until apply where it has a
+    `started_at`; --model and the UI's filter are about calls."""
+    cols = [r[0] for r in con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = ? ORDER BY column_index", [table]).fetchall()]
+    if not cols:
+        names = [r[0] for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name NOT LIKE '\\_%' ESCAPE '\\' ORDER BY 1").fetchall()]
+        raise ExportError(f"--table {table!r}: no such table; the database has {', '.join(names)}")
+    if model or where_sql:
+        raise ExportError(f"--model filters calls, not {table}: leave it out, or export --table calls")
+    if (since or until) and "started_at" not in cols:
+        raise ExportError(f"--since/--until need a started_at column, which {table} has not")
+    where, args = where_clause(since, until)
+    ident = '"' + table.replace('"', '""') + '"'
+    order = " ORDER BY id" if "id" in cols else " ORDER BY call_id, n" if {"call_id", "n"} <= set(cols) else ""
+    total = con.execute(f"SELECT count(*) FROM {ident} WHERE {where}", args).fetchall()[0][0]
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))
+    except OSError as exc:
+        raise ExportError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
+    writer: duckdb.DuckDBPyConnection | None = None
+    try:
+        writer = _writer(tmpdir)
+        final_tmp = tmpdir / ("all." + fmt)
+        writer.register("rows", _Rows(con.sql(f"SELECT * FROM {ident} WHERE {where}{order}", params=args)))
+        writer.execute(f"COPY (SELECT * FROM rows) TO {_quoted(final_tmp)} ({options})")
+        if progress:
+            progress(total, total)
+        os.chmod(final_tmp, 0o600)
+        final_tmp.replace(out)
+    except duckdb.Error as exc:
+        raise ExportError(f"export to {out} failed: {exc}") from None
+    except OSError as exc:
+        raise ExportError(f"export to {out} failed: {exc.strerror or exc}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return int(total)
 
 
 def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,

@@ -10,13 +10,13 @@ import datetime as dt
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 
-from llmtap.recorder.endpoint import READ_CONFIG, discovery_path, jsonable, read_only_query
+from llmtap.recorder.endpoint import READ_CONFIG, RowStream, discovery_path, jsonable, read_only_query
 from llmtap.recorder.export import ExportError
 from llmtap.recorder.export import export as export_calls
 
@@ -45,8 +45,100 @@ class Reader(Protocol):
     def partial(self, call_id: str) -> dict | None: ...
     def export(self, out: Path, fmt: str = "parquet", *, since: str | None = None, until: str | None = None,
                model: str | None = None, where_sql: str | None = None, params: list | None = None,
-               progress: Callable[[int, int], None] | None = None) -> int: ...
+               progress: Callable[[int, int], None] | None = None, table: str = "calls") -> int: ...
     def close(self) -> None: ...
+
+
+class StreamingReader(Reader, Protocol):
+    """Every reader open_reader returns also streams a result (`llmtap sql`); the UI's own
+    reader protocol (tui/query.py) leaves it out, as the UI never needs it."""
+
+    def stream(self, sql: str, params: list | None = None, limit: int | None = None) -> Rows: ...
+
+
+class Rows(Protocol):
+    """A streamed result (`Reader.stream`): iterate for lists of rows, in batches, as Python
+    values whichever the reader; `truncated` (known once iterated) says the query had more
+    rows than the limit. Close it when not read to the end."""
+
+    columns: list[str]
+    types: list[str]
+
+    @property
+    def truncated(self) -> bool: ...
+
+    def __iter__(self) -> Iterator[list[tuple]]: ...
+    def close(self) -> None: ...
+
+
+class _LocalRows:
+    """A RowStream whose errors (the SQL's own, mid-result) read as the endpoint's would.
+
+    DuckDB does not see Ctrl-C while it computes, and Python raises KeyboardInterrupt only
+    once it returns: each step runs on a helper thread while this one waits, so that Ctrl-C
+    interrupts the query at once (as it does through the endpoint)."""
+
+    def __init__(self, cur: duckdb.DuckDBPyConnection, sql: str, params: list | None, limit: int | None) -> None:
+        self.cur = cur
+        try:
+            self.rows = _interruptible(cur, lambda: RowStream(cur, sql, params, limit))
+        except (ValueError, duckdb.Error) as exc:
+            cur.close()
+            raise ReaderError(str(exc)) from None
+        except BaseException:
+            cur.close()
+            raise
+        self.columns, self.types = self.rows.columns, self.rows.types
+
+    @property
+    def truncated(self) -> bool:
+        return self.rows.truncated
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        batches = iter(self.rows)
+        try:
+            while True:
+                batch = _interruptible(self.cur, lambda: next(batches, None))
+                if batch is None:
+                    return
+                yield batch
+        except duckdb.Error as exc:
+            raise ReaderError(str(exc)) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.rows.close()
+        self.cur.close()
+
+
+def _interruptible(cur: duckdb.DuckDBPyConnection, step: Callable[[], Any]) -> Any:
+    import threading
+
+    box: list[Any] = []
+    # An Event, not Thread.join(): a join cut short by Ctrl-C can later return while the
+    # thread still runs (and the cursor is then closed under it).
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box.append((True, step()))
+        except BaseException as exc:
+            box.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="llmtap-sql-local", daemon=True).start()
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        cur.interrupt()
+        done.wait()
+        raise
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,6 +224,9 @@ class LocalReader:
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         return _query(self.con.cursor(), sql, params)
 
+    def stream(self, sql: str, params: list | None = None, limit: int | None = None) -> Rows:
+        return _LocalRows(self.con.cursor(), sql, params, limit)
+
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         time.sleep(timeout)  # nothing records into a file at rest
         return seq, []
@@ -167,6 +262,9 @@ class InProcessReader:
 
     def query(self, sql: str, params: list | None = None) -> tuple[list[str], list[tuple]]:
         return _query(self.recorder.cursor(), sql, params)
+
+    def stream(self, sql: str, params: list | None = None, limit: int | None = None) -> Rows:
+        return _LocalRows(self.recorder.cursor(), sql, params, limit)
 
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         return self.recorder.hub.events_after(seq, timeout)
@@ -211,8 +309,11 @@ class RemoteReader:
         import httpx
 
         self.url = url
+        # The endpoint is plain HTTP on 127.0.0.1: there is no certificate to check, and loading
+        # the CA bundle for one would cost every `llmtap sql` / `stats` ~0.2 s of start-up.
         self._client = httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"},
-                                    timeout=httpx.Timeout(60.0, connect=5.0), trust_env=False)
+                                    timeout=httpx.Timeout(60.0, connect=5.0), trust_env=False,
+                                    verify=not url.startswith("http://"))
 
     def _serves(self, db: Path) -> bool:
         try:
@@ -275,6 +376,10 @@ class RemoteReader:
                 for row in data["rows"]]
         return data["columns"], rows
 
+    def stream(self, sql: str, params: list | None = None, limit: int | None = None) -> Rows:
+        payload = {"sql": sql, "params": jsonable(list(params or [])), "limit": limit}
+        return self._again(lambda: _RemoteRows(self, payload))
+
     def events_after(self, seq: int, timeout: float) -> tuple[int, list[dict]]:
         if not self._moved:
             try:
@@ -320,6 +425,76 @@ class RemoteReader:
 
     def close(self) -> None:
         self._client.close()
+
+
+class _RemoteRows:
+    """The endpoint's /sql stream, read line by line: one batch in memory at a time."""
+
+    def __init__(self, reader: RemoteReader, payload: dict) -> None:
+        import httpx
+
+        self.reader = reader
+        self.truncated = False
+        # No read timeout: an aggregate over millions of calls may take a while to answer.
+        self._cm = reader._client.stream("POST", "/sql", json=payload,
+                                         timeout=httpx.Timeout(None, connect=5.0))
+        try:
+            self._r = self._cm.__enter__()
+        except httpx.HTTPError as exc:
+            raise _Unreachable(f"the running llmtap at {reader.url} does not answer: {exc}") from None
+        try:
+            if self._r.status_code != 200:
+                self._r.read()
+                reader._json(self._r)  # raises the endpoint's error
+                raise ReaderError(f"the running llmtap answered {self._r.status_code} to /sql: is it an "
+                                  "older llmtap? Restart `llmtap run`")
+            self._lines = self._r.iter_lines()
+            head = self._next()
+            if "columns" not in head:
+                raise ReaderError(head.get("error") or "the running llmtap sent no result")
+        except httpx.HTTPError as exc:
+            self.close()
+            raise ReaderError(f"the running llmtap at {reader.url} stopped answering: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.columns: list[str] = head["columns"]
+        self.types: list[str] = head["types"]
+        self._convert = [_FROM_JSON.get(t.split("(")[0]) for t in self.types]
+
+    def _next(self) -> dict:
+        import httpx
+
+        try:
+            for line in self._lines:
+                if line:
+                    return json.loads(line)
+        except httpx.HTTPError as exc:
+            raise ReaderError(f"the running llmtap at {self.reader.url} stopped answering: {exc}") from None
+        raise ReaderError("the running llmtap stopped before the end of the result (did it stop?)")
+
+    def __iter__(self) -> Iterator[list[tuple]]:
+        try:
+            while True:
+                item = self._next()
+                if "rows" in item and "end" not in item:
+                    yield [tuple(_unblob(v) if f is None or v is None else f(v) for f, v in zip(self._convert, row))
+                           for row in item["rows"]]
+                elif item.get("end"):
+                    self.truncated = bool(item.get("truncated"))
+                    return
+                else:
+                    raise ReaderError(item.get("error") or "the running llmtap sent an unknown line")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import httpx
+
+        try:
+            self._cm.__exit__(None, None, None)
+        except httpx.HTTPError:
+            pass  # the endpoint is gone already: nothing left to close
 
 
 _FROM_JSON: dict[str, Callable[[Any], Any]] = {

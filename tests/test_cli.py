@@ -243,7 +243,7 @@ def test_rules_check_says_an_unknown_match_key_once(tmp_path: Path) -> None:
     assert "match is empty" not in r.stderr and "1 problem" in r.stderr.splitlines()[0]
 
 
-@pytest.mark.parametrize("command", ["run", "stats", "export", "env", "wrap"])
+@pytest.mark.parametrize("command", ["run", "stats", "export", "env", "wrap", "sql"])
 def test_help_is_wrapped_to_the_terminal_and_every_argument_is_described(command: str) -> None:
     r = llmtap(command, "--help", env={**os.environ, "COLUMNS": "60"})
     assert r.returncode == 0

@@ -265,3 +265,34 @@ def test_the_uis_own_filters_still_export_through_the_endpoint(recording: tuple[
             assert duckdb.sql("SELECT count(*) FROM read_parquet(?)", params=[str(out)]).fetchall() == [(want,)]
     finally:
         reader.close()
+
+
+def test_the_streamed_sql_endpoint_refuses_the_same_and_a_table_name_is_never_sql(
+        recording: tuple[Recorder, Path], planted: Path, tmp_path: Path) -> None:
+    """/sql (what `llmtap sql` reads through) and export's --table, tried with the token."""
+    _rec, db = recording
+    info = json.loads(discovery_path(db).read_text())
+    out = tmp_path / "leak.csv"
+    with httpx.Client(base_url=info["url"], headers={"authorization": f"Bearer {info['token']}"},
+                      trust_env=False, timeout=60) as client:
+        for sql in attacks(planted, out):
+            r = client.post("/sql", json={"sql": sql})
+            assert r.status_code == 400 and SECRET not in r.text, (sql, r.text)
+        for limit in (-1, "1; DELETE FROM calls", 1.5):
+            assert client.post("/sql", json={"sql": "SELECT 1", "limit": limit}).status_code == 400
+        r = client.post("/sql", json={"sql": "SELECT count(*) FROM calls WHERE id <> ?", "params": ["x'; --"]})
+        assert r.status_code == 200
+        assert [json.loads(line) for line in r.text.splitlines()][1:] == [{"rows": [[CALLS]]},
+                                                                         {"end": True, "rows": 1, "truncated": False}]
+        for table in ["calls; DELETE FROM calls", f"read_text('{planted / 'secret.csv'}')", "calls\" --",
+                      f"'{planted / 'secret.csv'}'"]:
+            target = tmp_path / "t.csv"
+            lines = client.post("/export", json={"out": str(target), "format": "csv", "table": table}).text
+            assert '"ok": false' in lines and "no such table" in lines and SECRET not in lines, lines
+            assert not target.exists()
+    assert not out.exists()
+    reader = open_reader(db)
+    try:
+        assert reader.query("SELECT count(*) FROM calls")[1] == [(CALLS,)]
+    finally:
+        reader.close()
