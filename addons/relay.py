@@ -19,10 +19,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
+from llmtap.recorder.events import CallFinished, Chunk, ResponseHead
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink, body_cut_note, utcnow
 from llmtap.recorder.redact import redact_headers
 
@@ -87,6 +89,26 @@ class Plan:
     created: float = field(default_factory=time.monotonic)
 
 
+@dataclass(slots=True)
+class _Try:
+    """An attempt while it is under way; handed to the recorder as a frozen `Attempt`."""
+
+    call_id: str
+    n: int
+    provider: str | None
+    url: str
+    model_sent: str | None
+    started_at: datetime
+    status: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+    ttfb_ms: float | None = None
+
+    def frozen(self) -> Attempt:
+        return Attempt(self.call_id, self.n, self.provider, self.url, self.model_sent, self.started_at,
+                       self.status, self.error, self.duration_ms, self.ttfb_ms)
+
+
 class Cooldown:
     """Skips a provider that keeps failing, so every call does not pay for it first."""
 
@@ -127,7 +149,7 @@ class Relay:
     """HTTP/1.1 server on 127.0.0.1 whose only client is this process's mitmproxy."""
 
     def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
-                 on_finished: Callable[[Call, list[Attempt]], None] | None = None,
+                 on_finished: Callable[[CallFinished], None] | None = None,
                  body_limit: int = DEFAULT_BODY_LIMIT) -> None:
         """`body_limit`: what one exchange may hold in memory for the record (`llmtap run
         --max-body`); the stream itself is never capped."""
@@ -168,13 +190,14 @@ class Relay:
 
     def finished(self, call: Call, attempts: list[Attempt]) -> None:
         """The one hand-off of a finished call: to the recorder, then to the line printer."""
+        event = call.finished(attempts)
         try:
-            self.sink.call_finished(call, attempts)
+            self.sink.call_finished(event)
         except Exception:
             log.exception("recorder refused a finished call")
         if self.on_finished is not None:
             try:
-                self.on_finished(call, attempts)
+                self.on_finished(event)
             except Exception:
                 log.exception("call line printer failed")
 
@@ -322,7 +345,7 @@ class _Exchange:
         self.plan = plan
         self.call = plan.call
         self.writer = writer
-        self.attempts: list[Attempt] = []
+        self.attempts: list[_Try] = []
         self.parts: list[bytes] = []
         self.recorded = 0
         self.t0 = time.monotonic()
@@ -384,8 +407,8 @@ class _Exchange:
                 return await self._forward(target, attempt, resp, t_start, gave_up=gave_up)
         return await self._fail(last_error)
 
-    def _attempt(self, target: Target) -> Attempt:
-        attempt = Attempt(
+    def _attempt(self, target: Target) -> _Try:
+        attempt = _Try(
             call_id=self.call.id, n=len(self.attempts) + 1, provider=target.provider,
             url=target.url, model_sent=target.model, started_at=utcnow(),
         )
@@ -400,7 +423,7 @@ class _Exchange:
             wait = max(wait, min(hint, policy.retry_after_cap_s))
         return wait
 
-    async def _forward(self, target: Target, attempt: Attempt, resp: Response, t_start: float,
+    async def _forward(self, target: Target, attempt: _Try, resp: Response, t_start: float,
                        gave_up: bool = False) -> bool:
         call = self.call
         call.provider = target.provider
@@ -417,6 +440,11 @@ class _Exchange:
         writer = self.writer
         writer.write(b"".join(head))
         self.sent_head = True
+        try:
+            self.relay.sink.response_head(ResponseHead(call.id, resp.status, dict(call.response_headers),
+                                                       call.provider, call.model_sent, _ms(self.t0)))
+        except Exception:
+            log.exception("recorder refused a response head")
         error: str | None = None
         try:
             async for chunk in resp.aiter_raw():
@@ -463,7 +491,7 @@ class _Exchange:
             self.recorded += len(chunk)
         self.parts.append(chunk)
         try:
-            self.relay.sink.call_chunk(self.call.id, chunk)
+            self.relay.sink.call_chunk(Chunk(self.call.id, chunk))
         except Exception:
             log.exception("recorder refused a chunk")
 
@@ -520,7 +548,7 @@ class _Exchange:
         call.response_body = b"".join(self.parts)
         if error:
             call.error = error
-        self.relay.finished(call, self.attempts)
+        self.relay.finished(call, [a.frozen() for a in self.attempts])
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:
@@ -566,7 +594,7 @@ def _error_summary(body: bytes) -> str:
     return str(err)[:300]
 
 
-def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
+def _own_error(api_family: str, attempts: list[_Try]) -> bytes:
     """llmtap's 502 when no upstream answered at all, in the request's own error format so
     the client's SDK shows a readable message."""
     tried = [

@@ -243,7 +243,7 @@ class Router:
         flow.metadata["llmtap_plan"] = key
         flow.metadata["llmtap_call"] = call.id
         try:
-            self.relay.sink.call_started(call)
+            self.relay.sink.call_started(call.started())
         except Exception:
             log.exception("recorder refused a started call")
         # Point the flow at the relay. The body travels in the plan, not over the socket.

@@ -33,12 +33,12 @@ import duckdb
 
 from llmtap.recorder import schema
 from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
+from llmtap.recorder.events import Adopt, Attempt, CallFinished, CallStarted, Chunk, ResponseHead
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import (
     DEFAULT_BODY_LIMIT,
-    Attempt,
     Call,
     QueuedSink,
     RecorderError,
@@ -288,7 +288,7 @@ class Recorder(QueuedSink):
     def adopt(self, ids: list[str]) -> None:
         """Calls that a recorder before this one (a process that died) may have written, in
         progress or finished: their finished rows handed over next replace those."""
-        self._queue.append(("adopt", ids))
+        self._queue.append(Adopt(tuple(ids)))
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -354,24 +354,28 @@ class Recorder(QueuedSink):
             return 0
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
-        finished: list[tuple[Call, list[Attempt]]] = []
+        finished: list[tuple[Call, tuple[Attempt, ...]]] = []
         for item in items:
-            kind = item[0]
-            if kind == "started":
-                call = item[1]
+            if isinstance(item, Chunk):
+                self._feed(item.call_id, item.data)
+                progressed[item.call_id] = None
+            elif isinstance(item, CallFinished):
+                call = Call.of_finish(item)
+                self._bound(call)
+                finished.append((call, item.tries))
+            elif isinstance(item, CallStarted):
+                call = Call.of_start(item)
                 self._bound(call)
                 started[call.id] = call
                 self._calls[call.id] = call
                 self._extractors[call.id] = (None, 0)
                 self.hub.track(call.id, None)
-            elif kind == "chunk":
-                self._feed(item[1], item[2])
-                progressed[item[1]] = None
-            elif kind == "adopt":
-                self._in_progress.update(item[1])
-            else:
-                self._bound(item[1])
-                finished.append((item[1], item[2]))
+            elif isinstance(item, ResponseHead):
+                known = self._calls.get(item.call_id)
+                if known is not None:  # its start was not dropped
+                    known.head(item)
+            elif isinstance(item, Adopt):
+                self._in_progress.update(item.ids)
         done_ids = {c.id for c, _ in finished}
         new_rows = [self._call_row(c) for cid, c in started.items() if cid not in done_ids]
         # A long backlog is committed in parts, and the helpers are handed the bodies of the
@@ -648,8 +652,8 @@ class Recorder(QueuedSink):
             chunk = chunk[:room]
         if extractor is None and fed == 0:
             call = self._calls.get(call_id)
-            # The Call is shared with the proxy, which set the status and response headers
-            # before it forwarded the first chunk.
+            # Its ResponseHead, which the relay emits before the first chunk, set the status
+            # and response headers.
             if call is not None:
                 try:
                     extractor = make_extractor(call.api, status=call.status, headers=call.response_headers,

@@ -39,6 +39,7 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmtap.recorder.events import Chunk, ResponseHead  # noqa: E402
 from llmtap.recorder.process import RecorderProcess  # noqa: E402
 from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
@@ -66,12 +67,13 @@ def finish(call: Call) -> None:
 
 
 def hand_over(rec: Recorder | RecorderProcess, call: Call) -> None:
-    """One streamed call, as the proxy hands it to the recorder: start, chunks, end."""
-    rec.call_started(call)
+    """One streamed call, as the proxy hands it to the recorder: start, head, chunks, end."""
+    rec.call_started(call.started())
+    rec.response_head(ResponseHead(call.id, 200, {"content-type": "text/event-stream"}, "openai", "gpt-4o", 20.0))
     for chunk in CHUNKS:
-        rec.call_chunk(call.id, chunk)
+        rec.call_chunk(Chunk(call.id, chunk))
     finish(call)
-    rec.call_finished(call, [])
+    rec.call_finished(call.finished())
 
 
 def bench_append(n: int, tmp: Path) -> dict:
@@ -205,7 +207,7 @@ CHILD = textwrap.dedent("""
     while True:
         call = make_call()
         finish(call)
-        rec.call_finished(call, [])
+        rec.call_finished(call.finished())
         n += 1
         print(n, flush=True)
         time.sleep(max(0.0, t0 + n / 200 - time.perf_counter()))

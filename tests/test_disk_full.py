@@ -159,6 +159,7 @@ def test_a_full_disk_and_a_full_buffer_count_every_lost_call_exactly(tmp_path: P
 
 def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from llmtap.recorder.record import Call
     from llmtap.recorder.recorder import Recorder
     from test_recorder import finish, make_call
 
@@ -172,7 +173,7 @@ def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path:
         assert rec.con is None
         calls = [finish(make_call()) for _ in range(3)]
         for c in calls:
-            rec.call_finished(*c)
+            rec.call_finished(Call.finished(*c))
         rec.close()
         # The torn tail is kept as it was, and whatever could be appended is whole lines.
         torn = '{"dropped": 2, "reason": "earlier"}\n{"call": ["01J'
@@ -200,7 +201,7 @@ def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path:
         rec._commit = lambda *a: (_ for _ in ()).throw(OSError("No space left on device"))  # type: ignore[method-assign]
         more = [finish(make_call()) for _ in range(2)]
         for c in more:
-            rec.call_finished(*c)
+            rec.call_finished(Call.finished(*c))
         rec.close()
         rec = Recorder(db, serve=False)
         rec.start()
@@ -349,7 +350,7 @@ def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, ca
         rec.start()
         try:
             call = make_call()
-            rec.call_started(call)
+            rec.call_started(call.started())
             deadline = time.monotonic() + 60
             while rec.cursor().execute("SELECT count(*) FROM calls").fetchone() != (1,):
                 assert time.monotonic() < deadline, "the in-progress row was never committed"
@@ -357,7 +358,7 @@ def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, ca
             filler = fill(disk)
             call, attempts = finish(call)
             call.response_body += b" " * 200_000  # more than any slack the full disk has left
-            rec.call_finished(call, attempts)
+            rec.call_finished(call.finished(attempts))
             while "records are being lost" not in caplog.text:
                 assert time.monotonic() < deadline, "the loss was never said"
                 time.sleep(0.02)

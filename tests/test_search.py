@@ -122,7 +122,7 @@ def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path
         c.status, c.duration_ms, c.response_headers = 200, 5.0, {"content-type": "application/json"}
         c.response_body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
                                                    "finish_reason": "stop"}]}).encode()
-        rec.call_finished(c, [Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)])
+        rec.call_finished(c.finished([Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)]))
 
     def indexed() -> int:
         return int(reader.query("SELECT coalesce(sum(calls), 0) FROM _search_chunks")[1][0][0])
@@ -138,7 +138,7 @@ def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path
             end(call(""), f"answer {i} about moles")
         wait_for(lambda: indexed() == 8, "two chunks of four calls")
         slow = call("")
-        rec.call_started(slow)
+        rec.call_started(slow.started())
         for i in range(8):
             end(call(""), f"later {i} about voles")
         time.sleep(0.2)  # ten writer rounds: nothing past the call in progress is indexed
@@ -176,7 +176,7 @@ def test_a_failure_to_index_a_late_call_never_costs_the_call(tmp_path: Path, mon
         late = Call(id=late_id, started_at=utcnow(), method="POST", url="http://x/", api="other",
                     client="t", model_requested=None, stream=False, request_headers={}, request_body=b"")
         late.status, late.duration_ms, late.response_body = 200, 1.0, b"unparsed platypus"
-        rec.call_finished(late, [])
+        rec.call_finished(late.finished([]))
         rec.close()
     finally:
         rec.close()

@@ -861,11 +861,11 @@ async def test_attach_to_a_running_recorder_and_see_calls_live(tmp_path: Path) -
             call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
                         api="openai.chat", model_requested="attach-model", model_sent="attach-model", provider="openai",
                         request_body=b'{"model": "attach-model", "messages": [{"role": "user", "content": "hi"}]}')
-            recorder.call_started(call)
+            recorder.call_started(call.started())
             await wait_for(pilot, lambda: call.id in table(app).rows, "the started call", timeout=20)
             call.status, call.duration_ms, call.ttfb_ms, call.attempts = 200, 12.0, 5.0, 1
             call.response_body = b'{"choices": [{"message": {"role": "assistant", "content": "hello"}}]}'
-            recorder.call_finished(call, [])
+            recorder.call_finished(call.finished([]))
             await wait_for(pilot, lambda: str(table(app).get_row(call.id)[4]) == "200", "the finished call", timeout=20)
         reader.close()
     finally:
@@ -1049,7 +1049,7 @@ async def test_an_attached_ui_says_when_the_proxy_has_stopped(tmp_path: Path) ->
             call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
                         api="openai.chat", model_requested="again", model_sent="again", provider="openai",
                         request_body=b'{"model": "again", "messages": []}')
-            second.call_started(call)
+            second.call_started(call.started())
             await wait_for(pilot, lambda: call.id in table(app).rows, "a call on the new endpoint", timeout=20)
         reader.close()
     finally:
@@ -1262,7 +1262,7 @@ async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, mon
                          request_body=json.dumps(_prompt_bodies(words)[api]).encode())
                 c.status, c.duration_ms, c.response_headers = 200, 5.0, {"content-type": "application/json"}
                 c.response_body = b'{"answer": "fine"}'
-                rec.call_finished(c, [Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)])
+                rec.call_finished(c.finished([Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)]))
                 ids.append(c.id)
         deadline = asyncio.get_running_loop().time() + 30
         while rec.index is None or rec.index.covered_to != ids[-1]:
