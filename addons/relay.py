@@ -6,8 +6,10 @@ on a connection failure mitmproxy sends its own 502): once it has asked an
 upstream, an error is what the client gets. So the routing addon points every LLM flow at this
 relay, served on 127.0.0.1 inside the same process, and hands it a `Plan` keyed by a header.
 The relay tries the plan's targets in order while nothing has reached the client, then forwards
-the chosen answer chunk by chunk. Each forwarded chunk is appended to the record after it was
-written, so recording never delays the stream.
+the chosen answer chunk by chunk. It tells the recorder what happens as it happens, in frozen
+events (see llmtap.recorder.events): the response head as soon as it arrived, each chunk after
+it was written (so recording never delays the stream), and the finished call with its attempts.
+What it works out meanwhile stays in the exchange's own state, never in an event handed over.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
-from llmtap.recorder.events import CallFinished, Chunk, ResponseHead
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink, body_cut_note, utcnow
+from llmtap.recorder.events import Attempt, CallFinished, CallStarted, Chunk, ResponseHead
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Sink, body_cut_note, utcnow
 from llmtap.recorder.redact import redact_headers
 
 log = logging.getLogger("llmtap.relay")
@@ -81,7 +83,7 @@ class Target:
 
 @dataclass(slots=True)
 class Plan:
-    call: Call
+    call: CallStarted  # already handed to the recorder
     method: str
     targets: list[Target]
     policy: Policy
@@ -188,9 +190,8 @@ class Relay:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.aclose()
 
-    def finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def finished(self, event: CallFinished) -> None:
         """The one hand-off of a finished call: to the recorder, then to the line printer."""
-        event = call.finished(attempts)
         try:
             self.sink.call_finished(event)
         except Exception:
@@ -351,6 +352,13 @@ class _Exchange:
         self.t0 = time.monotonic()
         self.sent_head = False
         self.done = False
+        # What the client got, as it becomes known; handed over in the head and finished events.
+        self.status: int | None = None
+        self.provider: str | None = None
+        self.model_sent: str | None = None
+        self.response_headers: dict[str, str] = {}
+        self.ttfb_ms: float | None = None
+        self.notes: list[str] = []  # what the answer adds to the request's notes
 
     # Every path out of run() ends in finish(); disconnected() covers cancellation.
     async def run(self) -> bool:
@@ -425,13 +433,13 @@ class _Exchange:
 
     async def _forward(self, target: Target, attempt: _Try, resp: Response, t_start: float,
                        gave_up: bool = False) -> bool:
-        call = self.call
-        call.provider = target.provider
-        call.model_sent = target.model
-        call.status = resp.status
+        self.provider = target.provider
+        self.model_sent = target.model
+        self.status = resp.status
         headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
         has_length = any(k == b"content-length" for k, _ in headers)
-        call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+        self.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+        self._head()
         head = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason or b"-")]
         head += [k + b": " + v + b"\r\n" for k, v in headers]
         if not has_length:
@@ -440,11 +448,6 @@ class _Exchange:
         writer = self.writer
         writer.write(b"".join(head))
         self.sent_head = True
-        try:
-            self.relay.sink.response_head(ResponseHead(call.id, resp.status, dict(call.response_headers),
-                                                       call.provider, call.model_sent, _ms(self.t0)))
-        except Exception:
-            log.exception("recorder refused a response head")
         error: str | None = None
         try:
             async for chunk in resp.aiter_raw():
@@ -452,8 +455,8 @@ class _Exchange:
                     continue
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if not has_length else chunk)
                 await writer.drain()
-                if call.ttfb_ms is None:
-                    call.ttfb_ms = _ms(self.t0)
+                if self.ttfb_ms is None:
+                    self.ttfb_ms = _ms(self.t0)
                 self._tee(chunk)
             if not has_length:
                 writer.write(b"0\r\n\r\n")
@@ -482,7 +485,7 @@ class _Exchange:
         if len(chunk) > room:
             if room < 0:
                 return  # already past it, and said so
-            self.call.notes.append(body_cut_note("response", limit))
+            self.notes.append(body_cut_note("response", limit))
             self.recorded = limit + 1
             if not room:
                 return
@@ -497,27 +500,27 @@ class _Exchange:
 
     async def _fail(self, last_error: tuple[Response, bytes] | None) -> bool:
         """Every target failed: the last upstream error as sent, or llmtap's own 502."""
-        call = self.call
         if last_error is not None:
             resp, body = last_error
-            call.status = resp.status
-            call.provider = self.attempts[-1].provider if self.attempts else None
+            self.status = resp.status
+            self.provider = self.attempts[-1].provider if self.attempts else None
             headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != b"content-length"]
-            call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+            self.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
             status, reason = resp.status, resp.reason or b"-"
         else:
             body = _own_error(self.plan.api_family, self.attempts)
             headers = [(b"content-type", b"application/json")]
-            call.response_headers = {"content-type": "application/json"}
-            call.status = 502
+            self.response_headers = {"content-type": "application/json"}
+            self.status = 502
             status, reason = 502, b"Bad Gateway"
+        self._head()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         head += [k + b": " + v + b"\r\n" for k, v in headers]
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.writer.write(b"".join(head) + body)
         self.sent_head = True
         await self.writer.drain()
-        call.ttfb_ms = _ms(self.t0)
+        self.ttfb_ms = _ms(self.t0)
         self._tee(body)
         self.finish(error=self._all_failed())
         return True
@@ -534,21 +537,29 @@ class _Exchange:
             if attempt.duration_ms is None:
                 attempt.duration_ms = (utcnow() - attempt.started_at).total_seconds() * 1000
                 attempt.error = attempt.error or reason
-        self.finish(error=reason, status=self.call.status if self.sent_head else 499)
+        self.finish(error=reason, status=self.status if self.sent_head else 499)
+
+    def _head(self) -> None:
+        """Tell the recorder the head of the answer the client is about to get."""
+        assert self.status is not None
+        try:
+            self.relay.sink.response_head(ResponseHead(self.call.id, self.status, self.response_headers,
+                                                       self.provider, self.model_sent, _ms(self.t0)))
+        except Exception:
+            log.exception("recorder refused a response head")
 
     def finish(self, *, error: str | None = None, status: int | None = None) -> None:
         if self.done:
             return
         self.done = True
-        call = self.call
-        if status is not None:
-            call.status = status
-        call.duration_ms = _ms(self.t0)
-        call.attempts = sum(1 for a in self.attempts if not (a.error or "").startswith("skipped"))
-        call.response_body = b"".join(self.parts)
-        if error:
-            call.error = error
-        self.relay.finished(call, [a.frozen() for a in self.attempts])
+        start = self.call
+        self.relay.finished(CallFinished(
+            start=start, status=status if status is not None else self.status, provider=self.provider,
+            model_sent=self.model_sent, response_headers=self.response_headers, response_body=b"".join(self.parts),
+            ttfb_ms=self.ttfb_ms, duration_ms=_ms(self.t0),
+            attempts=sum(1 for a in self.attempts if not (a.error or "").startswith("skipped")),
+            tries=tuple(a.frozen() for a in self.attempts), error=error or None,
+            notes=(*start.notes, *self.notes) if self.notes else start.notes))
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:
