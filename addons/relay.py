@@ -152,11 +152,14 @@ class Relay:
 
     def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
                  on_finished: Callable[[CallFinished], None] | None = None,
-                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
+                 body_limit: int = DEFAULT_BODY_LIMIT, stream_idle_s: float = 300.0) -> None:
         """`body_limit`: what one exchange may hold in memory for the record (`llmtap run
-        --max-body`); the stream itself is never capped."""
+        --max-body`); the stream itself is never capped. `stream_idle_s`: the least silence
+        inside a streamed body that ends it as idle (a route's first_byte_s may ask for more):
+        reasoning models may pause long between events once streaming."""
         self.sink = sink
         self.body_limit = body_limit
+        self.stream_idle_s = stream_idle_s
         self.pool = pool or Pool()
         self.cooldown = cooldown or Cooldown()
         self.on_finished = on_finished
@@ -382,8 +385,7 @@ class _Exchange:
                     resp = await self.relay.pool.request(
                         plan.method, target.origin, target.target, target.headers, target.body,
                         connect_timeout=policy.connect_s, first_byte_timeout=policy.first_byte_s,
-                        # Reasoning models may pause long between events once streaming.
-                        idle_timeout=max(policy.first_byte_s, 300.0),
+                        idle_timeout=max(policy.first_byte_s, self.relay.stream_idle_s),
                     )
                 except UpstreamError as exc:
                     attempt.error = str(exc)

@@ -117,9 +117,11 @@ def _quoted(p: Path) -> str:
 
 def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, since: str | None = None,
            until: str | None = None, model: str | None = None, where_sql: str | None = None,
-           params: list | None = None, progress: Callable[[int, int], None] | None = None) -> int:
+           params: list | None = None, progress: Callable[[int, int], None] | None = None,
+           slice_rows: int = SLICE_ROWS) -> int:
     """Write the matching calls to `out`; returns the number of rows. `con` is a cursor of its
-    own: the export reads in one read-only transaction on it."""
+    own: the export reads in one read-only transaction on it. Over `slice_rows` calls it is
+    written in slices of that many, with `progress` told after each."""
     import duckdb
 
     if fmt not in FORMATS:
@@ -136,7 +138,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
     except duckdb.Error as exc:
         raise ExportError(f"cannot read the calls: {exc}") from None
     try:
-        return _export(con, out, fmt, options, where, args, progress)
+        return _export(con, out, fmt, options, where, args, progress, slice_rows)
     finally:
         try:
             con.execute("ROLLBACK")
@@ -145,7 +147,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
 
 
 def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,
-            progress: Callable[[int, int], None] | None) -> int:
+            progress: Callable[[int, int], None] | None, slice_rows: int) -> int:
     import duckdb
 
     try:
@@ -168,7 +170,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
     try:
         writer = _writer(tmpdir)
         final_tmp = tmpdir / ("all." + fmt)
-        if total <= SLICE_ROWS:
+        if total <= slice_rows:
             copy(f"SELECT * FROM calls WHERE {where} ORDER BY id", args, final_tmp, options)
             if progress:
                 progress(total, total)
@@ -177,7 +179,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
             # progress is real. DuckDB's own query_progress() jumps 0 -> 100 on a COPY.
             bounds = [r[0] for r in con.execute(
                 f"SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM calls WHERE {where}) "
-                f"WHERE n % {SLICE_ROWS} = 1 ORDER BY id", args).fetchall()]
+                f"WHERE n % {int(slice_rows)} = 1 ORDER BY id", args).fetchall()]
             done = 0
             parts: list[Path] = []
             # Parquet parts are only read back once: lz4 is cheaper to write and read than zstd.
@@ -193,7 +195,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
                 copy(f"SELECT * FROM calls WHERE {cond} ORDER BY id", args + [low] + ([high] if high else []),
                      part, part_options)
                 parts.append(part)
-                done = min(total, done + SLICE_ROWS)
+                done = min(total, done + slice_rows)
                 if progress:
                     progress(done, total)
             if fmt == "parquet":

@@ -46,7 +46,7 @@ from llmtap.recorder.record import (
     without_brief,
 )
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
-from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
+from llmtap.recorder.search_index import CHUNK_CALLS, MAX_LEVEL, SearchIndex
 from llmtap.recorder.services import Options, Service
 from llmtap.recorder.services import start as start_services
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -58,10 +58,10 @@ _headers_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 # A batch this small leaves the writer time to index the next chunk of calls for search; past
-# INDEX_BACKLOG_CALLS unindexed calls it indexes one chunk per batch even when busy, so that a
-# proxy that is never idle still has bounded searches.
+# INDEX_BACKLOG_CHUNKS chunks' worth of unindexed calls it indexes one chunk per batch even when
+# busy, so that a proxy that is never idle still has bounded searches.
 INDEX_IDLE_ITEMS = 64
-INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
+INDEX_BACKLOG_CHUNKS = 16
 # Rows are built and appended this many at a time, so that with helpers the writer appends one
 # part while they extract the next.
 ROWS_PART = 32
@@ -90,7 +90,8 @@ class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
                  body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
-                 close_interrupted: bool = True, services: Options | None = None) -> None:
+                 close_interrupted: bool = True, services: Options | None = None,
+                 index_chunk_calls: int = CHUNK_CALLS, index_max_level: int = MAX_LEVEL) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
@@ -98,7 +99,8 @@ class Recorder(QueuedSink):
         `buffer_bytes` bounds the records kept in memory while the database cannot be written.
         `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
         recorder process started again for the same proxy must not: those calls go on).
-        `services`: what runs beside the writer, fed from committed rows (see services.py)."""
+        `services`: what runs beside the writer, fed from committed rows (see services.py).
+        `index_chunk_calls`, `index_max_level`: the search index's chunks (see search_index)."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -145,6 +147,8 @@ class Recorder(QueuedSink):
         # Told `written` after each batch that finished calls (the recorder process reports it).
         self.on_written: Callable[[int], None] | None = None
         self.index: SearchIndex | None = None
+        self.index_chunk_calls = index_chunk_calls
+        self.index_max_level = index_max_level
         self._index_due = True  # calls may be waiting to be indexed
         self._indexed_at_written = 0  # `written` when the last chunk was built
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -216,7 +220,7 @@ class Recorder(QueuedSink):
             raise
         self.con = con
         self._opened = True
-        self.index = SearchIndex(con)
+        self.index = SearchIndex(con, chunk_calls=self.index_chunk_calls, max_level=self.index_max_level)
         self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
         self._import_due()
         self._serve_reads()
@@ -321,11 +325,12 @@ class Recorder(QueuedSink):
 
     def _index_step(self, items: int) -> None:
         """Index the next chunk of calls for search when the last batch was small, or when
-        the unindexed backlog has grown past INDEX_BACKLOG_CALLS."""
+        the unindexed backlog has grown past INDEX_BACKLOG_CHUNKS chunks."""
         index = self.index
         if index is None or not self._index_due:
             return
-        if items > INDEX_IDLE_ITEMS and self.written - self._indexed_at_written < INDEX_BACKLOG_CALLS:
+        backlog = INDEX_BACKLOG_CHUNKS * self.index_chunk_calls
+        if items > INDEX_IDLE_ITEMS and self.written - self._indexed_at_written < backlog:
             return
         below = min(self._in_progress) if self._in_progress else None
         try:

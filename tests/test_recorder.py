@@ -486,11 +486,7 @@ def test_every_reader_returns_the_same_python_values(db: Path) -> None:
     assert got_local[1][0][2] == b"\xff\xfe not utf-8"
 
 
-def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmtap.recorder.export as export_mod
-
-    monkeypatch.setattr(export_mod, "SLICE_ROWS", 7)
+def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: Path) -> None:
     rec = Recorder(db, serve=False)
     rec.start()
     ids = []
@@ -503,7 +499,7 @@ def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: P
     for fmt in ("parquet", "jsonl", "csv"):
         seen: list[tuple[int, int]] = []
         out = tmp_path / f"all.{fmt}"
-        assert reader.export(out, fmt, progress=lambda d, t, seen=seen: seen.append((d, t))) == 30
+        assert reader.export(out, fmt, progress=lambda d, t, seen=seen: seen.append((d, t)), slice_rows=7) == 30
         assert seen[-1] == (30, 30) and len(seen) == 5
         with duckdb.connect() as con:
             # One CSV header, however many parts: read_csv would take a repeated one for a row.

@@ -1233,17 +1233,15 @@ def _prompt_bodies(words: str) -> dict[str, dict[str, Any]]:
     }
 
 
-async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path) -> None:
     """`/rate limits` lists the calls whose prompt (not answer) said it, in any dialect, and the
     search index still rules out the chunks of calls that did not."""
-    from llmtap.recorder import search_index
     from llmtap.recorder.record import Attempt, Call, new_id, utcnow
     from llmtap.recorder.recorder import Recorder
 
-    monkeypatch.setattr(search_index, "CHUNK_CALLS", 4)
-    monkeypatch.setattr(search_index, "MAX_LEVEL", 0)  # four chunks stay four: each can be ruled out
     db = tmp_path / "calls.duckdb"
-    rec = Recorder(db, flush_interval_s=0.02, serve=False)
+    # Four calls a chunk, and four chunks stay four (no merging): each can be ruled out.
+    rec = Recorder(db, flush_interval_s=0.02, serve=False, index_chunk_calls=4, index_max_level=0)
     rec.start()
     ids: list[str] = []
     # Chunk by chunk: the words in a prompt, in chunks 0 and 2; the chunks between hold only
