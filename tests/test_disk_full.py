@@ -24,7 +24,7 @@ from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import open_reader
 from llmtap.recorder.recorder import INTERRUPTED, spool_path
 from test_cli import Lines
-from waiting import wait_gone
+from waiting import wait_gone, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tmpfs mounts and signals as on Linux")
 
@@ -351,17 +351,13 @@ def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, ca
         try:
             call = make_call()
             rec.call_started(call.started())
-            deadline = time.monotonic() + 60
-            while rec.cursor().execute("SELECT count(*) FROM calls").fetchone() != (1,):
-                assert time.monotonic() < deadline, "the in-progress row was never committed"
-                time.sleep(0.02)
+            wait_until(lambda: rec.cursor().execute("SELECT count(*) FROM calls").fetchone() == (1,),
+                       "the in-progress row to be committed", 60)
             filler = fill(disk)
             call, attempts = finish(call)
             call.response_body += b" " * 200_000  # more than any slack the full disk has left
             rec.call_finished(call.finished(attempts))
-            while "records are being lost" not in caplog.text:
-                assert time.monotonic() < deadline, "the loss was never said"
-                time.sleep(0.02)
+            wait_until(lambda: "records are being lost" in caplog.text, "the loss to be said", 60)
             filler.unlink()
         finally:
             rec.close()

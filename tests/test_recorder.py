@@ -25,6 +25,7 @@ from llmtap.recorder.reader import InProcessReader, LocalReader, ReaderError, Re
 from llmtap.recorder.record import Attempt, Call, new_id, utcnow
 from llmtap.recorder.recorder import Recorder, spool_path
 from llmtap.recorder.schema import migrate
+from waiting import wait_until
 
 PLANTED = "sk-live-PLANTED-123456789abcdef"
 PLANTED_Q = "AIzaPLANTEDquerykey987654"
@@ -569,9 +570,7 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     rec = record_all(tmp_path / "helped.duckdb", calls, helpers=2, offload_min=8)
     rec.flush_interval_s = 0.01
     rec._wake.set()
-    deadline = time.monotonic() + 60
-    while rec.written < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: rec.written >= len(calls), "the calls to be written", 60)
     pids = rec.helpers.pids()
     # They ran and are still there: nothing failed over to the writer's own thread.
     assert len(pids) == 2 and rec.helpers.running == 2
@@ -580,8 +579,7 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     more = wire_calls(1)
     for call in more:
         rec.call_finished(call.finished([]))
-    while rec.written < len(calls) + len(more):
-        time.sleep(0.01)
+    wait_until(lambda: rec.written >= len(calls) + len(more), "the later calls to be written", 60)
     assert rec.helpers.pids() == pids  # neither stopped, nor was replaced after failing
     rec.close()
     for pid in pids:  # stopped and reaped with the recorder
@@ -598,8 +596,7 @@ def test_a_helper_that_dies_costs_no_record(tmp_path: Path, caplog: pytest.LogCa
     rec = record_all(tmp_path / "helped.duckdb", calls, helpers=1, offload_min=4)
     rec.flush_interval_s = 0.01
     rec._wake.set()
-    while rec.written < len(calls):
-        time.sleep(0.01)
+    wait_until(lambda: rec.written >= len(calls), "the calls to be written", 60)
     (pid,) = rec.helpers.pids()
     os.kill(pid, signal.SIGKILL)
     more = wire_calls(2)

@@ -28,7 +28,7 @@ from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import RecorderError
 from test_cli import Lines
 from test_recorder import ANTHROPIC_SSE, PLANTED, finish, make_call
-from waiting import wait_gone
+from waiting import wait_gone, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipes and signals as on Linux")
 
@@ -126,9 +126,7 @@ def test_a_reader_follows_a_recorder_process_started_again(tmp_path: Path) -> No
         assert rec.proc is not None
         gone = reader.url
         os.kill(rec.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while rec.restarts == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: rec.restarts, "a new recorder process", 60)
         # The UI's reader carries on, on the new endpoint, and is told to reload.
         assert reader.query("SELECT count(*) FROM calls")[1] == [(1,)]
         assert reader.url != gone
