@@ -249,12 +249,17 @@ class RecorderProcess(QueuedSink):
     def _items(self) -> list[tuple]:
         """What the queue holds, as the child takes it: each event as its wire tuple."""
         out: list[tuple] = []
+        append, opened = out.append, self._open
         for event in without_brief(self._drain()):
-            if isinstance(event, CallStarted):
-                self._open.add(event.id)
-            elif isinstance(event, CallFinished):
-                self._open.discard(event.start.id)
-            out.append(to_wire(event))
+            kind = type(event)
+            if kind is Chunk:  # most of them, and the one this thread must not dwell on
+                append(("C", event.call_id, event.data))  # type: ignore[union-attr]
+                continue
+            if kind is CallStarted:
+                opened.add(event.call_id)  # type: ignore[union-attr]
+            elif kind is CallFinished:
+                opened.discard(event.call_id)  # type: ignore[union-attr]
+            append(to_wire(event))
         total = self.dropped_total
         if total != self._dropped_sent:
             out.append(to_wire(Dropped(total - self._dropped_sent)))

@@ -280,23 +280,19 @@ class QueuedSink:
         return items
 
 
+_BRIEF = frozenset({CallStarted, ResponseHead, Chunk})
+
+
 def without_brief(items: list[Event]) -> list[Event]:
     """Queued events without the start, head and chunks of a call that also ends among them: no
     live view can have seen such a call, so its finished event, with the whole body, is all it
     needs."""
-    ending = {item.start.id for item in items if isinstance(item, CallFinished)}
+    ending = {item.start.id for item in items if type(item) is CallFinished}  # type: ignore[union-attr]
     if not ending:
         return items
-    out: list[Event] = []
-    for item in items:
-        if isinstance(item, CallStarted):
-            if item.id in ending:
-                continue
-        elif isinstance(item, (Chunk, ResponseHead)):
-            if item.call_id in ending:
-                continue
-        out.append(item)
-    return out
+    brief = _BRIEF
+    return [item for item in items
+            if type(item) not in brief or item.call_id not in ending]  # type: ignore[union-attr]
 
 
 class MemorySink:
