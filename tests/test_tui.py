@@ -593,21 +593,19 @@ async def test_paging_loads_more_near_the_end(tmp_path: Path) -> None:
     reader.close()
 
 
-async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Path) -> None:
     """Small windows and pages, so that pages span windows; the list must end up as one query
     with the former ILIKE search would have listed it."""
-    from llmtap.tui import app as app_module
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(q, "WINDOW_OFFSETS", WINDOWS)
-    monkeypatch.setattr(q, "PAGE_SIZE", 4)
-    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # the next page when the cursor is on the last row
+    # The next page when the cursor is on the last row.
+    tuning = ListTuning(page_size=4, window_offsets=WINDOWS, load_more_margin=1)
     reader = reader_with_needles(tmp_path)
     _, rows = reader.query("SELECT id FROM calls WHERE content ILIKE '%needle%' ESCAPE '\\' "
                            "OR reasoning ILIKE '%needle%' ESCAPE '\\' ORDER BY id DESC")
     expected = [str(r[0]) for r in rows]
     assert len(expected) == len(NEEDLES)
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=tuning)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.calls
         await loaded(pilot, app, 4)
@@ -654,12 +652,11 @@ async def test_a_slow_search_says_it_is_searching(tmp_path: Path) -> None:
         reader.close()
 
 
-async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmtap.tui import app as app_module
+async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path) -> None:
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 6)
-    monkeypatch.setattr(app_module, "LIVE_KEEP_ROWS", 3)
-    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # else 3 rows would page the rest in at once
+    # A margin of 1: else 3 rows would page the rest in at once.
+    tuning = ListTuning(live_max_rows=6, live_keep_rows=3, load_more_margin=1)
     reader = make_reader(tmp_path, [{} for _ in range(2)])
     # Events of the past (before the UI opened) are not replayed to it.
     old_ids = [str(r[0]) for r in reader.query("SELECT id FROM calls")[1]]
@@ -674,7 +671,7 @@ async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monke
         return query(sql, params)
 
     reader.query = recording_query  # type: ignore[method-assign]
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=tuning)
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app, 2)
         for i in range(5):
@@ -693,13 +690,11 @@ async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monke
     reader.close()
 
 
-async def test_live_rows_wait_while_the_user_reads_below_a_full_list(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmtap.tui import app as app_module
+async def test_live_rows_wait_while_the_user_reads_below_a_full_list(tmp_path: Path) -> None:
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 4)
     reader = make_reader(tmp_path, [{} for _ in range(4)])
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=ListTuning(live_max_rows=4))
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app, 4)
         await pilot.press("down", "down")
