@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtap import paths
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, size_text
+from llmtap.recorder.events import CallFinished, CallStarted, Chunk, ResponseHead
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, size_text
 from llmtap.recorder.services import Options
 
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def parse_size(text: str) -> int:
     return size
 
 
-def format_call_line(call: Call, attempts: list[Attempt]) -> str:
+def format_call_line(call: CallFinished) -> str:
     """One line per call, as mitmdump users expect to see traffic go by.
 
     Every field but the times comes from the network (the client's User-Agent, model names,
@@ -336,11 +337,11 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
     handed = 0  # calls finished by the proxy, for the stop line
     started = False
 
-    def on_finished(call: Call, attempts: list[Attempt]) -> None:
+    def on_finished(call: CallFinished) -> None:
         nonlocal handed
         handed += 1
         if not args.quiet:
-            _print_line(call, attempts)
+            _print_line(call)
 
     async def ready(p) -> None:
         nonlocal started
@@ -428,9 +429,9 @@ def _stopped_line(recorder: RecorderProcess | None, db: Path, handed: int) -> st
     return f"llmtap: stopped; {calls(committed)} committed to {db}, {tail}"
 
 
-def _print_line(call: Call, attempts: list[Attempt]) -> None:
+def _print_line(call: CallFinished) -> None:
     try:
-        print(format_call_line(call, attempts), flush=True)
+        print(format_call_line(call), flush=True)
     except (BrokenPipeError, ValueError):  # stdout closed: keep proxying regardless
         pass
 
@@ -526,11 +527,14 @@ def _recorder_ready(recorder, db: Path) -> bool:
 
 
 class _NullSink:
-    def call_started(self, call: Call) -> None:
+    def call_started(self, event: CallStarted) -> None:
         pass
 
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+    def response_head(self, event: ResponseHead) -> None:
         pass
 
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def call_chunk(self, event: Chunk) -> None:
+        pass
+
+    def call_finished(self, event: CallFinished) -> None:
         pass

@@ -6,8 +6,10 @@ on a connection failure mitmproxy sends its own 502): once it has asked an
 upstream, an error is what the client gets. So the routing addon points every LLM flow at this
 relay, served on 127.0.0.1 inside the same process, and hands it a `Plan` keyed by a header.
 The relay tries the plan's targets in order while nothing has reached the client, then forwards
-the chosen answer chunk by chunk. Each forwarded chunk is appended to the record after it was
-written, so recording never delays the stream.
+the chosen answer chunk by chunk. It tells the recorder what happens as it happens, in frozen
+events (see llmtap.recorder.events): the response head as soon as it arrived, each chunk after
+it was written (so recording never delays the stream), and the finished call with its attempts.
+What it works out meanwhile stays in the exchange's own state, never in an event handed over.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
 from llmtap.dialects import registry
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink, body_cut_note, utcnow
+from llmtap.recorder.events import Attempt, CallFinished, CallStarted, Chunk, ResponseHead
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Sink, body_cut_note, utcnow
 from llmtap.recorder.redact import redact_headers
 
 log = logging.getLogger("llmtap.relay")
@@ -80,12 +84,32 @@ class Target:
 
 @dataclass(slots=True)
 class Plan:
-    call: Call
+    call: CallStarted  # already handed to the recorder
     method: str
     targets: list[Target]
     policy: Policy
     api_family: str  # openai | anthropic | ollama | gemini | other: shapes llmtap's own errors
     created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Try:
+    """An attempt while it is under way; handed to the recorder as a frozen `Attempt`."""
+
+    call_id: str
+    n: int
+    provider: str | None
+    url: str
+    model_sent: str | None
+    started_at: datetime
+    status: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+    ttfb_ms: float | None = None
+
+    def frozen(self) -> Attempt:
+        return Attempt(self.call_id, self.n, self.provider, self.url, self.model_sent, self.started_at,
+                       self.status, self.error, self.duration_ms, self.ttfb_ms)
 
 
 class Cooldown:
@@ -128,12 +152,15 @@ class Relay:
     """HTTP/1.1 server on 127.0.0.1 whose only client is this process's mitmproxy."""
 
     def __init__(self, sink: Sink, *, pool: Pool | None = None, cooldown: Cooldown | None = None,
-                 on_finished: Callable[[Call, list[Attempt]], None] | None = None,
-                 body_limit: int = DEFAULT_BODY_LIMIT) -> None:
+                 on_finished: Callable[[CallFinished], None] | None = None,
+                 body_limit: int = DEFAULT_BODY_LIMIT, stream_idle_s: float = 300.0) -> None:
         """`body_limit`: what one exchange may hold in memory for the record (`llmtap run
-        --max-body`); the stream itself is never capped."""
+        --max-body`); the stream itself is never capped. `stream_idle_s`: the least silence
+        inside a streamed body that ends it as idle (a route's first_byte_s may ask for more):
+        reasoning models may pause long between events once streaming."""
         self.sink = sink
         self.body_limit = body_limit
+        self.stream_idle_s = stream_idle_s
         self.pool = pool or Pool()
         self.cooldown = cooldown or Cooldown()
         self.on_finished = on_finished
@@ -167,15 +194,15 @@ class Relay:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.pool.aclose()
 
-    def finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def finished(self, event: CallFinished) -> None:
         """The one hand-off of a finished call: to the recorder, then to the line printer."""
         try:
-            self.sink.call_finished(call, attempts)
+            self.sink.call_finished(event)
         except Exception:
             log.exception("recorder refused a finished call")
         if self.on_finished is not None:
             try:
-                self.on_finished(call, attempts)
+                self.on_finished(event)
             except Exception:
                 log.exception("call line printer failed")
 
@@ -323,12 +350,19 @@ class _Exchange:
         self.plan = plan
         self.call = plan.call
         self.writer = writer
-        self.attempts: list[Attempt] = []
+        self.attempts: list[_Try] = []
         self.parts: list[bytes] = []
         self.recorded = 0
         self.t0 = time.monotonic()
         self.sent_head = False
         self.done = False
+        # What the client got, as it becomes known; handed over in the head and finished events.
+        self.status: int | None = None
+        self.provider: str | None = None
+        self.model_sent: str | None = None
+        self.response_headers: dict[str, str] = {}
+        self.ttfb_ms: float | None = None
+        self.notes: list[str] = []  # what the answer adds to the request's notes
 
     # Every path out of run() ends in finish(); disconnected() covers cancellation.
     async def run(self) -> bool:
@@ -352,8 +386,7 @@ class _Exchange:
                     resp = await self.relay.pool.request(
                         plan.method, target.origin, target.target, target.headers, target.body,
                         connect_timeout=policy.connect_s, first_byte_timeout=policy.first_byte_s,
-                        # Reasoning models may pause long between events once streaming.
-                        idle_timeout=max(policy.first_byte_s, 300.0),
+                        idle_timeout=max(policy.first_byte_s, self.relay.stream_idle_s),
                     )
                 except UpstreamError as exc:
                     attempt.error = str(exc)
@@ -385,8 +418,8 @@ class _Exchange:
                 return await self._forward(target, attempt, resp, t_start, gave_up=gave_up)
         return await self._fail(last_error)
 
-    def _attempt(self, target: Target) -> Attempt:
-        attempt = Attempt(
+    def _attempt(self, target: Target) -> _Try:
+        attempt = _Try(
             call_id=self.call.id, n=len(self.attempts) + 1, provider=target.provider,
             url=target.url, model_sent=target.model, started_at=utcnow(),
         )
@@ -401,15 +434,15 @@ class _Exchange:
             wait = max(wait, min(hint, policy.retry_after_cap_s))
         return wait
 
-    async def _forward(self, target: Target, attempt: Attempt, resp: Response, t_start: float,
+    async def _forward(self, target: Target, attempt: _Try, resp: Response, t_start: float,
                        gave_up: bool = False) -> bool:
-        call = self.call
-        call.provider = target.provider
-        call.model_sent = target.model
-        call.status = resp.status
+        self.provider = target.provider
+        self.model_sent = target.model
+        self.status = resp.status
         headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
         has_length = any(k == b"content-length" for k, _ in headers)
-        call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+        self.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+        self._head()
         head = [b"HTTP/1.1 %d %s\r\n" % (resp.status, resp.reason or b"-")]
         head += [k + b": " + v + b"\r\n" for k, v in headers]
         if not has_length:
@@ -425,8 +458,8 @@ class _Exchange:
                     continue
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if not has_length else chunk)
                 await writer.drain()
-                if call.ttfb_ms is None:
-                    call.ttfb_ms = _ms(self.t0)
+                if self.ttfb_ms is None:
+                    self.ttfb_ms = _ms(self.t0)
                 self._tee(chunk)
             if not has_length:
                 writer.write(b"0\r\n\r\n")
@@ -455,7 +488,7 @@ class _Exchange:
         if len(chunk) > room:
             if room < 0:
                 return  # already past it, and said so
-            self.call.notes.append(body_cut_note("response", limit))
+            self.notes.append(body_cut_note("response", limit))
             self.recorded = limit + 1
             if not room:
                 return
@@ -464,33 +497,33 @@ class _Exchange:
             self.recorded += len(chunk)
         self.parts.append(chunk)
         try:
-            self.relay.sink.call_chunk(self.call.id, chunk)
+            self.relay.sink.call_chunk(Chunk(self.call.id, chunk))
         except Exception:
             log.exception("recorder refused a chunk")
 
     async def _fail(self, last_error: tuple[Response, bytes] | None) -> bool:
         """Every target failed: the last upstream error as sent, or llmtap's own 502."""
-        call = self.call
         if last_error is not None:
             resp, body = last_error
-            call.status = resp.status
-            call.provider = self.attempts[-1].provider if self.attempts else None
+            self.status = resp.status
+            self.provider = self.attempts[-1].provider if self.attempts else None
             headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != b"content-length"]
-            call.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
+            self.response_headers = redact_headers((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers)
             status, reason = resp.status, resp.reason or b"-"
         else:
             body = _own_error(self.plan.api_family, self.attempts)
             headers = [(b"content-type", b"application/json")]
-            call.response_headers = {"content-type": "application/json"}
-            call.status = 502
+            self.response_headers = {"content-type": "application/json"}
+            self.status = 502
             status, reason = 502, b"Bad Gateway"
+        self._head()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
         head += [k + b": " + v + b"\r\n" for k, v in headers]
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.writer.write(b"".join(head) + body)
         self.sent_head = True
         await self.writer.drain()
-        call.ttfb_ms = _ms(self.t0)
+        self.ttfb_ms = _ms(self.t0)
         self._tee(body)
         self.finish(error=self._all_failed())
         return True
@@ -507,21 +540,29 @@ class _Exchange:
             if attempt.duration_ms is None:
                 attempt.duration_ms = (utcnow() - attempt.started_at).total_seconds() * 1000
                 attempt.error = attempt.error or reason
-        self.finish(error=reason, status=self.call.status if self.sent_head else 499)
+        self.finish(error=reason, status=self.status if self.sent_head else 499)
+
+    def _head(self) -> None:
+        """Tell the recorder the head of the answer the client is about to get."""
+        assert self.status is not None
+        try:
+            self.relay.sink.response_head(ResponseHead(self.call.id, self.status, self.response_headers,
+                                                       self.provider, self.model_sent, _ms(self.t0)))
+        except Exception:
+            log.exception("recorder refused a response head")
 
     def finish(self, *, error: str | None = None, status: int | None = None) -> None:
         if self.done:
             return
         self.done = True
-        call = self.call
-        if status is not None:
-            call.status = status
-        call.duration_ms = _ms(self.t0)
-        call.attempts = sum(1 for a in self.attempts if not (a.error or "").startswith("skipped"))
-        call.response_body = b"".join(self.parts)
-        if error:
-            call.error = error
-        self.relay.finished(call, self.attempts)
+        start = self.call
+        self.relay.finished(CallFinished(
+            start=start, status=status if status is not None else self.status, provider=self.provider,
+            model_sent=self.model_sent, response_headers=self.response_headers, response_body=b"".join(self.parts),
+            ttfb_ms=self.ttfb_ms, duration_ms=_ms(self.t0),
+            attempts=sum(1 for a in self.attempts if not (a.error or "").startswith("skipped")),
+            tries=tuple(a.frozen() for a in self.attempts), error=error or None,
+            notes=(*start.notes, *self.notes) if self.notes else start.notes))
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:
@@ -567,7 +608,7 @@ def _error_summary(body: bytes) -> str:
     return str(err)[:300]
 
 
-def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
+def _own_error(api_family: str, attempts: list[_Try]) -> bytes:
     """llmtap's 502 when no upstream answered at all, in the request's own error format so
     the client's SDK shows a readable message."""
     tried = [

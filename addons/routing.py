@@ -25,7 +25,8 @@ from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target, error_body
 from llmtap.addons.upstream import Origin
 from llmtap.dialects import registry
-from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
+from llmtap.recorder.events import CallFinished, CallStarted
+from llmtap.recorder.record import API_OTHER, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
@@ -131,11 +132,11 @@ class Router:
         key = flow.metadata.get("llmtap_plan")
         plan = self.relay.drop_plan(key) if key is not None and flow.response is not None else None
         if plan is not None and flow.response is not None:  # the relay refused the request before taking it (a head over its limit)
-            plan.call.status = flow.response.status_code
-            plan.call.duration_ms = 0.0
-            why = " (request head too large: over 1 MiB)" if plan.call.status == 431 else ""
-            plan.call.error = f"refused by llmtap's relay with {plan.call.status} before any upstream try{why}"
-            self.relay.finished(plan.call, [])
+            status = flow.response.status_code
+            why = " (request head too large: over 1 MiB)" if status == 431 else ""
+            self.relay.finished(CallFinished(
+                plan.call, status=status, duration_ms=0.0, notes=plan.call.notes,
+                error=f"refused by llmtap's relay with {status} before any upstream try{why}"))
 
     def error(self, flow: http.HTTPFlow) -> None:
         key = flow.metadata.pop("llmtap_plan", None)
@@ -145,10 +146,8 @@ class Router:
             return
         plan = self.relay.drop_plan(key)
         if plan is not None:  # mitmproxy never reached the relay: still record the call
-            plan.call.status = 502
-            plan.call.duration_ms = 0.0
-            plan.call.error = f"proxy error before the relay: {flow.error}"
-            self.relay.finished(plan.call, [])
+            self.relay.finished(CallFinished(plan.call, status=502, duration_ms=0.0, notes=plan.call.notes,
+                                             error=f"proxy error before the relay: {flow.error}"))
 
     # routing -------------------------------------------------------------------------------
     def _route(self, flow: http.HTTPFlow) -> None:
@@ -185,13 +184,7 @@ class Router:
         notes: list[str] = []
         model, stream, doc = self._read_body(req.headers.get("content-type", ""), body, api, path, notes)
         client = req.headers.get("user-agent")
-        call = Call(
-            id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(shown_url), api=api,
-            client=client, model_requested=model, stream=stream,
-            request_headers=redact_headers(req.headers.items(multi=True)),
-            request_body=_kept(body, self.relay.body_limit, notes),
-            notes=notes,
-        )
+        request_body = _kept(body, self.relay.body_limit, notes)
 
         route = None
         if addressed is not None and api != API_OTHER:
@@ -208,7 +201,6 @@ class Router:
             notes.append("client sent the llmtap gateway token: each target got its key_env key")
         targets: list[Target] = []
         if route is not None:
-            call.route = route.name
             for t in route.targets:
                 provider = rules.providers[t.provider]
                 new_model = t.model or model
@@ -236,7 +228,12 @@ class Router:
             own = rules.providers.get(target_.provider) if target_.provider else None
             if own is not None:
                 secrets |= _added_secrets(own)
-        call.secrets = tuple(secrets)
+        call = CallStarted(
+            id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(shown_url), api=api,
+            client=client, model_requested=model, stream=stream, route=route.name if route is not None else None,
+            request_headers=redact_headers(req.headers.items(multi=True)), request_body=request_body,
+            notes=tuple(notes), secrets=tuple(secrets),
+        )
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
         flow.metadata["llmtap_plan"] = key
@@ -337,15 +334,14 @@ class Router:
         api = detect_api(req.method, path)
         model, stream, _ = self._read_body(req.headers.get("content-type", ""), request_body, api, path, [])
         notes: list[str] = []
-        call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url), api=api,
-                    model_requested=model, stream=stream,
-                    client=req.headers.get("user-agent"), status=status, duration_ms=0.0,
-                    request_headers=redact_headers(flow.request.headers.items(multi=True)),
-                    secrets=tuple(collect_secrets(flow.request.headers.items(multi=True), flow.request.path)),
-                    request_body=_kept(request_body, self.relay.body_limit, notes),
-                    response_headers={"content-type": "application/json"}, response_body=body,
-                    error=message, notes=notes)
-        self.relay.finished(call, [])
+        start = CallStarted(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url), api=api,
+                            model_requested=model, stream=stream, client=req.headers.get("user-agent"),
+                            request_headers=redact_headers(flow.request.headers.items(multi=True)),
+                            secrets=tuple(collect_secrets(flow.request.headers.items(multi=True), flow.request.path)),
+                            request_body=_kept(request_body, self.relay.body_limit, notes), notes=tuple(notes))
+        self.relay.finished(CallFinished(start, status=status, duration_ms=0.0,
+                                         response_headers={"content-type": "application/json"}, response_body=body,
+                                         error=message, notes=start.notes))
 
     def _gateway_url(self, flow: http.HTTPFlow) -> str:
         listen = flow.client_conn.sockname
@@ -413,14 +409,13 @@ class Router:
         else:
             status, error = 400, f"malformed request, refused with 400: {reason}"
         notes: list[str] = []
-        call = Call(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url),
-                    api=detect_api(req.method, path), client=req.headers.get("user-agent"),
-                    status=status, duration_ms=0.0,
-                    request_headers=redact_headers(req.headers.items(multi=True)),
-                    secrets=tuple(collect_secrets(req.headers.items(multi=True), req.path)),
-                    request_body=_kept(req.raw_content or b"", self.relay.body_limit, notes), error=error,
-                    notes=notes)
-        self.relay.finished(call, [])
+        start = CallStarted(id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(url),
+                            api=detect_api(req.method, path), client=req.headers.get("user-agent"),
+                            request_headers=redact_headers(req.headers.items(multi=True)),
+                            secrets=tuple(collect_secrets(req.headers.items(multi=True), req.path)),
+                            request_body=_kept(req.raw_content or b"", self.relay.body_limit, notes),
+                            notes=tuple(notes))
+        self.relay.finished(CallFinished(start, status=status, duration_ms=0.0, error=error, notes=start.notes))
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,8 @@ from llmtap.addons import rules as rules_mod  # noqa: E402
 from llmtap.addons.hostport import StartupError, parse_hostport  # noqa: E402,F401 (re-exported)
 from llmtap.addons.relay import Cooldown, Relay  # noqa: E402
 from llmtap.addons.routing import Router, Security  # noqa: E402
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink  # noqa: E402
+from llmtap.recorder.events import CallFinished  # noqa: E402
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Sink  # noqa: E402
 
 log = logging.getLogger("llmtap")
 
@@ -227,7 +228,7 @@ class Proxy:
     """The running proxy. `await start()`, then `await wait()`; `stop()` is safe from signals."""
 
     def __init__(self, config: RunConfig, sink: Sink,
-                 on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+                 on_finished: Callable[[CallFinished], None] | None = None) -> None:
         self.config = config
         self.sink = sink
         try:
@@ -377,7 +378,7 @@ def install_signal_handlers(stop: Callable[[], None]) -> None:
 
 
 async def serve(config: RunConfig, sink: Sink, *, ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
-                on_finished: Callable[[Call, list[Attempt]], None] | None = None) -> None:
+                on_finished: Callable[[CallFinished], None] | None = None) -> None:
     """Run until SIGINT/SIGTERM (or `proxy.stop()`); raises StartupError on a bad start."""
     proxy = Proxy(config, sink, on_finished=on_finished)
     await proxy.start()

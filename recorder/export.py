@@ -118,9 +118,11 @@ def _quoted(p: Path) -> str:
 def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, since: str | None = None,
            until: str | None = None, model: str | None = None, where_sql: str | None = None,
            params: list | None = None, progress: Callable[[int, int], None] | None = None,
-           table: str = "calls") -> int:
+           table: str = "calls", slice_rows: int = SLICE_ROWS) -> int:
     """Write the matching rows of `table` (calls unless named) to `out`; returns the number of
-    rows. `con` is a cursor of its own: the export reads in one read-only transaction on it."""
+    rows. `con` is a cursor of its own: the export reads in one read-only transaction on it.
+    Over `slice_rows` calls they are written in slices of that many, with `progress` told after
+    each."""
     import duckdb
 
     if fmt not in FORMATS:
@@ -140,7 +142,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
         if table != "calls":
             return _export_table(con, out, fmt, options, table, since=since, until=until, model=model,
                                  where_sql=where_sql, progress=progress)
-        return _export(con, out, fmt, options, where, args, progress)
+        return _export(con, out, fmt, options, where, args, progress, slice_rows)
     finally:
         try:
             con.execute("ROLLBACK")
@@ -196,7 +198,7 @@ def _export_table(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: 
 
 
 def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,
-            progress: Callable[[int, int], None] | None) -> int:
+            progress: Callable[[int, int], None] | None, slice_rows: int) -> int:
     import duckdb
 
     try:
@@ -219,7 +221,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
     try:
         writer = _writer(tmpdir)
         final_tmp = tmpdir / ("all." + fmt)
-        if total <= SLICE_ROWS:
+        if total <= slice_rows:
             copy(f"SELECT * FROM calls WHERE {where} ORDER BY id", args, final_tmp, options)
             if progress:
                 progress(total, total)
@@ -228,7 +230,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
             # progress is real. DuckDB's own query_progress() jumps 0 -> 100 on a COPY.
             bounds = [r[0] for r in con.execute(
                 f"SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM calls WHERE {where}) "
-                f"WHERE n % {SLICE_ROWS} = 1 ORDER BY id", args).fetchall()]
+                f"WHERE n % {int(slice_rows)} = 1 ORDER BY id", args).fetchall()]
             done = 0
             parts: list[Path] = []
             # Parquet parts are only read back once: lz4 is cheaper to write and read than zstd.
@@ -244,7 +246,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
                 copy(f"SELECT * FROM calls WHERE {cond} ORDER BY id", args + [low] + ([high] if high else []),
                      part, part_options)
                 parts.append(part)
-                done = min(total, done + SLICE_ROWS)
+                done = min(total, done + slice_rows)
                 if progress:
                     progress(done, total)
             if fmt == "parquet":

@@ -4,8 +4,8 @@ In one process, the recorder's writer shares the GIL and the CPU caches with the
 event loop. DuckDB's append and commit cost about 20 us of CPU per small call, and they take
 the GIL back a dozen times per batch (a signal check, then re-entry after each native step).
 At saturation on two CPUs the loop lost about three times the writer's own time: the proxy
-recording served 0.86x the calls of one not recording. Here the proxy only hands over what it
-recorded, pickled as plain tuples, from a thread that wakes every SEND_INTERVAL_S and follows
+recording served 0.86x the calls of one not recording. Here the proxy only hands over the
+events it emitted (see `events`), pickled as the plain tuples of their fields, from a thread that wakes every SEND_INTERVAL_S and follows
 the loop's CPU. Everything else runs in the child, `python -m llmtap.recorder.process DB
 FLUSH_S BODY_LIMIT`, which owns the DuckDB file and serves the read endpoint (see `Recorder`).
 
@@ -28,7 +28,6 @@ recording into the file makes it refuse to start.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import pickle
 import signal
@@ -41,8 +40,10 @@ from collections import deque
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
+from llmtap.recorder.events import Adopt, CallFinished, CallStarted, Chunk, Dropped, ResponseHead, from_wire, to_wire
+from llmtap.recorder.events import wire_call_id as _finished_id
 from llmtap.recorder.follow import CpuFollower
-from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, QueuedSink, RecorderError, without_brief
+from llmtap.recorder.record import DEFAULT_BODY_LIMIT, QueuedSink, RecorderError, without_brief
 from llmtap.recorder.services import Options
 
 if TYPE_CHECKING:
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmtap.recorder")
 
 _LEN = struct.Struct("<Q")
-# Plain tuples pickle in half the time of the dataclasses they are taken from.
-_call_fields = operator.attrgetter(*Call.__slots__)
-_attempt_fields = operator.attrgetter(*Attempt.__slots__)
 # The proxy hands records over this often; the child commits every flush interval minus
 # this, so that a record still waits at most the flush interval in all.
 SEND_INTERVAL_S = 0.025
@@ -77,13 +75,12 @@ class RecorderProcess(QueuedSink):
         self._stop = False
         self._thread: threading.Thread | None = None
         self._dropped_sent = 0  # of `dropped_total`, those handed over
-        self._open: dict[str, Call] = {}  # calls whose start was handed over, until they finish
-        self._headed: set[str] = set()  # of those, the ones whose response head was handed over
-        self._pending: list[tuple] = []  # items the last child did not take, for the next one
+        self._open: set[str] = set()  # calls whose start was handed over, until they finish
+        self._pending: list[tuple] = []  # wire items the last child did not take, for the next one
         self._handed = 0  # finished calls written to the current child
         self._committed = 0  # of those, committed (or spooled), as the child last said
         self._committed_earlier = 0  # committed by the children before the current one
-        self._unacked: deque[tuple] = deque()  # the finished items handed but not yet committed
+        self._unacked: deque[tuple] = deque()  # the finished wire items handed but not yet committed
         self._exited = threading.Event()  # the current child closed its output
         self._progress: threading.Thread | None = None
         self._starting: subprocess.Popen | None = None  # begun, not yet waited for
@@ -218,7 +215,8 @@ class RecorderProcess(QueuedSink):
             self._child_died()
         if self.proc is None and not self._respawn(force=stopping):
             if stopping:
-                left = len(self._unacked) + sum(1 for item in [*self._pending, *self._queue] if item[0] == "finished")
+                left = (len(self._unacked) + sum(1 for item in self._pending if _finished_id(item) is not None)
+                        + sum(1 for event in self._queue if isinstance(event, CallFinished)))
                 log.error("llmtap recorder: %d calls were not recorded: no recorder process could start", left)
             return stopping
         while len(self._unacked) > self._handed - self._committed:
@@ -230,7 +228,7 @@ class RecorderProcess(QueuedSink):
                 self._pending = items
                 self._child_died()
                 return False
-            finished = [item for item in items if item[0] == "finished"]
+            finished = [item for item in items if item[0] == "F"]
             self._handed += len(finished)
             self._unacked.extend(finished)
         return stopping and not self._queue and self._end_child()
@@ -249,29 +247,22 @@ class RecorderProcess(QueuedSink):
         return False
 
     def _items(self) -> list[tuple]:
-        """What the queue holds, as the child takes it."""
+        """What the queue holds, as the child takes it: each event as its wire tuple."""
         out: list[tuple] = []
-        for item in without_brief(self._drain()):
-            kind = item[0]
-            if kind == "chunk":
-                call = self._open.get(item[1])
-                if call is not None and item[1] not in self._headed:
-                    # The child's copy of the call was taken at its start; its live
-                    # extraction needs the status and headers the first chunk came with.
-                    self._headed.add(item[1])
-                    out.append(("head", item[1], call.status, dict(call.response_headers)))
-                out.append(item)
-            elif kind == "started":
-                self._open[item[1].id] = item[1]
-                out.append(("started", _call_fields(item[1])))
-            else:
-                call = item[1]
-                if self._open.pop(call.id, None) is not None:
-                    self._headed.discard(call.id)
-                out.append(("finished", _call_fields(call), [_attempt_fields(a) for a in item[2]]))
+        append, opened = out.append, self._open
+        for event in without_brief(self._drain()):
+            kind = type(event)
+            if kind is Chunk:  # most of them, and the one this thread must not dwell on
+                append(("C", event.call_id, event.data))  # type: ignore[union-attr]
+                continue
+            if kind is CallStarted:
+                opened.add(event.call_id)  # type: ignore[union-attr]
+            elif kind is CallFinished:
+                opened.discard(event.call_id)  # type: ignore[union-attr]
+            append(to_wire(event))
         total = self.dropped_total
         if total != self._dropped_sent:
-            out.append(("dropped", total - self._dropped_sent))
+            out.append(to_wire(Dropped(total - self._dropped_sent)))
             self._dropped_sent = total
         return out
 
@@ -308,11 +299,11 @@ class RecorderProcess(QueuedSink):
         self._handed = self._committed = 0
         # Calls still open may have rows in progress, and the calls handed again may have been
         # committed after all: the next child replaces both.
-        ids = [*self._open, *(item[1][0] for item in again if item[0] == "finished")]
-        self._pending = [("adopt", ids), *again]
+        ids = [*self._open, *(cid for cid in map(_finished_id, again) if cid is not None)]
+        self._pending = [to_wire(Adopt(tuple(ids))), *again]
         log.error("llmtap recorder: the recorder process stopped unexpectedly (exit code %s); proxying goes on. "
                   "The %d finished calls it had not committed go to a new recorder process, which starts %s.",
-                  code, sum(1 for item in again if item[0] == "finished"), "now" if self._restarted_at is None else
+                  code, sum(1 for item in again if item[0] == "F"), "now" if self._restarted_at is None else
                   f"within {RESTART_EVERY_S:.0f} s")
 
     def _respawn(self, force: bool) -> bool:
@@ -392,8 +383,7 @@ def _main(argv: list[str]) -> int:
 
 
 def _feed(recorder: Recorder, inp: BinaryIO) -> None:
-    """Hand the recorder the items of each frame, until the end of the input."""
-    calls: dict[str, Call] = {}  # started, not finished: their response head may follow
+    """Hand the recorder the events of each frame, until the end of the input."""
     while True:
         head = inp.read(_LEN.size)
         if len(head) < _LEN.size:
@@ -403,25 +393,19 @@ def _feed(recorder: Recorder, inp: BinaryIO) -> None:
         if len(frame) < size:
             return  # the proxy died mid-frame: what came before is whole
         for item in pickle.loads(frame):
-            kind = item[0]
-            if kind == "chunk":
-                recorder.call_chunk(item[1], item[2])
-            elif kind == "finished":
-                call = Call(*item[1])
-                calls.pop(call.id, None)
-                recorder.call_finished(call, [Attempt(*a) for a in item[2]])
-            elif kind == "started":
-                call = Call(*item[1])
-                calls[call.id] = call
-                recorder.call_started(call)
-            elif kind == "head":
-                known = calls.get(item[1])
-                if known is not None:
-                    known.status, known.response_headers = item[2], item[3]
-            elif kind == "dropped":
-                recorder.dropped_total += item[1]
-            elif kind == "adopt":
-                recorder.adopt(item[1])
+            event = from_wire(item)
+            if isinstance(event, Chunk):
+                recorder.call_chunk(event)
+            elif isinstance(event, CallFinished):
+                recorder.call_finished(event)
+            elif isinstance(event, CallStarted):
+                recorder.call_started(event)
+            elif isinstance(event, ResponseHead):
+                recorder.response_head(event)
+            elif isinstance(event, Dropped):
+                recorder.dropped_total += event.count
+            elif isinstance(event, Adopt):
+                recorder.adopt(list(event.ids))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The hand-off between the proxy and the recorder.
+"""The hand-off between the proxy and the recorder, and what both sides share.
 
-The proxy fills a `Call` with what it saw on the wire (headers already redacted, bodies as
-raw bytes) and hands it over through the `Sink` protocol. Everything expensive -- decoding,
-extraction of reasoning/content/tool calls/usage, DuckDB -- happens on the recorder's side,
-off the proxy's event loop.
+The proxy hands the recorder frozen events (see `events`: a call started, its response head, a
+chunk, the call finished) through the `Sink` protocol, and never changes one once handed over.
+Everything expensive -- decoding, extraction of reasoning/content/tool calls/usage, DuckDB --
+happens on the recorder's side, off the proxy's event loop, where each call's events are gathered
+into a `Call`: the recorder's own working state for a `calls` row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from llmtap.dialects import registry
 
 # Body limits and their notes are the framing's, shared by the proxy and the recorder.
 from llmtap.dialects.framing import DEFAULT_BODY_LIMIT, body_cut_note, size_text  # noqa: F401
+from llmtap.recorder.events import Adopt, Attempt, CallFinished, CallStarted, Chunk, Event, ResponseHead
+
+__all__ = ["Adopt", "Attempt", "Call", "CallFinished", "CallStarted", "Chunk", "ResponseHead", "Sink", "QueuedSink"]
 
 # Values of `Call.api`: the wire dialect of the request (column `calls.api`).
 API_OPENAI_CHAT = "openai.chat"
@@ -73,28 +77,15 @@ def utcnow() -> datetime:
 
 
 @dataclass(slots=True)
-class Attempt:
-    """One upstream attempt of a call: a row of the `attempts` table."""
-
-    call_id: str
-    n: int  # 1-based position in the fallback chain
-    provider: str | None
-    url: str
-    model_sent: str | None
-    started_at: datetime
-    status: int | None = None  # upstream HTTP status, None when no response arrived
-    error: str | None = None  # e.g. "connect: connection refused", "timeout: first byte after 60s"
-    duration_ms: float | None = None
-    ttfb_ms: float | None = None
-
-
-@dataclass(slots=True)
 class Call:
-    """One client request and what the client got back: a row of the `calls` table.
+    """One client request and what the client got back: a row of the `calls` table, as the
+    recorder gathers it from the call's events (`of_start`, `head`, `of_finish`).
 
-    Filled in by the proxy. Headers are redacted before the Call is built; bodies stay raw
+    The recorder's own: the proxy never sees one. Headers arrive redacted; bodies stay raw
     bytes (exactly what crossed the wire to/from the client; `response_body` is decoded by the
     recorder, which also runs the extraction that fills the fields marked 'recorder').
+    Tests and benchmarks that make a record by hand fill one and hand over its `started()`
+    and `finished()` events.
     """
 
     id: str
@@ -133,22 +124,65 @@ class Call:
     # llmtap sent upstream), so the recorder can mask them wherever they reappear.
     secrets: tuple[str, ...] = ()
 
+    @classmethod
+    def of_start(cls, e: CallStarted) -> Call:
+        return cls(id=e.id, started_at=e.started_at, method=e.method, url=e.url, api=e.api, client=e.client,
+                   model_requested=e.model_requested, stream=e.stream, route=e.route,
+                   request_headers=dict(e.request_headers), request_body=e.request_body, notes=list(e.notes),
+                   secrets=e.secrets)
+
+    def head(self, e: ResponseHead) -> None:
+        """What a live extraction of the body needs, before the call finishes."""
+        self.status, self.response_headers = e.status, dict(e.headers)
+        self.provider, self.model_sent = e.provider, e.model_sent
+
+    @classmethod
+    def of_finish(cls, e: CallFinished) -> Call:
+        call = cls.of_start(e.start)
+        call.status, call.provider, call.model_sent = e.status, e.provider, e.model_sent
+        call.response_headers, call.response_body = dict(e.response_headers), e.response_body
+        call.ttfb_ms, call.duration_ms, call.attempts = e.ttfb_ms, e.duration_ms, e.attempts
+        call.error, call.notes = e.error, list(e.notes)
+        return call
+
+    def started(self) -> CallStarted:
+        """The event of this call's start, from its request fields."""
+        return CallStarted(id=self.id, started_at=self.started_at, method=self.method, url=self.url, api=self.api,
+                           client=self.client, model_requested=self.model_requested, stream=self.stream,
+                           route=self.route, request_headers=dict(self.request_headers),
+                           request_body=self.request_body, notes=tuple(self.notes), secrets=self.secrets)
+
+    def responded(self) -> ResponseHead:
+        """The event of this call's response head, from its status and headers as they stand."""
+        return ResponseHead(self.id, self.status or 0, dict(self.response_headers), self.provider, self.model_sent,
+                            self.ttfb_ms or 0.0)
+
+    def finished(self, attempts: list[Attempt] | tuple[Attempt, ...] = ()) -> CallFinished:
+        """The event of this call's end, from its fields as they stand."""
+        return CallFinished(start=self.started(), status=self.status, provider=self.provider,
+                            model_sent=self.model_sent, response_headers=dict(self.response_headers),
+                            response_body=self.response_body, ttfb_ms=self.ttfb_ms, duration_ms=self.duration_ms,
+                            attempts=self.attempts, tries=tuple(attempts), error=self.error, notes=tuple(self.notes))
+
 
 class RecorderError(Exception):
     """The database cannot be opened at start; the message says what to do."""
 
 
 class Sink(Protocol):
-    """Where the proxy hands records. Every method must return at once (it runs on the
-    proxy's event loop) and must never raise."""
+    """Where the proxy hands a call's events. Every method must return at once (it runs on the
+    proxy's event loop) and must never raise. An event is never changed once handed over."""
 
-    def call_started(self, call: Call) -> None:
-        """The request arrived; `call` has request fields only."""
+    def call_started(self, event: CallStarted) -> None:
+        """The request arrived."""
 
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+    def response_head(self, event: ResponseHead) -> None:
+        """The head of the answer the client gets arrived; its body's chunks follow."""
+
+    def call_chunk(self, event: Chunk) -> None:
         """A piece of the response body was forwarded to the client (for live views)."""
 
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def call_finished(self, event: CallFinished) -> None:
         """The exchange ended (normally, by error, or by disconnect)."""
 
 
@@ -156,50 +190,53 @@ class QueuedSink:
     """The Sink side of a recorder: the proxy's calls only append to a bounded deque, which
     another thread drains.
 
-    Over the bound the oldest records go (the newest tell the user most about what is
+    Over the bound the oldest events go (the newest tell the user most about what is
     happening now), and the finished calls among them are counted in `dropped_total`, for the
-    `dropped` table. A lost start only costs the in-progress row; the call still lands. Chunks
-    only feed live views (the finished call carries its whole body), so when the drainer is
-    behind they are the first to go: they may fill only half the queue, leaving the other half
-    to starts and ends.
+    `dropped` table. A lost start or head only costs the in-progress row or its live view; the
+    call still lands. Chunks only feed live views (the finished call carries its whole body),
+    so when the drainer is behind they are the first to go: they may fill only half the queue,
+    leaving the other half to starts, heads and ends.
     """
 
     def __init__(self, queue_limit: int) -> None:
         self.queue_limit = queue_limit
-        self._queue: deque[tuple] = deque()
+        self._queue: deque[Event] = deque()
         # Written by the feeding thread only, so no increment is lost without a lock.
         self.dropped_total = 0
 
-    def call_started(self, call: Call) -> None:
-        self._put(("started", call))
+    def call_started(self, event: CallStarted) -> None:
+        self._put(event)
 
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+    def response_head(self, event: ResponseHead) -> None:
+        self._put(event)
+
+    def call_chunk(self, event: Chunk) -> None:
         q = self._queue
         if len(q) < self.queue_limit // 2:
-            q.append(("chunk", call_id, chunk))
+            q.append(event)
             if len(q) == 1:
                 self._first()
 
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
-        self._put(("finished", call, attempts))
+    def call_finished(self, event: CallFinished) -> None:
+        self._put(event)
 
-    def _put(self, item: tuple) -> None:
+    def _put(self, item: Event) -> None:
         q = self._queue
         while len(q) >= self.queue_limit:
             try:
                 old = q.popleft()  # deque ops are atomic: the drainer may take items meanwhile
             except IndexError:
                 break
-            if old[0] == "finished":
+            if type(old) is CallFinished:
                 self.dropped_total += 1
         q.append(item)
         if len(q) == 1:
             self._first()
 
     def _first(self) -> None:
-        """A record arrived in an empty queue (everything before it was drained)."""
+        """An event arrived in an empty queue (everything before it was drained)."""
 
-    def _drain(self) -> list[tuple]:
+    def _drain(self) -> list[Event]:
         items = []
         q = self._queue
         while q:
@@ -207,40 +244,55 @@ class QueuedSink:
         return items
 
 
-def without_brief(items: list[tuple]) -> list[tuple]:
-    """Queued items without the start and chunks of a call that also ends among them: no live
-    view can have seen such a call, so its finished item, with the whole body, is all it needs."""
-    ending = {item[1].id for item in items if item[0] == "finished"}
+_BRIEF = frozenset({CallStarted, ResponseHead, Chunk})
+
+
+def without_brief(items: list[Event]) -> list[Event]:
+    """Queued events without the start, head and chunks of a call that also ends among them: no
+    live view can have seen such a call, so its finished event, with the whole body, is all it
+    needs."""
+    ending = {item.start.id for item in items if type(item) is CallFinished}  # type: ignore[union-attr]
     if not ending:
         return items
+    brief = _BRIEF
     return [item for item in items
-            if not ((item[0] == "started" and item[1].id in ending) or (item[0] == "chunk" and item[1] in ending))]
+            if type(item) not in brief or item.call_id not in ending]  # type: ignore[union-attr]
 
 
 class MemorySink:
-    """Keeps everything in memory; for tests and for running without a database."""
+    """Keeps every event in memory; for tests and for running without a database."""
 
     def __init__(self) -> None:
-        self.started: list[Call] = []
+        self.started: list[CallStarted] = []
+        self.heads: list[ResponseHead] = []
         self.chunks: dict[str, list[bytes]] = {}
-        self.finished: list[tuple[Call, list[Attempt]]] = []
+        self.finished: list[tuple[CallFinished, list[Attempt]]] = []
+        self.events: list[Event] = []  # all of them, in the order they came
         self._cond = threading.Condition()
 
-    def call_started(self, call: Call) -> None:
+    def call_started(self, event: CallStarted) -> None:
         with self._cond:
-            self.started.append(call)
+            self.started.append(event)
+            self.events.append(event)
             self._cond.notify_all()
 
-    def call_chunk(self, call_id: str, chunk: bytes) -> None:
+    def response_head(self, event: ResponseHead) -> None:
         with self._cond:
-            self.chunks.setdefault(call_id, []).append(chunk)
+            self.heads.append(event)
+            self.events.append(event)
 
-    def call_finished(self, call: Call, attempts: list[Attempt]) -> None:
+    def call_chunk(self, event: Chunk) -> None:
         with self._cond:
-            self.finished.append((call, attempts))
+            self.chunks.setdefault(event.call_id, []).append(event.data)
+            self.events.append(event)
+
+    def call_finished(self, event: CallFinished) -> None:
+        with self._cond:
+            self.finished.append((event, list(event.tries)))
+            self.events.append(event)
             self._cond.notify_all()
 
-    def wait_finished(self, count: int, timeout: float = 10.0) -> list[tuple[Call, list[Attempt]]]:
+    def wait_finished(self, count: int, timeout: float = 10.0) -> list[tuple[CallFinished, list[Attempt]]]:
         """Block until `count` calls have finished; raises TimeoutError otherwise."""
         with self._cond:
             if not self._cond.wait_for(lambda: len(self.finished) >= count, timeout):

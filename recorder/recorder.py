@@ -33,12 +33,12 @@ import duckdb
 
 from llmtap.recorder import schema
 from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
+from llmtap.recorder.events import Adopt, Attempt, CallFinished, CallStarted, Chunk, ResponseHead
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.record import (
     DEFAULT_BODY_LIMIT,
-    Attempt,
     Call,
     QueuedSink,
     RecorderError,
@@ -46,7 +46,7 @@ from llmtap.recorder.record import (
     without_brief,
 )
 from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
-from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
+from llmtap.recorder.search_index import CHUNK_CALLS, MAX_LEVEL, SearchIndex
 from llmtap.recorder.services import Options, Service
 from llmtap.recorder.services import start as start_services
 from llmtap.recorder.workers import Helpers, Job, extract_job
@@ -58,10 +58,10 @@ _headers_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 # A batch this small leaves the writer time to index the next chunk of calls for search; past
-# INDEX_BACKLOG_CALLS unindexed calls it indexes one chunk per batch even when busy, so that a
-# proxy that is never idle still has bounded searches.
+# INDEX_BACKLOG_CHUNKS chunks' worth of unindexed calls it indexes one chunk per batch even when
+# busy, so that a proxy that is never idle still has bounded searches.
 INDEX_IDLE_ITEMS = 64
-INDEX_BACKLOG_CALLS = 16 * CHUNK_CALLS
+INDEX_BACKLOG_CHUNKS = 16
 # Rows are built and appended this many at a time, so that with helpers the writer appends one
 # part while they extract the next.
 ROWS_PART = 32
@@ -90,7 +90,8 @@ class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
                  body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
-                 close_interrupted: bool = True, services: Options | None = None) -> None:
+                 close_interrupted: bool = True, services: Options | None = None,
+                 index_chunk_calls: int = CHUNK_CALLS, index_max_level: int = MAX_LEVEL) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
@@ -98,7 +99,8 @@ class Recorder(QueuedSink):
         `buffer_bytes` bounds the records kept in memory while the database cannot be written.
         `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
         recorder process started again for the same proxy must not: those calls go on).
-        `services`: what runs beside the writer, fed from committed rows (see services.py)."""
+        `services`: what runs beside the writer, fed from committed rows (see services.py).
+        `index_chunk_calls`, `index_max_level`: the search index's chunks (see search_index)."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -145,6 +147,8 @@ class Recorder(QueuedSink):
         # Told `written` after each batch that finished calls (the recorder process reports it).
         self.on_written: Callable[[int], None] | None = None
         self.index: SearchIndex | None = None
+        self.index_chunk_calls = index_chunk_calls
+        self.index_max_level = index_max_level
         self._index_due = True  # calls may be waiting to be indexed
         self._indexed_at_written = 0  # `written` when the last chunk was built
         cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
@@ -218,7 +222,7 @@ class Recorder(QueuedSink):
             raise
         self.con = con
         self._opened = True
-        self.index = SearchIndex(con)
+        self.index = SearchIndex(con, chunk_calls=self.index_chunk_calls, max_level=self.index_max_level)
         self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
         self._import_due()
         self._serve_reads()
@@ -290,7 +294,7 @@ class Recorder(QueuedSink):
     def adopt(self, ids: list[str]) -> None:
         """Calls that a recorder before this one (a process that died) may have written, in
         progress or finished: their finished rows handed over next replace those."""
-        self._queue.append(("adopt", ids))
+        self._queue.append(Adopt(tuple(ids)))
 
     # -- the writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -359,11 +363,12 @@ class Recorder(QueuedSink):
 
     def _index_step(self, items: int) -> None:
         """Index the next chunk of calls for search when the last batch was small, or when
-        the unindexed backlog has grown past INDEX_BACKLOG_CALLS."""
+        the unindexed backlog has grown past INDEX_BACKLOG_CHUNKS chunks."""
         index = self.index
         if index is None or not self._index_due:
             return
-        if items > INDEX_IDLE_ITEMS and self.written - self._indexed_at_written < INDEX_BACKLOG_CALLS:
+        backlog = INDEX_BACKLOG_CHUNKS * self.index_chunk_calls
+        if items > INDEX_IDLE_ITEMS and self.written - self._indexed_at_written < backlog:
             return
         below = min(self._in_progress) if self._in_progress else None
         try:
@@ -392,24 +397,28 @@ class Recorder(QueuedSink):
             return 0
         started: dict[str, Call] = {}
         progressed: dict[str, None] = {}  # ordered set
-        finished: list[tuple[Call, list[Attempt]]] = []
+        finished: list[tuple[Call, tuple[Attempt, ...]]] = []
         for item in items:
-            kind = item[0]
-            if kind == "started":
-                call = item[1]
+            if isinstance(item, Chunk):
+                self._feed(item.call_id, item.data)
+                progressed[item.call_id] = None
+            elif isinstance(item, CallFinished):
+                call = Call.of_finish(item)
+                self._bound(call)
+                finished.append((call, item.tries))
+            elif isinstance(item, CallStarted):
+                call = Call.of_start(item)
                 self._bound(call)
                 started[call.id] = call
                 self._calls[call.id] = call
                 self._extractors[call.id] = (None, 0)
                 self.hub.track(call.id, None)
-            elif kind == "chunk":
-                self._feed(item[1], item[2])
-                progressed[item[1]] = None
-            elif kind == "adopt":
-                self._in_progress.update(item[1])
-            else:
-                self._bound(item[1])
-                finished.append((item[1], item[2]))
+            elif isinstance(item, ResponseHead):
+                known = self._calls.get(item.call_id)
+                if known is not None:  # its start was not dropped
+                    known.head(item)
+            elif isinstance(item, Adopt):
+                self._in_progress.update(item.ids)
         done_ids = {c.id for c, _ in finished}
         new_rows = [self._call_row(c) for cid, c in started.items() if cid not in done_ids]
         # A long backlog is committed in parts, and the helpers are handed the bodies of the
@@ -686,8 +695,8 @@ class Recorder(QueuedSink):
             chunk = chunk[:room]
         if extractor is None and fed == 0:
             call = self._calls.get(call_id)
-            # The Call is shared with the proxy, which set the status and response headers
-            # before it forwarded the first chunk.
+            # Its ResponseHead, which the relay emits before the first chunk, set the status
+            # and response headers.
             if call is not None:
                 try:
                     extractor = make_extractor(call.api, status=call.status, headers=call.response_headers,

@@ -3,8 +3,8 @@
 A fingerprint keeps enough to tell two keys apart (`sk-…3f9a`) and nothing that lets the key
 be used; the same key gets the same fingerprint in every column and table.
 
-Two layers. The proxy masks headers and query parameters by name before a `Call` is built,
-and collects the credential values the call carried (`Call.secrets`: auth-ish headers, cookie
+Two layers. The proxy masks headers and query parameters by name before it emits a call's
+start, and collects the credential values the call carried (`CallStarted.secrets`: auth-ish headers, cookie
 values, secret query parameters, the keys llmtap itself sends upstream). The recorder then
 scrubs every stored text of that call with a `Scrubber`: those exact values (and credential
 fields of the JSON request body, found there) are replaced wherever they appear -- an
@@ -312,7 +312,7 @@ def _forms(secret: str) -> tuple[tuple[str, str], ...]:
 class Scrubber:
     """Masks the secrets of one call in any text stored or printed for it.
 
-    `secrets` are the exact values the call carried (`Call.secrets`). Given the request body,
+    `secrets` are the exact values the call carried (`CallStarted.secrets`). Given the request body,
     its credential fields are found too; `request_body` is then that body with each field
     value replaced in place by its fingerprint (JSON stays valid), and those values join the
     secrets masked everywhere else.

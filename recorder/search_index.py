@@ -90,8 +90,12 @@ class SearchIndex:
     """The writer thread's handle on the index; every method runs on the writer's connection,
     inside the caller's transaction where it has one."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, con: duckdb.DuckDBPyConnection, *, chunk_calls: int = CHUNK_CALLS,
+                 max_level: int = MAX_LEVEL) -> None:
+        """`chunk_calls` calls make a chunk of level 0; merged chunks go up to `max_level`."""
         self.con = con
+        self.chunk_calls = chunk_calls
+        self.max_level = max_level
         # Numbers of dropped chunks may still label words (uncover leaves them): never reuse one.
         row = con.execute("SELECT greatest((SELECT coalesce(max(chunk), 0) FROM _search_chunks), "
                           "(SELECT coalesce(max(chunk), 0) FROM _search_terms)), "
@@ -119,12 +123,12 @@ class SearchIndex:
                          "(SELECT 1 FROM unnest(?) u(i) WHERE u.i > after_id AND u.i <= last_id)", [list(ids)])
 
     def build_next(self, below: str | None = None, min_calls: int | None = None) -> int:
-        """Index the next CHUNK_CALLS calls after the last chunk, only ids < `below` (the oldest
+        """Index the next `chunk_calls` calls after the last chunk, only ids < `below` (the oldest
         call still in progress: its words are not known yet); nothing when fewer than
         `min_calls` (default: a whole chunk) are waiting. Returns the number of calls indexed.
         Its own transaction."""
         con = self.con
-        size = CHUNK_CALLS  # read here, not bound at import: tests use small chunks
+        size = self.chunk_calls
         bound, params = ("id > ? AND id < ?", [self.covered_to, below]) if below else ("id > ?", [self.covered_to])
         row = con.execute(f"SELECT count(*) FROM (SELECT 1 FROM calls WHERE {bound} LIMIT ?)",
                           [*params, size]).fetchone()
@@ -145,11 +149,11 @@ class SearchIndex:
         return n
 
     def merge_next(self) -> bool:
-        """Merge the oldest MERGE_FANIN neighbouring chunks of one level below MAX_LEVEL into one;
+        """Merge the oldest MERGE_FANIN neighbouring chunks of one level below `max_level` into one;
         False when there are none. Its own transaction."""
         con = self.con
         rows = con.execute("SELECT chunk, after_id, last_id, level FROM _search_chunks WHERE level < ? "
-                           "ORDER BY after_id", [MAX_LEVEL]).fetchall()
+                           "ORDER BY after_id", [self.max_level]).fetchall()
         group: list[tuple] = []
         for row in rows:
             if group and (row[3] != group[-1][3] or row[1] != group[-1][2]):

@@ -17,7 +17,13 @@
                a recorder process as `llmtap run` does (what a killed proxy loses: the recorder
                process commits what it got and exits)
 
-    .venv/bin/python scripts/bench_recorder.py --append 20000 --steady 5000 --big 1000000 --kill 20
+  --handoff N  the proxy's side of the hand-off, per call: N streamed calls as the relay emits them
+               (a start, a response head, 20 chunks, the end: frozen events) queued and turned into
+               the pickled frames the recorder process reads, vs the same values as bare tuples
+               (the floor any typed hand-off is measured against); and one Chunk built with
+               llmtap's fast init vs dataclasses' own frozen init
+
+    .venv/bin/python scripts/bench_recorder.py --append 20000 --steady 5000 --big 1000000 --kill 20 --handoff 20000
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmtap.recorder.events import Chunk, ResponseHead  # noqa: E402
 from llmtap.recorder.process import RecorderProcess  # noqa: E402
 from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
@@ -66,12 +73,13 @@ def finish(call: Call) -> None:
 
 
 def hand_over(rec: Recorder | RecorderProcess, call: Call) -> None:
-    """One streamed call, as the proxy hands it to the recorder: start, chunks, end."""
-    rec.call_started(call)
+    """One streamed call, as the proxy hands it to the recorder: start, head, chunks, end."""
+    rec.call_started(call.started())
+    rec.response_head(ResponseHead(call.id, 200, {"content-type": "text/event-stream"}, "openai", "gpt-4o", 20.0))
     for chunk in CHUNKS:
-        rec.call_chunk(call.id, chunk)
+        rec.call_chunk(Chunk(call.id, chunk))
     finish(call)
-    rec.call_finished(call, [])
+    rec.call_finished(call.finished())
 
 
 def bench_append(n: int, tmp: Path) -> dict:
@@ -128,6 +136,69 @@ def bench_append(n: int, tmp: Path) -> dict:
             "extraction_only_calls_per_s": round(extract_rate),
             "written": rec.written, "dropped": rec.dropped_total, "raw_appender_rows_per_s": round(base),
             "ratio_recorder_vs_raw": round(rate / base, 2)}
+
+
+def bench_handoff(n: int, tmp: Path) -> dict:
+    import pickle
+    import timeit
+
+    from llmtap.recorder.events import CallFinished, CallStarted
+
+    headers = {"content-type": "text/event-stream"}
+    chunks = CHUNKS[:20]
+
+    def events(sink: RecorderProcess) -> None:
+        for i in range(n):
+            start = CallStarted(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/v1",
+                                api="openai.chat", client="bench/1.0", model_requested="gpt-4o", stream=True,
+                                request_headers={"content-type": "application/json"}, request_body=REQUEST)
+            sink.call_started(start)
+            sink.response_head(ResponseHead(start.id, 200, headers, "openai", "gpt-4o", 20.0))
+            for chunk in chunks:
+                sink.call_chunk(Chunk(start.id, chunk))
+            sink.call_finished(CallFinished(start, status=200, provider="openai", model_sent="gpt-4o",
+                                            response_headers=headers, response_body=RESPONSE, ttfb_ms=20.0,
+                                            duration_ms=400.0, attempts=1))
+            if i % 50 == 49:  # a frame per 50 calls, as under load
+                pickle.dumps(sink._items(), protocol=5)
+        pickle.dumps(sink._items(), protocol=5)
+
+    def tuples(queue: list) -> None:
+        for i in range(n):
+            cid, at = new_id(), utcnow()
+            start = (cid, at, "POST", "http://127.0.0.1:8081/openai/v1", "openai.chat", "bench/1.0", "gpt-4o",
+                     True, None, {"content-type": "application/json"}, REQUEST, (), ())
+            queue.append(("S", start))
+            queue.append(("H", (cid, 200, headers, "openai", "gpt-4o", 20.0)))
+            for chunk in chunks:
+                queue.append(("C", cid, chunk))
+            queue.append(("F", start, (200, "openai", "gpt-4o", headers, RESPONSE, 20.0, 400.0, 1, None, ()), []))
+            if i % 50 == 49:
+                pickle.dumps(queue, protocol=5)
+                queue.clear()
+        pickle.dumps(queue, protocol=5)
+
+    best_events = best_tuples = float("inf")
+    for _ in range(5):  # interleaved, best of five: the machine's load moves both alike
+        t0 = time.perf_counter()
+        events(RecorderProcess(tmp / "handoff.duckdb"))  # never started: only its proxy side runs
+        best_events = min(best_events, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        tuples([])
+        best_tuples = min(best_tuples, time.perf_counter() - t0)
+    fast = min(timeit.repeat(lambda: Chunk("01ABCDEFGHJKMNPQRSTVWXYZ12", b"x"), number=100_000, repeat=5))
+    plain_init = Chunk.__init__.dataclass_init  # type: ignore[attr-defined]
+
+    def plain() -> None:
+        chunk = object.__new__(Chunk)
+        plain_init(chunk, "01ABCDEFGHJKMNPQRSTVWXYZ12", b"x")
+
+    slow = min(timeit.repeat(plain, number=100_000, repeat=5))
+    return {"events_us_per_call": round(best_events / n * 1e6, 1),
+            "bare_tuples_us_per_call": round(best_tuples / n * 1e6, 1),
+            "ratio_events_vs_bare_tuples": round(best_events / best_tuples, 2),
+            "chunk_fast_init_ns": round(fast / 100_000 * 1e9), "chunk_dataclass_init_ns": round(slow / 100_000 * 1e9),
+            "ratio_fast_vs_dataclass_init": round(fast / slow, 2)}
 
 
 def bench_steady(rate: int, tmp: Path, seconds: float = 4.0) -> dict:
@@ -205,7 +276,7 @@ CHILD = textwrap.dedent("""
     while True:
         call = make_call()
         finish(call)
-        rec.call_finished(call, [])
+        rec.call_finished(call.finished())
         n += 1
         print(n, flush=True)
         time.sleep(max(0.0, t0 + n / 200 - time.perf_counter()))
@@ -260,9 +331,10 @@ def main() -> int:
     ap.add_argument("--steady", type=int, default=0, metavar="R")
     ap.add_argument("--big", type=int, default=0, metavar="N")
     ap.add_argument("--kill", type=int, default=0, metavar="N")
+    ap.add_argument("--handoff", type=int, default=0, metavar="N")
     a = ap.parse_args()
-    if not (a.append or a.steady or a.big or a.kill):
-        ap.error("choose at least one of --append N, --steady R, --big N, --kill N")
+    if not (a.append or a.steady or a.big or a.kill or a.handoff):
+        ap.error("choose at least one of --append N, --steady R, --big N, --kill N, --handoff N")
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-") as d:
         tmp = Path(d)
@@ -280,6 +352,9 @@ def main() -> int:
             out["kill_recorder"] = bench_kill(a.kill, tmp, separate=False)
             print(f"kill -9 of a proxy handing over to a recorder process: {a.kill} times ...", file=sys.stderr)
             out["kill_proxy"] = bench_kill(a.kill, tmp, separate=True)
+        if a.handoff:
+            print(f"handoff: {a.handoff} calls, events vs bare tuples ...", file=sys.stderr)
+            out["handoff"] = bench_handoff(a.handoff, tmp)
     print(json.dumps(out, indent=2))
     # The same figures as a table for a human reading the terminal.
     print(f"\n{'part':<14} {'measure':<32} {'value':>14}")

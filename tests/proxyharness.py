@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 
 from llmtap.addons.runner import Proxy, RunConfig
-from llmtap.recorder.record import Attempt, Call, MemorySink, Sink
+from llmtap.recorder.events import Attempt, CallFinished
+from llmtap.recorder.record import MemorySink, Sink
 
 
 class RunningProxy:
@@ -18,7 +19,7 @@ class RunningProxy:
         self.sink = sink if sink is not None else MemorySink()
         self.config = RunConfig(proxy=("127.0.0.1", 0), gateway=("127.0.0.1", 0), rules_path=rules_path,
                                 confdir=confdir, reload_interval_s=reload_interval_s)
-        self.lines: list[tuple[Call, list[Attempt]]] = []
+        self.lines: list[tuple[CallFinished, list[Attempt]]] = []
         self.proxy: Proxy | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -87,7 +88,7 @@ class RunningProxy:
             loop.close()
 
     async def _main(self) -> None:
-        self.proxy = Proxy(self.config, self.sink, on_finished=lambda c, a: self.lines.append((c, a)))
+        self.proxy = Proxy(self.config, self.sink, on_finished=lambda c: self.lines.append((c, list(c.tries))))
         await self.proxy.start()
         self._ready.set()
         try:

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from fakeprovider import FakeProvider, status
+from llmtap.recorder.events import Chunk
 from llmtap.recorder.extract import decode_body, extract, make_extractor
 from llmtap.recorder.reader import open_reader
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT
@@ -328,18 +329,19 @@ def test_the_recorder_bounds_what_it_is_handed_and_reads_it_live(tmp_path: Path)
         call = make_call()
         call.api = "openai.chat"
         call.request_body = b"r" * (200 * 1024)
-        rec.call_started(call)
+        rec.call_started(call.started())
         wait_event(rec, "started", call.id)
         call.status, call.response_headers = 200, dict(SSE)
+        rec.response_head(call.responded())
         for piece in pieces(stream, 16 * 1024):
-            rec.call_chunk(call.id, piece)
+            rec.call_chunk(Chunk(call.id, piece))
         later = make_call()  # queued after every chunk: once it is in, they all were read
-        rec.call_started(later)
+        rec.call_started(later.started())
         wait_event(rec, "started", later.id)
         assert len(rec.hub.partial(call.id)["response_body"]) == 64 * 1024
         finished, attempts = finish(call, stream)
         finished.response_headers = dict(SSE)
-        rec.call_finished(finished, attempts)
+        rec.call_finished(finished.finished(attempts))
     finally:
         rec.close()
     r = row(db, call.id)

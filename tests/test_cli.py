@@ -180,7 +180,7 @@ def record(db: Path, ages: list[timedelta]) -> None:
                         model_requested="gpt-4o", model_sent="gpt-4o", provider="openai", status=200,
                         attempts=1, duration_ms=12.0, request_body=b'{"model":"gpt-4o","messages":[]}',
                         response_headers={"content-type": "application/json"}, response_body=b"{}")
-            rec.call_finished(call, [])
+            rec.call_finished(call.finished([]))
     finally:
         rec.close()
 

@@ -24,7 +24,7 @@ from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.reader import open_reader
 from llmtap.recorder.recorder import INTERRUPTED, spool_path
 from test_cli import Lines
-from waiting import wait_gone
+from waiting import wait_gone, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tmpfs mounts and signals as on Linux")
 
@@ -163,6 +163,7 @@ def test_a_full_disk_and_a_full_buffer_count_every_lost_call_exactly(tmp_path: P
 
 def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path: Path,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from llmtap.recorder.record import Call
     from llmtap.recorder.recorder import Recorder
     from test_recorder import finish, make_call
 
@@ -176,7 +177,7 @@ def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path:
         assert rec.con is None
         calls = [finish(make_call()) for _ in range(3)]
         for c in calls:
-            rec.call_finished(*c)
+            rec.call_finished(Call.finished(*c))
         rec.close()
         # The torn tail is kept as it was, and whatever could be appended is whole lines.
         torn = '{"dropped": 2, "reason": "earlier"}\n{"call": ["01J'
@@ -204,7 +205,7 @@ def test_the_spool_never_keeps_a_cut_line_and_import_skips_a_torn_tail(tmp_path:
         rec._commit = lambda *a: (_ for _ in ()).throw(OSError("No space left on device"))  # type: ignore[method-assign]
         more = [finish(make_call()) for _ in range(2)]
         for c in more:
-            rec.call_finished(*c)
+            rec.call_finished(Call.finished(*c))
         rec.close()
         rec = Recorder(db, serve=False)
         rec.start()
@@ -353,18 +354,14 @@ def test_a_call_lost_on_a_full_disk_does_not_stay_in_progress(tmp_path: Path, ca
         rec.start()
         try:
             call = make_call()
-            rec.call_started(call)
-            deadline = time.monotonic() + 60
-            while rec.cursor().execute("SELECT count(*) FROM calls").fetchone() != (1,):
-                assert time.monotonic() < deadline, "the in-progress row was never committed"
-                time.sleep(0.02)
+            rec.call_started(call.started())
+            wait_until(lambda: rec.cursor().execute("SELECT count(*) FROM calls").fetchone() == (1,),
+                       "the in-progress row to be committed", 60)
             filler = fill(disk)
             call, attempts = finish(call)
             call.response_body += b" " * 200_000  # more than any slack the full disk has left
-            rec.call_finished(call, attempts)
-            while "records are being lost" not in caplog.text:
-                assert time.monotonic() < deadline, "the loss was never said"
-                time.sleep(0.02)
+            rec.call_finished(call.finished(attempts))
+            wait_until(lambda: "records are being lost" in caplog.text, "the loss to be said", 60)
             filler.unlink()
         finally:
             rec.close()

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llmtap.recorder.endpoint import discovery_path
 from llmtap.recorder.export import ExportError
 from llmtap.recorder.reader import LocalReader, Reader, ReaderError, RemoteReader, open_reader
+from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import Recorder
 from test_recorder import finish, make_call  # noqa: E402
 
@@ -45,7 +46,7 @@ def recording(tmp_path: Path) -> Iterator[tuple[Recorder, Path]]:
     rec = Recorder(db)
     rec.start()
     for _ in range(CALLS):
-        rec.call_finished(*finish(make_call()))
+        rec.call_finished(Call.finished(*finish(make_call())))
     reader = open_reader(db)
     try:
         for _ in range(200):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -19,10 +20,12 @@ import httpx
 import pytest
 
 from llmtap.recorder.endpoint import discovery_path
+from llmtap.recorder.events import Chunk
 from llmtap.recorder.reader import InProcessReader, LocalReader, ReaderError, RemoteReader, open_reader
 from llmtap.recorder.record import Attempt, Call, new_id, utcnow
 from llmtap.recorder.recorder import Recorder, spool_path
 from llmtap.recorder.schema import migrate
+from waiting import wait_until
 
 PLANTED = "sk-live-PLANTED-123456789abcdef"
 PLANTED_Q = "AIzaPLANTEDquerykey987654"
@@ -84,11 +87,12 @@ def test_a_finished_call_lands_with_reasoning_tokens_and_its_fallback_chain(db: 
     rec = Recorder(db)
     rec.start()
     call = make_call()
-    rec.call_started(call)
+    rec.call_started(call.started())
     call, attempts = finish(call)
+    rec.response_head(call.responded())
     for piece in (ANTHROPIC_SSE[:100], ANTHROPIC_SSE[100:101], ANTHROPIC_SSE[101:]):
-        rec.call_chunk(call.id, piece)
-    rec.call_finished(call, attempts)
+        rec.call_chunk(Chunk(call.id, piece))
+    rec.call_finished(call.finished(attempts))
     rec.close()
     r = row(db, call.id)
     assert r["reasoning"] == "Five folds: 2^5 = 32." and r["content"] == "32 holes."
@@ -108,17 +112,18 @@ def test_a_call_in_progress_is_visible_and_grows_live(db: Path) -> None:
         reader = InProcessReader(rec)
         call = make_call()
         call.status, call.response_headers = 200, {"content-type": "text/event-stream"}
-        rec.call_started(call)
+        rec.call_started(call.started())
+        rec.response_head(call.responded())
         seq = wait_event(rec, "started", call.id)
         _, rows = reader.query("SELECT status, duration_ms, model_requested FROM calls WHERE id = ?", [call.id])
         assert rows == [(None, None, "smart")]
-        rec.call_chunk(call.id, ANTHROPIC_SSE[:600])
+        rec.call_chunk(Chunk(call.id, ANTHROPIC_SSE[:600]))
         seq = wait_event(rec, "progress", call.id, seq)
         part = reader.partial(call.id)
         assert part is not None and part["reasoning"].startswith("Five folds")
         call, attempts = finish(call)
-        rec.call_chunk(call.id, ANTHROPIC_SSE[600:])
-        rec.call_finished(call, attempts)
+        rec.call_chunk(Chunk(call.id, ANTHROPIC_SSE[600:]))
+        rec.call_finished(call.finished(attempts))
         wait_event(rec, "finished", call.id, seq)
         _, rows = reader.query("SELECT count(*), max(status), max(content) FROM calls WHERE id = ?", [call.id])
         assert rows == [(1, 200, "32 holes.")]  # the in-progress row was replaced, not duplicated
@@ -131,7 +136,7 @@ def test_graceful_close_commits_everything_queued(db: Path) -> None:
     rec = Recorder(db, flush_interval_s=10)  # nothing would be written before close
     rec.start()
     for _ in range(300):
-        rec.call_finished(*finish(make_call()))
+        rec.call_finished(Call.finished(*finish(make_call())))
     rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM calls").fetchone()[0] == 300
@@ -147,7 +152,7 @@ def test_non_utf8_and_cut_bodies_are_kept_raw_with_notes(db: Path) -> None:
     cut_body = ANTHROPIC_SSE[:400]
     call, attempts = finish(call, cut_body)
     call.error = "upstream cut the stream: reset"
-    rec.call_finished(call, attempts)
+    rec.call_finished(call.finished(attempts))
     rec.close()
     r = row(db, call.id)
     assert r["request_body"] is None and r["request_body_raw"] == call.request_body
@@ -169,14 +174,14 @@ def test_secrets_never_reach_the_file_the_spool_or_an_export(db: Path, tmp_path:
     rec.start()
     call = make_call(url=f"https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key={PLANTED_Q}")
     call, attempts = finish(call)
-    attempts[0].url = f"https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key={PLANTED_Q}"
-    attempts[0].error = f"connect: refused for {attempts[0].url}"
+    url = f"https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key={PLANTED_Q}"
+    attempts[0] = dataclasses.replace(attempts[0], url=url, error=f"connect: refused for {url}")
     call.request_headers = {"Authorization": "Bearer " + PLANTED, "X-Goog-Api-Key": PLANTED_Q}
-    rec.call_finished(call, attempts)
+    rec.call_finished(call.finished(attempts))
     failing = make_call()
     original = rec._commit
     rec._commit = lambda *a: (_ for _ in ()).throw(OSError("disk full"))  # type: ignore[method-assign]
-    rec.call_finished(*finish(failing))
+    rec.call_finished(Call.finished(*finish(failing)))
     rec.close()
     rec._commit = original  # type: ignore[method-assign]
     spooled = spool_path(db).read_bytes()
@@ -197,7 +202,7 @@ def test_records_are_spooled_when_the_db_fails_and_imported_on_next_start(db: Pa
     rec._commit = lambda *a: (_ for _ in ()).throw(duckdb.IOException("No space left on device"))  # type: ignore[method-assign]
     calls = [finish(make_call()) for _ in range(5)]
     for c in calls:
-        rec.call_finished(*c)
+        rec.call_finished(Call.finished(*c))
     rec.close()
     assert "cannot write to" in caplog.text and "No space left" in caplog.text
     assert len(spool_path(db).read_text().splitlines()) == 15  # 5 calls + 10 attempts
@@ -215,7 +220,7 @@ def test_a_full_queue_drops_the_oldest_and_records_how_many(db: Path) -> None:
     rec = Recorder(db, queue_limit=2)
     calls = [finish(make_call()) for _ in range(10)]
     for c in calls:  # before start: nothing drains the queue
-        rec.call_finished(*c)
+        rec.call_finished(Call.finished(*c))
     rec.start()
     rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
@@ -229,11 +234,12 @@ def test_a_call_started_and_finished_in_one_batch_is_written_once(db: Path) -> N
     rec = Recorder(db, flush_interval_s=60)  # one batch, written at close
     rec.start()
     call = make_call()
-    rec.call_started(call)
+    rec.call_started(call.started())
     call, attempts = finish(call)
+    rec.response_head(call.responded())
     for i in range(0, len(ANTHROPIC_SSE), 50):
-        rec.call_chunk(call.id, ANTHROPIC_SSE[i:i + 50])
-    rec.call_finished(call, attempts)
+        rec.call_chunk(Chunk(call.id, ANTHROPIC_SSE[i:i + 50]))
+    rec.call_finished(call.finished(attempts))
     rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT count(*), max(status), max(reasoning) FROM calls").fetchone() == (
@@ -247,7 +253,7 @@ def test_a_compressed_response_is_stored_decoded_with_a_note(db: Path) -> None:
     rec.start()
     call, attempts = finish(make_call(), gzip.compress(ANTHROPIC_SSE))
     call.response_headers["content-encoding"] = "gzip"
-    rec.call_finished(call, attempts)
+    rec.call_finished(call.finished(attempts))
     rec.close()
     r = row(db, call.id)
     assert r["response_body"] == ANTHROPIC_SSE.decode() and r["content"] == "32 holes."
@@ -266,9 +272,9 @@ def test_an_extraction_bug_never_costs_the_row(db: Path, monkeypatch: pytest.Mon
     rec = Recorder(db, serve=False)
     rec.start()
     call = make_call()
-    rec.call_started(call)
-    rec.call_chunk(call.id, ANTHROPIC_SSE[:100])
-    rec.call_finished(*finish(call))
+    rec.call_started(call.started())
+    rec.call_chunk(Chunk(call.id, ANTHROPIC_SSE[:100]))
+    rec.call_finished(Call.finished(*finish(call)))
     rec.close()
     r = row(db, call.id)
     assert r["status"] == 200 and r["response_body"] == ANTHROPIC_SSE.decode()
@@ -325,10 +331,10 @@ def test_another_process_reads_stats_and_exports_while_the_file_is_held(db: Path
     try:
         for _ in range(3):
             c, a = finish(make_call())
-            rec.call_finished(c, a)
+            rec.call_finished(c.finished(a))
         failed, a = finish(make_call(), b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}', 529)
         failed.response_headers = {"content-type": "application/json"}
-        rec.call_finished(failed, a)
+        rec.call_finished(failed.finished(a))
         seq = wait_event(rec, "finished", failed.id)
         assert seq
         stats = llmtap("stats", "--db", str(db), "--json")
@@ -390,7 +396,7 @@ def test_reader_errors_say_what_to_do(db: Path, tmp_path: Path) -> None:
         rec = Recorder(db, serve=False)
         rec.start()
         assert rec.con is None
-        rec.call_finished(*finish(make_call()))
+        rec.call_finished(Call.finished(*finish(make_call())))
     finally:
         holder.stdin.close()
         holder.wait(30)
@@ -403,13 +409,13 @@ def test_kill_9_loses_nothing_committed_and_the_file_opens(db: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_recorder import finish, make_call
+        from test_recorder import Call, finish, make_call
         from llmtap.recorder.recorder import Recorder
         rec = Recorder(__import__("pathlib").Path({str(db)!r}), serve=False)
         rec.start()
         n = 0
         while True:
-            rec.call_finished(*finish(make_call()))
+            rec.call_finished(Call.finished(*finish(make_call())))
             n += 1
             if n == 200:
                 while rec.written < 200:
@@ -446,9 +452,9 @@ def test_writer_does_not_block_the_caller(db: Path) -> None:
     rec._commit = slow_commit  # type: ignore[method-assign]
     try:
         first = make_call()
-        rec.call_finished(*finish(first))
+        rec.call_finished(Call.finished(*finish(first)))
         for _ in range(1000):  # the writer is stuck in slow_commit; these must not wait
-            rec.call_chunk(first.id, b"x")
+            rec.call_chunk(Chunk(first.id, b"x"))
         assert len(rec._queue) >= 1000
     finally:
         gate.set()
@@ -461,7 +467,7 @@ def test_every_reader_returns_the_same_python_values(db: Path) -> None:
     try:
         call = make_call()
         call.request_body = b"\xff\xfe not utf-8"
-        rec.call_finished(*finish(call))
+        rec.call_finished(Call.finished(*finish(call)))
         wait_event(rec, "finished", call.id)
         sql = "SELECT id, started_at, request_body_raw, tool_calls, duration_ms FROM calls WHERE id = ?"
         remote = open_reader(db)
@@ -481,24 +487,20 @@ def test_every_reader_returns_the_same_python_values(db: Path) -> None:
     assert got_local[1][0][2] == b"\xff\xfe not utf-8"
 
 
-def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import llmtap.recorder.export as export_mod
-
-    monkeypatch.setattr(export_mod, "SLICE_ROWS", 7)
+def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: Path) -> None:
     rec = Recorder(db, serve=False)
     rec.start()
     ids = []
     for _ in range(30):
         c, a = finish(make_call())
         ids.append(c.id)
-        rec.call_finished(c, a)
+        rec.call_finished(c.finished(a))
     rec.close()
     reader = LocalReader(db)
     for fmt in ("parquet", "jsonl", "csv"):
         seen: list[tuple[int, int]] = []
         out = tmp_path / f"all.{fmt}"
-        assert reader.export(out, fmt, progress=lambda d, t, seen=seen: seen.append((d, t))) == 30
+        assert reader.export(out, fmt, progress=lambda d, t, seen=seen: seen.append((d, t)), slice_rows=7) == 30
         assert seen[-1] == (30, 30) and len(seen) == 5
         with duckdb.connect() as con:
             # One CSV header, however many parts: read_csv would take a repeated one for a row.
@@ -512,7 +514,7 @@ def test_export_in_slices_keeps_order_and_reports_progress(db: Path, tmp_path: P
 def test_cli_errors_name_the_flag_and_exit_2(db: Path, tmp_path: Path) -> None:
     rec = Recorder(db, serve=False)
     rec.start()
-    rec.call_finished(*finish(make_call()))
+    rec.call_finished(Call.finished(*finish(make_call())))
     rec.close()
     bad = llmtap("export", "--db", str(db), "--out", str(tmp_path / "x.parquet"), "--since", "yesterday")
     assert bad.returncode == 2 and "--since 'yesterday': expected an age like 2h" in bad.stderr and "2026-" in bad.stderr
@@ -559,7 +561,7 @@ def record_all(db: Path, calls: list[Call], **kw: object) -> Recorder:
     rec = Recorder(db, serve=False, flush_interval_s=60, **kw)  # one batch, written at close
     rec.start()
     for call in calls:
-        rec.call_finished(call, [])
+        rec.call_finished(call.finished([]))
     return rec
 
 
@@ -568,9 +570,7 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     rec = record_all(tmp_path / "helped.duckdb", calls, helpers=2, offload_min=8)
     rec.flush_interval_s = 0.01
     rec._wake.set()
-    deadline = time.monotonic() + 60
-    while rec.written < len(calls) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: rec.written >= len(calls), "the calls to be written", 60)
     pids = rec.helpers.pids()
     # They ran and are still there: nothing failed over to the writer's own thread.
     assert len(pids) == 2 and rec.helpers.running == 2
@@ -578,9 +578,8 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     os.kill(pids[0], signal.SIGINT)
     more = wire_calls(1)
     for call in more:
-        rec.call_finished(call, [])
-    while rec.written < len(calls) + len(more):
-        time.sleep(0.01)
+        rec.call_finished(call.finished([]))
+    wait_until(lambda: rec.written >= len(calls) + len(more), "the later calls to be written", 60)
     assert rec.helpers.pids() == pids  # neither stopped, nor was replaced after failing
     rec.close()
     for pid in pids:  # stopped and reaped with the recorder
@@ -597,13 +596,12 @@ def test_a_helper_that_dies_costs_no_record(tmp_path: Path, caplog: pytest.LogCa
     rec = record_all(tmp_path / "helped.duckdb", calls, helpers=1, offload_min=4)
     rec.flush_interval_s = 0.01
     rec._wake.set()
-    while rec.written < len(calls):
-        time.sleep(0.01)
+    wait_until(lambda: rec.written >= len(calls), "the calls to be written", 60)
     (pid,) = rec.helpers.pids()
     os.kill(pid, signal.SIGKILL)
     more = wire_calls(2)
     for call in more:
-        rec.call_finished(call, [])
+        rec.call_finished(call.finished([]))
     rec.close()
     assert "an extraction helper failed" in caplog.text
     alone = tmp_path / "alone.duckdb"

@@ -21,13 +21,14 @@ import pytest
 
 from fakeprovider import FakeProvider
 from llmtap.recorder.endpoint import discovery_path
+from llmtap.recorder.events import Chunk
 from llmtap.recorder.process import RecorderProcess
 from llmtap.recorder.reader import Reader, open_reader
 from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import RecorderError
 from test_cli import Lines
 from test_recorder import ANTHROPIC_SSE, PLANTED, finish, make_call
-from waiting import wait_gone
+from waiting import wait_gone, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pipes and signals as on Linux")
 
@@ -58,7 +59,7 @@ def a_call_in_progress(db: Path) -> Iterator[tuple[RecorderProcess, Call, Reader
     rec.start()
     try:
         call = make_call()
-        rec.call_started(call)
+        rec.call_started(call.started())
         reader = open_reader(db)
         try:
             yield rec, call, reader, wait_event(reader, "started", call.id)
@@ -77,13 +78,14 @@ def test_a_streamed_call_reads_live_through_the_recorder_process_and_lands_whole
         # forwards the first chunk. The body is gzip, which the child can read live only if
         # those reached its copy of the call, taken at the start.
         call.status, call.response_headers = 200, gzipped
-        rec.call_chunk(call.id, body)
+        rec.response_head(call.responded())
+        rec.call_chunk(Chunk(call.id, body))
         wait_event(reader, "progress", call.id, seq)
         partial = reader.partial(call.id)
         assert partial is not None and partial["reasoning"] == "Five folds: 2^5 = 32."
         call, attempts = finish(call, body)
         call.response_headers = gzipped
-        rec.call_finished(call, attempts)
+        rec.call_finished(call.finished(attempts))
     assert rec.proc is None
     with duckdb.connect(str(db), read_only=True) as con:
         got = con.execute("SELECT reasoning, content, complete, status, request_headers FROM calls").fetchall()
@@ -110,7 +112,7 @@ def test_a_call_open_when_the_recorder_process_dies_still_lands_once(tmp_path: P
     with a_call_in_progress(db) as (rec, call, _reader, _seq):
         assert rec.proc is not None
         os.kill(rec.proc.pid, signal.SIGKILL)
-        rec.call_finished(*finish(call))
+        rec.call_finished(Call.finished(*finish(call)))
     assert rec.restarts == 1
     with duckdb.connect(str(db), read_only=True) as con:
         # The new recorder process replaced the row the dead one left in progress.
@@ -124,29 +126,28 @@ def test_a_reader_follows_a_recorder_process_started_again(tmp_path: Path) -> No
         assert rec.proc is not None
         gone = reader.url
         os.kill(rec.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while rec.restarts == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: rec.restarts, "a new recorder process", 60)
         # The UI's reader carries on, on the new endpoint, and is told to reload.
         assert reader.query("SELECT count(*) FROM calls")[1] == [(1,)]
         assert reader.url != gone
         _seq, events = reader.events_after(seq, 1.0)
         assert [e["kind"] for e in events] == ["reset"]
-        rec.call_finished(*finish(call))
+        rec.call_finished(Call.finished(*finish(call)))
 
 
 PROXY = textwrap.dedent("""
     import sys, time
     from llmtap.recorder.process import RecorderProcess
     sys.path.insert(0, sys.argv[2])
+    from llmtap.recorder.record import Call
     from test_recorder import finish, make_call
     # A flush interval far longer than the test: nothing is committed but at the end of input.
     rec = RecorderProcess(sys.argv[1], flush_interval_s=600)
     rec.start()
     for _ in range(20):
         call = make_call()
-        rec.call_started(call)
-        rec.call_finished(*finish(call))
+        rec.call_started(call.started())
+        rec.call_finished(Call.finished(*finish(call)))
     while rec.handed_over < 20:
         time.sleep(0.01)
     print(rec.proc.pid, flush=True)

@@ -152,8 +152,8 @@ def test_no_planted_key_reaches_any_column_export_or_call_line(tmp_path: Path, c
     assert fingerprint(BODY) in answered[1]
 
     # The call line `llmtap run` prints: no key, and printable text only.
-    for call, call_attempts in proxy.lines:
-        line = format_call_line(call, call_attempts)
+    for call, _ in proxy.lines:
+        line = format_call_line(call)
         _assert_clean(line, "the call line")
         assert line.isprintable(), repr(line)
 
@@ -323,7 +323,7 @@ def test_stats_prints_a_hostile_model_name_as_printable_text(tmp_path: Path) -> 
         call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1/v1/chat/completions",
                     api="openai.chat", model_requested="gpt\x1b[2J\x9b\u202e[bold]x[/bold]", status=200, duration_ms=1.0,
                     provider="p1")
-        recorder.call_finished(call, [])
+        recorder.call_finished(call.finished([]))
     finally:
         recorder.close()
     got = subprocess.run([sys.executable, "-m", "llmtap", "stats", "--db", str(db)], capture_output=True, text=True,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from llmtap.recorder import search_index
 from llmtap.recorder.reader import InProcessReader
 from llmtap.recorder.record import Attempt, Call, new_id, utcnow
 from llmtap.recorder.recorder import Recorder
 from llmtap.recorder.search_index import SearchIndex, split_words
 from llmtap.tui import query as q
 from tuihelpers import BASE_TIME, DuckReader, make_reader
+from waiting import wait_until
 
 # Pieces of text where a word index is easy to get wrong: case, punctuation inside and around
 # words, code points DuckDB lowers to ASCII (İ, the Kelvin sign), scripts without ASCII spaces,
@@ -47,8 +47,7 @@ def test_split_words_marks_which_edges_are_word_edges() -> None:
     assert split_words("--") == []
 
 
-def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(search_index, "CHUNK_CALLS", 16)
+def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path) -> None:
     rnd = random.Random(7)
     reader = make_reader(tmp_path)
 
@@ -64,7 +63,7 @@ def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path, monkeypat
         bodies += [b for b in (content, reasoning, prompt) if b]
         ids.append(reader.insert(started_at=BASE_TIME + timedelta(seconds=i), content=content, reasoning=reasoning,
                                  prompt=prompt))
-    index = SearchIndex(reader.con)
+    index = SearchIndex(reader.con, chunk_calls=16)
     # The newest 40 stay unindexed, as calls written since the last chunk are. Chunks of 16
     # merge four at a time: calls 0-63, 64-127, 128-191 in three, 192-199 in one.
     assert index.build_all(below=ids[200]) == 200
@@ -106,10 +105,8 @@ def test_indexed_search_finds_exactly_what_ilike_finds(tmp_path: Path, monkeypat
     reader.close()
 
 
-def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(search_index, "CHUNK_CALLS", 4)
-    rec = Recorder(tmp_path / "calls.duckdb", flush_interval_s=0.02, serve=False)
+def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path: Path) -> None:
+    rec = Recorder(tmp_path / "calls.duckdb", flush_interval_s=0.02, serve=False, index_chunk_calls=4)
     rec.start()
     reader = InProcessReader(rec)
 
@@ -122,30 +119,24 @@ def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path
         c.status, c.duration_ms, c.response_headers = 200, 5.0, {"content-type": "application/json"}
         c.response_body = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
                                                    "finish_reason": "stop"}]}).encode()
-        rec.call_finished(c, [Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)])
+        rec.call_finished(c.finished([Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)]))
 
     def indexed() -> int:
         return int(reader.query("SELECT coalesce(sum(calls), 0) FROM _search_chunks")[1][0][0])
 
-    def wait_for(pred: object, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not pred():  # type: ignore[operator]
-            assert time.monotonic() < deadline, what
-            time.sleep(0.01)
-
     try:
         for i in range(8):
             end(call(""), f"answer {i} about moles")
-        wait_for(lambda: indexed() == 8, "two chunks of four calls")
+        wait_until(lambda: indexed() == 8, "two chunks of four calls")
         slow = call("")
-        rec.call_started(slow)
+        rec.call_started(slow.started())
         for i in range(8):
             end(call(""), f"later {i} about voles")
         time.sleep(0.2)  # ten writer rounds: nothing past the call in progress is indexed
         assert indexed() == 8
         end(slow, "slow answer about capybaras")
-        wait_for(lambda: indexed() == 16, "the slow call and those after it, in whole chunks")
-        wait_for(lambda: reader.query("SELECT level FROM _search_chunks")[1] == [(1,)], "the four chunks merged")
+        wait_until(lambda: indexed() == 16, "the slow call and those after it, in whole chunks")
+        wait_until(lambda: reader.query("SELECT level FROM _search_chunks")[1] == [(1,)], "the four chunks merged")
         schema = q.load_schema(reader)
         page = q.load_page(reader, schema, q.parse_filter("capybaras", schema), None, ())
         assert page is not None and [r[0] for r in page.rows] == [slow.id]
@@ -176,7 +167,7 @@ def test_a_failure_to_index_a_late_call_never_costs_the_call(tmp_path: Path, mon
         late = Call(id=late_id, started_at=utcnow(), method="POST", url="http://x/", api="other",
                     client="t", model_requested=None, stream=False, request_headers={}, request_body=b"")
         late.status, late.duration_ms, late.response_body = 200, 1.0, b"unparsed platypus"
-        rec.call_finished(late, [])
+        rec.call_finished(late.finished([]))
         rec.close()
     finally:
         rec.close()

@@ -599,21 +599,19 @@ async def test_paging_loads_more_near_the_end(tmp_path: Path) -> None:
     reader.close()
 
 
-async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_windowed_search_in_the_ui_lists_every_match_in_order(tmp_path: Path) -> None:
     """Small windows and pages, so that pages span windows; the list must end up as one query
     with the former ILIKE search would have listed it."""
-    from llmtap.tui import app as app_module
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(q, "WINDOW_OFFSETS", WINDOWS)
-    monkeypatch.setattr(q, "PAGE_SIZE", 4)
-    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # the next page when the cursor is on the last row
+    # The next page when the cursor is on the last row.
+    tuning = ListTuning(page_size=4, window_offsets=WINDOWS, load_more_margin=1)
     reader = reader_with_needles(tmp_path)
     _, rows = reader.query("SELECT id FROM calls WHERE content ILIKE '%needle%' ESCAPE '\\' "
                            "OR reasoning ILIKE '%needle%' ESCAPE '\\' ORDER BY id DESC")
     expected = [str(r[0]) for r in rows]
     assert len(expected) == len(NEEDLES)
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=tuning)
     async with app.run_test(size=SIZE) as pilot:
         screen = app.calls
         await loaded(pilot, app, 4)
@@ -660,12 +658,11 @@ async def test_a_slow_search_says_it_is_searching(tmp_path: Path) -> None:
         reader.close()
 
 
-async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmtap.tui import app as app_module
+async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path) -> None:
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 6)
-    monkeypatch.setattr(app_module, "LIVE_KEEP_ROWS", 3)
-    monkeypatch.setattr(app_module, "LOAD_MORE_MARGIN", 1)  # else 3 rows would page the rest in at once
+    # A margin of 1: else 3 rows would page the rest in at once.
+    tuning = ListTuning(live_max_rows=6, live_keep_rows=3, load_more_margin=1)
     reader = make_reader(tmp_path, [{} for _ in range(2)])
     # Events of the past (before the UI opened) are not replayed to it.
     old_ids = [str(r[0]) for r in reader.query("SELECT id FROM calls")[1]]
@@ -680,7 +677,7 @@ async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monke
         return query(sql, params)
 
     reader.query = recording_query  # type: ignore[method-assign]
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=tuning)
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app, 2)
         for i in range(5):
@@ -699,13 +696,11 @@ async def test_a_busy_live_list_holds_only_the_newest_rows(tmp_path: Path, monke
     reader.close()
 
 
-async def test_live_rows_wait_while_the_user_reads_below_a_full_list(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from llmtap.tui import app as app_module
+async def test_live_rows_wait_while_the_user_reads_below_a_full_list(tmp_path: Path) -> None:
+    from llmtap.tui.app import ListTuning
 
-    monkeypatch.setattr(app_module, "LIVE_MAX_ROWS", 4)
     reader = make_reader(tmp_path, [{} for _ in range(4)])
-    app = LlmtapApp(reader)
+    app = LlmtapApp(reader, tuning=ListTuning(live_max_rows=4))
     async with app.run_test(size=SIZE) as pilot:
         await loaded(pilot, app, 4)
         await pilot.press("down", "down")
@@ -867,11 +862,11 @@ async def test_attach_to_a_running_recorder_and_see_calls_live(tmp_path: Path) -
             call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
                         api="openai.chat", model_requested="attach-model", model_sent="attach-model", provider="openai",
                         request_body=b'{"model": "attach-model", "messages": [{"role": "user", "content": "hi"}]}')
-            recorder.call_started(call)
+            recorder.call_started(call.started())
             await wait_for(pilot, lambda: call.id in table(app).rows, "the started call", timeout=20)
             call.status, call.duration_ms, call.ttfb_ms, call.attempts = 200, 12.0, 5.0, 1
             call.response_body = b'{"choices": [{"message": {"role": "assistant", "content": "hello"}}]}'
-            recorder.call_finished(call, [])
+            recorder.call_finished(call.finished([]))
             await wait_for(pilot, lambda: str(table(app).get_row(call.id)[4]) == "200", "the finished call", timeout=20)
         reader.close()
     finally:
@@ -1055,7 +1050,7 @@ async def test_an_attached_ui_says_when_the_proxy_has_stopped(tmp_path: Path) ->
             call = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
                         api="openai.chat", model_requested="again", model_sent="again", provider="openai",
                         request_body=b'{"model": "again", "messages": []}')
-            second.call_started(call)
+            second.call_started(call.started())
             await wait_for(pilot, lambda: call.id in table(app).rows, "a call on the new endpoint", timeout=20)
         reader.close()
     finally:
@@ -1239,17 +1234,15 @@ def _prompt_bodies(words: str) -> dict[str, dict[str, Any]]:
     }
 
 
-async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path) -> None:
     """`/rate limits` lists the calls whose prompt (not answer) said it, in any dialect, and the
     search index still rules out the chunks of calls that did not."""
-    from llmtap.recorder import search_index
     from llmtap.recorder.record import Attempt, Call, new_id, utcnow
     from llmtap.recorder.recorder import Recorder
 
-    monkeypatch.setattr(search_index, "CHUNK_CALLS", 4)
-    monkeypatch.setattr(search_index, "MAX_LEVEL", 0)  # four chunks stay four: each can be ruled out
     db = tmp_path / "calls.duckdb"
-    rec = Recorder(db, flush_interval_s=0.02, serve=False)
+    # Four calls a chunk, and four chunks stay four (no merging): each can be ruled out.
+    rec = Recorder(db, flush_interval_s=0.02, serve=False, index_chunk_calls=4, index_max_level=0)
     rec.start()
     ids: list[str] = []
     # Chunk by chunk: the words in a prompt, in chunks 0 and 2; the chunks between hold only
@@ -1268,7 +1261,7 @@ async def test_a_search_finds_a_call_by_what_its_prompt_said(tmp_path: Path, mon
                          request_body=json.dumps(_prompt_bodies(words)[api]).encode())
                 c.status, c.duration_ms, c.response_headers = 200, 5.0, {"content-type": "application/json"}
                 c.response_body = b'{"answer": "fine"}'
-                rec.call_finished(c, [Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)])
+                rec.call_finished(c.finished([Attempt(c.id, 1, "p", c.url, "m", utcnow(), 200, None, 5.0)]))
                 ids.append(c.id)
         deadline = asyncio.get_running_loop().time() + 30
         while rec.index is None or rec.index.covered_to != ids[-1]:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -249,6 +250,20 @@ class CallTable(DataTable[Any]):
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class ListTuning:
+    """How the call list pages and trims itself (LlmtapApp's `tuning`): `page_size` calls a
+    page, searched in windows ending `window_offsets` calls from the newest; the next page is
+    fetched `load_more_margin` rows before the end; a live list past `live_max_rows` is cut
+    back to the newest `live_keep_rows`. The defaults are the constants above and query's."""
+
+    page_size: int = q.PAGE_SIZE
+    window_offsets: tuple[int, ...] = q.WINDOW_OFFSETS
+    load_more_margin: int = LOAD_MORE_MARGIN
+    live_max_rows: int = LIVE_MAX_ROWS
+    live_keep_rows: int = LIVE_KEEP_ROWS
+
+
 class CallsScreen(Screen[None]):
     """The list of calls, newest first, growing live; a filter bar above it."""
 
@@ -263,10 +278,12 @@ class CallsScreen(Screen[None]):
                 tooltip="Back from the filter bar to the list"),
     ]
 
-    def __init__(self, reader: q.Reader | None, *, note: str | None = None) -> None:
+    def __init__(self, reader: q.Reader | None, *, note: str | None = None,
+                 tuning: ListTuning | None = None) -> None:
         super().__init__()
         self.reader = reader
         self.note = note
+        self.tuning = tuning or ListTuning()
         self.schema = q.Schema()
         self.filter = q.Filter()
         self.generation = 0
@@ -372,7 +389,7 @@ class CallsScreen(Screen[None]):
             # would only compete for the cores with the one now wanted. No bounds yet (the
             # first page) means one window: the plain list needs no more.
             page = q.load_page(self.reader, self.schema, flt, before_id, self._window_bounds or (),
-                               on_rows=partial,
+                               self.tuning.page_size, offsets=self.tuning.window_offsets, on_rows=partial,
                                cancelled=lambda: worker.is_cancelled or self.generation != generation)
         except Exception as exc:
             self.post_message(PageFailed(generation, str(exc)))
@@ -385,7 +402,7 @@ class CallsScreen(Screen[None]):
         # Looked up after the page is out, so the first page does not wait for them.
         if self._window_bounds is None or time.monotonic() - self._window_bounds_at > WINDOW_BOUNDS_MAX_AGE_S:
             try:
-                self._window_bounds, self._window_bounds_at = q.window_bounds(self.reader), time.monotonic()
+                self._window_bounds, self._window_bounds_at = q.window_bounds(self.reader, self.tuning.window_offsets), time.monotonic()
             except Exception:
                 log.debug("window bounds unavailable", exc_info=True)  # searches then use one window
 
@@ -447,7 +464,7 @@ class CallsScreen(Screen[None]):
     def _maybe_load_more(self) -> None:
         table = self.table
         if (self.reader is None or self._paging or self.exhausted or self.oldest_id is None
-                or table.cursor_row < table.row_count - LOAD_MORE_MARGIN):
+                or table.cursor_row < table.row_count - self.tuning.load_more_margin):
             return
         self._paging = True
         self._load_page(self.generation, self.filter, self.oldest_id)
@@ -530,7 +547,7 @@ class CallsScreen(Screen[None]):
                     table.update_cell(key, col, cell)
             elif self.exhausted or self.oldest_id is None or key > self.oldest_id:
                 # Inside the loaded window; older calls arrive with their page instead.
-                if not at_top and table.row_count >= LIVE_MAX_ROWS:
+                if not at_top and table.row_count >= self.tuning.live_max_rows:
                     # The user is reading further down: rows cannot be cut above them, so new
                     # ones wait in the DB until they go back to the top (bounded memory).
                     self.held_back += 1
@@ -544,8 +561,8 @@ class CallsScreen(Screen[None]):
             # The key compares ids as str in C rather than through IdCell.__lt__ in Python.
             table.sort("time", key=_cell_id, reverse=True)
             if at_top:
-                if table.row_count > LIVE_MAX_ROWS and not self._paging:
-                    self._keep_newest(LIVE_KEEP_ROWS)
+                if table.row_count > self.tuning.live_max_rows and not self._paging:
+                    self._keep_newest(self.tuning.live_keep_rows)
                 table.move_cursor(row=0)
             elif cursor_key is not None and cursor_key in table.rows:
                 table.move_cursor(row=table.get_row_index(cursor_key), scroll=False)
@@ -1361,9 +1378,10 @@ class LlmtapApp(App[int]):
 
     def __init__(self, reader: q.Reader | None, *, source: str = "",
                  proxy_factory: Callable[[], Any] | None = None, note: str | None = None,
-                 listening: Listening | None = None) -> None:
+                 listening: Listening | None = None, tuning: ListTuning | None = None) -> None:
         super().__init__()
         self.reader = q.TerminalSafeReader(reader) if reader is not None else None
+        self.tuning = tuning  # of the call list; see ListTuning
         self.source = source
         self.proxy_factory = proxy_factory
         # Where the proxy this app runs listens, for the empty list; the bound ports replace
@@ -1392,7 +1410,7 @@ class LlmtapApp(App[int]):
             self.sub_title = self._source_title()
 
     def get_default_screen(self) -> Screen[Any]:
-        return CallsScreen(self.reader, note=self._note)
+        return CallsScreen(self.reader, note=self._note, tuning=self.tuning)
 
     @property
     def calls(self) -> CallsScreen:
