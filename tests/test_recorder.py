@@ -690,7 +690,7 @@ def test_cache_tokens_and_the_providers_usage_object_land_redacted(db: Path) -> 
     rec = Recorder(db)
     rec.start()
     call, attempts = finish(make_call(), body)
-    rec.call_finished(call, attempts)
+    rec.call_finished(call.finished(attempts))
     rec.close()
     r = row(db, call.id)
     assert (r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"], r["output_tokens"]) == (1062, 1000, 50, 20)
