@@ -112,3 +112,8 @@ def default_rules() -> Path:
     """rules.yaml in the working directory if present, else the one in the config dir."""
     local = Path.cwd() / "rules.yaml"
     return local if local.is_file() else config_dir() / "rules.yaml"
+
+
+def default_prices() -> Path:
+    """The genai-prices table `llmtap prices update` saved; without it, the one genai-prices ships."""
+    return data_dir() / "genai-prices.json"

@@ -16,6 +16,7 @@ from typing import Any
 
 M001 = "m001_calls_and_attempts"
 M003 = "m003_prompt"
+M005 = "m005_cost"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("response_body_raw", "BLOB", "likewise"),
 )) + (
     Column("prompt", "VARCHAR", M003, "what this call added as text: system prompt and new messages"),
+) + (
+    # Cost (recorder/pricing.py): an exact decimal, never a float; NULL when unknown.
+    Column("cost_usd", "DECIMAL(18,10)", M005, "USD; NULL when unknown (cost_source says why)"),
+    Column("cost_source", "VARCHAR", M005, "provider, rules.yaml, genai-prices <version>, or unknown"),
+    Column("cost_detail", "JSON", M005, "the price entry used: provider, model, table, per-million prices, date"),
 )
 
 ATTEMPTS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (

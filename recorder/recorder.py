@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
+from llmtap.recorder.pricing import NOT_PRICED, Priced, Pricer, usage_of
 from llmtap.recorder.record import (
     DEFAULT_BODY_LIMIT,
     Attempt,
@@ -90,7 +92,8 @@ class Recorder(QueuedSink):
     def __init__(self, db_path: Path, *, flush_interval_s: float = 0.25, queue_limit: int = 100_000,
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
                  body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
-                 close_interrupted: bool = True, services: Options | None = None) -> None:
+                 close_interrupted: bool = True, services: Options | None = None,
+                 pricing: bool = True) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
@@ -98,7 +101,8 @@ class Recorder(QueuedSink):
         `buffer_bytes` bounds the records kept in memory while the database cannot be written.
         `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
         recorder process started again for the same proxy must not: those calls go on).
-        `services`: what runs beside the writer, fed from committed rows (see services.py)."""
+        `services`: what runs beside the writer, fed from committed rows (see services.py).
+        `pricing`: price each finished call (pricing.py), with the prices `services.rules` names."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -155,6 +159,11 @@ class Recorder(QueuedSink):
         self.offload_min = offload_min
         self.options = services or Options()
         self.services: list[Service] = []
+        self.pricer: Pricer | None = None
+        if pricing:
+            from llmtap.paths import default_prices
+
+            self.pricer = Pricer(Path(self.options.rules) if self.options.rules else None, default_prices())
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +181,8 @@ class Recorder(QueuedSink):
             self._failed(exc, opening=True)
         if self.options.any():
             self.services = start_services(self.options, self)
+        if self.pricer is not None:  # its ~0.4 s of imports, before the first call needs them
+            threading.Thread(target=self.pricer.warm, name="llmtap-prices", daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
         self._thread.start()
 
@@ -763,7 +774,20 @@ class Recorder(QueuedSink):
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
             "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
+            **self._cost(call, ex),
         })
+
+    def _cost(self, call: Call, ex: Extraction | None) -> dict[str, Any]:
+        """The cost columns of a finished call; pricing never costs the record."""
+        priced: Priced = NOT_PRICED
+        if ex is not None and self.pricer is not None:
+            try:
+                priced = self.pricer.price(
+                    usage_of(ex), provider=call.provider, models=(ex.model, call.model_sent, call.model_requested),
+                    url=call.url, when=call.started_at)
+            except Exception:
+                log.exception("llmtap recorder: pricing failed for call %s; it is left unpriced", call.id)
+        return {"cost_usd": priced.cost_usd, "cost_source": priced.source, "cost_detail": priced.detail_json()}
 
     # -- failure: spool --------------------------------------------------------------------------
     def _spool(self, batch: _Batch, exc: BaseException | None) -> None:
@@ -1011,6 +1035,8 @@ def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"t": value.isoformat()}
+    if isinstance(value, Decimal):  # cost_usd: exact, as text
+        return {"d": str(value)}
     if isinstance(value, (bytes, bytearray)):
         return {"b": base64.b64encode(value).decode()}
     return value
@@ -1023,6 +1049,8 @@ def _from_jsonable(values: list, columns: tuple[str, ...]) -> list:
             out.append(datetime.fromisoformat(v["t"]))
         elif isinstance(v, dict) and "b" in v:
             out.append(base64.b64decode(v["b"]))
+        elif isinstance(v, dict) and "d" in v:
+            out.append(Decimal(v["d"]))
         else:
             out.append(v)
     return out
