@@ -24,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import time
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -191,8 +192,6 @@ class RulesWatch:
     def refresh(self, now: float | None = None, force: bool = False) -> RulesPrices:
         if self.path is None:
             return self.current
-        import time
-
         now = time.monotonic() if now is None else now
         if not force and now - self._checked < 1.0:
             return self.current

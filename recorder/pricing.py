@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -48,17 +48,31 @@ _UNCOUNTED_SUFFIXES = ("_kcount", "_mchars", "_hours", "_gpixels", "_kpages")
 UNKNOWN = "unknown"
 
 
-@dataclass(frozen=True, slots=True)
 class Priced:
     """A call's cost: `cost_usd` None when unknown; `source` says where it came from ('provider',
-    'rules.yaml', 'genai-prices 0.2.3', 'unknown'); `detail` what re-pricing needs."""
+    'rules.yaml', 'genai-prices 0.2.3', 'unknown'); `detail` what re-pricing needs (the price
+    entry used: provider, model, table, per-million prices, date), as a dict and as the JSON the
+    column holds (made once per price entry, not per call)."""
 
-    cost_usd: Decimal | None
-    source: str | None
-    detail: dict[str, Any] | None
+    __slots__ = ("cost_usd", "source", "_detail", "_text")
+
+    def __init__(self, cost_usd: Decimal | None, source: str | None, detail: dict[str, Any] | None = None,
+                 text: str | None = None) -> None:
+        self.cost_usd = cost_usd
+        self.source = source
+        self._detail = detail
+        self._text = text
+
+    @property
+    def detail(self) -> dict[str, Any] | None:
+        if self._detail is None and self._text is not None:
+            self._detail = json.loads(self._text)
+        return self._detail
 
     def detail_json(self) -> str | None:
-        return json.dumps(self.detail, sort_keys=True) if self.detail is not None else None
+        if self._text is None and self._detail is not None:
+            self._text = json.dumps(self._detail, sort_keys=True)
+        return self._text
 
 
 NOT_PRICED = Priced(None, None, None)  # no usage reported: nothing to price
@@ -74,6 +88,7 @@ class _Entry:
     model_price: Any  # genai-prices' ModelPrice, for the calls not priced here
     exact: bool  # this module's arithmetic gives genai-prices' result
     checked: bool = False  # one call was priced both ways and agreed
+    texts: dict[tuple[str, ...], str] = field(default_factory=dict)  # cost_detail by the prices used
 
 
 def _tokens(usage: Usage) -> tuple[int, int, int, int]:
@@ -87,23 +102,26 @@ def _tokens(usage: Usage) -> tuple[int, int, int, int]:
 Kinds = dict[str, tuple[Decimal, tuple[tuple[int, Decimal], ...]]]  # kind -> (base, ((start, price), ...))
 
 
-def _linear(kinds: Kinds, usage: Usage) -> tuple[Decimal, dict[str, str]]:
-    """Σ tokens × price-per-million / 1e6; a tier applies when all input tokens exceed its start."""
-    plain, out, read, write = _tokens(usage)
-    counts = {"input": plain, "output": out, "cache_read": read, "cache_write": write}
+def _linear(kinds: Kinds, usage: Usage) -> tuple[Decimal, tuple[str, ...]]:
+    """Σ tokens × price-per-million / 1e6 (a tier applies when all input tokens exceed its
+    start), and the prices used, kind by kind, as text. On the writer for every call: lean."""
+    read = usage.cache_read_tokens or 0
+    write = usage.cache_write_tokens or 0
     total_in = usage.input_tokens or 0
+    out = usage.output_tokens or 0
     cost = Decimal(0)
-    used: dict[str, str] = {}
-    for kind, (base, tiers) in kinds.items():
-        price = base
-        for start, tier_price in reversed(tiers):
+    used = []
+    for kind, (price, tiers) in kinds.items():
+        for start, tier_price in reversed(tiers) if tiers else ():
             if total_in > start:
                 price = tier_price
                 break
-        used[kind] = str(price)
-        if counts[kind]:
-            cost += price * counts[kind]
-    return cost / MILLION, used
+        used.append(price)
+        n = (out if kind == "output" else read if kind == "cache_read" else write if kind == "cache_write"
+             else max(total_in - read - write, 0))
+        if n:
+            cost += price * n
+    return cost.scaleb(-6), tuple(map(str, used))
 
 
 class Pricer:
@@ -117,6 +135,7 @@ class Pricer:
         self._version = ""
         self._cache: dict[tuple[str, str, str | None, date], _Entry | str] = {}
         self._lock = threading.Lock()
+        self._fast: dict[tuple[Any, ...], tuple[RulesPrices, _Entry, str]] = {}
 
     # -- genai-prices, loaded once -----------------------------------------------------------------
     def _load(self) -> Any:
@@ -164,7 +183,12 @@ class Pricer:
         if usage.input_tokens is None and usage.output_tokens is None:
             return NOT_PRICED
         rules = self.rules.refresh()
-        if provider is not None and rules.prices and provider in rules.prices:
+        day = when.date() if when.tzinfo is UTC else _utc(when).date()
+        # Most calls repeat a (provider, models, day) seen before: one lookup to its price entry.
+        fast = self._fast.get((provider, models, url if provider is None else None, day))
+        if fast is not None and fast[0] is rules:
+            return self._entry_priced(fast[1], usage, fast[2], when)
+        if rules.prices and provider in rules.prices:
             entry = rules.prices[provider].find(*models)
             if entry is not None:
                 return self._rules_priced(entry, usage, provider, rules, when)
@@ -175,8 +199,8 @@ class Pricer:
         kinds: Kinds = {k: (getattr(entry, k), ()) for k in ("input", "output", "cache_read", "cache_write")}
         cost, used = _linear(kinds, usage)
         return Priced(cost, "rules.yaml", {"rules": rules.source, "provider": provider, "model_glob": entry.glob,
-                                           "per_million": used, "date": _utc(when).date().isoformat(),
-                                           "tokens": _token_detail(usage)})
+                                           "per_million": dict(zip(kinds, used)),
+                                           "date": _utc(when).date().isoformat()})
 
     def _table_priced(self, usage: Usage, provider: str | None, models: tuple[str | None, ...], url: str | None,
                       when: datetime, rules: RulesPrices) -> Priced:
@@ -202,6 +226,8 @@ class Pricer:
             if isinstance(entry, str):
                 reasons.append(entry)
                 continue
+            if entry.exact and len(self._fast) < 100_000:
+                self._fast[(provider, models, url if provider is None else None, day)] = (rules, entry, model)
             return self._entry_priced(entry, usage, model, when)
         return _unknown(reasons[0])
 
@@ -256,9 +282,15 @@ class Pricer:
                 if theirs is None:
                     return _unknown(f"{self._source} cannot price model {model} from the tokens recorded")
             entry.checked = True
-        return Priced(cost, self._source, {
-            "provider": entry.provider, "model": entry.model, "model_ref": model, "prices": self._source,
-            "date": _utc(when).date().isoformat(), "per_million": used, "tokens": _token_detail(usage)})
+        text = entry.texts.get(used)
+        if text is None:
+            # The entry is one (provider, model, date): only the tier changes what it says.
+            text = json.dumps({"provider": entry.provider, "model": entry.model, "model_ref": model,
+                               "prices": self._source, "date": _utc(when).date().isoformat(),
+                               "per_million": dict(zip(entry.kinds, used))}, sort_keys=True)
+            if entry.exact:
+                entry.texts[used] = text
+        return Priced(cost, self._source, text=text)
 
     def _genai_cost(self, entry: _Entry, usage: Usage) -> Decimal | None:
         from genai_prices import Usage as GenaiUsage
@@ -298,11 +330,6 @@ def usage_of(ex: Any) -> Usage | None:
 
 def _unknown(reason: str) -> Priced:
     return Priced(None, UNKNOWN, {"reason": reason})
-
-
-def _token_detail(usage: Usage) -> dict[str, int | None]:
-    return {"input": usage.input_tokens, "output": usage.output_tokens, "cache_read": usage.cache_read_tokens,
-            "cache_write": usage.cache_write_tokens}
 
 
 def _time_of_day(model: Any) -> bool:
