@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_recorder  # noqa: E402
 from bench_recorder import CHUNKS, EVENT, make_call  # noqa: E402
-
 from llmtap.dialects.shapes import Usage  # noqa: E402
 from llmtap.recorder.pricing import Pricer  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
