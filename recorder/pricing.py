@@ -320,7 +320,8 @@ def usage_of(ex: Any) -> Usage | None:
     """The normalised usage of an extraction: its own `usage` where the extraction has one,
     else one made from its token counts (an extraction that predates `usage`)."""
     usage = getattr(ex, "usage", None)
-    if isinstance(usage, Usage):
+    if isinstance(usage, Usage) and (usage.input_tokens is not None or usage.output_tokens is not None
+                                     or usage.cost_usd is not None):
         return usage
     if ex.input_tokens is None and ex.output_tokens is None:
         return None

@@ -59,6 +59,13 @@ def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
+def _m004_usage(con: duckdb.DuckDBPyConnection) -> None:
+    # Cache tokens and the provider's own usage object, read by each dialect (llmtap.dialects):
+    # what pricing needs. Calls recorded before keep NULL.
+    for statement in add_columns("calls", "m004_usage"):
+        con.execute(statement)
+
+
 def _m005_cost(con: duckdb.DuckDBPyConnection) -> None:
     # What a call cost and where that figure came from (recorder/pricing.py). Calls recorded
     # before keep NULL until `llmtap cost backfill` prices them.
@@ -70,6 +77,7 @@ MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
     ("m003_prompt", _m003_prompt),
+    ("m004_usage", _m004_usage),
     ("m005_cost", _m005_cost),
 ]
 
