@@ -342,3 +342,62 @@ def test_a_real_run_prices_calls_by_rules_and_stats_json_says_so(tmp_path: Path,
     with duckdb.connect(str(db), read_only=True) as con:
         assert con.execute("SELECT cost_source FROM calls WHERE model_sent = 'priced-model'").fetchall() == [
             ("rules.yaml",), ("rules.yaml",)]
+
+
+# -- each dialect's own wire format, through the recorder's extraction ---------------------------------
+WIRE = {
+    # claude-sonnet-4-5 as above: 1000 plain + 2000 read + 3000 written input, 500 output:
+    # 1000 × 3 + 2000 × 0.3 + 3000 × 3.75 + 500 × 15 = 22350 / 1e6
+    "anthropic": ("anthropic.messages", "anthropic", "claude-sonnet-4-5", {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1000, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 2000,
+                  "output_tokens": 500}}, Decimal("0.02235")),
+    # gemini-2.5-flash as above: 200 answer + 500 thought tokens are all output:
+    # 1000 × 0.3 + 700 × 2.5 = 2050 / 1e6
+    "gemini": ("gemini.generate", "gemini", "gemini-2.5-flash", {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 200, "thoughtsTokenCount": 500,
+                          "totalTokenCount": 1700}, "modelVersion": "gemini-2.5-flash"}, Decimal("0.00205")),
+    # o3 as above: 1000 plain + 1000 cached input, 1500 output (1200 reasoning):
+    # 1000 × 2 + 1000 × 0.5 + 1500 × 8 = 14500 / 1e6
+    "responses": ("openai.responses", "openai", "o3", {
+        "id": "resp_1", "object": "response", "status": "completed", "model": "o3-2025-04-16",
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}],
+        "usage": {"input_tokens": 2000, "input_tokens_details": {"cached_tokens": 1000}, "output_tokens": 1500,
+                  "output_tokens_details": {"reasoning_tokens": 1200}, "total_tokens": 3500}}, Decimal("0.0145")),
+    # OpenRouter says what it charged: taken as sent.
+    "openrouter": ("openai.chat", "openrouter", "openai/gpt-4o", {
+        "id": "gen-1", "object": "chat.completion", "model": "openai/gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100, "cost": 0.0035123}},
+        Decimal("0.0035123")),
+    # Ollama with `price: free` in rules.yaml.
+    "ollama": ("ollama.chat", "ollama", "llama3", {
+        "model": "llama3", "created_at": "2026-11-01T12:00:00Z", "message": {"role": "assistant", "content": "hi"},
+        "done": True, "done_reason": "stop", "prompt_eval_count": 1000, "eval_count": 100}, Decimal(0)),
+}
+
+
+def test_each_dialects_wire_usage_is_priced_exactly(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("providers:\n  ollama: {price: free}\n")
+    from llmtap.recorder.services import Options
+
+    calls, names = [], {}
+    for name, (api, provider, model, body, _) in WIRE.items():
+        call = finished(model, provider, json.dumps(body).encode())
+        call.api = api
+        calls.append(call)
+        names[call.id] = name
+    db = tmp_path / "calls.duckdb"
+    record(db, calls, services=Options(rules=str(rules)))
+    with duckdb.connect(str(db), read_only=True) as con:
+        got = {r[0]: r[1:] for r in con.execute(
+            "SELECT id, cost_usd, cost_source, cache_read_tokens, cache_write_tokens FROM calls").fetchall()}
+    by_name = {names[cid]: v for cid, v in got.items()}
+    for name, (_, _, _, _, expected) in WIRE.items():
+        assert by_name[name][0] == expected, name
+    assert by_name["anthropic"][2:] == (2000, 3000)
+    assert by_name["openrouter"][1] == "provider" and by_name["ollama"][1] == "rules.yaml"
+    assert by_name["gemini"][1].startswith("genai-prices")
