@@ -401,3 +401,56 @@ def test_each_dialects_wire_usage_is_priced_exactly(tmp_path: Path) -> None:
     assert by_name["anthropic"][2:] == (2000, 3000)
     assert by_name["openrouter"][1] == "provider" and by_name["ollama"][1] == "rules.yaml"
     assert by_name["gemini"][1].startswith("genai-prices")
+
+
+# -- llmtap prices update: online only when asked ----------------------------------------------------------
+TABLE = [{"id": "openai", "name": "OpenAI", "api_pattern": r"https://api\.openai\.com", "models": [
+    {"id": "gpt-4o", "match": {"equals": "gpt-4o"}, "prices": {"input_mtok": 1, "output_mtok": 2}}]}]
+
+
+def test_prices_update_saves_a_table_that_pricing_then_uses(tmp_path: Path) -> None:
+    import http.server
+
+    from llmtap import paths
+
+    class Table(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(TABLE).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Table)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        r = llmtap("prices", "update", "--url", f"http://127.0.0.1:{server.server_port}/data.json")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert r.returncode == 0, r.stderr
+    saved = paths.default_prices()
+    assert f"saved 1 providers and 1 models to {saved}" in r.stdout
+    assert saved.stat().st_mode & 0o777 == 0o600
+    # 1000 × 1 + 100 × 2 = 1200 / 1e6, by the saved table, which says when it was fetched.
+    p = Pricer(None, prices_file=saved).price(Usage(input_tokens=1000, output_tokens=100), provider="openai",
+                                              models=("gpt-4o",), url=None, when=NOV)
+    assert p.cost_usd == Decimal("0.0012") and "table fetched" in p.source
+
+
+def test_prices_update_offline_says_so_and_keeps_the_table(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    r = llmtap("prices", "update", "--url", f"http://127.0.0.1:{port}/data.json")
+    assert r.returncode == 2
+    assert "Are you offline? llmtap keeps pricing with the table genai-prices" in r.stderr
+    from llmtap import paths
+
+    assert not paths.default_prices().exists()
