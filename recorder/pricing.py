@@ -89,6 +89,8 @@ class _Entry:
     exact: bool  # this module's arithmetic gives genai-prices' result
     checked: bool = False  # one call was priced both ways and agreed
     texts: dict[tuple[str, ...], str] = field(default_factory=dict)  # cost_detail by the prices used
+    flat: tuple[Decimal, ...] | None = None  # (input, output, cache_read, cache_write) when no tier applies
+    flat_used: tuple[str, ...] = ()
 
 
 def _tokens(usage: Usage) -> tuple[int, int, int, int]:
@@ -136,6 +138,7 @@ class Pricer:
         self._cache: dict[tuple[str, str, str | None, date], _Entry | str] = {}
         self._lock = threading.Lock()
         self._fast: dict[tuple[Any, ...], tuple[RulesPrices, _Entry, str]] = {}
+        self._broken = ""  # why genai-prices could not be loaded, once it could not
 
     # -- genai-prices, loaded once -----------------------------------------------------------------
     def _load(self) -> Any:
@@ -165,11 +168,12 @@ class Pricer:
             return snapshot
 
     def warm(self) -> None:
-        """Load genai-prices ahead of the first call (~0.4 s of imports), off the writer."""
+        """Load genai-prices ahead of the first call (~0.4 s of imports), off the writer; a
+        failure is said by the first call that needs the table."""
         try:
             self._load()
         except Exception:
-            log.exception("llmtap recorder: genai-prices cannot be loaded; calls are priced by rules.yaml only")
+            pass
 
     # -- pricing -------------------------------------------------------------------------------------
     def price(self, usage: Usage | None, *, provider: str | None, models: tuple[str | None, ...],
@@ -237,7 +241,15 @@ class Pricer:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        snapshot = self._load()
+        if self._broken:
+            return self._broken
+        try:
+            snapshot = self._load()
+        except Exception as exc:  # said once; every call after is left unpriced with the reason
+            self._broken = f"genai-prices cannot be loaded ({type(exc).__name__}: {exc})"
+            log.error("llmtap recorder: %s; calls are priced by rules.yaml and providers' own figures only",
+                      self._broken)
+            return self._broken
         try:
             gp, gm = snapshot.find_provider_model(model, None, provider_id, url)
         except LookupError:
@@ -264,12 +276,26 @@ class Pricer:
             else:
                 exact = False
         entry = _Entry(gp.id, gm.id, kinds, model_price, exact)
+        if not any(tiers for _, tiers in kinds.values()):  # no tiers: the same four prices for every call
+            zero = Decimal(0)
+            entry.flat = tuple(kinds[k][0] if k in kinds else zero for k in ("input", "output", "cache_read",
+                                                                               "cache_write"))
+            entry.flat_used = tuple(str(base) for base, _ in kinds.values())
         if exact and len(self._cache) < 100_000:  # a time-of-day price is never cached by date
             self._cache[key] = entry
         return entry
 
     def _entry_priced(self, entry: _Entry, usage: Usage, model: str, when: datetime) -> Priced:
         cost: Decimal | None
+        flat = entry.flat
+        if flat is not None and entry.checked:  # the common case, kept short
+            read = usage.cache_read_tokens or 0
+            write = usage.cache_write_tokens or 0
+            plain = max((usage.input_tokens or 0) - read - write, 0)
+            cost = (flat[0] * plain + flat[1] * (usage.output_tokens or 0) + flat[2] * read
+                    + flat[3] * write).scaleb(-6)
+            return Priced(cost, self._source, text=entry.texts.get(entry.flat_used) or self._detail_text(
+                entry, entry.flat_used, model, when))
         cost, used = _linear(entry.kinds, usage)
         if not (entry.exact and entry.checked):
             theirs = self._genai_cost(entry, usage)
@@ -282,15 +308,16 @@ class Pricer:
                 if theirs is None:
                     return _unknown(f"{self._source} cannot price model {model} from the tokens recorded")
             entry.checked = True
-        text = entry.texts.get(used)
-        if text is None:
-            # The entry is one (provider, model, date): only the tier changes what it says.
-            text = json.dumps({"provider": entry.provider, "model": entry.model, "model_ref": model,
-                               "prices": self._source, "date": _utc(when).date().isoformat(),
-                               "per_million": dict(zip(entry.kinds, used))}, sort_keys=True)
-            if entry.exact:
-                entry.texts[used] = text
-        return Priced(cost, self._source, text=text)
+        return Priced(cost, self._source, text=entry.texts.get(used) or self._detail_text(entry, used, model, when))
+
+    def _detail_text(self, entry: _Entry, used: tuple[str, ...], model: str, when: datetime) -> str:
+        # The entry is one (provider, model, date): only the tier changes what it says.
+        text = json.dumps({"provider": entry.provider, "model": entry.model, "model_ref": model,
+                           "prices": self._source, "date": _utc(when).date().isoformat(),
+                           "per_million": dict(zip(entry.kinds, used))}, sort_keys=True)
+        if entry.exact:
+            entry.texts[used] = text
+        return text
 
     def _genai_cost(self, entry: _Entry, usage: Usage) -> Decimal | None:
         from genai_prices import Usage as GenaiUsage
