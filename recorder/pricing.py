@@ -14,8 +14,8 @@ Pricing runs on the recorder's writer for every finished call, so it must cost m
 genai-prices takes ~0.3 ms per `calc_price`, so the prices of a (provider, model, UTC date) are
 looked up once and the arithmetic done here -- the linear sum genai-prices itself does for the
 four token kinds llmtap counts, tiers by input size included. Where that is not safe (a price
-that depends on the time of day, such as DeepSeek's off-peak hours, or price keys this module
-does not know) genai-prices is called for each call; the first call of every cached entry is
+that depends on the time of day, such as DeepSeek's off-peak hours, or a price per request)
+genai-prices is called for each call; the first call of every cached entry is
 also priced by genai-prices and must agree, or the entry is never taken from the cache.
 """
 
@@ -43,8 +43,10 @@ LOCAL_PROVIDERS = frozenset({"ollama"})
 # genai-prices' price keys of the token kinds llmtap counts, and llmtap's names for them.
 _KINDS = {"input_mtok": "input", "output_mtok": "output", "cache_read_mtok": "cache_read",
           "cache_write_mtok": "cache_write"}
-# Keys that cost nothing unless the usage reports their unit, which llmtap's never does.
-_UNCOUNTED_SUFFIXES = ("_kcount", "_mchars", "_hours", "_gpixels", "_kpages")
+# Every other price key is of a unit llmtap's usage never reports (audio, images, Anthropic's
+# 1-hour cache writes, web searches...), which costs nothing in genai-prices' own sum either;
+# except this one, a price per request, which genai-prices adds to every call.
+_PER_REQUEST = "requests_kcount"
 UNKNOWN = "unknown"
 
 
@@ -266,7 +268,7 @@ class Pricer:
                 continue
             kind = _KINDS.get(name)
             if kind is None:
-                if not name.endswith(_UNCOUNTED_SUFFIXES):
+                if name == _PER_REQUEST:
                     exact = False
                 continue
             if isinstance(value, Decimal):
