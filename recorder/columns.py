@@ -32,7 +32,7 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("id", "VARCHAR PRIMARY KEY", "ULID: sorts by start time"),
     ("started_at", "TIMESTAMPTZ NOT NULL", ""),
     ("client", "VARCHAR", "User-Agent"),
-    ("api", "VARCHAR NOT NULL", "openai.chat, openai.responses, anthropic.messages, ollama.chat, gemini.generate, other"),
+    ("api", "VARCHAR NOT NULL", "the dialect (llmtap.dialects.registry.names()): openai.chat, anthropic.messages, ..., other"),
     ("method", "VARCHAR NOT NULL", ""),
     ("url", "VARCHAR NOT NULL", "as the client addressed it, secrets redacted"),
     ("status", "INTEGER", "what the client got; NULL while in progress"),
