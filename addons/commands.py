@@ -322,8 +322,11 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
         from llmtap.addons.runner import configure_logging
 
         configure_logging()
+    services = _service_options(args)
+    # The recorder prices calls with the file's `price` entries, reading it (and its edits) itself.
+    services.rules = str(rules_path) if rules_path is not None else None
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
-                                buffer_mb=args.buffer_mb, wait=False, services=_service_options(args))
+                                buffer_mb=args.buffer_mb, wait=False, services=services)
     if recorder is None and not args.no_record:
         return 2
     from llmtap.addons import rules as rules_mod

@@ -297,7 +297,7 @@ def parse_rules(text: str, source: str = "rules.yaml") -> Rules:
     return Rules(providers=providers, routes=tuple(routes), source=source, cooldown_s=float(cooldown))
 
 
-PROVIDER_KEYS = ("base_url", "api", "key_env", "headers")
+PROVIDER_KEYS = ("base_url", "api", "key_env", "headers", "price")
 
 
 def _parse_providers(p: _Parser, node: yaml.Node, providers: dict[str, Provider]) -> None:
@@ -362,6 +362,8 @@ def _parse_providers(p: _Parser, node: yaml.Node, providers: dict[str, Provider]
                 else:
                     headers[hname] = str(value)
             values["headers"] = headers
+        if "price" in fields:
+            _check_price(p, name, fields["price"][1])
         if base is not None:
             merged: dict[str, Any] = {"base_url": base.base_url, "api": base.api, "key_env": base.key_env, "headers": {}}
             merged.update(values)
@@ -369,6 +371,23 @@ def _parse_providers(p: _Parser, node: yaml.Node, providers: dict[str, Provider]
         if {"base_url", "api"} <= values.keys():
             providers[name] = Provider(name=name, base_url=values["base_url"], api=values["api"],
                                        key_env=values.get("key_env"), headers=values.get("headers", {}))
+
+
+def _check_price(p: _Parser, provider: str, node: yaml.Node) -> None:
+    """A provider's `price`, checked by the recorder's own reader of it (the recorder prices
+    calls and may not import this module), each problem on the line of the model it concerns."""
+    from llmtap.recorder.pricerules import parse_price
+
+    try:
+        value = p.scalar(node)
+    except yaml.YAMLError as exc:
+        p.problem(node, f"provider `{provider}`: price: {exc}")
+        return
+    lines: dict[str, yaml.Node] = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {k.value: k for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+    for glob, message in parse_price(provider, value)[1]:
+        p.problem(lines.get(glob, node) if glob is not None else node, message)
 
 
 ROUTE_KEYS = ("name", "match", "targets", "retry", "timeout")
@@ -524,7 +543,8 @@ def add_rules_parser(sub: argparse._SubParsersAction) -> None:
         "check",
         help="validate a rules file and show what it routes",
         description="Validate a rules file: an empty file, unknown keys, bad globs, unknown providers "
-        "and targets that speak another wire format are reported with file:line and what to write instead. "
+        "targets that speak another wire format and malformed prices (a provider's `price:`) are reported "
+        "with file:line and what to write instead. "
         "Exit code 0 when valid, 2 when not.",
         epilog="example: llmtap rules check ./rules.yaml",
     )
@@ -536,6 +556,13 @@ def add_rules_parser(sub: argparse._SubParsersAction) -> None:
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _price_summary(prices: Any) -> str:
+    if len(prices.models) == 1 and prices.models[0].glob == "*" and prices.models[0].free:
+        return "free"
+    return ", ".join(f"{m.glob} free" if m.free else f"{m.glob} ${m.input}/${m.output} per million in/out"
+                     for m in prices.models)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -556,6 +583,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
     builtin = sorted(p.name for p in rules.providers.values() if p.builtin)
     if builtin:
         print(f"  built-in providers: {', '.join(builtin)}")
+    from llmtap.recorder.pricerules import read_rules_prices
+
+    priced = read_rules_prices(path).prices or {}
+    if priced:
+        print("  prices: " + "; ".join(f"{name} {_price_summary(pp)}" for name, pp in priced.items()))
     for route in rules.routes:
         globs = " ".join(f"{k}={v}" for k, v in route.match.items())
         chain = " → ".join(f"{t.provider}:{t.model or '(as asked)'}" for t in route.targets)

@@ -120,3 +120,8 @@ def state_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Application Support" / "llmtap"
     return _xdg("XDG_STATE_HOME", ".local/state") / "llmtap"
+
+
+def default_prices() -> Path:
+    """The genai-prices table `llmtap prices update` saved; without it, the one genai-prices ships."""
+    return data_dir() / "genai-prices.json"

@@ -17,6 +17,7 @@ from typing import Any
 M001 = "m001_calls_and_attempts"
 M003 = "m003_prompt"
 M004 = "m004_usage"
+M005 = "m005_cost"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     Column("cache_read_tokens", "BIGINT", M004, "input tokens read from the provider's prompt cache (in input_tokens)"),
     Column("cache_write_tokens", "BIGINT", M004, "input tokens written to the prompt cache (in input_tokens)"),
     Column("usage_raw", "JSON", M004, "the provider's final usage object as sent, redacted; NULL before m004"),
+) + (
+    # Cost (recorder/pricing.py): an exact decimal, never a float; NULL when unknown.
+    Column("cost_usd", "DECIMAL(18,10)", M005, "USD; NULL when unknown (cost_source says why)"),
+    Column("cost_source", "VARCHAR", M005, "provider, rules.yaml, genai-prices <version>, or unknown"),
+    Column("cost_detail", "JSON", M005, "the price entry used: provider, model, table, per-million prices, date"),
 )
 
 ATTEMPTS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (

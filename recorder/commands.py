@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 from llmtap import paths
@@ -54,14 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     st = sub.add_parser(
         "stats",
-        help="calls, errors, fallbacks, tokens and latency per model and provider",
+        help="calls, errors, fallbacks, tokens, latency and cost per model and provider",
         description="Per model and provider: calls, errors and error rate, fallbacks (calls "
-        "that needed more than one attempt), tokens in/out/reasoning, and TTFB and duration "
-        "p50/p95/p99 in ms. Works while `llmtap run` is recording.",
+        "that needed more than one attempt), tokens in/out/reasoning, TTFB and duration "
+        "p50/p95/p99 in ms, and cost in USD with the number of calls left unpriced (a model no "
+        "price is known for: give it one in rules.yaml). Works while `llmtap run` is recording.",
         epilog="examples:\n"
         "  llmtap stats\n"
         "  llmtap stats --since 2h\n"
         "  llmtap stats --model 'claude-*' --since 1d\n"
+        "  llmtap stats --by client --since 1d          # cost per tool\n"
         "  llmtap stats --since 2026-11-20 --until 2026-11-21 --json | jq '.[0]'",
         formatter_class=HelpFormatter,
     )
@@ -73,7 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="only calls whose model asked for, sent or reported matches GLOB, ignoring "
                     "case, e.g. 'gpt-4o*' (the same as the UI's model: filter)")
     st.add_argument("--json", action="store_true",
-                    help="a JSON list on stdout (one object per model and provider) instead of a table")
+                    help="a JSON list on stdout (one object per model and provider) instead of a table; "
+                    "cost_usd is a number of USD (null when no call of the group was priced) and "
+                    "unpriced the group's calls with tokens but no known price")
+    st.add_argument("--by", metavar="KEYS", default="model,provider", type=_group_keys,
+                    help="what a row is: model, provider, client, or several joined by commas "
+                    "(default: model,provider)")
     st.set_defaults(func=cmd_stats)
 
     # -- llmtap archive (recorder/archive.py)
@@ -114,6 +122,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     from llmtap.recorder import sql
 
     sql.register(sub)
+    from llmtap.recorder.costcmd import register as register_cost
+
+    register_cost(sub)
+
+
+def _group_keys(text: str) -> tuple[str, ...]:
+    from llmtap.recorder.stats import GROUPS
+
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in keys if k not in GROUPS]
+    if bad or not keys or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: give model, provider or client, or several joined by "
+                                         "commas, each once, e.g. --by model,client")
+    return keys
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -165,8 +187,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     from llmtap.recorder.export import ExportError, parse_time
     from llmtap.recorder.filters import flags_where
+    from llmtap.recorder.pricing import usd
     from llmtap.recorder.reader import ReaderError, open_reader
-    from llmtap.recorder.stats import stats_rows
+    from llmtap.recorder.stats import GROUPS, stats_rows
 
     try:
         since = parse_time(args.since, "--since")
@@ -176,19 +199,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2
     try:
-        rows = stats_rows(reader, *flags_where(since, until, args.model))
+        rows = stats_rows(reader, *flags_where(since, until, args.model), by=args.by)
     except ReaderError as exc:
         print(f"llmtap stats: {exc}", file=sys.stderr)
         return 2
     finally:
         reader.close()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([{**r, "cost_usd": float(r["cost_usd"]) if r["cost_usd"] is not None else None}
+                          for r in rows], indent=2))
         return 0
-    table = Table(title=f"{sum(r['calls'] for r in rows)} calls", title_justify="left")
-    for name in ("model", "provider", "calls", "errors", "err %", "fallbacks", "tokens in", "out", "reasoning",
-                 "ttfb p50/p95/p99", "duration p50/p95/p99"):
-        table.add_column(name, justify="left" if name in ("model", "provider") else "right")
+    unpriced = sum(r["unpriced"] for r in rows)
+    total = sum((r["cost_usd"] for r in rows if r["cost_usd"] is not None), Decimal(0))
+    title = f"{sum(r['calls'] for r in rows)} calls, {usd(total)}"
+    if unpriced:
+        title += (f" ({unpriced} call{'s' if unpriced != 1 else ''} unpriced: no price known for the model; "
+                  "give one in rules.yaml, then `llmtap cost backfill`)")
+    table = Table(title=title, title_justify="left")
+    for name in (*args.by, "calls", "errors", "err %", "fallbacks", "tokens in", "out", "reasoning",
+                 "ttfb p50/p95/p99", "duration p50/p95/p99", "cost"):
+        table.add_column(name, justify="left" if name in GROUPS else "right")
 
     def ms(*values: float | None) -> str:
         return "/".join("-" if v is None else f"{v:.0f}" for v in values)
@@ -199,10 +229,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     for r in rows:
         # Model names are what clients asked for: plain text (no markup) with controls escaped.
-        table.add_row(Text(printable(str(r["model"]))), Text(printable(str(r["provider"]))), str(r["calls"]), str(r["errors"]), f"{r['error_rate'] * 100:.1f}",
+        cost = usd(r["cost_usd"]) + (f" (+{r['unpriced']} unpriced)" if r["unpriced"] else "")
+        table.add_row(*(Text(printable(str(r[k]))) for k in args.by), str(r["calls"]), str(r["errors"]), f"{r['error_rate'] * 100:.1f}",
                       str(r["fallbacks"]), str(r["input_tokens"]), str(r["output_tokens"]), str(r["reasoning_tokens"]),
                       ms(r["ttfb_p50"], r["ttfb_p95"], r["ttfb_p99"]),
-                      ms(r["duration_p50"], r["duration_p95"], r["duration_p99"]))
+                      ms(r["duration_p50"], r["duration_p95"], r["duration_p99"]), cost)
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 170))  # piped: never squash the columns

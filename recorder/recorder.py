@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from llmtap.recorder.events import Adopt, Attempt, CallFinished, CallStarted, Ch
 from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
+from llmtap.recorder.pricing import NOT_PRICED, Priced, Pricer, usage_of
 from llmtap.recorder.record import (
     DEFAULT_BODY_LIMIT,
     Call,
@@ -91,7 +93,8 @@ class Recorder(QueuedSink):
                  serve: bool = True, helpers: int | None = None, offload_min: int = 32,
                  body_limit: int = DEFAULT_BODY_LIMIT, buffer_bytes: int = BUFFER_BYTES,
                  close_interrupted: bool = True, services: Options | None = None,
-                 index_chunk_calls: int = CHUNK_CALLS, index_max_level: int = MAX_LEVEL) -> None:
+                 index_chunk_calls: int = CHUNK_CALLS, index_max_level: int = MAX_LEVEL,
+                 pricing: bool = True) -> None:
         """`helpers` processes (default: 2 where there are 2 CPUs or more, else none) extract the
         bodies of any batch that finishes `offload_min` calls or more; see `workers`. Of each
         body the record keeps, and extraction reads, at most `body_limit` bytes as it crossed
@@ -100,7 +103,8 @@ class Recorder(QueuedSink):
         `close_interrupted`: on first open, close the calls a dead proxy left in progress (a
         recorder process started again for the same proxy must not: those calls go on).
         `services`: what runs beside the writer, fed from committed rows (see services.py).
-        `index_chunk_calls`, `index_max_level`: the search index's chunks (see search_index)."""
+        `index_chunk_calls`, `index_max_level`: the search index's chunks (see search_index).
+        `pricing`: price each finished call (pricing.py), with the prices `services.rules` names."""
         super().__init__(queue_limit)
         self.body_limit = body_limit
         self.db_path = Path(db_path).expanduser().absolute()
@@ -161,6 +165,11 @@ class Recorder(QueuedSink):
         self.services: list[Service] = []
         # Work other threads hand the writer's thread (on_writer), run between batches.
         self._writer_jobs: deque[tuple[Callable[[], None], threading.Event, list[BaseException]]] = deque()
+        self.pricer: Pricer | None = None
+        if pricing:
+            from llmtap.paths import default_prices
+
+            self.pricer = Pricer(Path(self.options.rules) if self.options.rules else None, default_prices())
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -178,6 +187,8 @@ class Recorder(QueuedSink):
             self._failed(exc, opening=True)
         if self.options.any():
             self.services = start_services(self.options, self)
+        if self.pricer is not None:  # its ~0.4 s of imports, before the first call needs them
+            threading.Thread(target=self.pricer.warm, name="llmtap-prices", daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
         self._thread.start()
 
@@ -813,7 +824,20 @@ class Recorder(QueuedSink):
             "cache_read_tokens": ex.cache_read_tokens if ex else None,
             "cache_write_tokens": ex.cache_write_tokens if ex else None,
             "usage_raw": _usage_json(ex, b),
+            **self._cost(call, ex),
         })
+
+    def _cost(self, call: Call, ex: Extraction | None) -> dict[str, Any]:
+        """The cost columns of a finished call; pricing never costs the record."""
+        priced: Priced = NOT_PRICED
+        if ex is not None and self.pricer is not None:
+            try:
+                priced = self.pricer.price(
+                    usage_of(ex), provider=call.provider, models=(ex.model, call.model_sent, call.model_requested),
+                    url=call.url, when=call.started_at)
+            except Exception:
+                log.exception("llmtap recorder: pricing failed for call %s; it is left unpriced", call.id)
+        return {"cost_usd": priced.cost_usd, "cost_source": priced.source, "cost_detail": priced.detail_json()}
 
     # -- failure: spool --------------------------------------------------------------------------
     def _spool(self, batch: _Batch, exc: BaseException | None) -> None:
@@ -1072,6 +1096,8 @@ def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return {"t": value.isoformat()}
+    if isinstance(value, Decimal):  # cost_usd: exact, as text
+        return {"d": str(value)}
     if isinstance(value, (bytes, bytearray)):
         return {"b": base64.b64encode(value).decode()}
     return value
@@ -1084,6 +1110,8 @@ def _from_jsonable(values: list, columns: tuple[str, ...]) -> list:
             out.append(datetime.fromisoformat(v["t"]))
         elif isinstance(v, dict) and "b" in v:
             out.append(base64.b64decode(v["b"]))
+        elif isinstance(v, dict) and "d" in v:
+            out.append(Decimal(v["d"]))
         else:
             out.append(v)
     return out

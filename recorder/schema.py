@@ -66,11 +66,19 @@ def _m004_usage(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
+def _m005_cost(con: duckdb.DuckDBPyConnection) -> None:
+    # What a call cost and where that figure came from (recorder/pricing.py). Calls recorded
+    # before keep NULL until `llmtap cost backfill` prices them.
+    for statement in add_columns("calls", "m005_cost"):
+        con.execute(statement)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
     ("m003_prompt", _m003_prompt),
     ("m004_usage", _m004_usage),
+    ("m005_cost", _m005_cost),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -27,6 +27,9 @@ class Options:
     metrics: str | None = None  # HOST:PORT to serve /metrics on
     otlp: dict[str, Any] = field(default_factory=dict)
     archive: dict[str, Any] = field(default_factory=dict)
+    # Not a service: the rules file whose prices the recorder reads (pricerules.py), known to
+    # `llmtap run`; None when it runs without one.
+    rules: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from textual.containers import VerticalScroll
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Label, Static, TabbedContent, TextArea
 
+from llmtap.recorder.pricing import usd
 from llmtap.tui import query as q
 from llmtap.tui import render
 from llmtap.tui.app import (
@@ -1297,14 +1299,16 @@ async def test_stats_command_and_stats_screen_give_the_same_numbers_for_the_same
 
     hour = timedelta(hours=1)
     rows: list[dict[str, Any]] = [
-        {},  # gpt-4o, 200
-        {"status": 500, "error": "upstream said 500", "ttfb_ms": 80.0, "duration_ms": 90.0},
+        {"cost_usd": Decimal("0.0012345"), "cost_source": "genai-prices"},  # gpt-4o, 200
+        {"status": 500, "error": "upstream said 500", "ttfb_ms": 80.0, "duration_ms": 90.0,
+         "cost_usd": Decimal("0.00005"), "cost_source": "provider"},
         {"status": None, "duration_ms": 3000.0, "ttfb_ms": None, "input_tokens": None},  # no answer ever came
         {"status": None, "duration_ms": None, "ttfb_ms": None, "complete": None},  # still in progress
         {"model_requested": "GPT-4o-mini", "model_sent": "gpt-4o-mini", "provider": "openrouter",
          "attempts": 2, "ttfb_ms": 300.0, "duration_ms": 900.0, "input_tokens": None, "output_tokens": None},
         {"model_requested": "gpt-4o-mini", "model_sent": "gpt-4o-mini", "provider": "openrouter",
-         "ttfb_ms": 50.0, "duration_ms": 200.0, "input_tokens": 1000, "output_tokens": 333},
+         "ttfb_ms": 50.0, "duration_ms": 200.0, "input_tokens": 1000, "output_tokens": 333,
+         "cost_source": "unknown"},
         {"model_requested": "fast", "model_sent": "gpt-4o", "provider": "azure", "ttfb_ms": 77.0},
         {"model_requested": "x", "model_sent": "y", "model_reported": "gpt-4o-2024-08-06", "provider": "other"},
         {"model_requested": "claude-sonnet-4", "model_sent": "claude-sonnet-4", "model_reported": None,
@@ -1326,9 +1330,13 @@ async def test_stats_command_and_stats_screen_give_the_same_numbers_for_the_same
     reader = DuckReader(db)
     flt_text = f"model:gpt-4o* since:{since} until:{until}"
     schema = q.load_schema(reader)
-    assert q.stats(reader, schema, q.parse_filter(flt_text, schema)) == cli
+    ui_rows = q.stats(reader, schema, q.parse_filter(flt_text, schema))
+    # The same figures; the JSON writes the exact decimal cost as a number.
+    assert [{**r, "cost_usd": None if r["cost_usd"] is None else float(r["cost_usd"])} for r in ui_rows] == cli
     openai = next(r for r in cli if r["provider"] == "openai")
     assert (openai["calls"], openai["errors"], openai["input_tokens"]) == (4, 2, 36)
+    assert (openai["cost_usd"], openai["unpriced"]) == (0.0012845, 0)  # 0.0012345 + 0.00005, as a JSON number
+    assert next(r for r in cli if r["provider"] == "openrouter")["unpriced"] == 1
 
     app = LlmtapApp(reader)
     async with app.run_test(size=SIZE) as pilot:
@@ -1344,6 +1352,8 @@ async def test_stats_command_and_stats_screen_give_the_same_numbers_for_the_same
     expected = [[r["model"], r["provider"], str(r["calls"]), f"{100 * r['error_rate']:.1f}",
                  f"{100 * r['fallback_rate']:.1f}", render.fmt_tokens(r["input_tokens"]),
                  render.fmt_tokens(r["output_tokens"]), render.fmt_tokens(r["reasoning_tokens"]),
-                 *(render.fmt_ms(r[f"{k}_{p}"]) for k in ("ttfb", "duration") for p in ("p50", "p95", "p99"))]
+                 *(render.fmt_ms(r[f"{k}_{p}"]) for k in ("ttfb", "duration") for p in ("p50", "p95", "p99")),
+                 (usd(Decimal(str(r["cost_usd"]))) if r["cost_usd"] is not None else "")
+                 + (f" +{r['unpriced']}?" if r["unpriced"] else "")]
                 for r in cli]
     assert shown == expected

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -187,6 +188,7 @@ LIST_LAYOUT: tuple[tuple[str, str, int], ...] = (
     ("tin", "in", 7),
     ("tout", "out", 7),
     ("treason", "reason", 7),
+    ("cost", "cost", 10),
 )
 
 
@@ -204,6 +206,22 @@ def status_text(rec: Record) -> Text:
     text = Text(str(status), style=style)
     if rec.get("complete") is False and status < 400:
         text.append("✂", style="bold magenta")  # a 2xx whose stream was cut short
+    return text
+
+
+def cost_text(value: Any, source: str | None, *, detail: bool = False, unpriced: int = 0) -> Text:
+    """A cost cell: '?' for a call no price is known for; in a call's summary, where it came from."""
+    from llmtap.recorder.pricing import usd
+
+    if source == "unknown":
+        return Text("? unknown price" if detail else "?", style="dim", justify="right")
+    if value is None and not unpriced:
+        return Text("", justify="right")
+    text = Text(usd(Decimal(str(value))) if value is not None else "", justify="right")
+    if unpriced:
+        text.append(f" +{unpriced}?", style="dim")
+    if detail and source:
+        text.append(f" ({source})", style="dim")
     return text
 
 
@@ -232,6 +250,7 @@ def list_cells(rec: Record) -> list[Any]:
         Text(render.fmt_tokens(rec.get("input_tokens")), justify="right"),
         Text(render.fmt_tokens(rec.get("output_tokens")), justify="right"),
         Text(render.fmt_tokens(rec.get("reasoning_tokens")), justify="right"),
+        cost_text(rec.get("cost_usd"), rec.get("cost_source")),
     ]
 
 
@@ -844,6 +863,9 @@ class DetailScreen(Screen[None]):
         t.append("  tokens " + " · ".join(
             f"{label} {render.fmt_tokens(rec.get(col)) or '-'}"
             for label, col in (("in", "input_tokens"), ("out", "output_tokens"), ("reasoning", "reasoning_tokens"))))
+        if rec.get("cost_source"):
+            t.append("  cost ")
+            t.append_text(cost_text(rec.get("cost_usd"), rec.get("cost_source"), detail=True))
         if rec.get("error"):
             t.append(f"\nerror: {rec['error']}", style="bold red")
         notes = render.as_json_value(rec.get("notes"))
@@ -1134,7 +1156,7 @@ class StatsScreen(Screen[None]):
     def on_mount(self) -> None:
         table = self.query_one("#stats-table", DataTable)
         for col in ("model", "provider", "calls", "err %", "fallback %", "in", "out", "reason",
-                    "ttfb p50", "p95", "p99", "dur p50", "p95 ", "p99 "):
+                    "ttfb p50", "p95", "p99", "dur p50", "p95 ", "p99 ", "cost"):
             table.add_column(col, key=col)
         self.action_refresh()
 
@@ -1195,6 +1217,7 @@ class StatsScreen(Screen[None]):
                 render.fmt_tokens(r["reasoning_tokens"]),
                 *(ms(r[f"ttfb_{p}"]) for p in ("p50", "p95", "p99")),
                 *(ms(r[f"duration_{p}"]) for p in ("p50", "p95", "p99")),
+                cost_text(r["cost_usd"], None, unpriced=r["unpriced"]),
             )
         self._show_activity(message.activity)
         if message.histogram:

@@ -30,7 +30,7 @@ PAGE_SIZE = 200
 LIST_COLUMNS: tuple[str, ...] = (
     "id", "started_at", "client", "api", "method", "model_requested", "model_sent", "provider",
     "status", "attempts", "stream", "complete", "ttfb_ms", "duration_ms", "input_tokens",
-    "output_tokens", "reasoning_tokens", "error",
+    "output_tokens", "reasoning_tokens", "error", "cost_usd", "cost_source",
 )
 
 # Every column of `calls` (recorder/columns.py). A DB from an older schema may lack some;
