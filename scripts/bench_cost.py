@@ -49,12 +49,12 @@ def run(n: int, db: Path, pricing: bool) -> tuple[float, float, int]:
     calls = [make_call() for _ in range(n)]
     t0, c0 = time.perf_counter(), time.process_time()
     for call in calls:
-        rec.call_started(call)
+        rec.call_started(call.started())
         for chunk in PRICED_CHUNKS:
             rec.call_chunk(call.id, chunk)
         bench_recorder.finish(call)
         call.response_body = b"".join(PRICED_CHUNKS)
-        rec.call_finished(call, [])
+        rec.call_finished(call.finished())
     deadline = time.monotonic() + 600
     while rec.written + rec.dropped_total < n and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -53,10 +53,10 @@ def build_db(db: Path, days: dict[int, int], *, in_progress: int = 0, pad: int =
                 call.started_at = now - dt.timedelta(days=ago, minutes=1)
                 if pad:
                     call.request_body = json.dumps({"model": "smart", "pad": os.urandom(pad).hex()}).encode()
-                rec.call_finished(*finish(call))
+                rec.call_finished(Call.finished(*finish(call)))
         for _ in range(in_progress):
             call = make_call()
-            rec.call_started(call)
+            rec.call_started(call.started())
             open_calls.append(call)
     finally:
         rec.close()
@@ -117,7 +117,7 @@ def test_a_folder_archive_holds_every_finished_call_exactly_by_day_and_a_second_
     rec = Recorder(db, serve=False, helpers=0, close_interrupted=False)
     rec.start()
     rec.adopt([open_calls[0].id])
-    rec.call_finished(*finish(open_calls[0]))
+    rec.call_finished(Call.finished(*finish(open_calls[0])))
     rec.close()
     third = llmtap("archive", "--db", str(db), "--to", str(root))
     assert "archived 1 calls (2 attempts)" in third.stderr, third.stderr

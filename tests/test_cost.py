@@ -215,7 +215,7 @@ def record(db: Path, calls: list[Call], **kw) -> None:
     rec.start()
     try:
         for call in calls:
-            rec.call_finished(call, [])
+            rec.call_finished(call.finished())
     finally:
         rec.close()
 
@@ -281,13 +281,13 @@ def test_rules_prices_follow_edits_while_recording(tmp_path: Path) -> None:
     rec.on_written = lambda n: committed.set()
     rec.start()
     try:
-        rec.call_finished(finished("gpt-4o"), [])
+        rec.call_finished(finished("gpt-4o").finished())
         assert committed.wait(30)
         assert rec.pricer is not None
         rules.write_text('providers:\n  openai: {price: {"*": {input: 2, output: 2}}}\n')
         os.utime(rules, ns=(1, 1))  # a new mtime even within the file system's time resolution
         rec.pricer.rules._checked = -10.0  # the once-a-second check is due
-        rec.call_finished(finished("gpt-4o"), [])
+        rec.call_finished(finished("gpt-4o").finished())
     finally:
         rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
