@@ -16,6 +16,7 @@ from typing import Any
 
 M001 = "m001_calls_and_attempts"
 M003 = "m003_prompt"
+M006 = "m006_sessions"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("response_body_raw", "BLOB", "likewise"),
 )) + (
     Column("prompt", "VARCHAR", M003, "what this call added as text: system prompt and new messages"),
+) + (  # M006: sessions (recorder/sessions.py)
+    Column("session_id", "VARCHAR", M006, "the session (sessions.id) this call belongs to"),
+    Column("session_link", "VARCHAR", M006, "the evidence that linked it: header:NAME, body:FIELD, label:wrap, "
+           "label:path, tool_call:ID, history, history:compacted, quote, new, idle"),
+    Column("parent_call_id", "VARCHAR", M006, "the earlier call it continues"),
+    Column("turn", "INTEGER", M006, "1-based number of the call in its session"),
 )
 
 ATTEMPTS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (

@@ -167,6 +167,10 @@ class Call:
     # The credential values the call carried (client headers, cookies, query keys, and the keys
     # llmtap sent upstream), so the recorder can mask them wherever they reappear.
     secrets: tuple[str, ...] = ()
+    # A session label the user gave without touching the tool (sessions.py): ("wrap", NAME) from
+    # the proxy URL's user part (`llmtap wrap --session NAME`), ("path", NAME) from the gateway's
+    # /s/NAME/ prefix.
+    session_label: tuple[str, str] | None = None
 
 
 class RecorderError(Exception):

@@ -49,6 +49,7 @@ from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, SearchIndex
 from llmtap.recorder.services import Options, Service
 from llmtap.recorder.services import start as start_services
+from llmtap.recorder.sessions import SessionStore
 from llmtap.recorder.workers import Helpers, Job, extract_job
 
 log = logging.getLogger("llmtap.recorder")
@@ -155,6 +156,9 @@ class Recorder(QueuedSink):
         self.offload_min = offload_min
         self.options = services or Options()
         self.services: list[Service] = []
+        # Session grouping, on the writer thread as final rows are made (sessions.py).
+        self.sessions: SessionStore | None = None if self.options.sessions.get("off") else SessionStore(
+            float(self.options.sessions.get("idle_s") or 0) or None)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +220,8 @@ class Recorder(QueuedSink):
             raise
         self.con = con
         self._opened = True
+        if self.sessions is not None:
+            self.sessions.attach(con)
         self.index = SearchIndex(con)
         self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
         self._import_due()
@@ -616,8 +622,12 @@ class Recorder(QueuedSink):
                 appender.flush()
             for reason, count in dropped.items():
                 con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
+            if self.sessions is not None:
+                self.sessions.write(con)
             if also is not None:
                 also()
+        if self.sessions is not None:
+            self.sessions.committed()
 
     def _bound(self, call: Call) -> None:
         """No more of a body than the limit, whatever was handed over (the proxy's own limit
@@ -741,7 +751,7 @@ class Recorder(QueuedSink):
         whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
                  or scrub.found_shapes)
         resp_text = b(resp_text) if whole else scrub.literal(resp_text)
-        return call_tuple({
+        row = {
             "id": call.id, "started_at": call.started_at, "client": t(call.client), "api": call.api,
             "method": call.method, "url": t(redact_url(call.url)),
             "status": call.status if ex is not None else None,
@@ -763,7 +773,11 @@ class Recorder(QueuedSink):
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
             "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
-        })
+            "session_id": None, "session_link": None, "parent_call_id": None, "turn": None,
+        }
+        if ex is not None and self.sessions is not None:
+            self.sessions.link(call, row, req_text, ex.tool_calls, resp_bytes)
+        return call_tuple(row)
 
     # -- failure: spool --------------------------------------------------------------------------
     def _spool(self, batch: _Batch, exc: BaseException | None) -> None:

@@ -59,10 +59,20 @@ def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
+def _m006_sessions(con: duckdb.DuckDBPyConnection) -> None:
+    # Calls recorded before keep NULL sessions: they are not grouped again.
+    from llmtap.recorder.sessions import SESSION_COLUMNS
+
+    for statement in add_columns("calls", "m006_sessions"):
+        con.execute(statement)
+    con.execute("CREATE TABLE sessions (\n" + ",\n".join(f"    {n} {s}" for n, s, _ in SESSION_COLUMNS) + "\n)")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
     ("m003_prompt", _m003_prompt),
+    ("m006_sessions", _m006_sessions),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -27,6 +27,9 @@ class Options:
     metrics: str | None = None  # HOST:PORT to serve /metrics on
     otlp: dict[str, Any] = field(default_factory=dict)
     archive: dict[str, Any] = field(default_factory=dict)
+    # Session grouping (recorder/sessions.py): {"idle_s": seconds} (`llmtap run --session-idle`),
+    # {"off": true} to record without it. Not a service: the writer runs it as rows are made.
+    sessions: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -1,0 +1,646 @@
+"""Sessions: the runs of an agent, rebuilt from its traffic.
+
+A call joins a session by the strongest evidence it carries, in this order, and its row says
+which (`calls.session_link`) and to which earlier call (`calls.parent_call_id`), so that a
+wrong grouping can be seen and explained:
+
+1. an id the client sends: llmtap's own `x-llmtap-session` header, the ones tools send already
+   (`header:<name>`), or an id in the body (`body:<field>`; `body:previous_response_id` chains
+   a Responses call to the call that answered with that id);
+2. a label the user gave without touching the tool: `llmtap wrap --session NAME` (`label:wrap`)
+   or the gateway path prefix `/s/NAME/` (`label:path`);
+3. tool-call continuity: the request's tool results answer tool calls an earlier answer made
+   (`tool_call:<id>`);
+4. conversation growth: the request's messages are an earlier request's messages plus that
+   call's answer, system prompts left out as agents rewrite them every turn (`history`); or
+   the history was compacted and only its last exchange is still there (`history:compacted`);
+   or this turn quotes an earlier answer, as a research pipeline hands one step's answer to
+   the next (`quote`);
+5. else a new session (`new`); a call that would continue a session idle for longer than
+   `idle_s` starts a new one instead (`idle`, its parent the call it would have continued).
+
+Ids a tool sends for its session (headers) and labels name their session whatever the gap;
+ids in the body are weaker (OpenAI's `user` names a person, not a task): the idle gap splits
+them too.
+
+Matching is a few dict lookups per call: each finished call leaves fingerprints (Python hashes
+of normalised messages, kept in memory only) of what its continuation would carry, in an LRU
+per client, so memory is bounded whatever the traffic. The grouper runs on the recorder's
+writer thread as rows are made; the `sessions` table is written in the same transaction as the
+calls (see recorder.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
+
+# The headers tools already send for their session, lowercase, strongest first.
+SESSION_HEADERS: tuple[str, ...] = (
+    "x-llmtap-session",
+    "x-claude-code-session-id",  # Claude Code
+    "session-id",  # Codex
+    "helicone-session-id",
+    "x-litellm-session-id",
+)
+# Ids in a request body (dialects' Request.ids names), strongest first.
+BODY_IDS: tuple[str, ...] = ("previous_response_id", "metadata.user_id", "prompt_cache_key", "user")
+DEFAULT_IDLE_S = 30 * 60.0
+TITLE_CHARS = 120
+# Memory bounds: clients (User-Agents) followed, fingerprints per client, sessions kept whole.
+MAX_CLIENTS = 64
+KEYS_PER_CLIENT = 4096
+MAX_SESSIONS = 20_000
+MAX_NAMED = 65_536
+# A quoted line must be this long to count: short lines ("Sure!", "```") are everywhere.
+QUOTE_MIN_CHARS = 24
+QUOTE_SCAN_CHARS = 64 << 10
+
+# Columns of the `sessions` table, in its order (schema.py creates it from this).
+SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("id", "VARCHAR PRIMARY KEY", "the id of the session's first call"),
+    ("source", "VARCHAR NOT NULL", "how it was found: its first call's session_link"),
+    ("key", "VARCHAR", "the id or label that names it, NULL when inferred"),
+    ("client", "VARCHAR", "User-Agent of its first call"),
+    ("title", "VARCHAR", "the first user message, shortened"),
+    ("started_at", "TIMESTAMPTZ NOT NULL", "its first call's start"),
+    ("ended_at", "TIMESTAMPTZ NOT NULL", "its last call's end"),
+    ("duration_ms", "DOUBLE", "ended_at - started_at"),
+    ("calls", "BIGINT NOT NULL", ""),
+    ("errors", "BIGINT NOT NULL", "calls that ended in an error the client saw, or a cut stream"),
+    ("failed", "BOOLEAN NOT NULL", "errors > 0"),
+    ("fallbacks", "BIGINT NOT NULL", "calls that needed more than one attempt"),
+    ("input_tokens", "BIGINT", ""),
+    ("output_tokens", "BIGINT", ""),
+    ("cost_usd", "DECIMAL(38,12)", "sum of calls.cost_usd; NULL when no call is priced"),
+    ("last_call_id", "VARCHAR", ""),
+)
+SESSION_FIELDS: tuple[str, ...] = tuple(c[0] for c in SESSION_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What grouping reads of one finished call."""
+
+    id: str
+    started_at: datetime
+    client: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    label: tuple[str, str] | None = None  # ("wrap" | "path", NAME)
+    request: Request | None = None
+    response: Response | None = None
+    duration_ms: float | None = None
+    failed: bool = False
+    fallback: bool = False
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+
+    @property
+    def ended_at(self) -> datetime:
+        return self.started_at + timedelta(milliseconds=self.duration_ms or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """Where a call went: `calls.session_id`, `session_link`, `parent_call_id`, `turn`."""
+
+    session_id: str
+    link: str
+    parent_call_id: str | None
+    turn: int
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    source: str
+    key: str | None
+    client: str | None
+    title: str | None
+    started_at: datetime
+    ended_at: datetime
+    calls: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    last_call_id: str | None = None
+    written: bool = False  # a row for it is in the table already (replace, not insert)
+
+    def row(self) -> tuple:
+        duration = (self.ended_at - self.started_at).total_seconds() * 1000.0
+        return (self.id, self.source, self.key, self.client, self.title, self.started_at, self.ended_at,
+                duration, self.calls, self.errors, self.errors > 0, self.fallbacks, self.input_tokens,
+                self.output_tokens, self.cost_usd, self.last_call_id)
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Session:
+        d = dict(zip(SESSION_FIELDS, row))
+        return cls(id=d["id"], source=d["source"], key=d["key"], client=d["client"], title=d["title"],
+                   started_at=d["started_at"], ended_at=d["ended_at"], calls=d["calls"], errors=d["errors"],
+                   fallbacks=d["fallbacks"], input_tokens=d["input_tokens"], output_tokens=d["output_tokens"],
+                   cost_usd=d["cost_usd"], last_call_id=d["last_call_id"], written=True)
+
+
+class _Lru(OrderedDict):
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.cap:
+            self.popitem(last=False)
+
+    def look(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm_text(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def _call_key(c: ToolCall) -> str:
+    if c.id:
+        return "#" + c.id
+    # No id (Ollama, old Gemini): the arguments as a client would send them back, re-serialised.
+    try:
+        args = json.dumps(json.loads(c.arguments or "null"), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        args = _norm_text(c.arguments or "")
+    return f"{c.name}({args})"
+
+
+def norm_message(m: Message) -> str:
+    """One message as its fingerprint reads it: what a client resends of it unchanged. Reasoning
+    is left out (clients drop it or send it encrypted), text is compared without whitespace (a
+    client may join or split an answer's text blocks), and a tool call is its id (its arguments
+    come back re-serialised)."""
+    text = _SPACE.sub("", "".join(p.text for p in m.parts if p.kind == "text" and p.text))
+    out = [m.role, text]
+    for p in m.parts:
+        if p.tool_call is not None:
+            out.append(_call_key(p.tool_call))
+        elif p.tool_result is not None:
+            r = p.tool_result
+            out.append(f"<{r.call_id or r.name}>{_SPACE.sub('', r.content)}")
+        elif p.kind in ("image", "audio", "file"):
+            out.append(p.kind)
+    return "\x1f".join(out)
+
+
+def _conversation(req: Request) -> list[Message]:
+    # System prompts change under an agent every turn (dates, environment details): left out.
+    # Consecutive assistant messages are one turn (a client may split text and tool calls).
+    out: list[Message] = []
+    for m in req.messages:
+        if m.role == "system":
+            continue
+        if out and m.role == "assistant" and out[-1].role == "assistant":
+            out[-1] = Message("assistant", out[-1].parts + m.parts)
+            continue
+        out.append(m)
+    return out
+
+
+def _prefix_hashes(msgs: list[Message]) -> list[int]:
+    h = 0
+    out = []
+    for m in msgs:
+        h = hash((h, norm_message(m)))
+        out.append(h)
+    return out
+
+
+def _this_turn(msgs: list[Message]) -> list[Message]:
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].role == "assistant":
+            return msgs[i + 1:]
+    return msgs
+
+
+def _quote_lines(text: str) -> list[str]:
+    lines = [_norm_text(line) for line in text[:QUOTE_SCAN_CHARS].splitlines()]
+    whole = _norm_text(text[:QUOTE_SCAN_CHARS])
+    out = [line for line in lines if len(line) >= QUOTE_MIN_CHARS]
+    if len(whole) >= QUOTE_MIN_CHARS and whole not in out:
+        out.append(whole)
+    return out
+
+
+def title_of(req: Request | None) -> str | None:
+    if req is None:
+        return None
+    for m in req.messages:
+        if m.role == "user":
+            t = _norm_text(m.text)
+            if t:
+                return t if len(t) <= TITLE_CHARS else t[: TITLE_CHARS - 1] + "…"
+    return None
+
+
+class Grouper:
+    """Assigns each finished call to a session, in the order calls finish. Not thread-safe:
+    the writer thread owns it. `load(id)` reads a session evicted from memory (or written by
+    an earlier run) back from the store; `named(key)` finds the session an id or label names."""
+
+    def __init__(self, idle_s: float = DEFAULT_IDLE_S, *, load: Any = None, named: Any = None) -> None:
+        self.idle = timedelta(seconds=idle_s)
+        self._load = load
+        self._named_in_store = named
+        self._sessions: _Lru = _Lru(MAX_SESSIONS)
+        self._named: _Lru = _Lru(MAX_NAMED)  # "header:x-llmtap-session=abc" -> session id
+        self._clients: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of fingerprint -> (session id, call id)
+        self._responses: _Lru = _Lru(MAX_NAMED)  # Responses' response id -> (session id, call id)
+        self._calls_of: dict[str, int] = {}
+        self.dirty: dict[str, Session] = {}  # touched since the last write
+
+    # -- the one entry point ------------------------------------------------------------------
+    def add(self, c: CallInfo) -> Link:
+        named, link, parent = self._explicit(c)
+        session: Session | None = None
+        if named is not None:
+            session = self._session(self._named.look(named) or self._from_store(named))
+            found = self._structural(c)
+            if session is not None and found is not None and found[2] == session.id:
+                parent = parent or found[1]
+            if session is not None and link.startswith("body:") and link != "body:previous_response_id" \
+                    and c.started_at - session.ended_at > self.idle:
+                link, parent = "idle", session.last_call_id
+                session = None
+            elif session is not None:
+                parent = parent or session.last_call_id
+        else:
+            found = self._structural(c)
+            if found is not None:
+                link, parent, sid = found
+                session = self._session(sid)
+                if session is not None and c.started_at - session.ended_at > self.idle:
+                    session, link = None, "idle"
+            else:
+                link, parent = "new", None
+        if session is None:
+            session = Session(id=c.id, source=link, key=named, client=c.client, title=title_of(c.request),
+                              started_at=c.started_at, ended_at=c.ended_at)
+            self._sessions.put(session.id, session)
+        if named is not None and not named.startswith("session="):
+            self._named.put(named, session.id)
+        self._account(session, c)
+        self._remember(session, c)
+        return Link(session.id, link, parent, session.calls)
+
+    # -- evidence -------------------------------------------------------------------------------
+    def _explicit(self, c: CallInfo) -> tuple[str | None, str, str | None]:
+        """(the key naming the session, the link, the parent call) for rungs 1 and 2."""
+        for name in SESSION_HEADERS:
+            value = c.headers.get(name)
+            if value:
+                return f"header:{name}={value}", f"header:{name}", None
+        ids = c.request.ids if c.request is not None else {}
+        prev = ids.get("previous_response_id")
+        if prev and prev in self._responses:
+            sid, call_id = self._responses.look(prev)
+            return f"session={sid}", "body:previous_response_id", call_id
+        for name in BODY_IDS[1:]:
+            value = ids.get(name)
+            if value:
+                return f"body:{name}={value}", f"body:{name}", None
+        if c.label is not None:
+            kind, name = c.label
+            return f"label={name}", f"label:{kind}", None
+        return None, "", None
+
+    def _structural(self, c: CallInfo) -> tuple[str, str | None, str] | None:
+        """(link, parent call, session id) from tool-call continuity, then conversation growth."""
+        req = c.request
+        keys = self._clients.get(c.client)
+        if req is None or keys is None:
+            return None
+        msgs = _conversation(req)
+        turn = _this_turn(msgs)
+        for m in turn or msgs:
+            for r in m.tool_results:
+                hit = keys.look(("tool", r.call_id)) if r.call_id else None
+                if hit is not None:
+                    return f"tool_call:{r.call_id}", hit[1], hit[0]
+        prefix = _prefix_hashes(msgs)
+        last = None
+        for i in range(len(msgs) - 1, -1, -1):
+            if msgs[i].role != "assistant":
+                continue
+            last = i if last is None else last
+            hit = keys.look(("grow", prefix[i]))
+            if hit is not None:
+                return "history", hit[1], hit[0]
+        if last is not None:
+            before = norm_message(msgs[last - 1]) if last else ""
+            hit = keys.look(("tail", hash((before, norm_message(msgs[last])))))
+            if hit is not None:
+                return "history:compacted", hit[1], hit[0]
+        for m in turn:
+            if m.role != "user":
+                continue
+            for line in _quote_lines(m.text):
+                hit = keys.look(("quote", hash(line)))
+                if hit is not None:
+                    return "quote", hit[1], hit[0]
+        return None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _session(self, sid: str | None) -> Session | None:
+        if sid is None:
+            return None
+        s = self._sessions.look(sid)
+        if s is None and self._load is not None:
+            row = self._load(sid)
+            if row is not None:
+                s = Session.from_row(row)
+                self._sessions.put(sid, s)
+        return s
+
+    def _from_store(self, key: str) -> str | None:
+        if self._named_in_store is None or key.startswith("session="):
+            return key[len("session="):] if key.startswith("session=") else None
+        return self._named_in_store(key)
+
+    def _account(self, s: Session, c: CallInfo) -> None:
+        s.calls += 1
+        s.errors += c.failed
+        s.fallbacks += c.fallback
+        if c.input_tokens is not None:
+            s.input_tokens = (s.input_tokens or 0) + c.input_tokens
+        if c.output_tokens is not None:
+            s.output_tokens = (s.output_tokens or 0) + c.output_tokens
+        if c.cost_usd is not None:
+            s.cost_usd = (s.cost_usd or Decimal(0)) + Decimal(c.cost_usd)
+        if c.ended_at > s.ended_at:
+            s.ended_at = c.ended_at
+        if s.title is None:
+            s.title = title_of(c.request)
+        s.last_call_id = c.id
+        self.dirty[s.id] = s
+
+    def _remember(self, s: Session, c: CallInfo) -> None:
+        """The fingerprints this call's continuation would carry."""
+        keys = self._clients.look(c.client)
+        if keys is None:
+            keys = _Lru(KEYS_PER_CLIENT)
+            self._clients.put(c.client, keys)
+        where = (s.id, c.id)
+        resp = c.response
+        if resp is not None and resp.id:
+            self._responses.put(resp.id, where)
+        if c.request is None or resp is None:
+            return
+        answer = resp.message()
+        for tc in resp.tool_calls:
+            if tc.id:
+                keys.put(("tool", tc.id), where)
+        if not answer.parts:
+            return
+        msgs = _conversation(c.request)
+        if msgs and msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
+            answer = Message("assistant", msgs[-1].parts + answer.parts)
+            msgs = msgs[:-1]
+        grown = _prefix_hashes([*msgs, answer])
+        keys.put(("grow", grown[-1]), where)
+        before = norm_message(msgs[-1]) if msgs else ""
+        keys.put(("tail", hash((before, norm_message(answer)))), where)
+        if resp.content:
+            for line in _quote_lines(resp.content):
+                keys.put(("quote", hash(line)), where)
+
+
+# -- reading requests and answers -----------------------------------------------------------------
+# The seam to llmtap.dialects: once its registry reads every wire format, `read_request` is
+# that; until then a reader of the common formats' conversation parts lives here.
+
+def read_request(api: str, body: str | bytes | None) -> Request | None:
+    """The request's normalised shape, or None when its body is not a JSON object. Never raises."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    try:
+        return _read(api, obj)
+    except Exception:  # a body of a shape nobody expected: grouped as having no conversation
+        return None
+
+
+def _read(api: str, obj: dict) -> Request:
+    msgs: list[Message] = []
+    system: list[str] = []
+    if isinstance(obj.get("system"), (str, list)):  # Anthropic
+        system.append(_text_of(obj["system"]))
+    if isinstance(obj.get("instructions"), str):  # Responses
+        system.append(obj["instructions"])
+    items = obj.get("messages")
+    if items is None:
+        items = obj.get("input")
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if items is None and isinstance(obj.get("contents"), list):  # Gemini
+        items = [{"role": "assistant" if c.get("role") == "model" else "user", "content": c.get("parts")}
+                 for c in obj["contents"] if isinstance(c, dict)]
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            m = _message(item)
+            if m is not None:
+                if m.role == "assistant" and msgs and msgs[-1].role == "assistant" and item.get("type"):
+                    msgs[-1] = Message("assistant", msgs[-1].parts + m.parts)  # Responses items of one turn
+                else:
+                    msgs.append(m)
+    ids: dict[str, str] = {}
+    for name in ("user", "prompt_cache_key", "previous_response_id"):
+        if isinstance(obj.get(name), str):
+            ids[name] = obj[name]
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
+        ids["metadata.user_id"] = meta["user_id"]
+    return Request(api=api, model=obj.get("model") if isinstance(obj.get("model"), str) else None,
+                   system=tuple(system), messages=tuple(msgs), ids=ids)
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
+          "tool": "tool", "function": "tool"}
+
+
+def _message(item: dict) -> Message | None:
+    kind = item.get("type")
+    if kind in ("function_call", "custom_tool_call"):  # Responses items
+        return Message("assistant", (Part("tool_call", tool_call=ToolCall(
+            item.get("call_id"), item.get("name"), str(item.get("arguments") or item.get("input") or ""))),))
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        return Message("tool", (Part("tool_result", tool_result=ToolResult(
+            item.get("call_id"), _text_of(item.get("output")))),))
+    if kind == "reasoning":
+        return Message("assistant", ())
+    role = _ROLES.get(str(item.get("role")))
+    if role is None:
+        return None
+    parts: list[Part] = []
+    content = item.get("content")
+    if role == "tool":  # OpenAI chat / Ollama tool message
+        parts.append(Part("tool_result", tool_result=ToolResult(item.get("tool_call_id"), _text_of(content),
+                                                                name=item.get("name"))))
+    else:
+        for block in content if isinstance(content, list) else [content]:
+            parts.extend(_parts(block))
+    for tc in item.get("tool_calls") or []:
+        if isinstance(tc, dict):
+            fn = tc.get("function") or {}
+            args = fn.get("arguments")
+            parts.append(Part("tool_call", tool_call=ToolCall(
+                tc.get("id"), fn.get("name"), args if isinstance(args, str) else json.dumps(args))))
+    if role == "user" and parts and all(p.kind == "tool_result" for p in parts):
+        role = "tool"  # Anthropic sends tool results as a user turn
+    return Message(role, tuple(parts), native_role=str(item.get("role")))  # type: ignore[arg-type]
+
+
+def _parts(block: Any) -> list[Part]:
+    if block is None:
+        return []
+    if isinstance(block, str):
+        return [Part("text", text=block)]
+    if not isinstance(block, dict):
+        return []
+    kind = block.get("type")
+    if kind in ("text", "input_text", "output_text") or (kind is None and "text" in block):
+        return [Part("text", text=str(block.get("text") or ""))]
+    if kind == "tool_use":
+        return [Part("tool_call", tool_call=ToolCall(block.get("id"), block.get("name"),
+                                                     json.dumps(block.get("input"), separators=(",", ":"))))]
+    if kind == "tool_result":
+        return [Part("tool_result", tool_result=ToolResult(block.get("tool_use_id"), _text_of(block.get("content")),
+                                                           is_error=block.get("is_error")))]
+    if "functionCall" in block:  # Gemini
+        fc = block["functionCall"] or {}
+        return [Part("tool_call", tool_call=ToolCall(fc.get("id"), fc.get("name"), json.dumps(fc.get("args"))))]
+    if "functionResponse" in block:
+        fr = block["functionResponse"] or {}
+        return [Part("tool_result", tool_result=ToolResult(fr.get("id"), json.dumps(fr.get("response")),
+                                                           name=fr.get("name")))]
+    if kind in ("thinking", "redacted_thinking", "reasoning"):
+        return []
+    if kind in ("image", "image_url", "input_image"):
+        return [Part("image")]
+    return []
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.text or "" for b in content for p in _parts(b) if p.kind == "text")
+    if content is None:
+        return ""
+    return json.dumps(content)
+
+
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
+
+
+def response_of(api: str, content: str | None, tool_calls: list[dict] | None, body: bytes | str | None) -> Response:
+    """The answer's shape from what extraction found. Responses' own id (what a later
+    `previous_response_id` names) is the first `resp_` id of its body."""
+    rid = None
+    if api == "openai.responses" and body:
+        raw = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
+        found = _RESPONSE_ID.search(raw[:65536])
+        rid = found.group(1).decode("utf-8", "replace") if found else None
+    calls = tuple(ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
+                  for t in tool_calls or () if isinstance(t, dict))
+    return Response(api=api, id=rid, content=content, tool_calls=calls)
+
+
+class SessionStore:
+    """The grouper as the recorder's writer uses it: fills a final row's session columns, and
+    writes the sessions it touched in the commit that writes their calls."""
+
+    def __init__(self, idle_s: float | None = None) -> None:
+        self.con: Any = None
+        self.grouper = Grouper(idle_s or DEFAULT_IDLE_S, load=self._load, named=self._named)
+        self._writing: list[Session] = []
+        self._said = False
+
+    def attach(self, con: Any) -> None:
+        self.con = con
+
+    def _load(self, sid: str) -> tuple | None:
+        if self.con is None:
+            return None
+        return self.con.execute(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions WHERE id = ?", [sid]).fetchone()
+
+    def _named(self, key: str) -> str | None:
+        # A session named by an id or label in an earlier run (or evicted from memory) goes on.
+        if self.con is None:
+            return None
+        row = self.con.execute("SELECT id FROM sessions WHERE key = ? ORDER BY started_at DESC LIMIT 1",
+                               [key]).fetchone()
+        return row[0] if row else None
+
+    def link(self, call: Any, row: dict[str, Any], req_text: str | None, tool_calls: list[dict] | None,
+             resp_body: bytes | None) -> None:
+        """Fill `row`'s session columns from the call; never raises (a row without its session
+        is better than no row)."""
+        try:
+            status, error = row.get("status"), row.get("error")
+            cost = row.get("cost_usd")
+            info = CallInfo(
+                id=call.id, started_at=call.started_at, client=call.client, headers=call.request_headers,
+                label=getattr(call, "session_label", None), request=read_request(call.api, req_text),
+                response=response_of(call.api, row.get("content"), tool_calls, resp_body),
+                duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
+                fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),
+                output_tokens=row.get("output_tokens"),
+                cost_usd=Decimal(str(cost)) if cost is not None else None)
+            found = self.grouper.add(info)
+        except Exception:
+            if not self._said:
+                self._said = True
+                import logging
+
+                logging.getLogger("llmtap.recorder").exception(
+                    "llmtap recorder: grouping call %s into a session failed; it is recorded without one", call.id)
+            return
+        row["session_id"], row["session_link"] = found.session_id, found.link
+        row["parent_call_id"], row["turn"] = found.parent_call_id, found.turn
+
+    def write(self, con: Any) -> None:
+        """Inside the commit's transaction: the touched sessions' rows, replacing older ones.
+        They stay touched until `committed()`: a commit rolled back writes them with the next."""
+        self._writing = list(self.grouper.dirty.values())
+        if not self._writing:
+            return
+        old = [s.id for s in self._writing if s.written]
+        if old:
+            con.execute("DELETE FROM sessions WHERE id IN (SELECT unnest(?))", [old])
+        appender = con.appender("sessions")
+        appender.append_rows([s.row() for s in self._writing])
+        appender.flush()
+
+    def committed(self) -> None:
+        for s in self._writing:
+            s.written = True
+            self.grouper.dirty.pop(s.id, None)
+        self._writing = []
