@@ -171,6 +171,10 @@ class Call:
     # the proxy URL's user part (`llmtap wrap --session NAME`), ("path", NAME) from the gateway's
     # /s/NAME/ prefix.
     session_label: tuple[str, str] | None = None
+    # The session headers the client sent (sessions.SESSION_HEADERS), as sent: the redaction
+    # masks any header named *session* in `request_headers`, and 4 hex digits of a hash would
+    # make different sessions one.
+    session_headers: dict[str, str] | None = None
 
 
 class RecorderError(Exception):

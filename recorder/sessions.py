@@ -32,6 +32,7 @@ calls (see recorder.py).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import OrderedDict
@@ -59,9 +60,14 @@ MAX_CLIENTS = 64
 KEYS_PER_CLIENT = 4096
 MAX_SESSIONS = 20_000
 MAX_NAMED = 65_536
-# A quoted line must be this long to count: short lines ("Sure!", "```") are everywhere.
-QUOTE_MIN_CHARS = 24
-QUOTE_SCAN_CHARS = 64 << 10
+# A quote is found by runs of QUOTE_WORDS words an answer had, QUOTE_HITS of them at least (one
+# common phrase is not a quote); of an answer its first QUOTE_ANSWER_WORDS words count, of a
+# request this turn's first QUOTE_SCAN_CHARS characters.
+QUOTE_WORDS = 5
+QUOTE_HITS = 2
+QUOTE_ANSWER_WORDS = 1024
+QUOTE_SCAN_CHARS = 16 << 10
+QUOTES_PER_CLIENT = 16_384
 
 # Columns of the `sessions` table, in its order (schema.py creates it from this).
 SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -235,13 +241,13 @@ def _this_turn(msgs: list[Message]) -> list[Message]:
     return msgs
 
 
-def _quote_lines(text: str) -> list[str]:
-    lines = [_norm_text(line) for line in text[:QUOTE_SCAN_CHARS].splitlines()]
-    whole = _norm_text(text[:QUOTE_SCAN_CHARS])
-    out = [line for line in lines if len(line) >= QUOTE_MIN_CHARS]
-    if len(whole) >= QUOTE_MIN_CHARS and whole not in out:
-        out.append(whole)
-    return out
+_WORD = re.compile(r"\w+")
+
+
+def _shingles(text: str, words: int | None = None) -> set[int]:
+    """Hashes of every run of QUOTE_WORDS words, case and punctuation aside."""
+    w = _WORD.findall(text[:QUOTE_SCAN_CHARS].lower())[:words]
+    return {hash(tuple(w[i:i + QUOTE_WORDS])) for i in range(len(w) - QUOTE_WORDS + 1)}
 
 
 def title_of(req: Request | None) -> str | None:
@@ -267,6 +273,7 @@ class Grouper:
         self._sessions: _Lru = _Lru(MAX_SESSIONS)
         self._named: _Lru = _Lru(MAX_NAMED)  # "header:x-llmtap-session=abc" -> session id
         self._clients: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of fingerprint -> (session id, call id)
+        self._quotes: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of word-run hash -> (session id, call id)
         self._responses: _Lru = _Lru(MAX_NAMED)  # Responses' response id -> (session id, call id)
         self._calls_of: dict[str, int] = {}
         self.dirty: dict[str, Session] = {}  # touched since the last write
@@ -311,7 +318,10 @@ class Grouper:
         for name in SESSION_HEADERS:
             value = c.headers.get(name)
             if value:
-                return f"header:{name}={value}", f"header:{name}", None
+                # llmtap's own header is a name the user chose; another tool's id is kept only
+                # as a hash, as the record masks headers named *session*.
+                shown = value if name == "x-llmtap-session" else hashlib.sha256(value.encode()).hexdigest()[:16]
+                return f"header:{name}={shown}", f"header:{name}", None
         ids = c.request.ids if c.request is not None else {}
         prev = ids.get("previous_response_id")
         if prev and prev in self._responses:
@@ -353,13 +363,18 @@ class Grouper:
             hit = keys.look(("tail", hash((before, norm_message(msgs[last])))))
             if hit is not None:
                 return "history:compacted", hit[1], hit[0]
-        for m in turn:
-            if m.role != "user":
-                continue
-            for line in _quote_lines(m.text):
-                hit = keys.look(("quote", hash(line)))
-                if hit is not None:
-                    return "quote", hit[1], hit[0]
+        quotes = self._quotes.get(c.client)
+        text = "\n".join(m.text for m in turn if m.role == "user")
+        if quotes is not None and text:
+            hits: dict[tuple[str, str], int] = {}
+            for h in _shingles(text):
+                where = quotes.get(h)
+                if where is not None:
+                    hits[where] = hits.get(where, 0) + 1
+            best = max(hits.items(), key=lambda kv: (kv[1], kv[0][1]), default=None)
+            if best is not None and best[1] >= QUOTE_HITS:
+                (sid, call_id), _ = best
+                return "quote", call_id, sid
         return None
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -423,8 +438,12 @@ class Grouper:
         before = norm_message(msgs[-1]) if msgs else ""
         keys.put(("tail", hash((before, norm_message(answer)))), where)
         if resp.content:
-            for line in _quote_lines(resp.content):
-                keys.put(("quote", hash(line)), where)
+            quotes = self._quotes.look(c.client)
+            if quotes is None:
+                quotes = _Lru(QUOTES_PER_CLIENT)
+                self._quotes.put(c.client, quotes)
+            for h in _shingles(resp.content, QUOTE_ANSWER_WORDS):
+                quotes.put(h, where)
 
 
 # -- reading requests and answers -----------------------------------------------------------------
@@ -607,7 +626,8 @@ class SessionStore:
             status, error = row.get("status"), row.get("error")
             cost = row.get("cost_usd")
             info = CallInfo(
-                id=call.id, started_at=call.started_at, client=call.client, headers=call.request_headers,
+                id=call.id, started_at=call.started_at, client=call.client,
+                headers=getattr(call, "session_headers", None) or {},
                 label=getattr(call, "session_label", None), request=read_request(call.api, req_text),
                 response=response_of(call.api, row.get("content"), tool_calls, resp_body),
                 duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
