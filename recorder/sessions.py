@@ -198,14 +198,14 @@ def norm_message(m: Message) -> str:
     is left out (clients drop it or send it encrypted), text is compared without whitespace (a
     client may join or split an answer's text blocks), and a tool call is its id (its arguments
     come back re-serialised)."""
-    text = _SPACE.sub("", "".join(p.text for p in m.parts if p.kind == "text" and p.text))
+    text = "".join("".join(p.text for p in m.parts if p.kind == "text" and p.text).split())
     out = [m.role, text]
     for p in m.parts:
         if p.tool_call is not None:
             out.append(_call_key(p.tool_call))
         elif p.tool_result is not None:
             r = p.tool_result
-            out.append(f"<{r.call_id or r.name}>{_SPACE.sub('', r.content)}")
+            out.append(f"<{r.call_id or r.name}>{''.join(r.content.split())}")
         elif p.kind in ("image", "audio", "file"):
             out.append(p.kind)
     return "\x1f".join(out)
@@ -225,13 +225,28 @@ def _conversation(req: Request) -> list[Message]:
     return out
 
 
-def _prefix_hashes(msgs: list[Message]) -> list[int]:
-    h = 0
-    out = []
-    for m in msgs:
-        h = hash((h, norm_message(m)))
-        out.append(h)
-    return out
+class _Conv:
+    """A request's conversation, each message normalised at most once."""
+
+    def __init__(self, req: Request) -> None:
+        self.msgs = _conversation(req)
+        self._norms: dict[int, str] = {}
+
+    def norm(self, i: int) -> str:
+        if i < 0:
+            return ""
+        got = self._norms.get(i)
+        if got is None:
+            got = self._norms[i] = norm_message(self.msgs[i])
+        return got
+
+
+def _grow_key(conv: _Conv, i: int, answer: str) -> int:
+    # What a continuation carries where the answer sits: the conversation's first message, the
+    # message the answer answered, the answer, and its position. O(1) messages per call, where
+    # a hash of the whole prefix would read the whole history (agents resend it every turn).
+    first = conv.norm(0) if i > 0 else answer
+    return hash(("grow", i, first, conv.norm(i - 1), answer))
 
 
 def _this_turn(msgs: list[Message]) -> list[Message]:
@@ -281,10 +296,11 @@ class Grouper:
     # -- the one entry point ------------------------------------------------------------------
     def add(self, c: CallInfo) -> Link:
         named, link, parent = self._explicit(c)
+        conv = _Conv(c.request) if c.request is not None else None
         session: Session | None = None
         if named is not None:
             session = self._session(self._named.look(named) or self._from_store(named))
-            found = self._structural(c)
+            found = self._structural(c, conv)
             if session is not None and found is not None and found[2] == session.id:
                 parent = parent or found[1]
             if session is not None and link.startswith("body:") and link != "body:previous_response_id" \
@@ -294,7 +310,7 @@ class Grouper:
             elif session is not None:
                 parent = parent or session.last_call_id
         else:
-            found = self._structural(c)
+            found = self._structural(c, conv)
             if found is not None:
                 link, parent, sid = found
                 session = self._session(sid)
@@ -309,7 +325,7 @@ class Grouper:
         if named is not None and not named.startswith("session="):
             self._named.put(named, session.id)
         self._account(session, c)
-        self._remember(session, c)
+        self._remember(session, c, conv)
         return Link(session.id, link, parent, session.calls)
 
     # -- evidence -------------------------------------------------------------------------------
@@ -336,31 +352,27 @@ class Grouper:
             return f"label={name}", f"label:{kind}", None
         return None, "", None
 
-    def _structural(self, c: CallInfo) -> tuple[str, str | None, str] | None:
+    def _structural(self, c: CallInfo, conv: _Conv | None) -> tuple[str, str | None, str] | None:
         """(link, parent call, session id) from tool-call continuity, then conversation growth."""
-        req = c.request
         keys = self._clients.get(c.client)
-        if req is None or keys is None:
+        if conv is None or keys is None:
             return None
-        msgs = _conversation(req)
+        msgs = conv.msgs
         turn = _this_turn(msgs)
         for m in turn or msgs:
             for r in m.tool_results:
                 hit = keys.look(("tool", r.call_id)) if r.call_id else None
                 if hit is not None:
                     return f"tool_call:{r.call_id}", hit[1], hit[0]
-        prefix = _prefix_hashes(msgs)
-        last = None
-        for i in range(len(msgs) - 1, -1, -1):
-            if msgs[i].role != "assistant":
-                continue
-            last = i if last is None else last
-            hit = keys.look(("grow", prefix[i]))
+        # The last answer, or the one before an assistant prefill ending the request.
+        answers = [i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"][:2]
+        for i in answers:
+            hit = keys.look(_grow_key(conv, i, conv.norm(i)))
             if hit is not None:
                 return "history", hit[1], hit[0]
-        if last is not None:
-            before = norm_message(msgs[last - 1]) if last else ""
-            hit = keys.look(("tail", hash((before, norm_message(msgs[last])))))
+        if answers:
+            last = answers[0]
+            hit = keys.look(("tail", hash((conv.norm(last - 1), conv.norm(last)))))
             if hit is not None:
                 return "history:compacted", hit[1], hit[0]
         quotes = self._quotes.get(c.client)
@@ -411,7 +423,7 @@ class Grouper:
         s.last_call_id = c.id
         self.dirty[s.id] = s
 
-    def _remember(self, s: Session, c: CallInfo) -> None:
+    def _remember(self, s: Session, c: CallInfo, conv: _Conv | None) -> None:
         """The fingerprints this call's continuation would carry."""
         keys = self._clients.look(c.client)
         if keys is None:
@@ -421,7 +433,7 @@ class Grouper:
         resp = c.response
         if resp is not None and resp.id:
             self._responses.put(resp.id, where)
-        if c.request is None or resp is None:
+        if conv is None or resp is None:
             return
         answer = resp.message()
         for tc in resp.tool_calls:
@@ -429,14 +441,13 @@ class Grouper:
                 keys.put(("tool", tc.id), where)
         if not answer.parts:
             return
-        msgs = _conversation(c.request)
-        if msgs and msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
-            answer = Message("assistant", msgs[-1].parts + answer.parts)
-            msgs = msgs[:-1]
-        grown = _prefix_hashes([*msgs, answer])
-        keys.put(("grow", grown[-1]), where)
-        before = norm_message(msgs[-1]) if msgs else ""
-        keys.put(("tail", hash((before, norm_message(answer)))), where)
+        at = len(conv.msgs)
+        if at and conv.msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
+            answer = Message("assistant", conv.msgs[-1].parts + answer.parts)
+            at -= 1
+        said = norm_message(answer)
+        keys.put(_grow_key(conv, at, said), where)
+        keys.put(("tail", hash((conv.norm(at - 1), said))), where)
         if resp.content:
             quotes = self._quotes.look(c.client)
             if quotes is None:
@@ -481,14 +492,36 @@ def _read(api: str, obj: dict) -> Request:
     if items is None and isinstance(obj.get("contents"), list):  # Gemini
         items = [{"role": "assistant" if c.get("role") == "model" else "user", "content": c.get("parts")}
                  for c in obj["contents"] if isinstance(c, dict)]
+    # Grouping reads a few messages of a history (see Grouper): the first, the last answers and
+    # what each answered, and this turn's. The others keep their role and place, not their
+    # parts, as building every message of a history resent each turn would cost O(history).
+    groups: list[tuple[str, list[dict]]] = []
     for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict):
-            m = _message(item)
-            if m is not None:
-                if m.role == "assistant" and msgs and msgs[-1].role == "assistant" and item.get("type"):
-                    msgs[-1] = Message("assistant", msgs[-1].parts + m.parts)  # Responses items of one turn
-                else:
-                    msgs.append(m)
+        role = _role_of(item) if isinstance(item, dict) else None
+        if role is None:
+            continue
+        if role == "assistant" and groups and groups[-1][0] == "assistant" and item.get("type"):
+            groups[-1][1].append(item)  # Responses items of one turn
+        else:
+            groups.append((role, [item]))
+    talk = [i for i, (role, _) in enumerate(groups) if role != "system"]
+    answers = [i for i in reversed(talk) if groups[i][0] == "assistant"][:2]
+    needed = set(talk[:1]) | set(answers) | {talk[talk.index(i) - 1] for i in answers if talk.index(i)}
+    needed |= set(i for i in talk if i > answers[0]) if answers else set(talk)
+    needed |= set(next(([i] for i in talk if groups[i][0] == "user"), []))
+    for i, (role, group) in enumerate(groups):
+        if i not in needed and role != "system":
+            msgs.append(_ELIDED[role])
+            continue
+        m = _message(group[0]) if len(group) == 1 else None
+        if m is None or m.role != role:
+            parts: tuple[Part, ...] = ()
+            for item in group:
+                one = _message(item)
+                if one is not None:
+                    parts += one.parts
+            m = Message(role, parts, native_role=group[0].get("role"))  # type: ignore[arg-type]
+        msgs.append(m)
     ids: dict[str, str] = {}
     for name in ("user", "prompt_cache_key", "previous_response_id"):
         if isinstance(obj.get(name), str):
@@ -499,6 +532,23 @@ def _read(api: str, obj: dict) -> Request:
     return Request(api=api, model=obj.get("model") if isinstance(obj.get("model"), str) else None,
                    system=tuple(system), messages=tuple(msgs), ids=ids)
 
+
+def _role_of(item: dict) -> str | None:
+    kind = item.get("type")
+    if kind in ("function_call", "custom_tool_call", "reasoning"):
+        return "assistant"
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        return "tool"
+    role = _ROLES.get(str(item.get("role")))
+    content = item.get("content")
+    if role == "user" and isinstance(content, list) and content and all(
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
+        return "tool"  # Anthropic sends tool results as a user turn
+    return role
+
+
+# A message grouping does not read: its role and place only, one object per role.
+_ELIDED: dict[str, Message] = {r: Message(r) for r in ("system", "user", "assistant", "tool")}  # type: ignore[misc]
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
           "tool": "tool", "function": "tool"}
