@@ -431,3 +431,83 @@ def test_sessions_read_through_the_running_proxy(rec: Recorded, fake: FakeProvid
     assert [s["title"] for s in listed] == ["while running"]
     assert llmtap_main(["sessions", "--db", str(rec.db), "--client", "nobody*", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+
+
+# -- the UI's sessions view --------------------------------------------------------------------
+def _recorded_tool_loop(db: Path) -> list[str]:
+    """A three-call tool loop recorded by the real Recorder; the last call fails with a 500."""
+    from llmtap.recorder.record import Call, new_id, utcnow
+
+    rec = Recorder(db, serve=False, helpers=0)
+    rec.start()
+    msgs: list[dict] = [{"role": "user", "content": "fix the flaky test"}]
+    ids = []
+    try:
+        for turn in range(3):
+            tool = {"id": f"call_t{turn}", "type": "function", "function": {"name": "run_tests", "arguments": "{}"}}
+            answer = {"role": "assistant", "content": None, "tool_calls": [tool]}
+            failed = turn == 2
+            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/x/v1/chat/completions",
+                     api="openai.chat", client="cline/3", status=500 if failed else 200, duration_ms=10.0,
+                     request_body=json.dumps({"model": "m", "messages": msgs}).encode(),
+                     response_headers={"content-type": "application/json"},
+                     response_body=json.dumps({"error": {"message": "boom"}} if failed else {
+                         "choices": [{"message": answer, "finish_reason": "tool_calls"}]}).encode())
+            rec.call_finished(c, [])
+            ids.append(c.id)
+            msgs = [*msgs, answer, {"role": "tool", "tool_call_id": tool["id"], "content": "1 failed"}]
+            # Each call is grouped when it is committed, and the next one answers its tool call.
+            seq, done = rec.hub.seq, False
+            while not done:
+                seq, events = rec.hub.events_after(seq, 10)
+                assert events, "not committed"
+                done = any(e["kind"] == "finished" and e["id"] == c.id for e in events) or any(
+                    e["kind"] == "finished" for e in events)
+    finally:
+        rec.close()
+    return ids
+
+
+async def test_ui_sessions_view_shows_the_tree_and_the_failed_call(tmp_path: Path) -> None:
+    from textual.widgets import DataTable, Static, Tree
+
+    from llmtap.tui.app import CallsScreen, LlmtapApp
+    from llmtap.tui.sessions import SessionScreen, SessionsScreen
+    from tuihelpers import DuckReader
+
+    ids = _recorded_tool_loop(tmp_path / "ui.duckdb")
+    reader = DuckReader(tmp_path / "ui.duckdb")
+    app = LlmtapApp(reader)
+
+    async def until(cond: Any, what: str) -> None:
+        for _ in range(500):
+            if cond():
+                return
+            await pilot.pause(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async with app.run_test(size=(160, 45)) as pilot:
+        await until(lambda: app.calls.pages_loaded > 0 and app.calls.table.row_count == 3, "the calls")
+        await pilot.press("S")
+        await until(lambda: isinstance(app.screen, SessionsScreen), "the sessions list")
+        listing = app.screen.query_one("#sessions", DataTable)
+        await until(lambda: listing.row_count == 1, "one session")
+        assert "1 sessions, 1 failed (100%)" in str(app.screen.query_one("#sessions-summary", Static).render())
+        await pilot.press("enter")
+        await until(lambda: isinstance(app.screen, SessionScreen) and app.screen.calls, "the session")
+        tree = app.screen.query_one("#session-tree", Tree)
+        first = tree.root.children
+        assert [n.data for n in first] == [ids[0]]  # the calls hang under the call each continues
+        assert [n.data for n in first[0].children] == [ids[1]]
+        assert [n.data for n in first[0].children[0].children] == [ids[2]]
+        assert "tool_call:call_t0" in str(first[0].children[0].label)
+        await until(lambda: tree.cursor_node is not None and tree.cursor_node.data == ids[2], "the failed call")
+        assert any(s.style and "red" in str(s.style) for s in tree.cursor_node.label.spans)
+        assert "FAILED" in str(app.screen.query_one("#session-summary", Static).render())
+        await pilot.press("escape", "escape")
+        assert isinstance(app.screen, CallsScreen)
+        # From a call, J jumps to its session.
+        await pilot.press("J")
+        await until(lambda: isinstance(app.screen, SessionScreen) and app.screen.session, "its session")
+        assert app.screen.session is not None and app.screen.session["id"] == ids[0]
+    reader.close()
