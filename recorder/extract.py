@@ -1567,7 +1567,7 @@ def _prompt_parts(value: Any, out: list[str], depth: int) -> None:
             _prompt_parts(value["output"], out, depth + 1)
 
 
-def prompt_text(body: str | bytes | None) -> str | None:
+def prompt_text(body: str | bytes | dict | None) -> str | None:
     """What the user sent in a request body -- the system prompt and this turn's messages (see
     _this_turn), text parts only, joined by newlines -- or None when the body is not a JSON
     object or holds no text. The dialect is told by the keys, so a body recorded as `other` is
@@ -1575,7 +1575,7 @@ def prompt_text(body: str | bytes | None) -> str | None:
     if not body:
         return None
     try:
-        obj = json.loads(body)
+        obj = body if isinstance(body, dict) else json.loads(body)  # parsed once by the recorder
     except (ValueError, TypeError, RecursionError):
         return None
     if not isinstance(obj, dict):

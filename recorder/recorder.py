@@ -751,6 +751,8 @@ class Recorder(QueuedSink):
         whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
                  or scrub.found_shapes)
         resp_text = b(resp_text) if whole else scrub.literal(resp_text)
+        # The masked request, parsed once for `prompt` and for sessions.
+        doc = _json_object(req_text) if ex is not None and self.sessions is not None else None
         row = {
             "id": call.id, "started_at": call.started_at, "client": t(call.client), "api": call.api,
             "method": call.method, "url": t(redact_url(call.url)),
@@ -772,11 +774,11 @@ class Recorder(QueuedSink):
             "reasoning_tokens": ex.reasoning_tokens if ex else None, "total_tokens": ex.total_tokens if ex else None,
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
-            "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
+            "prompt": prompt_text(doc if doc is not None else req_text),  # masked: no secret in it either
             "session_id": None, "session_link": None, "parent_call_id": None, "turn": None,
         }
         if ex is not None and self.sessions is not None:
-            self.sessions.link(call, row, req_text, ex.tool_calls, resp_bytes)
+            self.sessions.link(call, row, doc, ex.tool_calls, resp_bytes)
         return call_tuple(row)
 
     # -- failure: spool --------------------------------------------------------------------------
@@ -1020,6 +1022,16 @@ def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
         return body.decode("utf-8"), None
     except UnicodeDecodeError:
         return None, bytes(body)
+
+
+def _json_object(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -195,17 +195,17 @@ def _call_key(c: ToolCall) -> str:
 
 def norm_message(m: Message) -> str:
     """One message as its fingerprint reads it: what a client resends of it unchanged. Reasoning
-    is left out (clients drop it or send it encrypted), text is compared without whitespace (a
-    client may join or split an answer's text blocks), and a tool call is its id (its arguments
-    come back re-serialised)."""
-    text = "".join("".join(p.text for p in m.parts if p.kind == "text" and p.text).split())
+    is left out (clients drop it or send it encrypted), text is compared without the whitespace
+    around it (clients strip an answer they resend) and as one piece (a client may join or split
+    an answer's text blocks), and a tool call is its id (its arguments come back re-serialised)."""
+    text = "".join(p.text for p in m.parts if p.kind == "text" and p.text).strip()
     out = [m.role, text]
     for p in m.parts:
         if p.tool_call is not None:
             out.append(_call_key(p.tool_call))
         elif p.tool_result is not None:
             r = p.tool_result
-            out.append(f"<{r.call_id or r.name}>{''.join(r.content.split())}")
+            out.append(f"<{r.call_id or r.name}>{r.content.strip()}")
         elif p.kind in ("image", "audio", "file"):
             out.append(p.kind)
     return "\x1f".join(out)
@@ -270,7 +270,7 @@ def title_of(req: Request | None) -> str | None:
         return None
     for m in req.messages:
         if m.role == "user":
-            t = _norm_text(m.text)
+            t = _norm_text(m.text[:TITLE_CHARS * 4])
             if t:
                 return t if len(t) <= TITLE_CHARS else t[: TITLE_CHARS - 1] + "…"
     return None
@@ -461,14 +461,18 @@ class Grouper:
 # The seam to llmtap.dialects: once its registry reads every wire format, `read_request` is
 # that; until then a reader of the common formats' conversation parts lives here.
 
-def read_request(api: str, body: str | bytes | None) -> Request | None:
-    """The request's normalised shape, or None when its body is not a JSON object. Never raises."""
+def read_request(api: str, body: str | bytes | dict | None) -> Request | None:
+    """The request's normalised shape, or None when its body is not a JSON object. Never raises.
+    `body` may be the body already parsed (the recorder parses it once for `prompt` and this)."""
     if not body:
         return None
-    try:
-        obj = json.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        return None
+    if isinstance(body, dict):
+        obj = body
+    else:
+        try:
+            obj = json.loads(body)
+        except (ValueError, TypeError, RecursionError):
+            return None
     if not isinstance(obj, dict):
         return None
     try:
@@ -505,12 +509,14 @@ def _read(api: str, obj: dict) -> Request:
         else:
             groups.append((role, [item]))
     talk = [i for i, (role, _) in enumerate(groups) if role != "system"]
-    answers = [i for i in reversed(talk) if groups[i][0] == "assistant"][:2]
+    # The last answer; and the one before when the request ends with an assistant prefill.
+    answers = [i for i in reversed(talk) if groups[i][0] == "assistant"][:2 if talk and groups[talk[-1]][0] ==
+                                                                          "assistant" else 1]
     needed = set(talk[:1]) | set(answers) | {talk[talk.index(i) - 1] for i in answers if talk.index(i)}
     needed |= set(i for i in talk if i > answers[0]) if answers else set(talk)
     needed |= set(next(([i] for i in talk if groups[i][0] == "user"), []))
     for i, (role, group) in enumerate(groups):
-        if i not in needed and role != "system":
+        if i not in needed:  # system prompts too: grouping leaves them out
             msgs.append(_ELIDED[role])
             continue
         m = _message(group[0]) if len(group) == 1 else None
@@ -668,7 +674,7 @@ class SessionStore:
                                [key]).fetchone()
         return row[0] if row else None
 
-    def link(self, call: Any, row: dict[str, Any], req_text: str | None, tool_calls: list[dict] | None,
+    def link(self, call: Any, row: dict[str, Any], req_text: str | dict | None, tool_calls: list[dict] | None,
              resp_body: bytes | None) -> None:
         """Fill `row`'s session columns from the call; never raises (a row without its session
         is better than no row)."""

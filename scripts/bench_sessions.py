@@ -86,7 +86,7 @@ def append_rate(n: int, db: Path, grouping: bool) -> tuple[float, float, int]:
     return rate, cpu, sessions
 
 
-def bench_append(n: int, tmp: Path, rounds: int = 3) -> dict:
+def bench_append(n: int, tmp: Path, rounds: int = 2) -> dict:
     """Best of `rounds` alternating runs; also the recorder's CPU time per call (all its
     threads, DuckDB's included), which a machine shared with other work disturbs less."""
     on, off, cpu_on, cpu_off = [], [], [], []
