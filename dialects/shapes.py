@@ -147,7 +147,7 @@ class ResponseError:
 
     status: int | None = None
     type: str | None = None  # the provider's error type ("rate_limit_error", "insufficient_quota")
-    code: str | None = None
+    code: str | int | None = None  # as the provider sent it: Gemini gives the HTTP status (429), OpenAI a string
     message: str | None = None
     request_id: str | None = None
     retry_after_seconds: float | None = None

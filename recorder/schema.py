@@ -59,6 +59,13 @@ def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
+def _m004_usage(con: duckdb.DuckDBPyConnection) -> None:
+    # Cache tokens and the provider's own usage object, read by each dialect (llmtap.dialects):
+    # what pricing needs. Calls recorded before keep NULL.
+    for statement in add_columns("calls", "m004_usage"):
+        con.execute(statement)
+
+
 def _m006_sessions(con: duckdb.DuckDBPyConnection) -> None:
     # Calls recorded before keep NULL sessions: they are not grouped again.
     from llmtap.recorder.sessions import SESSION_COLUMNS
@@ -72,6 +79,7 @@ MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
     ("m003_prompt", _m003_prompt),
+    ("m004_usage", _m004_usage),
     ("m006_sessions", _m006_sessions),
 ]
 

@@ -41,7 +41,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
+from llmtap.dialects import registry as dialects
+from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 
 # The headers tools already send for their session, lowercase, strongest first.
 SESSION_HEADERS: tuple[str, ...] = (
@@ -108,6 +109,10 @@ class CallInfo:
     input_tokens: int | None = None
     output_tokens: int | None = None
     cost_usd: Decimal | None = None
+    # Where the conversation as sent has its last answer, and how many items it has (the
+    # request may be read cut to a few messages: see `trimmed`); None: from `request.messages`.
+    answer_at: int | None = None
+    history_len: int | None = None
 
     @property
     def ended_at(self) -> datetime:
@@ -241,12 +246,21 @@ class _Conv:
         return got
 
 
-def _grow_key(conv: _Conv, i: int, answer: str) -> int:
-    # What a continuation carries where the answer sits: the conversation's first message, the
-    # message the answer answered, the answer, and its position. O(1) messages per call, where
-    # a hash of the whole prefix would read the whole history (agents resend it every turn).
+def _grow_key(conv: _Conv, i: int, depth: int, answer: str) -> int:
+    # What a continuation carries around the answer: the conversation's first message, the
+    # message the answer answered, the answer, and where in the history it sits. O(1) messages
+    # per call, where a hash of the whole prefix would read the whole history (agents resend it
+    # every turn); a history cut in the middle moves the answer, and is matched by its tail.
     first = conv.norm(0) if i > 0 else answer
-    return hash(("grow", i, first, conv.norm(i - 1), answer))
+    return hash(("grow", depth, first, conv.norm(i - 1), answer))
+
+
+def _answer_start(roles: list[str | None]) -> int | None:
+    """The index where the last run of assistant items begins."""
+    j = next((i for i in range(len(roles) - 1, -1, -1) if roles[i] == "assistant"), None)
+    while j and roles[j - 1] == "assistant":
+        j -= 1
+    return j
 
 
 def _this_turn(msgs: list[Message]) -> list[Message]:
@@ -364,14 +378,14 @@ class Grouper:
                 hit = keys.look(("tool", r.call_id)) if r.call_id else None
                 if hit is not None:
                     return f"tool_call:{r.call_id}", hit[1], hit[0]
-        # The last answer, or the one before an assistant prefill ending the request.
-        answers = [i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"][:2]
-        for i in answers:
-            hit = keys.look(_grow_key(conv, i, conv.norm(i)))
+        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
+        if last is not None:
+            depth = c.answer_at
+            if depth is None and c.request is not None:
+                depth = _answer_start([m.role for m in c.request.messages])
+            hit = keys.look(_grow_key(conv, last, depth or 0, conv.norm(last)))
             if hit is not None:
                 return "history", hit[1], hit[0]
-        if answers:
-            last = answers[0]
             hit = keys.look(("tail", hash((conv.norm(last - 1), conv.norm(last)))))
             if hit is not None:
                 return "history:compacted", hit[1], hit[0]
@@ -442,11 +456,13 @@ class Grouper:
         if not answer.parts:
             return
         at = len(conv.msgs)
+        depth = c.history_len if c.history_len is not None else len(c.request.messages) if c.request else 0
         if at and conv.msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
             answer = Message("assistant", conv.msgs[-1].parts + answer.parts)
             at -= 1
+            depth = c.answer_at if c.answer_at is not None else depth - 1
         said = norm_message(answer)
-        keys.put(_grow_key(conv, at, said), where)
+        keys.put(_grow_key(conv, at, depth, said), where)
         keys.put(("tail", hash((conv.norm(at - 1), said))), where)
         if resp.content:
             quotes = self._quotes.look(c.client)
@@ -458,194 +474,83 @@ class Grouper:
 
 
 # -- reading requests and answers -----------------------------------------------------------------
-# The seam to llmtap.dialects: once its registry reads every wire format, `read_request` is
-# that; until then a reader of the common formats' conversation parts lives here.
+# Requests are read by their dialect (llmtap.dialects), from the body the recorder parsed once,
+# cut to the messages grouping reads: agents resend the whole history every turn, and reading
+# every message of it into shapes would cost O(history) per call.
+_CONVERSATION_KEYS = ("messages", "input", "contents")  # chat / Anthropic / Ollama, Responses, Gemini
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
+          "tool": "tool", "function": "tool"}
+KEEP_WHOLE = 8  # a history this short is read whole
 
-def read_request(api: str, body: str | bytes | dict | None) -> Request | None:
-    """The request's normalised shape, or None when its body is not a JSON object. Never raises.
-    `body` may be the body already parsed (the recorder parses it once for `prompt` and this)."""
-    if not body:
+
+def _role_of(item: Any) -> str | None:
+    if not isinstance(item, dict):
         return None
-    if isinstance(body, dict):
-        obj = body
-    else:
-        try:
-            obj = json.loads(body)
-        except (ValueError, TypeError, RecursionError):
-            return None
-    if not isinstance(obj, dict):
-        return None
-    try:
-        return _read(api, obj)
-    except Exception:  # a body of a shape nobody expected: grouped as having no conversation
-        return None
-
-
-def _read(api: str, obj: dict) -> Request:
-    msgs: list[Message] = []
-    system: list[str] = []
-    if isinstance(obj.get("system"), (str, list)):  # Anthropic
-        system.append(_text_of(obj["system"]))
-    if isinstance(obj.get("instructions"), str):  # Responses
-        system.append(obj["instructions"])
-    items = obj.get("messages")
-    if items is None:
-        items = obj.get("input")
-    if isinstance(items, str):
-        items = [{"role": "user", "content": items}]
-    if items is None and isinstance(obj.get("contents"), list):  # Gemini
-        items = [{"role": "assistant" if c.get("role") == "model" else "user", "content": c.get("parts")}
-                 for c in obj["contents"] if isinstance(c, dict)]
-    # Grouping reads a few messages of a history (see Grouper): the first, the last answers and
-    # what each answered, and this turn's. The others keep their role and place, not their
-    # parts, as building every message of a history resent each turn would cost O(history).
-    groups: list[tuple[str, list[dict]]] = []
-    for item in items if isinstance(items, list) else []:
-        role = _role_of(item) if isinstance(item, dict) else None
-        if role is None:
-            continue
-        if role == "assistant" and groups and groups[-1][0] == "assistant" and item.get("type"):
-            groups[-1][1].append(item)  # Responses items of one turn
-        else:
-            groups.append((role, [item]))
-    talk = [i for i, (role, _) in enumerate(groups) if role != "system"]
-    # The last answer; and the one before when the request ends with an assistant prefill.
-    answers = [i for i in reversed(talk) if groups[i][0] == "assistant"][:2 if talk and groups[talk[-1]][0] ==
-                                                                          "assistant" else 1]
-    needed = set(talk[:1]) | set(answers) | {talk[talk.index(i) - 1] for i in answers if talk.index(i)}
-    needed |= set(i for i in talk if i > answers[0]) if answers else set(talk)
-    needed |= set(next(([i] for i in talk if groups[i][0] == "user"), []))
-    for i, (role, group) in enumerate(groups):
-        if i not in needed:  # system prompts too: grouping leaves them out
-            msgs.append(_ELIDED[role])
-            continue
-        m = _message(group[0]) if len(group) == 1 else None
-        if m is None or m.role != role:
-            parts: tuple[Part, ...] = ()
-            for item in group:
-                one = _message(item)
-                if one is not None:
-                    parts += one.parts
-            m = Message(role, parts, native_role=group[0].get("role"))  # type: ignore[arg-type]
-        msgs.append(m)
-    ids: dict[str, str] = {}
-    for name in ("user", "prompt_cache_key", "previous_response_id"):
-        if isinstance(obj.get(name), str):
-            ids[name] = obj[name]
-    meta = obj.get("metadata")
-    if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
-        ids["metadata.user_id"] = meta["user_id"]
-    return Request(api=api, model=obj.get("model") if isinstance(obj.get("model"), str) else None,
-                   system=tuple(system), messages=tuple(msgs), ids=ids)
-
-
-def _role_of(item: dict) -> str | None:
     kind = item.get("type")
     if kind in ("function_call", "custom_tool_call", "reasoning"):
         return "assistant"
     if kind in ("function_call_output", "custom_tool_call_output"):
         return "tool"
-    role = _ROLES.get(str(item.get("role")))
-    content = item.get("content")
-    if role == "user" and isinstance(content, list) and content and all(
-            isinstance(b, dict) and b.get("type") == "tool_result" for b in content):
-        return "tool"  # Anthropic sends tool results as a user turn
-    return role
+    return _ROLES.get(str(item.get("role")), "user")
 
 
-# A message grouping does not read: its role and place only, one object per role.
-_ELIDED: dict[str, Message] = {r: Message(r) for r in ("system", "user", "assistant", "tool")}  # type: ignore[misc]
-
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
-          "tool": "tool", "function": "tool"}
-
-
-def _message(item: dict) -> Message | None:
-    kind = item.get("type")
-    if kind in ("function_call", "custom_tool_call"):  # Responses items
-        return Message("assistant", (Part("tool_call", tool_call=ToolCall(
-            item.get("call_id"), item.get("name"), str(item.get("arguments") or item.get("input") or ""))),))
-    if kind in ("function_call_output", "custom_tool_call_output"):
-        return Message("tool", (Part("tool_result", tool_result=ToolResult(
-            item.get("call_id"), _text_of(item.get("output")))),))
-    if kind == "reasoning":
-        return Message("assistant", ())
-    role = _ROLES.get(str(item.get("role")))
-    if role is None:
-        return None
-    parts: list[Part] = []
-    content = item.get("content")
-    if role == "tool":  # OpenAI chat / Ollama tool message
-        parts.append(Part("tool_result", tool_result=ToolResult(item.get("tool_call_id"), _text_of(content),
-                                                                name=item.get("name"))))
+def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
+    """`doc` with its conversation cut to what grouping reads, in order: the first message and
+    the first user message, the last answer (the run of assistant items ending the history, or
+    before a trailing prefill) with the message before it, and everything after it; and, in
+    the conversation as sent, where its last answer begins and how many items it has."""
+    for key in _CONVERSATION_KEYS:
+        items = doc.get(key)
+        if isinstance(items, list):
+            break
     else:
-        for block in content if isinstance(content, list) else [content]:
-            parts.extend(_parts(block))
-    for tc in item.get("tool_calls") or []:
-        if isinstance(tc, dict):
-            fn = tc.get("function") or {}
-            args = fn.get("arguments")
-            parts.append(Part("tool_call", tool_call=ToolCall(
-                tc.get("id"), fn.get("name"), args if isinstance(args, str) else json.dumps(args))))
-    if role == "user" and parts and all(p.kind == "tool_result" for p in parts):
-        role = "tool"  # Anthropic sends tool results as a user turn
-    return Message(role, tuple(parts), native_role=str(item.get("role")))  # type: ignore[arg-type]
+        return doc, None, None
+    roles = [_role_of(it) for it in items]
+    at = _answer_start(roles)
+    if len(items) <= KEEP_WHOLE:
+        return doc, at, len(items)
+    talk = [i for i, r in enumerate(roles) if r not in (None, "system")]
+    keep = set(talk[:1]) | set(next(([i] for i in talk if roles[i] == "user"), []))
+    ends = [i for i in talk if roles[i] == "assistant" and (i + 1 == len(items) or roles[i + 1] != "assistant")]
+    for end in ends[-2:]:
+        start = end
+        while start > 0 and roles[start - 1] == "assistant":
+            start -= 1
+        keep.update(range(max(start - 1, 0), end + 1))
+    if ends:
+        keep.update(range(ends[-1] + 1, len(items)))
+    else:
+        keep.update(talk)
+    return {**doc, key: [items[i] for i in sorted(keep)]}, at, len(items)
 
 
-def _parts(block: Any) -> list[Part]:
-    if block is None:
-        return []
-    if isinstance(block, str):
-        return [Part("text", text=block)]
-    if not isinstance(block, dict):
-        return []
-    kind = block.get("type")
-    if kind in ("text", "input_text", "output_text") or (kind is None and "text" in block):
-        return [Part("text", text=str(block.get("text") or ""))]
-    if kind == "tool_use":
-        return [Part("tool_call", tool_call=ToolCall(block.get("id"), block.get("name"),
-                                                     json.dumps(block.get("input"), separators=(",", ":"))))]
-    if kind == "tool_result":
-        return [Part("tool_result", tool_result=ToolResult(block.get("tool_use_id"), _text_of(block.get("content")),
-                                                           is_error=block.get("is_error")))]
-    if "functionCall" in block:  # Gemini
-        fc = block["functionCall"] or {}
-        return [Part("tool_call", tool_call=ToolCall(fc.get("id"), fc.get("name"), json.dumps(fc.get("args"))))]
-    if "functionResponse" in block:
-        fr = block["functionResponse"] or {}
-        return [Part("tool_result", tool_result=ToolResult(fr.get("id"), json.dumps(fr.get("response")),
-                                                           name=fr.get("name")))]
-    if kind in ("thinking", "redacted_thinking", "reasoning"):
-        return []
-    if kind in ("image", "image_url", "input_image"):
-        return [Part("image")]
-    return []
+def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | None, int | None, int | None]:
+    """The request's shape as grouping reads it, where its last answer begins and how many items
+    its conversation has (see `trimmed`); None when its body is not a JSON object. `body` may be
+    the body already parsed. Never raises."""
+    if not body:
+        return None, None, None
+    if isinstance(body, dict):
+        doc = body
+    else:
+        try:
+            doc = json.loads(body)
+        except (ValueError, TypeError, RecursionError):
+            return None, None, None
+    if not isinstance(doc, dict):
+        return None, None, None
+    try:
+        cut, at, n = trimmed(doc)
+        return dialects.read_request(api, cut), at, n
+    except Exception:  # a body of a shape nobody expected: grouped as having no conversation
+        return None, None, None
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.text or "" for b in content for p in _parts(b) if p.kind == "text")
-    if content is None:
-        return ""
-    return json.dumps(content)
-
-
-_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[^"]+)"')
-
-
-def response_of(api: str, content: str | None, tool_calls: list[dict] | None, body: bytes | str | None) -> Response:
-    """The answer's shape from what extraction found. Responses' own id (what a later
-    `previous_response_id` names) is the first `resp_` id of its body."""
-    rid = None
-    if api == "openai.responses" and body:
-        raw = body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body
-        found = _RESPONSE_ID.search(raw[:65536])
-        rid = found.group(1).decode("utf-8", "replace") if found else None
+def response_of(api: str, content: str | None, tool_calls: list[dict] | None, response_id: str | None) -> Response:
+    """The answer's shape from what extraction found."""
     calls = tuple(ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
                   for t in tool_calls or () if isinstance(t, dict))
-    return Response(api=api, id=rid, content=content, tool_calls=calls)
+    return Response(api=api, id=response_id, content=content, tool_calls=calls)
 
 
 class SessionStore:
@@ -675,17 +580,18 @@ class SessionStore:
         return row[0] if row else None
 
     def link(self, call: Any, row: dict[str, Any], req_text: str | dict | None, tool_calls: list[dict] | None,
-             resp_body: bytes | None) -> None:
+             response_id: str | None) -> None:
         """Fill `row`'s session columns from the call; never raises (a row without its session
         is better than no row)."""
         try:
             status, error = row.get("status"), row.get("error")
             cost = row.get("cost_usd")
+            request, answer_at, history_len = read_request(call.api, req_text)
             info = CallInfo(
                 id=call.id, started_at=call.started_at, client=call.client,
                 headers=getattr(call, "session_headers", None) or {},
-                label=getattr(call, "session_label", None), request=read_request(call.api, req_text),
-                response=response_of(call.api, row.get("content"), tool_calls, resp_body),
+                label=getattr(call, "session_label", None), request=request, answer_at=answer_at, history_len=history_len,
+                response=response_of(call.api, row.get("content"), tool_calls, response_id),
                 duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
                 fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),
                 output_tokens=row.get("output_tokens"),

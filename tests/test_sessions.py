@@ -272,21 +272,20 @@ def _cline_loop(client: openai.OpenAI, task: str, turns: int, stream: bool = Tru
 
 
 def test_cline_style_tool_loop_through_the_gateway_is_one_session(rec: Recorded, fake: FakeProvider) -> None:
-    fake.script(ok(tool="read_file", tool_args={"path": "a.py"}), ok(tool="read_file", tool_args={"path": "b.py"}),
-                ok(tool=False), ok(tool=False))
+    # Long enough that the recorder reads each request cut to its first and last messages.
+    fake.script(*[ok(tool="read_file", tool_args={"path": f"f{i}.py"}) for i in range(8)], ok(tool=False), ok(tool=False))
     client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
-    _cline_loop(client, "Fix the failing test", 4)
+    _cline_loop(client, "Fix the failing test", 10)
     rec.recorder.close()
     calls = rec.rows("SELECT id, session_id, session_link, parent_call_id, turn, tool_calls FROM calls ORDER BY id")
     ids = [c[0] for c in calls]
     tool_ids = [json.loads(c[5])[0]["id"] if c[5] else None for c in calls]
-    assert [c[1] for c in calls] == [ids[0]] * 4
-    assert [(c[2], c[3], c[4]) for c in calls] == [
-        ("new", None, 1), (f"tool_call:{tool_ids[0]}", ids[0], 2), (f"tool_call:{tool_ids[1]}", ids[1], 3),
-        ("history", ids[2], 4)]
+    assert [c[1] for c in calls] == [ids[0]] * 10
+    assert [(c[2], c[3], c[4]) for c in calls] == [("new", None, 1)] + [
+        (f"tool_call:{tool_ids[i]}", ids[i], i + 2) for i in range(8)] + [("history", ids[8], 10)]
     (s,) = rec.rows("SELECT id, source, client, title, calls, failed, errors, input_tokens, output_tokens, "
                     "started_at <= ended_at FROM sessions")
-    assert s[:7] == (ids[0], "new", calls and s[2], "<task> Fix the failing test </task>", 4, False, 0)
+    assert s[:7] == (ids[0], "new", calls and s[2], "<task> Fix the failing test </task>", 10, False, 0)
     assert s[2].startswith("OpenAI/Python") and s[9]
     assert (s[7], s[8]) == rec.rows("SELECT sum(input_tokens), sum(output_tokens) FROM calls")[0] and s[7] > 0
 
@@ -358,11 +357,11 @@ def test_langchain_like_research_run_and_its_failed_call(rec: Recorded, fake: Fa
 
 def test_two_interleaved_cline_tasks_and_a_compacted_history(rec: Recorded, fake: FakeProvider) -> None:
     client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
-    fake.script(*[ok(tool=False)] * 8)
+    fake.script(*[ok(tool=False)] * 12)
     sysp = {"role": "system", "content": "You are Cline."}
     hist = {"A": [{"role": "user", "content": "task A: rename the module"}],
             "B": [{"role": "user", "content": "task B: write the docs"}]}
-    for turn in range(3):
+    for turn in range(5):  # long enough that requests are read cut to their first and last messages
         for task in ("A", "B"):
             fake.reply_text = f"{task} step {turn}"  # distinct answers, as real ones are
             m = client.chat.completions.create(model="m", messages=[sysp, *hist[task]]).choices[0].message
@@ -373,9 +372,9 @@ def test_two_interleaved_cline_tasks_and_a_compacted_history(rec: Recorded, fake
     rec.recorder.close()
     calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
     a, b = calls[0][0], calls[1][0]
-    assert [c[1] for c in calls] == [a, b, a, b, a, b, a]
-    assert [c[2] for c in calls] == ["new", "new", "history", "history", "history", "history", "history:compacted"]
-    assert calls[6][3] == calls[4][0]
+    assert [c[1] for c in calls] == [a, b] * 5 + [a]
+    assert [c[2] for c in calls] == ["new", "new"] + ["history"] * 8 + ["history:compacted"]
+    assert [c[3] for c in calls[2:10]] == [c[0] for c in calls[:8]] and calls[10][3] == calls[8][0]
     assert rec.rows("SELECT count(*) FROM sessions") == [(2,)]
 
 
