@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ss.add_argument("--limit", type=int, default=50, metavar="N", help="list at most N (default: %(default)s)")
     ss.add_argument("--json", action="store_true",
                     help="a JSON array on stdout: one object per session with the `sessions` table's "
-                    "columns (with ID: the session and its `calls`)")
+                    "columns (with ID: that session, its calls in `calls_list`)")
     ss.set_defaults(func=cmd_sessions)
 
 

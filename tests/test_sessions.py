@@ -510,3 +510,15 @@ async def test_ui_sessions_view_shows_the_tree_and_the_failed_call(tmp_path: Pat
         await until(lambda: isinstance(app.screen, SessionScreen) and app.screen.session, "its session")
         assert app.screen.session is not None and app.screen.session["id"] == ids[0]
     reader.close()
+
+
+def test_responses_api_chains_by_previous_response_id(rec: Recorded, fake: FakeProvider) -> None:
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    first = client.responses.create(model="gpt-4o", input="Name a prime number.")
+    # The follow-up sends only the new message: the id is the one thing tying it to the first.
+    client.responses.create(model="gpt-4o", input="And another one?", previous_response_id=first.id)
+    client.responses.create(model="gpt-4o", input="Unrelated question.")
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
+    assert calls[1][1:] == (calls[0][0], "body:previous_response_id", calls[0][0])
+    assert calls[2][1:] == (calls[2][0], "new", None)
