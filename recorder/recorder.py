@@ -437,9 +437,28 @@ class Recorder(QueuedSink):
                 self._owed.pop(reason, None)
         self._in_progress.update(r[0] for r in batch.new_rows)
         self._in_progress.difference_update(batch.final_rows.ids)
+        self._write_sessions()
         if self.services and batch.final_rows.ids:
             self._tell_services(batch)
         self._import_due()
+
+    def _write_sessions(self) -> None:
+        """The sessions the committed calls touched, in a transaction of their own: nothing
+        wrong with a session row can hold up or spool its calls."""
+        store = self.sessions
+        if store is None or self.con is None or not store.grouper.dirty:
+            return
+        try:
+            with schema.transaction(self.con):
+                store.write(self.con)
+        except Exception as exc:
+            lost = not _storage_failure(exc)  # else written with the next batch
+            store.failed(drop=lost)
+            if lost:
+                log.exception("llmtap recorder: writing sessions failed; their calls are recorded, and "
+                              "those sessions' rows are left as they were")
+            return
+        store.committed()
 
     def _tell_services(self, batch: _Batch) -> None:
         calls = [dict(zip(CALL_COLUMNS, row)) for row in batch.final_rows.all()]
@@ -622,12 +641,8 @@ class Recorder(QueuedSink):
                 appender.flush()
             for reason, count in dropped.items():
                 con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
-            if self.sessions is not None:
-                self.sessions.write(con)
             if also is not None:
                 also()
-        if self.sessions is not None:
-            self.sessions.committed()
 
     def _bound(self, call: Call) -> None:
         """No more of a body than the limit, whatever was handed over (the proxy's own limit

@@ -26,8 +26,8 @@ them too.
 Matching is a few dict lookups per call: each finished call leaves fingerprints (Python hashes
 of normalised messages, kept in memory only) of what its continuation would carry, in an LRU
 per client, so memory is bounded whatever the traffic. The grouper runs on the recorder's
-writer thread as rows are made; the `sessions` table is written in the same transaction as the
-calls (see recorder.py).
+writer thread as rows are made; the sessions a batch touched are written right after its calls
+commit, in a transaction of their own, so that nothing wrong with a session row costs a call.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ class Session:
 
     def row(self) -> tuple:
         duration = (self.ended_at - self.started_at).total_seconds() * 1000.0
-        return (self.id, self.source, self.key, self.client, self.title, self.started_at, self.ended_at,
+        return (self.id, self.source, _utf8(self.key), _utf8(self.client), _utf8(self.title), self.started_at,
+                self.ended_at,
                 duration, self.calls, self.errors, self.errors > 0, self.fallbacks, self.input_tokens,
                 self.output_tokens, self.cost_usd, self.last_call_id)
 
@@ -160,6 +161,13 @@ class Session:
                    started_at=d["started_at"], ended_at=d["ended_at"], calls=d["calls"], errors=d["errors"],
                    fallbacks=d["fallbacks"], input_tokens=d["input_tokens"], output_tokens=d["output_tokens"],
                    cost_usd=d["cost_usd"], last_call_id=d["last_call_id"], written=True)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text DuckDB takes: bytes a header carried that are not UTF-8 (kept as surrogates) become U+FFFD."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class _Lru(OrderedDict):
@@ -310,6 +318,7 @@ class Grouper:
     # -- the one entry point ------------------------------------------------------------------
     def add(self, c: CallInfo) -> Link:
         named, link, parent = self._explicit(c)
+        named = _utf8(named)  # a header's bytes that are not UTF-8: the key is looked up in the store
         conv = _Conv(c.request) if c.request is not None else None
         session: Session | None = None
         if named is not None:
@@ -588,7 +597,7 @@ class SessionStore:
             cost = row.get("cost_usd")
             request, answer_at, history_len = read_request(call.api, req_text)
             info = CallInfo(
-                id=call.id, started_at=call.started_at, client=call.client,
+                id=call.id, started_at=call.started_at, client=row.get("client"),
                 headers=getattr(call, "session_headers", None) or {},
                 label=getattr(call, "session_label", None), request=request, answer_at=answer_at, history_len=history_len,
                 response=response_of(call.api, row.get("content"), tool_calls, response_id),
@@ -609,8 +618,8 @@ class SessionStore:
         row["parent_call_id"], row["turn"] = found.parent_call_id, found.turn
 
     def write(self, con: Any) -> None:
-        """Inside the commit's transaction: the touched sessions' rows, replacing older ones.
-        They stay touched until `committed()`: a commit rolled back writes them with the next."""
+        """In a transaction: the touched sessions' rows, replacing older ones. They stay touched
+        until `committed()`: a write rolled back is made again with the next batch."""
         self._writing = list(self.grouper.dirty.values())
         if not self._writing:
             return
@@ -625,4 +634,12 @@ class SessionStore:
         for s in self._writing:
             s.written = True
             self.grouper.dirty.pop(s.id, None)
+        self._writing = []
+
+    def failed(self, drop: bool) -> None:
+        """The write was rolled back: tried again with the next batch, or, when the rows
+        themselves were refused (`drop`), left out so that they do not fail every batch."""
+        if drop:
+            for s in self._writing:
+                self.grouper.dirty.pop(s.id, None)
         self._writing = []

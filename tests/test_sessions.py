@@ -13,6 +13,7 @@ from typing import Any
 
 import anthropic
 import duckdb
+import httpx
 import openai
 import pytest
 
@@ -522,3 +523,17 @@ def test_responses_api_chains_by_previous_response_id(rec: Recorded, fake: FakeP
     calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
     assert calls[1][1:] == (calls[0][0], "body:previous_response_id", calls[0][0])
     assert calls[2][1:] == (calls[2][0], "new", None)
+
+
+def test_headers_that_are_not_utf8_cost_no_record(rec: Recorded, fake: FakeProvider) -> None:
+    # An HTTP parser lets these bytes through; DuckDB takes only UTF-8 text.
+    with httpx.Client(timeout=30) as client:
+        r = client.post(f"{rec.proxy.gateway_url}/fake/chat/completions",
+                        headers={"x-llmtap-session": b"night\xff", "user-agent": b"agent/1.0\x9b"},
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    rec.recorder.close()
+    assert not rec.db.with_name(rec.db.name + ".spool.jsonl").exists()
+    (call,) = rec.rows("SELECT session_id, session_link FROM calls")
+    assert call[1] == "header:x-llmtap-session"
+    assert rec.rows("SELECT key FROM sessions") == [("header:x-llmtap-session=night\ufffd",)]
