@@ -521,7 +521,8 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
     talk = [i for i, r in enumerate(roles) if r not in (None, "system")]
     keep = set(talk[:1]) | set(next(([i] for i in talk if roles[i] == "user"), []))
     ends = [i for i in talk if roles[i] == "assistant" and (i + 1 == len(items) or roles[i + 1] != "assistant")]
-    for end in ends[-2:]:
+    # The last answer; the one before too when an assistant prefill ends the request.
+    for end in ends[-2:] if roles[-1] == "assistant" else ends[-1:]:
         start = end
         while start > 0 and roles[start - 1] == "assistant":
             start -= 1
