@@ -1,4 +1,4 @@
-"""Ollama's native API (`/api/chat`): NDJSON streams (whatever the content-type says), one
+"""Ollama's native API (`/api/chat`, `/api/generate`): NDJSON streams (whatever the content-type says), one
 object per line and the last with `done: true`; requests stream unless they say otherwise.
 Its OpenAI-compatible `/v1/chat/completions` is read by openai_chat.py.
 """
@@ -53,6 +53,17 @@ class OllamaReader(ResponseReader):
             # No usage object: the counts and timings of the last line are the provider's own.
             st.usage_raw = {k: obj[k] for k in _USAGE_KEYS if k in obj}
             st.complete = True
+
+
+class GenerateReader(OllamaReader):
+    """Ollama's /api/generate: the same lines, with the text at the top (`response`, `thinking`)
+    instead of in a `message`."""
+
+    def event(self, name: str | None, obj: Any) -> None:
+        if isinstance(obj, dict) and not obj.get("error"):
+            self.st.reasoning.add(obj.get("thinking"))
+            self.st.content.add(obj.get("response"))
+        super().event(name, obj)
 
 
 # --- the request side ---------------------------------------------------------------------------
@@ -123,5 +134,32 @@ class OllamaChat(Dialect):
                        tools=tuple(read_tools(doc.get("tools"))), params=params_of(doc, _READ))
 
 
+class OllamaGenerate(OllamaChat):
+    """/api/generate: one `prompt` (with its `images`) and a `system` prompt, no history."""
+
+    name = "ollama.generate"
+    reader = GenerateReader
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == "POST" and path.endswith("/api/generate")
+
+    def claims_body(self, doc: dict) -> bool:
+        return isinstance(doc.get("prompt"), str) and "messages" not in doc
+
+    def parse(self, doc: dict, path: str) -> Request:
+        model, stream = self.model_and_stream(doc, path)
+        system = doc.get("system")
+        prompt = doc.get("prompt")
+        parts = [Part("text", text=prompt)] if isinstance(prompt, str) and prompt else []
+        parts += [Part("image") for _ in doc.get("images") or ()]
+        messages = (Message("user", tuple(parts)),) if parts else ()
+        return Request(self.name, model=model, stream=stream,
+                       system=(system,) if isinstance(system, str) and system else (),
+                       messages=messages, params=params_of(doc, _GENERATE_READ))
+
+
+_GENERATE_READ = frozenset(("model", "stream", "prompt", "system", "images"))
+
 CHAT = OllamaChat()
-DIALECTS: tuple[Dialect, ...] = (CHAT,)
+GENERATE = OllamaGenerate()
+DIALECTS: tuple[Dialect, ...] = (CHAT, GENERATE)
