@@ -121,6 +121,11 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
     run.add_argument("--keep", metavar="AGE", default=None,
                      help="with --archive-to: remove from the DB the archived calls older than AGE, e.g. 30d "
                           "(calls not archived yet always stay)")
+    # Sessions (recorder/sessions.py)
+    run.add_argument("--session-idle", metavar="AGE", type=_age_seconds, default=None,
+                     help="a session found from its traffic (tool calls, history) ends after this long "
+                          "without a call: the next one starts a new session (default: 30m; e.g. 10m, 2h). "
+                          "Ids a tool sends and --session labels name their session whatever the gap")
     run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
@@ -140,10 +145,16 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
         help="run a command with the llmtap environment set",
         description="Run CMD with HTTPS_PROXY and the CA variables set (see `llmtap env`), "
         "so its calls go through a running `llmtap run`. Exits with CMD's exit code.",
-        epilog="example:\n  llmtap wrap -- python agent.py --task 'summarise'",
+        epilog="examples:\n  llmtap wrap -- python agent.py --task 'summarise'\n"
+        "  llmtap wrap --session research-42 -- python -m local_deep_research.main\n"
+        "  llmtap sessions research-42        # its calls as a timeline",
         formatter_class=HelpFormatter,
     )
     _client_args(wrap)
+    wrap.add_argument("--session", metavar="NAME", default=None,
+                      help="record every call CMD makes in one session NAME (`llmtap sessions`); the "
+                      "name rides in the proxy URL's user part, http://NAME@127.0.0.1:8080, which HTTP "
+                      "clients send to the proxy when they connect, so CMD needs no change")
     wrap.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
                       help="the command to run and its arguments, after `--` so that its own "
                       "options are not taken for llmtap's")
@@ -221,6 +232,12 @@ def cmd_wrap(args: argparse.Namespace) -> int:
         return 2
     env = dict(os.environ)
     env.update(client_env(args.proxy, args.confdir or paths.default_confdir()))
+    if getattr(args, "session", None):
+        from urllib.parse import quote
+
+        label = f"http://{quote(args.session, safe='')}@"
+        for key in ("HTTPS_PROXY", "https_proxy"):
+            env[key] = label + env[key].removeprefix("http://")
     try:
         return subprocess.call(cmd, env=env)
     except FileNotFoundError:
@@ -326,7 +343,7 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
     # The recorder prices calls with the file's `price` entries, reading it (and its edits) itself.
     services.rules = str(rules_path) if rules_path is not None else None
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
-                                buffer_mb=args.buffer_mb, wait=False, services=services)
+                                buffer_mb=args.buffer_mb, wait=False, services=_with_sessions(services, args))
     if recorder is None and not args.no_record:
         return 2
     from llmtap.addons import rules as rules_mod
@@ -459,6 +476,20 @@ def _metrics_address(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT or PORT, e.g. --metrics 127.0.0.1:9464 "
                                          "(the port Prometheus scrapes)") from None
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _age_seconds(text: str) -> float:
+    """`30m`, `2h`, `90s`, `1d`: seconds (the --session-idle flag)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age; write e.g. 30m, 2h or 90s")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+
+
+def _with_sessions(options: Options, args: argparse.Namespace) -> Options:
+    if getattr(args, "session_idle", None):
+        options.sessions = {**options.sessions, "idle_s": args.session_idle}
+    return options
 
 
 def _service_options(args: argparse.Namespace) -> Options:

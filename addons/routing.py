@@ -7,15 +7,16 @@ Everything else -- decoding the response, extraction, DuckDB -- happens in the r
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from mitmproxy import http
+from mitmproxy import connection, http
 from mitmproxy.net import encoding as mitm_encoding
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.proxy import server_hooks
@@ -28,6 +29,7 @@ from llmtap.dialects import registry
 from llmtap.recorder.events import CallFinished, CallStarted
 from llmtap.recorder.record import API_OTHER, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
+from llmtap.recorder.sessions import SESSION_HEADERS
 
 log = logging.getLogger("llmtap.routing")
 
@@ -87,6 +89,17 @@ class Router:
         # Local ends of mitmproxy's own upstream connections: a client connection from one of
         # them is mitmproxy talking to itself (a Host that resolves to this proxy).
         self._outgoing: set[tuple[str, int]] = set()
+        # Session labels (`llmtap wrap --session NAME`) by client connection: the proxy URL's
+        # user part, which clients send in the CONNECT's Proxy-Authorization (see sessions.py).
+        self._labels: dict[str, str] = {}
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        label = _proxy_user(flow.request.headers.get("proxy-authorization"))
+        if label:
+            self._labels[flow.client_conn.id] = label
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._labels.pop(client.id, None)
 
     # mitmproxy hooks ------------------------------------------------------------------------
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
@@ -162,6 +175,11 @@ class Router:
             listen = flow.client_conn.sockname
             shown_url = f"http://{listen[0]}:{listen[1]}{req.path}"
             first, _, rest = path.lstrip("/").partition("/")
+            label = None
+            if first == "s" and "/" in rest:  # /s/NAME/provider/...: a session label, not routed
+                name, _, rest = rest.partition("/")
+                label = ("path", unquote(name))
+                first, _, rest = rest.partition("/")
             addressed = rules.providers.get(first)
             if addressed is None:
                 self._answer_unknown_provider(flow, first, rules, shown_url)
@@ -173,6 +191,8 @@ class Router:
             if found is None and (req.pretty_host.lower(), req.port) not in rules.intercept_addresses():
                 return  # plain-HTTP traffic to a host that is no LLM API: not ours to touch
             addressed, rest = found if found else (None, path)
+            user = self._labels.get(flow.client_conn.id) or _proxy_user(req.headers.get("proxy-authorization"))
+            label = ("wrap", user) if user else None
 
         # The upstream gets the bytes the client sent (raw_content); the decoded body is read
         # for the model and kept in the record.
@@ -232,7 +252,8 @@ class Router:
             id=new_id(), started_at=utcnow(), method=req.method, url=redact_url(shown_url), api=api,
             client=client, model_requested=model, stream=stream, route=route.name if route is not None else None,
             request_headers=redact_headers(req.headers.items(multi=True)), request_body=request_body,
-            notes=tuple(notes), secrets=tuple(secrets),
+            notes=tuple(notes), secrets=tuple(secrets), session_label=label,
+            session_headers={n: v for n in SESSION_HEADERS if (v := req.headers.get(n))} or None,
         )
         plan = Plan(call=call, method=req.method, targets=targets, policy=policy, api_family=_family(api))
         key = self.relay.add_plan(plan)
@@ -424,6 +445,18 @@ class _KeyUse:
 
     token: bool  # the client sent the llmtap token: every target
     fallback: bool  # the client authenticated to the provider it addressed: targets on others
+
+
+def _proxy_user(value: str | None) -> str | None:
+    """The user part of a proxy URL, as a client sends it: `Basic base64(NAME:)`."""
+    scheme, _, token = (value or "").strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user = base64.b64decode(token.strip(), validate=True).decode("utf-8").partition(":")[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return unquote(user) or None
 
 
 def _added_secrets(provider: rules_mod.Provider) -> set[str]:

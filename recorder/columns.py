@@ -18,6 +18,7 @@ M001 = "m001_calls_and_attempts"
 M003 = "m003_prompt"
 M004 = "m004_usage"
 M005 = "m005_cost"
+M006 = "m006_sessions"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     Column("cost_usd", "DECIMAL(18,10)", M005, "USD; NULL when unknown (cost_source says why)"),
     Column("cost_source", "VARCHAR", M005, "provider, rules.yaml, genai-prices <version>, or unknown"),
     Column("cost_detail", "JSON", M005, "the price entry used: provider, model, table, per-million prices, date"),
+) + (  # M006: sessions (recorder/sessions.py)
+    Column("session_id", "VARCHAR", M006, "the session (sessions.id) this call belongs to"),
+    Column("session_link", "VARCHAR", M006, "the evidence that linked it: header:NAME, body:FIELD, label:wrap, "
+           "label:path, tool_call:ID, history, history:compacted, quote, new, idle"),
+    Column("parent_call_id", "VARCHAR", M006, "the earlier call it continues"),
+    Column("turn", "INTEGER", M006, "1-based number of the call in its session"),
 )
 
 ATTEMPTS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (

@@ -92,6 +92,14 @@ class CallStarted:
     # The credential values the call carried (client headers, cookies, query keys, and the keys
     # llmtap may send upstream), so the recorder can mask them wherever they reappear.
     secrets: tuple[str, ...] = ()
+    # A session label the user gave without touching the tool (sessions.py): ("wrap", NAME) from
+    # the proxy URL's user part (`llmtap wrap --session NAME`), ("path", NAME) from the gateway's
+    # /s/NAME/ prefix.
+    session_label: tuple[str, str] | None = None
+    # The session headers the client sent (sessions.SESSION_HEADERS), as sent: the redaction
+    # masks any header named *session* in `request_headers`, and 4 hex digits of a hash would
+    # make different sessions one.
+    session_headers: Mapping[str, str] | None = None
 
     @property
     def call_id(self) -> str:

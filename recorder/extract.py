@@ -57,6 +57,7 @@ class Extraction:
     # All of it: the counts above, the provider-stated cost (`cost_usd`, OpenRouter's
     # usage.cost) and the provider's final usage object (`raw`), for pricing.
     usage: Usage = field(default_factory=Usage)
+    response_id: str | None = None  # the provider's id of the answer (Responses chain by it: sessions)
 
 
 def extraction(r: Response) -> Extraction:
@@ -74,6 +75,7 @@ def extraction(r: Response) -> Extraction:
                                         "retry_after_seconds": err.retry_after_seconds},
         redacted_reasoning_blocks=r.redacted_reasoning_blocks, notes=list(r.notes),
         cache_read_tokens=u.cache_read_tokens, cache_write_tokens=u.cache_write_tokens, usage=u,
+        response_id=r.id,
     )
 
 
@@ -166,7 +168,7 @@ def _prompt_parts(value: Any, out: list[str], depth: int) -> None:
             _prompt_parts(value["output"], out, depth + 1)
 
 
-def prompt_text(body: str | bytes | None) -> str | None:
+def prompt_text(body: str | bytes | dict | None) -> str | None:
     """What the user sent in a request body -- the system prompt and this turn's messages (see
     _this_turn), text parts only, joined by newlines -- or None when the body is not a JSON
     object or holds no text. The dialect is told by the keys, so a body recorded as `other` is
@@ -174,7 +176,7 @@ def prompt_text(body: str | bytes | None) -> str | None:
     if not body:
         return None
     try:
-        obj = json.loads(body)
+        obj = body if isinstance(body, dict) else json.loads(body)  # parsed once by the recorder
     except (ValueError, TypeError, RecursionError):
         return None
     if not isinstance(obj, dict):

@@ -123,13 +123,22 @@ class Call:
     # The credential values the call carried (client headers, cookies, query keys, and the keys
     # llmtap sent upstream), so the recorder can mask them wherever they reappear.
     secrets: tuple[str, ...] = ()
+    # A session label the user gave without touching the tool (sessions.py): ("wrap", NAME) from
+    # the proxy URL's user part (`llmtap wrap --session NAME`), ("path", NAME) from the gateway's
+    # /s/NAME/ prefix.
+    session_label: tuple[str, str] | None = None
+    # The session headers the client sent (sessions.SESSION_HEADERS), as sent: the redaction
+    # masks any header named *session* in `request_headers`, and 4 hex digits of a hash would
+    # make different sessions one.
+    session_headers: dict[str, str] | None = None
 
     @classmethod
     def of_start(cls, e: CallStarted) -> Call:
         return cls(id=e.id, started_at=e.started_at, method=e.method, url=e.url, api=e.api, client=e.client,
                    model_requested=e.model_requested, stream=e.stream, route=e.route,
                    request_headers=dict(e.request_headers), request_body=e.request_body, notes=list(e.notes),
-                   secrets=e.secrets)
+                   secrets=e.secrets, session_label=e.session_label,
+                   session_headers=dict(e.session_headers) if e.session_headers else None)
 
     def head(self, e: ResponseHead) -> None:
         """What a live extraction of the body needs, before the call finishes."""
@@ -150,7 +159,8 @@ class Call:
         return CallStarted(id=self.id, started_at=self.started_at, method=self.method, url=self.url, api=self.api,
                            client=self.client, model_requested=self.model_requested, stream=self.stream,
                            route=self.route, request_headers=dict(self.request_headers),
-                           request_body=self.request_body, notes=tuple(self.notes), secrets=self.secrets)
+                           request_body=self.request_body, notes=tuple(self.notes), secrets=self.secrets,
+                           session_label=self.session_label, session_headers=self.session_headers)
 
     def responded(self) -> ResponseHead:
         """The event of this call's response head, from its status and headers as they stand."""

@@ -51,6 +51,7 @@ from llmtap.recorder.redact import Scrubber, redact_headers, redact_url
 from llmtap.recorder.search_index import CHUNK_CALLS, MAX_LEVEL, SearchIndex
 from llmtap.recorder.services import Options, Service
 from llmtap.recorder.services import start as start_services
+from llmtap.recorder.sessions import SessionStore
 from llmtap.recorder.workers import Helpers, Job, extract_job
 
 log = logging.getLogger("llmtap.recorder")
@@ -170,6 +171,9 @@ class Recorder(QueuedSink):
             from llmtap.paths import default_prices
 
             self.pricer = Pricer(Path(self.options.rules) if self.options.rules else None, default_prices())
+        # Session grouping, on the writer thread as final rows are made (sessions.py).
+        self.sessions: SessionStore | None = None if self.options.sessions.get("off") else SessionStore(
+            float(self.options.sessions.get("idle_s") or 0) or None)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,6 +237,8 @@ class Recorder(QueuedSink):
             raise
         self.con = con
         self._opened = True
+        if self.sessions is not None:
+            self.sessions.attach(con)
         self.index = SearchIndex(con, chunk_calls=self.index_chunk_calls, max_level=self.index_max_level)
         self._spool_due, self._import_at = spool_path(self.db_path).exists(), 0.0
         self._import_due()
@@ -489,9 +495,28 @@ class Recorder(QueuedSink):
                 self._owed.pop(reason, None)
         self._in_progress.update(r[0] for r in batch.new_rows)
         self._in_progress.difference_update(batch.final_rows.ids)
+        self._write_sessions()
         if self.services and batch.final_rows.ids:
             self._tell_services(batch)
         self._import_due()
+
+    def _write_sessions(self) -> None:
+        """The sessions the committed calls touched, in a transaction of their own: nothing
+        wrong with a session row can hold up or spool its calls."""
+        store = self.sessions
+        if store is None or self.con is None or not store.grouper.dirty:
+            return
+        try:
+            with schema.transaction(self.con):
+                store.write(self.con)
+        except Exception as exc:
+            lost = not _storage_failure(exc)  # else written with the next batch
+            store.failed(drop=lost)
+            if lost:
+                log.exception("llmtap recorder: writing sessions failed; their calls are recorded, and "
+                              "those sessions' rows are left as they were")
+            return
+        store.committed()
 
     def _tell_services(self, batch: _Batch) -> None:
         calls = [dict(zip(CALL_COLUMNS, row)) for row in batch.final_rows.all()]
@@ -799,7 +824,9 @@ class Recorder(QueuedSink):
         whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
                  or scrub.found_shapes)
         resp_text = b(resp_text) if whole else scrub.literal(resp_text)
-        return call_tuple({
+        # The masked request, parsed once for `prompt` and for sessions.
+        doc = _json_object(req_text) if ex is not None and self.sessions is not None else None
+        row = {
             "id": call.id, "started_at": call.started_at, "client": t(call.client), "api": call.api,
             "method": call.method, "url": t(redact_url(call.url)),
             "status": call.status if ex is not None else None,
@@ -820,12 +847,16 @@ class Recorder(QueuedSink):
             "reasoning_tokens": ex.reasoning_tokens if ex else None, "total_tokens": ex.total_tokens if ex else None,
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
-            "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
+            "prompt": prompt_text(doc if doc is not None else req_text),  # masked: no secret in it either
             "cache_read_tokens": ex.cache_read_tokens if ex else None,
             "cache_write_tokens": ex.cache_write_tokens if ex else None,
             "usage_raw": _usage_json(ex, b),
             **self._cost(call, ex),
-        })
+            "session_id": None, "session_link": None, "parent_call_id": None, "turn": None,
+        }
+        if ex is not None and self.sessions is not None:
+            self.sessions.link(call, row, doc, ex.tool_calls, ex.response_id)
+        return call_tuple(row)
 
     def _cost(self, call: Call, ex: Extraction | None) -> dict[str, Any]:
         """The cost columns of a finished call; pricing never costs the record."""
@@ -1091,6 +1122,16 @@ def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
         return body.decode("utf-8"), None
     except UnicodeDecodeError:
         return None, bytes(body)
+
+
+def _json_object(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -71,6 +71,13 @@ def _m005_cost(con: duckdb.DuckDBPyConnection) -> None:
     # before keep NULL until `llmtap cost backfill` prices them.
     for statement in add_columns("calls", "m005_cost"):
         con.execute(statement)
+def _m006_sessions(con: duckdb.DuckDBPyConnection) -> None:
+    # Calls recorded before keep NULL sessions: they are not grouped again.
+    from llmtap.recorder.sessions import SESSION_COLUMNS
+
+    for statement in add_columns("calls", "m006_sessions"):
+        con.execute(statement)
+    con.execute("CREATE TABLE sessions (\n" + ",\n".join(f"    {n} {s}" for n, s, _ in SESSION_COLUMNS) + "\n)")
 
 
 MIGRATIONS: list[Migration] = [
@@ -79,6 +86,7 @@ MIGRATIONS: list[Migration] = [
     ("m003_prompt", _m003_prompt),
     ("m004_usage", _m004_usage),
     ("m005_cost", _m005_cost),
+    ("m006_sessions", _m006_sessions),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -30,6 +30,9 @@ class Options:
     # Not a service: the rules file whose prices the recorder reads (pricerules.py), known to
     # `llmtap run`; None when it runs without one.
     rules: str | None = None
+    # Session grouping (recorder/sessions.py): {"idle_s": seconds} (`llmtap run --session-idle`),
+    # {"off": true} to record without it. Not a service: the writer runs it as rows are made.
+    sessions: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

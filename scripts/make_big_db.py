@@ -20,7 +20,12 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmtap.recorder.columns import CALLS, M001, M003  # noqa: E402
 from llmtap.recorder.schema import migrate  # noqa: E402
+
+# The columns the generated rows fill; those later migrations add stay NULL, as in a file
+# recorded before them.
+GENERATED = ", ".join(c.name for c in CALLS if c.added_in in (M001, M003))
 from llmtap.recorder.search_index import SearchIndex  # noqa: E402
 
 SLICE = 100_000
@@ -39,7 +44,7 @@ WORDS = (
 RARE_WORDS = 50_000
 
 INSERT = """
-INSERT INTO calls
+INSERT INTO calls (@COLUMNS@)
 SELECT
   -- ULID-like ids: 10 chars of time then 16 of the row number, so they sort by time
   lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0') AS id,
@@ -118,7 +123,7 @@ def main() -> int:
         stop = min(a.calls, start + SLICE)
         sql = INSERT
         for token, value in (("@START@", start), ("@STOP@", stop), ("@TOTAL@", a.calls), ("@SPAN@", span_ms),
-                             ("@NP@", POOL)):
+                             ("@NP@", POOL), ("@COLUMNS@", GENERATED)):
             sql = sql.replace(token, str(value))
         con.execute(sql)
         print(f"  {stop:,} / {a.calls:,} calls  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)

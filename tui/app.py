@@ -68,6 +68,7 @@ from llmtap.tui.messages import (
     SchemaLoaded,
     StatsLoaded,
 )
+from llmtap.tui.sessions import SessionScreen, SessionsScreen
 
 log = logging.getLogger("llmtap.tui")
 
@@ -295,6 +296,10 @@ class CallsScreen(Screen[None]):
         Binding("e", "export", "Export", id="calls.export", tooltip="Export the filtered calls to Parquet"),
         Binding("escape", "leave_filter", "List", id="calls.leave_filter", show=False,
                 tooltip="Back from the filter bar to the list"),
+        Binding("S", "sessions", "Sessions", id="calls.sessions", show=False,
+                tooltip="Sessions: the agent runs the calls belong to"),
+        Binding("J", "call_session", "Its session", id="calls.session", show=False,
+                tooltip="Jump to the highlighted call's session"),
     ]
 
     def __init__(self, reader: q.Reader | None, *, note: str | None = None,
@@ -683,6 +688,17 @@ class CallsScreen(Screen[None]):
         if self.reader is not None:
             self.app.push_screen(DetailScreen(self.reader, self.schema, str(event.row_key.value)))
 
+    def action_sessions(self) -> None:
+        if self.reader is not None:
+            reader, schema = self.reader, self.schema
+            self.app.push_screen(SessionsScreen(reader, lambda cid: self.app.push_screen(
+                DetailScreen(reader, schema, cid))))
+
+    def action_call_session(self) -> None:
+        key = self._cursor_key()
+        if key is not None and self.reader is not None:
+            _push_call_session(self.app, self.reader, self.schema, key)
+
     def action_stats(self) -> None:
         if self.reader is not None and self.schema.calls:
             self.app.push_screen(StatsScreen(self.reader, self.schema, self.filter))
@@ -752,6 +768,8 @@ class DetailScreen(Screen[None]):
         Binding("right", "tab(1)", "Next tab", priority=True, id="detail.next_tab"),
         Binding("c", "copy_curl", "Copy as curl", id="detail.copy_curl",
                 tooltip="Copy a curl command replaying this request"),
+        Binding("J", "call_session", "Its session", id="detail.session", show=False,
+                tooltip="Jump to this call's session"),
         # Not priority: a focused table or text area keeps its own arrows; j/k, which a
         # read-only text area ignores, scroll the tab from anywhere.
         Binding("j,down", "scroll_tab('down')", "Scroll down", show=False, id="detail.down"),
@@ -1034,6 +1052,9 @@ class DetailScreen(Screen[None]):
     # -- actions --------------------------------------------------------------------------
     def action_back(self) -> None:
         self.app.pop_screen()
+
+    def action_call_session(self) -> None:
+        _push_call_session(self.app, self.reader, self.schema, self.call_id)
 
     def action_tab(self, step: int) -> None:
         tabs = self.query_one(TabbedContent)
@@ -1366,6 +1387,19 @@ class HelpScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+def _push_call_session(app: App[Any], reader: q.Reader, schema: q.Schema, call_id: str) -> None:
+    """The session a call belongs to (its calls open as DetailScreens)."""
+    try:
+        _, rows = reader.query("SELECT session_id FROM calls WHERE id = ?", [call_id])
+    except Exception:  # a file recorded before sessions has no session_id
+        rows = []
+    if not rows or rows[0][0] is None:
+        app.notify("this call has no session (recorded before sessions, or still in progress)")
+        return
+    app.push_screen(SessionScreen(reader, str(rows[0][0]), lambda cid: app.push_screen(
+        DetailScreen(reader, schema, cid))))
+
+
 HELP_SOURCES: tuple[tuple[str, type], ...] = ()  # filled below, once the classes exist
 
 
@@ -1504,4 +1538,5 @@ HELP_SOURCES = (
     ("export", ExportScreen),
     ("help", HelpScreen),
 )
+HELP_SOURCES += (("sessions", SessionsScreen), ("session", SessionScreen))
 

@@ -1,0 +1,646 @@
+"""Sessions: the runs of an agent, rebuilt from its traffic.
+
+A call joins a session by the strongest evidence it carries, in this order, and its row says
+which (`calls.session_link`) and to which earlier call (`calls.parent_call_id`), so that a
+wrong grouping can be seen and explained:
+
+1. an id the client sends: llmtap's own `x-llmtap-session` header, the ones tools send already
+   (`header:<name>`), or an id in the body (`body:<field>`; `body:previous_response_id` chains
+   a Responses call to the call that answered with that id);
+2. a label the user gave without touching the tool: `llmtap wrap --session NAME` (`label:wrap`)
+   or the gateway path prefix `/s/NAME/` (`label:path`);
+3. tool-call continuity: the request's tool results answer tool calls an earlier answer made
+   (`tool_call:<id>`);
+4. conversation growth: the request's messages are an earlier request's messages plus that
+   call's answer, system prompts left out as agents rewrite them every turn (`history`); or
+   the history was compacted and only its last exchange is still there (`history:compacted`);
+   or this turn quotes an earlier answer, as a research pipeline hands one step's answer to
+   the next (`quote`);
+5. else a new session (`new`); a call that would continue a session idle for longer than
+   `idle_s` starts a new one instead (`idle`, its parent the call it would have continued).
+
+Ids a tool sends for its session (headers) and labels name their session whatever the gap;
+ids in the body are weaker (OpenAI's `user` names a person, not a task): the idle gap splits
+them too.
+
+Matching is a few dict lookups per call: each finished call leaves fingerprints (Python hashes
+of normalised messages, kept in memory only) of what its continuation would carry, in an LRU
+per client, so memory is bounded whatever the traffic. The grouper runs on the recorder's
+writer thread as rows are made; the sessions a batch touched are written right after its calls
+commit, in a transaction of their own, so that nothing wrong with a session row costs a call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from llmtap.dialects import registry as dialects
+from llmtap.dialects.shapes import Message, Request, Response, ToolCall
+
+# The headers tools already send for their session, lowercase, strongest first.
+SESSION_HEADERS: tuple[str, ...] = (
+    "x-llmtap-session",
+    "x-claude-code-session-id",  # Claude Code
+    "session-id",  # Codex
+    "helicone-session-id",
+    "x-litellm-session-id",
+)
+# Ids in a request body (dialects' Request.ids names), strongest first.
+BODY_IDS: tuple[str, ...] = ("previous_response_id", "metadata.user_id", "prompt_cache_key", "user")
+DEFAULT_IDLE_S = 30 * 60.0
+TITLE_CHARS = 120
+# Memory bounds: clients (User-Agents) followed, fingerprints per client, sessions kept whole.
+MAX_CLIENTS = 64
+KEYS_PER_CLIENT = 4096
+MAX_SESSIONS = 20_000
+MAX_NAMED = 65_536
+# A quote is found by runs of QUOTE_WORDS words an answer had, QUOTE_HITS of them at least (one
+# common phrase is not a quote); of an answer its first QUOTE_ANSWER_WORDS words count, of a
+# request this turn's first QUOTE_SCAN_CHARS characters.
+QUOTE_WORDS = 5
+QUOTE_HITS = 2
+QUOTE_ANSWER_WORDS = 1024
+QUOTE_SCAN_CHARS = 16 << 10
+QUOTES_PER_CLIENT = 16_384
+
+# Columns of the `sessions` table, in its order (schema.py creates it from this).
+SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("id", "VARCHAR PRIMARY KEY", "the id of the session's first call"),
+    ("source", "VARCHAR NOT NULL", "how it was found: its first call's session_link"),
+    ("key", "VARCHAR", "the id or label that names it, NULL when inferred"),
+    ("client", "VARCHAR", "User-Agent of its first call"),
+    ("title", "VARCHAR", "the first user message, shortened"),
+    ("started_at", "TIMESTAMPTZ NOT NULL", "its first call's start"),
+    ("ended_at", "TIMESTAMPTZ NOT NULL", "its last call's end"),
+    ("duration_ms", "DOUBLE", "ended_at - started_at"),
+    ("calls", "BIGINT NOT NULL", ""),
+    ("errors", "BIGINT NOT NULL", "calls that ended in an error the client saw, or a cut stream"),
+    ("failed", "BOOLEAN NOT NULL", "errors > 0"),
+    ("fallbacks", "BIGINT NOT NULL", "calls that needed more than one attempt"),
+    ("input_tokens", "BIGINT", ""),
+    ("output_tokens", "BIGINT", ""),
+    ("cost_usd", "DECIMAL(38,12)", "sum of calls.cost_usd; NULL when no call is priced"),
+    ("last_call_id", "VARCHAR", ""),
+)
+SESSION_FIELDS: tuple[str, ...] = tuple(c[0] for c in SESSION_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What grouping reads of one finished call."""
+
+    id: str
+    started_at: datetime
+    client: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    label: tuple[str, str] | None = None  # ("wrap" | "path", NAME)
+    request: Request | None = None
+    response: Response | None = None
+    duration_ms: float | None = None
+    failed: bool = False
+    fallback: bool = False
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    # Where the conversation as sent has its last answer, and how many items it has (the
+    # request may be read cut to a few messages: see `trimmed`); None: from `request.messages`.
+    answer_at: int | None = None
+    history_len: int | None = None
+
+    @property
+    def ended_at(self) -> datetime:
+        return self.started_at + timedelta(milliseconds=self.duration_ms or 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """Where a call went: `calls.session_id`, `session_link`, `parent_call_id`, `turn`."""
+
+    session_id: str
+    link: str
+    parent_call_id: str | None
+    turn: int
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    source: str
+    key: str | None
+    client: str | None
+    title: str | None
+    started_at: datetime
+    ended_at: datetime
+    calls: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: Decimal | None = None
+    last_call_id: str | None = None
+    written: bool = False  # a row for it is in the table already (replace, not insert)
+
+    def row(self) -> tuple:
+        duration = (self.ended_at - self.started_at).total_seconds() * 1000.0
+        return (self.id, self.source, _utf8(self.key), _utf8(self.client), _utf8(self.title), self.started_at,
+                self.ended_at,
+                duration, self.calls, self.errors, self.errors > 0, self.fallbacks, self.input_tokens,
+                self.output_tokens, self.cost_usd, self.last_call_id)
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Session:
+        d = dict(zip(SESSION_FIELDS, row))
+        return cls(id=d["id"], source=d["source"], key=d["key"], client=d["client"], title=d["title"],
+                   started_at=d["started_at"], ended_at=d["ended_at"], calls=d["calls"], errors=d["errors"],
+                   fallbacks=d["fallbacks"], input_tokens=d["input_tokens"], output_tokens=d["output_tokens"],
+                   cost_usd=d["cost_usd"], last_call_id=d["last_call_id"], written=True)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text DuckDB takes: bytes a header carried that are not UTF-8 (kept as surrogates) become U+FFFD."""
+    if text is None or text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class _Lru(OrderedDict):
+    def __init__(self, cap: int) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.cap:
+            self.popitem(last=False)
+
+    def look(self, key: Any) -> Any:
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm_text(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def _call_key(c: ToolCall) -> str:
+    if c.id:
+        return "#" + c.id
+    # No id (Ollama, old Gemini): the arguments as a client would send them back, re-serialised.
+    try:
+        args = json.dumps(json.loads(c.arguments or "null"), sort_keys=True, separators=(",", ":"))
+    except ValueError:
+        args = _norm_text(c.arguments or "")
+    return f"{c.name}({args})"
+
+
+def norm_message(m: Message) -> str:
+    """One message as its fingerprint reads it: what a client resends of it unchanged. Reasoning
+    is left out (clients drop it or send it encrypted), text is compared without the whitespace
+    around it (clients strip an answer they resend) and as one piece (a client may join or split
+    an answer's text blocks), and a tool call is its id (its arguments come back re-serialised)."""
+    text = "".join(p.text for p in m.parts if p.kind == "text" and p.text).strip()
+    out = [m.role, text]
+    for p in m.parts:
+        if p.tool_call is not None:
+            out.append(_call_key(p.tool_call))
+        elif p.tool_result is not None:
+            r = p.tool_result
+            out.append(f"<{r.call_id or r.name}>{r.content.strip()}")
+        elif p.kind in ("image", "audio", "file"):
+            out.append(p.kind)
+    return "\x1f".join(out)
+
+
+def _conversation(req: Request) -> list[Message]:
+    # System prompts change under an agent every turn (dates, environment details): left out.
+    # Consecutive assistant messages are one turn (a client may split text and tool calls).
+    out: list[Message] = []
+    for m in req.messages:
+        if m.role == "system":
+            continue
+        if out and m.role == "assistant" and out[-1].role == "assistant":
+            out[-1] = Message("assistant", out[-1].parts + m.parts)
+            continue
+        out.append(m)
+    return out
+
+
+class _Conv:
+    """A request's conversation, each message normalised at most once."""
+
+    def __init__(self, req: Request) -> None:
+        self.msgs = _conversation(req)
+        self._norms: dict[int, str] = {}
+
+    def norm(self, i: int) -> str:
+        if i < 0:
+            return ""
+        got = self._norms.get(i)
+        if got is None:
+            got = self._norms[i] = norm_message(self.msgs[i])
+        return got
+
+
+def _grow_key(conv: _Conv, i: int, depth: int, answer: str) -> int:
+    # What a continuation carries around the answer: the conversation's first message, the
+    # message the answer answered, the answer, and where in the history it sits. O(1) messages
+    # per call, where a hash of the whole prefix would read the whole history (agents resend it
+    # every turn); a history cut in the middle moves the answer, and is matched by its tail.
+    first = conv.norm(0) if i > 0 else answer
+    return hash(("grow", depth, first, conv.norm(i - 1), answer))
+
+
+def _answer_start(roles: list[str | None]) -> int | None:
+    """The index where the last run of assistant items begins."""
+    j = next((i for i in range(len(roles) - 1, -1, -1) if roles[i] == "assistant"), None)
+    while j and roles[j - 1] == "assistant":
+        j -= 1
+    return j
+
+
+def _this_turn(msgs: list[Message]) -> list[Message]:
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].role == "assistant":
+            return msgs[i + 1:]
+    return msgs
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _shingles(text: str, words: int | None = None) -> set[int]:
+    """Hashes of every run of QUOTE_WORDS words, case and punctuation aside."""
+    w = _WORD.findall(text[:QUOTE_SCAN_CHARS].lower())[:words]
+    return {hash(tuple(w[i:i + QUOTE_WORDS])) for i in range(len(w) - QUOTE_WORDS + 1)}
+
+
+def title_of(req: Request | None) -> str | None:
+    if req is None:
+        return None
+    for m in req.messages:
+        if m.role == "user":
+            t = _norm_text(m.text[:TITLE_CHARS * 4])
+            if t:
+                return t if len(t) <= TITLE_CHARS else t[: TITLE_CHARS - 1] + "…"
+    return None
+
+
+class Grouper:
+    """Assigns each finished call to a session, in the order calls finish. Not thread-safe:
+    the writer thread owns it. `load(id)` reads a session evicted from memory (or written by
+    an earlier run) back from the store; `named(key)` finds the session an id or label names."""
+
+    def __init__(self, idle_s: float = DEFAULT_IDLE_S, *, load: Any = None, named: Any = None) -> None:
+        self.idle = timedelta(seconds=idle_s)
+        self._load = load
+        self._named_in_store = named
+        self._sessions: _Lru = _Lru(MAX_SESSIONS)
+        self._named: _Lru = _Lru(MAX_NAMED)  # "header:x-llmtap-session=abc" -> session id
+        self._clients: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of fingerprint -> (session id, call id)
+        self._quotes: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of word-run hash -> (session id, call id)
+        self._responses: _Lru = _Lru(MAX_NAMED)  # Responses' response id -> (session id, call id)
+        self._calls_of: dict[str, int] = {}
+        self.dirty: dict[str, Session] = {}  # touched since the last write
+
+    # -- the one entry point ------------------------------------------------------------------
+    def add(self, c: CallInfo) -> Link:
+        named, link, parent = self._explicit(c)
+        named = _utf8(named)  # a header's bytes that are not UTF-8: the key is looked up in the store
+        conv = _Conv(c.request) if c.request is not None else None
+        session: Session | None = None
+        if named is not None:
+            session = self._session(self._named.look(named) or self._from_store(named))
+            found = self._structural(c, conv)
+            if session is not None and found is not None and found[2] == session.id:
+                parent = parent or found[1]
+            if session is not None and link.startswith("body:") and link != "body:previous_response_id" \
+                    and c.started_at - session.ended_at > self.idle:
+                link, parent = "idle", session.last_call_id
+                session = None
+            elif session is not None:
+                parent = parent or session.last_call_id
+        else:
+            found = self._structural(c, conv)
+            if found is not None:
+                link, parent, sid = found
+                session = self._session(sid)
+                if session is not None and c.started_at - session.ended_at > self.idle:
+                    session, link = None, "idle"
+            else:
+                link, parent = "new", None
+        if session is None:
+            session = Session(id=c.id, source=link, key=named, client=c.client, title=title_of(c.request),
+                              started_at=c.started_at, ended_at=c.ended_at)
+            self._sessions.put(session.id, session)
+        if named is not None and not named.startswith("session="):
+            self._named.put(named, session.id)
+        self._account(session, c)
+        self._remember(session, c, conv)
+        return Link(session.id, link, parent, session.calls)
+
+    # -- evidence -------------------------------------------------------------------------------
+    def _explicit(self, c: CallInfo) -> tuple[str | None, str, str | None]:
+        """(the key naming the session, the link, the parent call) for rungs 1 and 2."""
+        for name in SESSION_HEADERS:
+            value = c.headers.get(name)
+            if value:
+                # llmtap's own header is a name the user chose; another tool's id is kept only
+                # as a hash, as the record masks headers named *session*.
+                shown = value if name == "x-llmtap-session" else hashlib.sha256(value.encode()).hexdigest()[:16]
+                return f"header:{name}={shown}", f"header:{name}", None
+        ids = c.request.ids if c.request is not None else {}
+        prev = ids.get("previous_response_id")
+        if prev and prev in self._responses:
+            sid, call_id = self._responses.look(prev)
+            return f"session={sid}", "body:previous_response_id", call_id
+        for name in BODY_IDS[1:]:
+            value = ids.get(name)
+            if value:
+                return f"body:{name}={value}", f"body:{name}", None
+        if c.label is not None:
+            kind, name = c.label
+            return f"label={name}", f"label:{kind}", None
+        return None, "", None
+
+    def _structural(self, c: CallInfo, conv: _Conv | None) -> tuple[str, str | None, str] | None:
+        """(link, parent call, session id) from tool-call continuity, then conversation growth."""
+        keys = self._clients.get(c.client)
+        if conv is None or keys is None:
+            return None
+        msgs = conv.msgs
+        turn = _this_turn(msgs)
+        for m in turn or msgs:
+            for r in m.tool_results:
+                hit = keys.look(("tool", r.call_id)) if r.call_id else None
+                if hit is not None:
+                    return f"tool_call:{r.call_id}", hit[1], hit[0]
+        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
+        if last is not None:
+            depth = c.answer_at
+            if depth is None and c.request is not None:
+                depth = _answer_start([m.role for m in c.request.messages])
+            hit = keys.look(_grow_key(conv, last, depth or 0, conv.norm(last)))
+            if hit is not None:
+                return "history", hit[1], hit[0]
+            hit = keys.look(("tail", hash((conv.norm(last - 1), conv.norm(last)))))
+            if hit is not None:
+                return "history:compacted", hit[1], hit[0]
+        quotes = self._quotes.get(c.client)
+        text = "\n".join(m.text for m in turn if m.role == "user")
+        if quotes is not None and text:
+            hits: dict[tuple[str, str], int] = {}
+            for h in _shingles(text):
+                where = quotes.get(h)
+                if where is not None:
+                    hits[where] = hits.get(where, 0) + 1
+            best = max(hits.items(), key=lambda kv: (kv[1], kv[0][1]), default=None)
+            if best is not None and best[1] >= QUOTE_HITS:
+                (sid, call_id), _ = best
+                return "quote", call_id, sid
+        return None
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _session(self, sid: str | None) -> Session | None:
+        if sid is None:
+            return None
+        s = self._sessions.look(sid)
+        if s is None and self._load is not None:
+            row = self._load(sid)
+            if row is not None:
+                s = Session.from_row(row)
+                self._sessions.put(sid, s)
+        return s
+
+    def _from_store(self, key: str) -> str | None:
+        if self._named_in_store is None or key.startswith("session="):
+            return key[len("session="):] if key.startswith("session=") else None
+        return self._named_in_store(key)
+
+    def _account(self, s: Session, c: CallInfo) -> None:
+        s.calls += 1
+        s.errors += c.failed
+        s.fallbacks += c.fallback
+        if c.input_tokens is not None:
+            s.input_tokens = (s.input_tokens or 0) + c.input_tokens
+        if c.output_tokens is not None:
+            s.output_tokens = (s.output_tokens or 0) + c.output_tokens
+        if c.cost_usd is not None:
+            s.cost_usd = (s.cost_usd or Decimal(0)) + Decimal(c.cost_usd)
+        if c.ended_at > s.ended_at:
+            s.ended_at = c.ended_at
+        if s.title is None:
+            s.title = title_of(c.request)
+        s.last_call_id = c.id
+        self.dirty[s.id] = s
+
+    def _remember(self, s: Session, c: CallInfo, conv: _Conv | None) -> None:
+        """The fingerprints this call's continuation would carry."""
+        keys = self._clients.look(c.client)
+        if keys is None:
+            keys = _Lru(KEYS_PER_CLIENT)
+            self._clients.put(c.client, keys)
+        where = (s.id, c.id)
+        resp = c.response
+        if resp is not None and resp.id:
+            self._responses.put(resp.id, where)
+        if conv is None or resp is None:
+            return
+        answer = resp.message()
+        for tc in resp.tool_calls:
+            if tc.id:
+                keys.put(("tool", tc.id), where)
+        if not answer.parts:
+            return
+        at = len(conv.msgs)
+        depth = c.history_len if c.history_len is not None else len(c.request.messages) if c.request else 0
+        if at and conv.msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
+            answer = Message("assistant", conv.msgs[-1].parts + answer.parts)
+            at -= 1
+            depth = c.answer_at if c.answer_at is not None else depth - 1
+        said = norm_message(answer)
+        keys.put(_grow_key(conv, at, depth, said), where)
+        keys.put(("tail", hash((conv.norm(at - 1), said))), where)
+        if resp.content:
+            quotes = self._quotes.look(c.client)
+            if quotes is None:
+                quotes = _Lru(QUOTES_PER_CLIENT)
+                self._quotes.put(c.client, quotes)
+            for h in _shingles(resp.content, QUOTE_ANSWER_WORDS):
+                quotes.put(h, where)
+
+
+# -- reading requests and answers -----------------------------------------------------------------
+# Requests are read by their dialect (llmtap.dialects), from the body the recorder parsed once,
+# cut to the messages grouping reads: agents resend the whole history every turn, and reading
+# every message of it into shapes would cost O(history) per call.
+_CONVERSATION_KEYS = ("messages", "input", "contents")  # chat / Anthropic / Ollama, Responses, Gemini
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
+          "tool": "tool", "function": "tool"}
+KEEP_WHOLE = 8  # a history this short is read whole
+
+
+def _role_of(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
+    kind = item.get("type")
+    if kind in ("function_call", "custom_tool_call", "reasoning"):
+        return "assistant"
+    if kind in ("function_call_output", "custom_tool_call_output"):
+        return "tool"
+    return _ROLES.get(str(item.get("role")), "user")
+
+
+def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
+    """`doc` with its conversation cut to what grouping reads, in order: the first message and
+    the first user message, the last answer (the run of assistant items ending the history, or
+    before a trailing prefill) with the message before it, and everything after it; and, in
+    the conversation as sent, where its last answer begins and how many items it has."""
+    for key in _CONVERSATION_KEYS:
+        items = doc.get(key)
+        if isinstance(items, list):
+            break
+    else:
+        return doc, None, None
+    roles = [_role_of(it) for it in items]
+    at = _answer_start(roles)
+    if len(items) <= KEEP_WHOLE:
+        return doc, at, len(items)
+    talk = [i for i, r in enumerate(roles) if r not in (None, "system")]
+    keep = set(talk[:1]) | set(next(([i] for i in talk if roles[i] == "user"), []))
+    ends = [i for i in talk if roles[i] == "assistant" and (i + 1 == len(items) or roles[i + 1] != "assistant")]
+    # The last answer; the one before too when an assistant prefill ends the request.
+    for end in ends[-2:] if roles[-1] == "assistant" else ends[-1:]:
+        start = end
+        while start > 0 and roles[start - 1] == "assistant":
+            start -= 1
+        keep.update(range(max(start - 1, 0), end + 1))
+    if ends:
+        keep.update(range(ends[-1] + 1, len(items)))
+    else:
+        keep.update(talk)
+    return {**doc, key: [items[i] for i in sorted(keep)]}, at, len(items)
+
+
+def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | None, int | None, int | None]:
+    """The request's shape as grouping reads it, where its last answer begins and how many items
+    its conversation has (see `trimmed`); None when its body is not a JSON object. `body` may be
+    the body already parsed. Never raises."""
+    if not body:
+        return None, None, None
+    if isinstance(body, dict):
+        doc = body
+    else:
+        try:
+            doc = json.loads(body)
+        except (ValueError, TypeError, RecursionError):
+            return None, None, None
+    if not isinstance(doc, dict):
+        return None, None, None
+    try:
+        cut, at, n = trimmed(doc)
+        return dialects.read_request(api, cut), at, n
+    except Exception:  # a body of a shape nobody expected: grouped as having no conversation
+        return None, None, None
+
+
+def response_of(api: str, content: str | None, tool_calls: list[dict] | None, response_id: str | None) -> Response:
+    """The answer's shape from what extraction found."""
+    calls = tuple(ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
+                  for t in tool_calls or () if isinstance(t, dict))
+    return Response(api=api, id=response_id, content=content, tool_calls=calls)
+
+
+class SessionStore:
+    """The grouper as the recorder's writer uses it: fills a final row's session columns, and
+    writes the sessions it touched in the commit that writes their calls."""
+
+    def __init__(self, idle_s: float | None = None) -> None:
+        self.con: Any = None
+        self.grouper = Grouper(idle_s or DEFAULT_IDLE_S, load=self._load, named=self._named)
+        self._writing: list[Session] = []
+        self._said = False
+
+    def attach(self, con: Any) -> None:
+        self.con = con
+
+    def _load(self, sid: str) -> tuple | None:
+        if self.con is None:
+            return None
+        return self.con.execute(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions WHERE id = ?", [sid]).fetchone()
+
+    def _named(self, key: str) -> str | None:
+        # A session named by an id or label in an earlier run (or evicted from memory) goes on.
+        if self.con is None:
+            return None
+        row = self.con.execute("SELECT id FROM sessions WHERE key = ? ORDER BY started_at DESC LIMIT 1",
+                               [key]).fetchone()
+        return row[0] if row else None
+
+    def link(self, call: Any, row: dict[str, Any], req_text: str | dict | None, tool_calls: list[dict] | None,
+             response_id: str | None) -> None:
+        """Fill `row`'s session columns from the call; never raises (a row without its session
+        is better than no row)."""
+        try:
+            status, error = row.get("status"), row.get("error")
+            cost = row.get("cost_usd")
+            request, answer_at, history_len = read_request(call.api, req_text)
+            info = CallInfo(
+                id=call.id, started_at=call.started_at, client=row.get("client"),
+                headers=getattr(call, "session_headers", None) or {},
+                label=getattr(call, "session_label", None), request=request, answer_at=answer_at, history_len=history_len,
+                response=response_of(call.api, row.get("content"), tool_calls, response_id),
+                duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
+                fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),
+                output_tokens=row.get("output_tokens"),
+                cost_usd=Decimal(str(cost)) if cost is not None else None)
+            found = self.grouper.add(info)
+        except Exception:
+            if not self._said:
+                self._said = True
+                import logging
+
+                logging.getLogger("llmtap.recorder").exception(
+                    "llmtap recorder: grouping call %s into a session failed; it is recorded without one", call.id)
+            return
+        row["session_id"], row["session_link"] = found.session_id, found.link
+        row["parent_call_id"], row["turn"] = found.parent_call_id, found.turn
+
+    def write(self, con: Any) -> None:
+        """In a transaction: the touched sessions' rows, replacing older ones. They stay touched
+        until `committed()`: a write rolled back is made again with the next batch."""
+        self._writing = list(self.grouper.dirty.values())
+        if not self._writing:
+            return
+        old = [s.id for s in self._writing if s.written]
+        if old:
+            con.execute("DELETE FROM sessions WHERE id IN (SELECT unnest(?))", [old])
+        appender = con.appender("sessions")
+        appender.append_rows([s.row() for s in self._writing])
+        appender.flush()
+
+    def committed(self) -> None:
+        for s in self._writing:
+            s.written = True
+            self.grouper.dirty.pop(s.id, None)
+        self._writing = []
+
+    def failed(self, drop: bool) -> None:
+        """The write was rolled back: tried again with the next batch, or, when the rows
+        themselves were refused (`drop`), left out so that they do not fail every batch."""
+        if drop:
+            for s in self._writing:
+                self.grouper.dirty.pop(s.id, None)
+        self._writing = []

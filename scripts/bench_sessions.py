@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Sessions benchmark, each part against a baseline measured in the same run.
+
+  --append N   append rate of N finished calls handed to the Recorder at once, grouping into
+               sessions on vs off (Options(sessions={"off": True})), alternating runs; the calls
+               are agent tool loops of 8 turns whose ~4 KB request carries the whole history
+               and answers the last turn's tool call, in JSON that parses (so grouping does its
+               whole work), with a streamed 8 KB answer as scripts/bench_recorder.py hands over
+  --big N      `llmtap sessions` (the whole command, first page; its queries alone; one session's
+               timeline) on a generated N-call DB in sessions of 4 calls, vs `llmtap stats` on it
+
+    .venv/bin/python scripts/bench_sessions.py --append 20000 --big 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
+from llmtap.recorder.recorder import Recorder  # noqa: E402
+from llmtap.recorder.services import Options  # noqa: E402
+
+PY = sys.executable
+TURNS = 8
+
+
+def tool_event(call_id: str) -> bytes:
+    return ('data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":'
+            '{"tool_calls":[{"index":0,"id":"%s","type":"function","function":{"name":"read_file",'
+            '"arguments":"{\\"path\\": \\"a.py\\"}"}}]}}]}\n\n' % call_id).encode()
+
+
+FILLER = ('data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":'
+          '{"reasoning_content":"tok "}}]}\n\n').encode()
+
+
+def make_calls(n: int) -> list[Call]:
+    calls = []
+    for task in range(n // TURNS + 1):
+        history: list[dict] = [{"role": "user", "content": f"task {task}: " + "context " * 300}]
+        for turn in range(TURNS):
+            if len(calls) == n:
+                return calls
+            cid = f"call_{task}_{turn}"
+            body = json.dumps({"model": "gpt-4o", "stream": True, "messages": [
+                {"role": "system", "content": "You are a careful agent. " * 40}, *history]}).encode()
+            response = FILLER * (8192 // len(FILLER)) + tool_event(cid) + b"data: [DONE]\n\n"
+            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
+                     api="openai.chat", client="bench/1.0", model_requested="gpt-4o", stream=True,
+                     request_headers={"content-type": "application/json"}, request_body=body)
+            c.status, c.model_sent, c.provider, c.attempts = 200, "gpt-4o", "openai", 1
+            c.response_headers = {"content-type": "text/event-stream"}
+            c.response_body, c.ttfb_ms, c.duration_ms = response, 20.0, 400.0
+            calls.append(c)
+            history += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": cid, "type": "function", "function": {"name": "read_file", "arguments": '{"path":"a.py"}'}}]},
+                {"role": "tool", "tool_call_id": cid, "content": "file contents " * 20}]
+    return calls
+
+
+def append_rate(n: int, db: Path, grouping: bool) -> tuple[float, float, int]:
+    rec = Recorder(db, serve=False, services=Options(sessions={} if grouping else {"off": True}))
+    rec.start()
+    calls = make_calls(n)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for c in calls:
+        rec.call_finished(c, [])
+    while rec.written + rec.dropped_total < n:
+        time.sleep(0.005)
+    rate = n / (time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / n
+    rec.close()
+    with duckdb.connect(str(db), read_only=True) as con:
+        sessions = con.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    return rate, cpu, sessions
+
+
+def bench_append(n: int, tmp: Path, rounds: int = 2) -> dict:
+    """Best of `rounds` alternating runs; also the recorder's CPU time per call (all its
+    threads, DuckDB's included), which a machine shared with other work disturbs less."""
+    on, off, cpu_on, cpu_off = [], [], [], []
+    sessions = 0
+    for i in range(rounds):
+        r, cpu, _ = append_rate(n, tmp / f"off{i}.duckdb", False)
+        off.append(r)
+        cpu_off.append(cpu)
+        r, cpu, sessions = append_rate(n, tmp / f"on{i}.duckdb", True)
+        on.append(r)
+        cpu_on.append(cpu)
+    best_on, best_off = max(on), max(off)
+    return {"calls": n, "sessions_found": sessions, "expected_sessions": -(-n // TURNS),
+            "grouping_on_calls_per_s": round(best_on), "grouping_off_calls_per_s": round(best_off),
+            "ratio_on_vs_off": round(best_on / best_off, 3),
+            "cpu_us_per_call_on": round(min(cpu_on) * 1e6), "cpu_us_per_call_off": round(min(cpu_off) * 1e6),
+            "cpu_ratio_off_vs_on": round(min(cpu_off) / min(cpu_on), 3)}
+
+
+def bench_big(n: int, tmp: Path) -> dict:
+    db = tmp / "big.duckdb"
+    with duckdb.connect(str(db)) as con:
+        from llmtap.recorder.schema import migrate
+
+        migrate(con)
+        # N calls over a year in sessions of 4, as the recorder would have grouped them. Only
+        # the columns these commands read are filled (DuckDB reads a query's columns alone; the
+        # bodies of scripts/make_big_db.py would take an hour to generate here and change nothing).
+        con.execute(f"""
+            INSERT INTO calls (id, started_at, client, api, method, url, status, model_requested, model_sent,
+                               provider, attempts, duration_ms, input_tokens, output_tokens, content,
+                               session_id, session_link, parent_call_id, turn)
+            SELECT lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0'),
+                   ts, ['Cline/3.38', 'local-deep-research/0.6', 'OpenAI/Python 2.8'][1 + (i // 4) % 3],
+                   'openai.chat', 'POST', 'http://127.0.0.1:8081/openrouter/chat/completions',
+                   CASE WHEN i % 97 = 0 THEN 500 ELSE 200 END, 'gpt-4o', 'gpt-4o', 'openrouter', 1, 900.0,
+                   1200, 300, 'an answer',
+                   lpad(upper(to_hex(epoch_ms(ts0))), 10, '0') || lpad(upper(to_hex(i - i % 4)), 16, '0'),
+                   CASE WHEN i % 4 = 0 THEN 'new' ELSE 'history' END, NULL, i % 4 + 1
+            FROM (SELECT i, base + to_milliseconds(i * 31536) AS ts, base + to_milliseconds((i - i % 4) * 31536) AS ts0
+                  FROM range({n}) t(i), (SELECT TIMESTAMPTZ '2025-12-01 00:00:00+00' AS base))""")
+        con.execute("""
+            INSERT INTO sessions
+            SELECT session_id, 'new', NULL, any_value(client), 'a task', min(started_at),
+                   max(started_at + to_milliseconds(coalesce(duration_ms, 0)::BIGINT)), NULL, count(*),
+                   count(*) FILTER (WHERE status >= 400), bool_or(status >= 400),
+                   count(*) FILTER (WHERE attempts > 1), sum(input_tokens), sum(output_tokens), NULL, max(id)
+            FROM calls GROUP BY session_id""")
+        sessions = con.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        calls_n = con.execute("SELECT count(*) FROM calls").fetchone()[0]
+
+    def timed(*args: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            subprocess.run([PY, "-m", "llmtap", *args, "--db", str(db)], check=True, stdout=subprocess.DEVNULL)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    # The queries alone, in one process (what the command adds to Python's start and imports).
+    from llmtap.recorder.reader import LocalReader
+    from llmtap.recorder.session_view import failed_share, list_sessions, session_calls
+
+    reader = LocalReader(db)
+    t0 = time.perf_counter()
+    page = list_sessions(reader)
+    failed_share(reader)
+    queries = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    session_calls(reader, page[-1])
+    one_query = time.perf_counter() - t0
+    reader.close()
+    first = timed("sessions")
+    failed = timed("sessions", "--failed")
+    with duckdb.connect(str(db), read_only=True) as con:
+        sid = con.execute("SELECT id FROM sessions ORDER BY started_at LIMIT 1 OFFSET 1000").fetchone()[0]
+    one = timed("sessions", sid)
+    stats = timed("stats")
+    return {"calls": calls_n, "sessions": sessions, "first_page_queries_s": round(queries, 3),
+            "one_session_query_s": round(one_query, 3), "sessions_first_page_s": round(first, 3),
+            "sessions_failed_s": round(failed, 3), "one_session_timeline_s": round(one, 3),
+            "stats_s": round(stats, 3), "ratio_sessions_vs_stats": round(first / stats, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--append", type=int, default=0, metavar="N")
+    ap.add_argument("--big", type=int, default=0, metavar="N")
+    args = ap.parse_args()
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="llmtap-bench-sessions-") as d:
+        tmp = Path(d)
+        if args.append:
+            out["append"] = bench_append(args.append, tmp)
+        if args.big:
+            out["big"] = bench_big(args.big, tmp)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""Sessions rebuilt from traffic: the grouping on constructed shapes, then the traffic shapes of
+real tools through the real proxy into a real DuckDB file, and `llmtap sessions` reading it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import duckdb
+import httpx
+import openai
+import pytest
+
+from fakeprovider import FakeProvider, ok, status
+from llmtap.cli import main as llmtap_main
+from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
+from llmtap.recorder.recorder import Recorder
+from llmtap.recorder.sessions import KEYS_PER_CLIENT, MAX_CLIENTS, CallInfo, Grouper
+from proxyharness import RunningProxy
+
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+KEY = "sk-test-sessions-0123456789abcdef"
+
+
+# -- the grouping, on constructed Requests and Responses ----------------------------------------
+def user(text: str) -> Message:
+    return Message("user", (Part("text", text=text),))
+
+
+def system(text: str) -> Message:
+    return Message("system", (Part("text", text=text),))
+
+
+def said(text: str | None = None, *calls: ToolCall) -> Message:
+    parts = ((Part("text", text=text),) if text else ()) + tuple(Part("tool_call", tool_call=c) for c in calls)
+    return Message("assistant", parts)
+
+
+def result(call_id: str, text: str) -> Message:
+    return Message("tool", (Part("tool_result", tool_result=ToolResult(call_id, text)),))
+
+
+class Run:
+    """Calls of one client, a minute apart unless told otherwise."""
+
+    def __init__(self, grouper: Grouper | None = None, client: str = "agent/1.0") -> None:
+        self.g = grouper or Grouper()
+        self.client = client
+        self.n = 0
+        self.at = T0
+
+    def call(self, messages: list[Message], answer: Response | None = None, *, after: timedelta = timedelta(minutes=1),
+             headers: dict[str, str] | None = None, ids: dict[str, str] | None = None,
+             label: tuple[str, str] | None = None, client: str | None = None) -> tuple[str, Any]:
+        self.n += 1
+        self.at += after
+        cid = f"C{self.n:03d}"
+        link = self.g.add(CallInfo(id=cid, started_at=self.at, client=client or self.client, headers=headers or {},
+                                   label=label, request=Request("openai.chat", messages=tuple(messages), ids=ids or {}),
+                                   response=answer or Response("openai.chat", content=f"answer {self.n}"),
+                                   duration_ms=1000))
+        return cid, link
+
+
+def answer(text: str | None = None, *calls: ToolCall, rid: str | None = None) -> Response:
+    return Response("openai.chat", id=rid, content=text, tool_calls=calls)
+
+
+def test_tool_loop_links_each_call_to_the_answer_whose_tool_call_it_answers() -> None:
+    run = Run()
+    c1 = ToolCall("call_a", "read", '{"path": "x"}')
+    first, l1 = run.call([system("sys"), user("fix the bug")], answer(None, c1))
+    c2 = ToolCall("call_b", "write", "{}")
+    # The client resends the arguments re-serialised, and a new system prompt (a date in it).
+    hist = [system("sys, now 12:01"), user("fix the bug"), said(None, ToolCall("call_a", "read", '{"path":"x"}')),
+            result("call_a", "contents")]
+    second, l2 = run.call(hist, answer(None, c2))
+    third, l3 = run.call([*hist, said(None, c2), result("call_b", "ok")], answer("done"))
+    fourth, l4 = run.call([*hist, said(None, c2), result("call_b", "ok"), said("done"), user("thanks, now tests")])
+    assert (l1.link, l1.turn, l1.parent_call_id) == ("new", 1, None)
+    assert (l2.link, l2.parent_call_id, l2.session_id) == ("tool_call:call_a", first, first)
+    assert (l3.link, l3.parent_call_id) == ("tool_call:call_b", second)
+    assert (l4.link, l4.parent_call_id, l4.turn, l4.session_id) == ("history", third, 4, first)
+
+
+def test_two_tasks_interleaved_from_one_client_stay_apart() -> None:
+    run = Run()
+    a1, _ = run.call([system("same"), user("task A")], answer("A says 1"))
+    b1, _ = run.call([system("same"), user("task B")], answer("B says 1"))
+    _, la = run.call([system("same"), user("task A"), said("A says 1"), user("go on A")], answer("A says 2"))
+    _, lb = run.call([system("same"), user("task B"), said("B says 1"), user("go on B")], answer("B says 2"))
+    assert (la.session_id, la.link, la.parent_call_id) == (a1, "history", a1)
+    assert (lb.session_id, lb.link, lb.parent_call_id) == (b1, "history", b1)
+
+
+def test_two_tasks_with_the_same_answers_are_told_apart_by_their_history() -> None:
+    # Two runs of one agent whose answers are word for word the same: only history tells them apart.
+    run = Run()
+    a1, _ = run.call([user("task A")], answer("same"))
+    b1, _ = run.call([user("task B")], answer("same"))
+    _, lb = run.call([user("task B"), said("same"), user("more")], answer("same"))
+    _, la = run.call([user("task A"), said("same"), user("more")], answer("same"))
+    assert (la.session_id, lb.session_id) == (a1, b1)
+
+
+def test_compacted_history_continues_its_session() -> None:
+    run = Run()
+    first, _ = run.call([user("the task"), ], answer("step 1"))
+    run.call([user("the task"), said("step 1"), user("next")], answer("step 2"))
+    third, _ = run.call([user("the task"), said("step 1"), user("next"), said("step 2"), user("and next")],
+                        answer("step 3"))
+    # Cline-style truncation: the first message kept, the middle dropped, the last exchange kept.
+    _, cut = run.call([user("the task"), user("and next"), said("step 3"), user("go")], answer("step 4"))
+    assert (cut.session_id, cut.link, cut.parent_call_id) == (first, "history:compacted", third)
+    # Claude Code-style: the history replaced by the summary the model wrote for it.
+    summary = "The user asked for the task; steps 1 to 4 are done, tests are next."
+    fifth, _ = run.call([user("the task"), user("go"), said("step 4"), user("summarise the conversation")],
+                        answer(summary))
+    _, after = run.call([user("This session continues from an earlier conversation, summarised:\n" + summary),
+                         user("carry on")])
+    assert (after.session_id, after.link, after.parent_call_id) == (first, "quote", fifth)
+
+
+def test_an_idle_gap_ends_an_inferred_session_but_not_a_named_one() -> None:
+    run = Run(Grouper(idle_s=1800))
+    first, _ = run.call([user("task")], answer("one"))
+    later, l2 = run.call([user("task"), said("one"), user("back")], after=timedelta(hours=2))
+    assert (l2.session_id, l2.link, l2.parent_call_id) == (later, "idle", first)
+    h = {"x-llmtap-session": "night-run"}
+    n1, _ = run.call([user("a")], headers=h)
+    _, n2 = run.call([user("unrelated")], headers=h, after=timedelta(days=1))
+    assert (n2.session_id, n2.link, n2.parent_call_id) == (n1, "header:x-llmtap-session", n1)
+
+
+def test_explicit_ids_beat_structure_and_responses_chain_by_previous_response_id() -> None:
+    run = Run()
+    a, _ = run.call([user("task")], answer("one"), headers={"x-claude-code-session-id": "s-1"})
+    # Same conversation, another session id: the id the client sends wins.
+    b, lb = run.call([user("task"), said("one"), user("more")], headers={"x-claude-code-session-id": "s-2"})
+    assert (lb.session_id, lb.link) == (b, "header:x-claude-code-session-id")
+    r1, _ = run.call([user("q")], answer("x", rid="resp_1"))
+    _, lr = run.call([user("follow-up only")], ids={"previous_response_id": "resp_1"})
+    assert (lr.session_id, lr.link, lr.parent_call_id) == (r1, "body:previous_response_id", r1)
+    u1, _ = run.call([user("one thing")], ids={"metadata.user_id": "user_abc_session_1"})
+    _, lu = run.call([user("another")], ids={"metadata.user_id": "user_abc_session_1"})
+    assert (lu.session_id, lu.link) == (u1, "body:metadata.user_id")
+    assert a != b
+
+
+def test_a_research_pipeline_of_fresh_prompts_is_one_session_when_each_quotes_the_last() -> None:
+    # Local Deep Research through LangChain: every call a fresh [system, user] prompt, no ids;
+    # each step hands the previous answer on in its prompt.
+    run = Run(client="python-requests/2.32")
+    sysp = system("You are a research assistant.")
+    q, _ = run.call([sysp, user("Generate 2 questions about tides")],
+                    answer("1. What causes spring tides on the coast?\n2. Why are there two tides a day?"))
+    _, l2 = run.call([sysp, user("Summarise the search results for: what causes spring tides on the coast\n...")],
+                     answer("Spring tides happen when sun and moon align."))
+    _, l3 = run.call([sysp, user("Findings so far:\nSpring tides happen when sun and moon align.\nWrite the report.")],
+                     answer("Report"))
+    other, l4 = run.call([sysp, user("An unrelated prompt from the same client")])
+    assert (l2.session_id, l2.link, l2.parent_call_id) == (q, "quote", q)
+    assert (l3.session_id, l3.link) == (q, "quote")
+    assert (l4.session_id, l4.link) == (other, "new")
+
+
+def test_memory_stays_bounded_by_the_lru() -> None:
+    g = Grouper()
+    run = Run(g)
+    for i in range(MAX_CLIENTS + 10):
+        run.call([user(f"task {i}")], client=f"client-{i}")
+    assert len(g._clients) == MAX_CLIENTS
+    for i in range(KEYS_PER_CLIENT):
+        run.call([user(f"t{i}")], answer(f"a{i}", ToolCall(f"id{i}", "f", "{}")), client="busy")
+    assert len(g._clients.get("busy")) <= KEYS_PER_CLIENT
+    # The newest are still matched.
+    _, last = run.call([result(f"id{KEYS_PER_CLIENT - 1}", "r")], client="busy")
+    assert last.link == f"tool_call:id{KEYS_PER_CLIENT - 1}"
+
+
+# -- real traffic through the proxy into DuckDB ---------------------------------------------------
+def _rules(tmp_path: Path, fake: FakeProvider) -> Path:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(textwrap.dedent(f"""\
+        providers:
+          fake: {{base_url: "{fake.url}/v1", api: openai}}
+          claude: {{base_url: "{fake.url}", api: anthropic}}
+        routes:
+          - name: intercepted
+            match: {{model: "gpt-4o-mini", host: api.openai.com}}
+            targets: [{{provider: fake}}]
+        """))
+    return rules
+
+
+class Recorded:
+    def __init__(self, tmp_path: Path, confdir: Path, fake: FakeProvider) -> None:
+        self.db = tmp_path / "llmtap.duckdb"
+        self.recorder = Recorder(self.db)
+        self.proxy = RunningProxy(_rules(tmp_path, fake), confdir, sink=self.recorder)
+
+    def __enter__(self) -> Recorded:
+        self.recorder.start()
+        try:
+            self.proxy.__enter__()
+        except BaseException:
+            self.recorder.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.proxy.stop()
+        finally:
+            self.recorder.close()
+
+    def rows(self, sql: str) -> list[tuple]:
+        with duckdb.connect(str(self.db), read_only=True) as con:
+            return con.execute(sql).fetchall()
+
+
+@pytest.fixture
+def rec(tmp_path: Path, confdir: Path, fake: FakeProvider):
+    with Recorded(tmp_path, confdir, fake) as r:
+        yield r
+
+
+TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
+                                           "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                                                          "required": ["path"]}}},
+         {"type": "function", "function": {"name": "attempt_completion", "description": "Finish",
+                                           "parameters": {"type": "object", "properties": {"result": {"type": "string"}},
+                                                          "required": ["result"]}}}]
+
+
+def _cline_loop(client: openai.OpenAI, task: str, turns: int, stream: bool = True) -> list[dict]:
+    """What Cline does through an OpenAI-compatible provider: a system prompt with the time in
+    it, the whole history each turn, each tool's result answering its tool call; no ids."""
+    history: list[dict] = [{"role": "user", "content": f"<task>\n{task}\n</task>"}]
+    for turn in range(turns):
+        messages = [{"role": "system", "content": f"You are Cline. Turn {turn}."}, *history]
+        if stream:
+            text, calls = "", {}
+            for ev in client.chat.completions.create(model="qwen-coder", messages=messages, tools=TOOLS, stream=True,
+                                                    stream_options={"include_usage": True}):
+                d = ev.choices[0].delta if ev.choices else None
+                if d is None:
+                    continue
+                text += d.content or ""
+                for tc in d.tool_calls or []:
+                    got = calls.setdefault(tc.index, {"id": tc.id, "type": "function",
+                                                      "function": {"name": tc.function.name, "arguments": ""}})
+                    got["function"]["arguments"] += tc.function.arguments or ""
+            msg: dict = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = list(calls.values())
+        else:
+            m = client.chat.completions.create(model="qwen-coder", messages=messages, tools=TOOLS).choices[0].message
+            msg = {"role": "assistant", "content": m.content,
+                   **({"tool_calls": [tc.model_dump() for tc in m.tool_calls]} if m.tool_calls else {})}
+        history.append(msg)
+        for tc in msg.get("tool_calls") or []:
+            history.append({"role": "tool", "tool_call_id": tc["id"], "content": f"result of {tc['function']['name']}"})
+        if not msg.get("tool_calls"):
+            history.append({"role": "user", "content": "thanks; one more thing"})
+    return history
+
+
+def test_cline_style_tool_loop_through_the_gateway_is_one_session(rec: Recorded, fake: FakeProvider) -> None:
+    # Long enough that the recorder reads each request cut to its first and last messages.
+    fake.script(*[ok(tool="read_file", tool_args={"path": f"f{i}.py"}) for i in range(8)], ok(tool=False), ok(tool=False))
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    _cline_loop(client, "Fix the failing test", 10)
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id, turn, tool_calls FROM calls ORDER BY id")
+    ids = [c[0] for c in calls]
+    tool_ids = [json.loads(c[5])[0]["id"] if c[5] else None for c in calls]
+    assert [c[1] for c in calls] == [ids[0]] * 10
+    assert [(c[2], c[3], c[4]) for c in calls] == [("new", None, 1)] + [
+        (f"tool_call:{tool_ids[i]}", ids[i], i + 2) for i in range(8)] + [("history", ids[8], 10)]
+    (s,) = rec.rows("SELECT id, source, client, title, calls, failed, errors, input_tokens, output_tokens, "
+                    "started_at <= ended_at FROM sessions")
+    assert s[:7] == (ids[0], "new", calls and s[2], "<task> Fix the failing test </task>", 10, False, 0)
+    assert s[2].startswith("OpenAI/Python") and s[9]
+    assert (s[7], s[8]) == rec.rows("SELECT sum(input_tokens), sum(output_tokens) FROM calls")[0] and s[7] > 0
+
+
+def test_anthropic_sdk_with_a_session_header_groups_unrelated_conversations(rec: Recorded, fake: FakeProvider) -> None:
+    client = anthropic.Anthropic(base_url=f"{rec.proxy.gateway_url}/claude", api_key=KEY, max_retries=0,
+                                 default_headers={"x-llmtap-session": "nightly-review"})
+    for prompt in ("review a.py", "review b.py", "write the summary"):
+        client.messages.create(model="claude-sonnet", max_tokens=64, messages=[{"role": "user", "content": prompt}])
+    plain = anthropic.Anthropic(base_url=f"{rec.proxy.gateway_url}/claude", api_key=KEY, max_retries=0)
+    plain.messages.create(model="claude-sonnet", max_tokens=64, messages=[{"role": "user", "content": "other"}])
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
+    first = calls[0][0]
+    assert [c[1:] for c in calls[:3]] == [(first, "header:x-llmtap-session", None),
+                                          (first, "header:x-llmtap-session", calls[0][0]),
+                                          (first, "header:x-llmtap-session", calls[1][0])]
+    assert calls[3][1:] == (calls[3][0], "new", None)
+    assert rec.rows("SELECT key, calls, title FROM sessions ORDER BY id") == [
+        ("header:x-llmtap-session=nightly-review", 3, "review a.py"), (None, 1, "other")]
+
+
+def test_langchain_like_research_run_and_its_failed_call(rec: Recorded, fake: FakeProvider,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Four calls of the openai SDK with one system prompt and no ids, each quoting the step
+    before (as Local Deep Research does); the last one fails: the research failed."""
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    sysp = {"role": "system", "content": "You are a meticulous research assistant."}
+    answers = ["1. What drives ocean tides around the world?\n2. How large are spring tides compared with neap tides?",
+               "The Moon's gravity drives ocean tides, with help from the Sun.",
+               "Spring tides are about twenty percent larger than average tides."]
+    prompts = ["Generate two research questions about tides.",
+               "Search results for: What drives ocean tides around the world?\n[1] ...\nSummarise them.",
+               "Search results for: How large are spring tides compared with neap tides?\n[1] ...\nSummarise them.",
+               f"Findings:\n{answers[1]}\n{answers[2]}\nWrite the final report."]
+    fake.script(ok(), ok(), ok(), status(500))
+    for i, prompt in enumerate(prompts):
+        if i < len(answers):
+            fake.reply_text = answers[i]
+        try:
+            client.chat.completions.create(model="gpt-4o", messages=[sysp, {"role": "user", "content": prompt}])
+        except openai.InternalServerError:
+            assert i == 3
+    # One more, unrelated research from the same client: a session of its own, not failed.
+    fake.reply_text = "Unrelated."
+    client.chat.completions.create(model="gpt-4o", messages=[sysp, {"role": "user", "content": "Questions on bees?"}])
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id, status FROM calls ORDER BY id")
+    first = calls[0][0]
+    assert [c[1:4] for c in calls[:4]] == [(first, "new", None), (first, "quote", first), (first, "quote", first),
+                                           (first, "quote", calls[1][0])]
+    assert calls[3][4] == 500 and calls[4][1:3] == (calls[4][0], "new")
+    assert rec.rows("SELECT calls, errors, failed FROM sessions ORDER BY id") == [(4, 1, True), (1, 0, False)]
+    # The command line: the share of failed sessions per client, and --failed.
+    assert llmtap_main(["sessions", "--db", str(rec.db), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [s["id"] for s in listed] == [calls[4][0], first]  # newest first
+    assert {"id", "source", "client", "title", "started_at", "ended_at", "calls", "failed", "input_tokens",
+            "output_tokens", "cost_usd"} <= set(listed[0])
+    assert llmtap_main(["sessions", "--db", str(rec.db), "--failed", "--json"]) == 0
+    assert [s["id"] for s in json.loads(capsys.readouterr().out)] == [first]
+    assert llmtap_main(["sessions", "--db", str(rec.db)]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 sessions failed (50%)" in out
+    assert llmtap_main(["sessions", "--db", str(rec.db), first]) == 0
+    timeline = capsys.readouterr().out
+    assert "Generate two research questions" in timeline and "500" in timeline and "quote" in timeline
+
+
+def test_two_interleaved_cline_tasks_and_a_compacted_history(rec: Recorded, fake: FakeProvider) -> None:
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    fake.script(*[ok(tool=False)] * 12)
+    sysp = {"role": "system", "content": "You are Cline."}
+    hist = {"A": [{"role": "user", "content": "task A: rename the module"}],
+            "B": [{"role": "user", "content": "task B: write the docs"}]}
+    for turn in range(5):  # long enough that requests are read cut to their first and last messages
+        for task in ("A", "B"):
+            fake.reply_text = f"{task} step {turn}"  # distinct answers, as real ones are
+            m = client.chat.completions.create(model="m", messages=[sysp, *hist[task]]).choices[0].message
+            hist[task] += [{"role": "assistant", "content": m.content}, {"role": "user", "content": f"next {turn}"}]
+    # Task A's history outgrew the context: the middle is dropped, the first message and the last exchange kept.
+    fake.reply_text = "A after compaction"
+    client.chat.completions.create(model="m", messages=[sysp, hist["A"][0], *hist["A"][-3:]])
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
+    a, b = calls[0][0], calls[1][0]
+    assert [c[1] for c in calls] == [a, b] * 5 + [a]
+    assert [c[2] for c in calls] == ["new", "new"] + ["history"] * 8 + ["history:compacted"]
+    assert [c[3] for c in calls[2:10]] == [c[0] for c in calls[:8]] and calls[10][3] == calls[8][0]
+    assert rec.rows("SELECT count(*) FROM sessions") == [(2,)]
+
+
+def test_gateway_path_prefix_labels_a_session_and_is_not_routed(rec: Recorded, fake: FakeProvider) -> None:
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/s/my%20run/fake", api_key=KEY, max_retries=0)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "one"}])
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "two"}])
+    assert [r.path for r in fake.requests] == ["/v1/chat/completions"] * 2
+    rec.recorder.close()
+    calls = rec.rows("SELECT session_id, session_link FROM calls ORDER BY id")
+    assert [c[1] for c in calls] == ["label:path", "label:path"] and calls[0][0] == calls[1][0]
+    assert rec.rows("SELECT key, calls FROM sessions") == [("label=my run", 2)]
+
+
+def test_wrap_session_labels_every_call_of_the_wrapped_command(rec: Recorded, fake: FakeProvider,
+                                                               confdir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "agent.py"
+    # No base URL, no header: the SDK goes to api.openai.com through HTTPS_PROXY, as a user's
+    # script would; two unrelated prompts, a fresh client (so a fresh connection) for each.
+    script.write_text(textwrap.dedent("""\
+        import openai
+        for prompt in ("first", "second"):
+            openai.OpenAI(api_key="sk-wrapped-0123456789", max_retries=0).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}])
+        """))
+    env = {k: v for k, v in __import__("os").environ.items() if not k.lower().endswith("_proxy")}
+    r = subprocess.run([sys.executable, "-m", "llmtap", "wrap", "--session", "deploy-42", "--proxy",
+                        rec.proxy.proxy_url.removeprefix("http://"), "--confdir", str(confdir), "--",
+                        sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    rec.recorder.close()
+    calls = rec.rows("SELECT session_id, session_link, url FROM calls ORDER BY id")
+    assert [c[1:] for c in calls] == [("label:wrap", "https://api.openai.com/v1/chat/completions")] * 2
+    assert calls[0][0] == calls[1][0]
+    assert rec.rows("SELECT key, calls, title FROM sessions") == [("label=deploy-42", 2, "first")]
+
+
+def test_sessions_read_through_the_running_proxy(rec: Recorded, fake: FakeProvider,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0,
+                           default_headers={"x-llmtap-session": "live"})
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "while running"}])
+    # Committed within the flush interval (the recorder says so after the commit); the command
+    # reads through the recorder's endpoint, as the file is held.
+    seq, finished = 0, False
+    while not finished:
+        seq, events = rec.recorder.hub.events_after(seq, 10)
+        assert events, "the call was not committed"
+        finished = any(e["kind"] == "finished" for e in events)
+    assert llmtap_main(["sessions", "--db", str(rec.db), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [s["title"] for s in listed] == ["while running"]
+    assert llmtap_main(["sessions", "--db", str(rec.db), "--client", "nobody*", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+# -- the UI's sessions view --------------------------------------------------------------------
+def _recorded_tool_loop(db: Path) -> list[str]:
+    """A three-call tool loop recorded by the real Recorder; the last call fails with a 500."""
+    from llmtap.recorder.record import Call, new_id, utcnow
+
+    rec = Recorder(db, serve=False, helpers=0)
+    rec.start()
+    msgs: list[dict] = [{"role": "user", "content": "fix the flaky test"}]
+    ids = []
+    try:
+        for turn in range(3):
+            tool = {"id": f"call_t{turn}", "type": "function", "function": {"name": "run_tests", "arguments": "{}"}}
+            answer = {"role": "assistant", "content": None, "tool_calls": [tool]}
+            failed = turn == 2
+            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/x/v1/chat/completions",
+                     api="openai.chat", client="cline/3", status=500 if failed else 200, duration_ms=10.0,
+                     request_body=json.dumps({"model": "m", "messages": msgs}).encode(),
+                     response_headers={"content-type": "application/json"},
+                     response_body=json.dumps({"error": {"message": "boom"}} if failed else {
+                         "choices": [{"message": answer, "finish_reason": "tool_calls"}]}).encode())
+            rec.call_finished(c, [])
+            ids.append(c.id)
+            msgs = [*msgs, answer, {"role": "tool", "tool_call_id": tool["id"], "content": "1 failed"}]
+            # Each call is grouped when it is committed, and the next one answers its tool call.
+            seq, done = rec.hub.seq, False
+            while not done:
+                seq, events = rec.hub.events_after(seq, 10)
+                assert events, "not committed"
+                done = any(e["kind"] == "finished" and e["id"] == c.id for e in events) or any(
+                    e["kind"] == "finished" for e in events)
+    finally:
+        rec.close()
+    return ids
+
+
+async def test_ui_sessions_view_shows_the_tree_and_the_failed_call(tmp_path: Path) -> None:
+    from textual.widgets import DataTable, Static, Tree
+
+    from llmtap.tui.app import CallsScreen, LlmtapApp
+    from llmtap.tui.sessions import SessionScreen, SessionsScreen
+    from tuihelpers import DuckReader
+
+    ids = _recorded_tool_loop(tmp_path / "ui.duckdb")
+    reader = DuckReader(tmp_path / "ui.duckdb")
+    app = LlmtapApp(reader)
+
+    async def until(cond: Any, what: str) -> None:
+        for _ in range(500):
+            if cond():
+                return
+            await pilot.pause(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async with app.run_test(size=(160, 45)) as pilot:
+        await until(lambda: app.calls.pages_loaded > 0 and app.calls.table.row_count == 3, "the calls")
+        await pilot.press("S")
+        await until(lambda: isinstance(app.screen, SessionsScreen), "the sessions list")
+        listing = app.screen.query_one("#sessions", DataTable)
+        await until(lambda: listing.row_count == 1, "one session")
+        assert "1 sessions, 1 failed (100%)" in str(app.screen.query_one("#sessions-summary", Static).render())
+        await pilot.press("enter")
+        await until(lambda: isinstance(app.screen, SessionScreen) and app.screen.calls, "the session")
+        tree = app.screen.query_one("#session-tree", Tree)
+        first = tree.root.children
+        assert [n.data for n in first] == [ids[0]]  # the calls hang under the call each continues
+        assert [n.data for n in first[0].children] == [ids[1]]
+        assert [n.data for n in first[0].children[0].children] == [ids[2]]
+        assert "tool_call:call_t0" in str(first[0].children[0].label)
+        await until(lambda: tree.cursor_node is not None and tree.cursor_node.data == ids[2], "the failed call")
+        assert any(s.style and "red" in str(s.style) for s in tree.cursor_node.label.spans)
+        assert "FAILED" in str(app.screen.query_one("#session-summary", Static).render())
+        await pilot.press("escape", "escape")
+        assert isinstance(app.screen, CallsScreen)
+        # From a call, J jumps to its session.
+        await pilot.press("J")
+        await until(lambda: isinstance(app.screen, SessionScreen) and app.screen.session, "its session")
+        assert app.screen.session is not None and app.screen.session["id"] == ids[0]
+    reader.close()
+
+
+def test_responses_api_chains_by_previous_response_id(rec: Recorded, fake: FakeProvider) -> None:
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    first = client.responses.create(model="gpt-4o", input="Name a prime number.")
+    # The follow-up sends only the new message: the id is the one thing tying it to the first.
+    client.responses.create(model="gpt-4o", input="And another one?", previous_response_id=first.id)
+    client.responses.create(model="gpt-4o", input="Unrelated question.")
+    rec.recorder.close()
+    calls = rec.rows("SELECT id, session_id, session_link, parent_call_id FROM calls ORDER BY id")
+    assert calls[1][1:] == (calls[0][0], "body:previous_response_id", calls[0][0])
+    assert calls[2][1:] == (calls[2][0], "new", None)
+
+
+def test_headers_that_are_not_utf8_cost_no_record(rec: Recorded, fake: FakeProvider) -> None:
+    # An HTTP parser lets these bytes through; DuckDB takes only UTF-8 text.
+    with httpx.Client(timeout=30) as client:
+        r = client.post(f"{rec.proxy.gateway_url}/fake/chat/completions",
+                        headers={"x-llmtap-session": b"night\xff", "user-agent": b"agent/1.0\x9b"},
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    rec.recorder.close()
+    assert not rec.db.with_name(rec.db.name + ".spool.jsonl").exists()
+    (call,) = rec.rows("SELECT session_id, session_link FROM calls")
+    assert call[1] == "header:x-llmtap-session"
+    assert rec.rows("SELECT key FROM sessions") == [("header:x-llmtap-session=night\ufffd",)]
