@@ -126,16 +126,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_cost(sub)
 
-
-def _group_keys(text: str) -> tuple[str, ...]:
-    from llmtap.recorder.stats import GROUPS
-
-    keys = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in keys if k not in GROUPS]
-    if bad or not keys or len(set(keys)) != len(keys):
-        raise argparse.ArgumentTypeError(f"{text!r}: give model, provider or client, or several joined by "
-                                         "commas, each once, e.g. --by model,client")
-    return keys
     # Sessions (recorder/sessions.py, session_view.py)
     ss = sub.add_parser(
         "sessions",
@@ -168,6 +158,17 @@ def _group_keys(text: str) -> tuple[str, ...]:
                     help="a JSON array on stdout: one object per session with the `sessions` table's "
                     "columns (with ID: that session, its calls in `calls_list`)")
     ss.set_defaults(func=cmd_sessions)
+
+
+def _group_keys(text: str) -> tuple[str, ...]:
+    from llmtap.recorder.stats import GROUPS
+
+    keys = tuple(k.strip() for k in text.split(",") if k.strip())
+    bad = [k for k in keys if k not in GROUPS]
+    if bad or not keys or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: give model, provider or client, or several joined by "
+                                         "commas, each once, e.g. --by model,client")
+    return keys
 
 
 def cmd_export(args: argparse.Namespace) -> int:

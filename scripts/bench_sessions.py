@@ -72,10 +72,10 @@ def make_calls(n: int) -> list[Call]:
 def append_rate(n: int, db: Path, grouping: bool) -> tuple[float, float, int]:
     rec = Recorder(db, serve=False, services=Options(sessions={} if grouping else {"off": True}))
     rec.start()
-    calls = make_calls(n)
+    events = [c.finished() for c in make_calls(n)]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    for c in calls:
-        rec.call_finished(c, [])
+    for e in events:
+        rec.call_finished(e)
     while rec.written + rec.dropped_total < n:
         time.sleep(0.005)
     rate = n / (time.perf_counter() - t0)

@@ -453,7 +453,7 @@ def _recorded_tool_loop(db: Path) -> list[str]:
                      response_headers={"content-type": "application/json"},
                      response_body=json.dumps({"error": {"message": "boom"}} if failed else {
                          "choices": [{"message": answer, "finish_reason": "tool_calls"}]}).encode())
-            rec.call_finished(c, [])
+            rec.call_finished(c.finished())
             ids.append(c.id)
             msgs = [*msgs, answer, {"role": "tool", "tool_call_id": tool["id"], "content": "1 failed"}]
             # Each call is grouped when it is committed, and the next one answers its tool call.
