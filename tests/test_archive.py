@@ -89,7 +89,7 @@ def test_a_folder_archive_holds_every_finished_call_exactly_by_day_and_a_second_
     open_calls = build_db(db, {0: 4, 1: 3, 3: 2}, in_progress=1)
     r = llmtap("archive", "--db", str(db), "--to", str(root))
     assert r.returncode == 0, r.stderr
-    assert "archived 9 calls (18 attempts)" in r.stderr
+    assert "archived 9 calls (18 attempts" in r.stderr  # and the sessions grouping found
     # Exactly the finished rows, every column, and the attempts of exactly those calls.
     assert archived(root, "calls") == local_rows(db, "calls", FINISHED)
     assert archived(root, "attempts") == local_rows(db, "attempts")
@@ -120,7 +120,7 @@ def test_a_folder_archive_holds_every_finished_call_exactly_by_day_and_a_second_
     rec.call_finished(Call.finished(*finish(open_calls[0])))
     rec.close()
     third = llmtap("archive", "--db", str(db), "--to", str(root))
-    assert "archived 1 calls (2 attempts)" in third.stderr, third.stderr
+    assert "archived 1 calls (2 attempts" in third.stderr, third.stderr
     assert archived(root, "calls") == local_rows(db, "calls")
     ids = [r[0] for r in archived(root, "calls")]
     assert len(ids) == len(set(ids)) == 10
@@ -369,10 +369,12 @@ def test_run_refuses_keep_without_an_archive(tmp_path: Path) -> None:
 def test_sessions_are_archived_by_day_once_their_day_is_over(tmp_path: Path) -> None:
     db, root = tmp_path / "calls.duckdb", tmp_path / "archive"
     build_db(db, {1: 1})
-    with duckdb.connect(str(db)) as con:  # the shape a sessions table has: a key, then when it started
-        con.execute("CREATE TABLE sessions (id VARCHAR PRIMARY KEY, started_at TIMESTAMPTZ NOT NULL, calls BIGINT)")
-        con.execute("INSERT INTO sessions VALUES ('s-old', now() - INTERVAL 2 DAY, 3), ('s-old2', now() - INTERVAL 2 DAY, 1), "
-                    "('s-today', now(), 1)")
+    with duckdb.connect(str(db)) as con:  # sessions of two days ago, and one of today
+        con.execute("DELETE FROM sessions")
+        con.execute("INSERT INTO sessions (id, source, started_at, ended_at, calls, errors, failed, fallbacks) VALUES "
+                    "('s-old', 'new', now() - INTERVAL 2 DAY, now() - INTERVAL 2 DAY, 3, 0, false, 0), "
+                    "('s-old2', 'new', now() - INTERVAL 2 DAY, now() - INTERVAL 2 DAY, 1, 0, false, 0), "
+                    "('s-today', 'new', now(), now(), 1, 0, false, 0)")
     r = llmtap("archive", "--db", str(db), "--to", str(root))
     assert r.returncode == 0 and "2 sessions" in r.stderr, r.stderr
     got = rows(duckdb.connect(), f"SELECT id, calls FROM read_parquet('{root}/sessions/**/*.parquet', "
