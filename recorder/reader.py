@@ -128,12 +128,17 @@ def _interruptible(cur: duckdb.DuckDBPyConnection, step: Callable[[], Any]) -> A
         finally:
             done.set()
 
-    threading.Thread(target=run, name="llmtap-sql-local", daemon=True).start()
     try:
+        # start() is inside: a Ctrl-C while it waits for the thread to begin must not leave
+        # the query running while the cursor is closed under it.
+        threading.Thread(target=run, name="llmtap-sql-local", daemon=True).start()
         done.wait()
     except KeyboardInterrupt:
+        # An interrupt that comes before the query has begun is lost: repeat it until the
+        # step ends.
         cur.interrupt()
-        done.wait()
+        while not done.wait(0.05):
+            cur.interrupt()
         raise
     ok, value = box[0]
     if not ok:

@@ -474,36 +474,36 @@ def repl(reader: Reader, args: argparse.Namespace) -> int:
     buf: list[str] = []
     try:
         while True:
+            running = False
             try:
                 line = input("   ...> " if buf else "llmtap> ")
+                # From here a Ctrl-C is caught below wherever it lands (a terminal delivers it
+                # whenever it likes, also between reading the line and starting its query).
+                if not buf and line.strip().startswith("."):
+                    sql = helper(line.strip())
+                    if sql is None:
+                        if line.split()[0] != ".help":
+                            print(f"unknown helper {printable(line.strip())!r} (.schema needs a table name)")
+                        print(HELP)
+                        continue
+                else:
+                    if not buf and not line.strip():
+                        continue
+                    buf.append(line)
+                    if not line.rstrip().endswith(";"):
+                        continue
+                    sql = "\n".join(buf)
+                    buf = []
+                    _remember(sql, sum(1 for typed in sql.split("\n") if typed))  # readline keeps no empty line
+                running = True
+                run_one(reader, sql, args, sys.stdout)
             except EOFError:
                 print()
                 return 0
-            except KeyboardInterrupt:  # as in a shell: Ctrl-C drops the query being typed
-                print()
-                buf = []
-                continue
-            if not buf and line.strip().startswith("."):
-                sql = helper(line.strip())
-                if sql is None:
-                    if line.split()[0] != ".help":
-                        print(f"unknown helper {printable(line.strip())!r} (.schema needs a table name)")
-                    print(HELP)
-                    continue
-            else:
-                if not buf and not line.strip():
-                    continue
-                buf.append(line)
-                if not line.rstrip().endswith(";"):
-                    continue
-                sql = "\n".join(buf)
-                _remember(sql, sum(1 for typed in buf if typed))  # readline keeps no empty line
-                buf = []
-            try:
-                run_one(reader, sql, args, sys.stdout)
             except SqlError as exc:
                 print(f"error: {_shown(str(exc))}", file=sys.stderr)
-            except KeyboardInterrupt:
-                print("interrupted", file=sys.stderr)
+            except KeyboardInterrupt:  # as in a shell: Ctrl-C drops the query being typed or run
+                buf = []
+                print("interrupted" if running else "", file=sys.stderr if running else sys.stdout)
     finally:
         save()
