@@ -103,6 +103,22 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
                           "(repeatable; default: none, requests from web pages are refused)")
     run.add_argument("--tui", action="store_true", help="show the live terminal UI in this process")
     run.add_argument("-q", "--quiet", action="store_true", help="no line per call on stdout")
+    # -- OpenTelemetry traces (recorder/otlp.py)
+    run.add_argument("--otlp", metavar="URL", default=None, type=_otlp_url,
+                     help="send each finished call as an OpenTelemetry span (GenAI conventions) over "
+                          "OTLP/HTTP to URL/v1/traces, e.g. http://127.0.0.1:4318 (Jaeger, Tempo, a "
+                          "collector) or https://cloud.langfuse.com/api/public/otel. Default: "
+                          "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (as given) or $OTEL_EXPORTER_OTLP_ENDPOINT; "
+                          "headers (credentials) from $OTEL_EXPORTER_OTLP_HEADERS. A collector that is "
+                          "down or slow never slows the proxy: spans beyond a bounded queue are dropped, "
+                          "counted, and `llmtap export otlp` sends them later")
+    run.add_argument("--otlp-content", choices=("none", "full"), default=None,
+                     help="full: also send prompts, answers and reasoning (gen_ai.input.messages, "
+                          "gen_ai.output.messages, gen_ai.system_instructions), masked as the record is "
+                          "(default: none; full when $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)")
+    run.add_argument("--otlp-content-max", metavar="CHARS", type=_positive_int, default=None,
+                     help="with --otlp-content full, the most characters of each of those attributes; "
+                          "longer texts are cut with a mark saying how much was left out (default: 32768)")
     run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
@@ -300,8 +316,9 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
         from llmtap.addons.runner import configure_logging
 
         configure_logging()
+    services = _service_options(args)
     sink, recorder = _make_sink(db, args.no_record, in_process=args.tui, body_limit=args.max_body,
-                                buffer_mb=args.buffer_mb, wait=False, services=_service_options(args))
+                                buffer_mb=args.buffer_mb, wait=False, services=services)
     if recorder is None and not args.no_record:
         return 2
     from llmtap.addons import rules as rules_mod
@@ -341,6 +358,12 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
             lines.append(f"token     {where}: send it as the API key to use the key_env keys")
         lines.append(f"db        {'not recording' if recorder is None else db}")
         lines.append(f"CA        {confdir / 'mitmproxy-ca-cert.pem'}")
+        if services.otlp:
+            from llmtap.recorder.otlp import shown
+
+            content = services.otlp["content"]
+            lines.append(f"traces    {shown(services.otlp['endpoint'])}   (OTLP/HTTP; message content: {content}"
+                         f"{'' if content == 'full' else ', --otlp-content full sends it'})")
         print("llmtap " + "\n       ".join(lines), file=sys.stderr, flush=True)
 
     try:
@@ -424,9 +447,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _otlp_url(text: str) -> str:
+    from llmtap.recorder.otlp import OtlpError, traces_url
+
+    try:
+        traces_url(text)
+    except OtlpError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--otlp {text!r}: ")) from None
+    return text
+
+
 def _service_options(args: argparse.Namespace) -> Options:
     """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
-    return Options()
+    options = Options()
+    if args.no_record:
+        return options  # traces are made from committed rows: none without a record
+    from llmtap.recorder.otlp import OtlpError, resolve
+
+    try:
+        options.otlp = resolve(args.otlp, args.otlp_content, args.otlp_content_max)
+    except OtlpError as exc:  # from a variable (a bad --otlp stops at the parser)
+        print(f"llmtap: {exc}; traces are off", file=sys.stderr)
+    return options
 
 
 def _make_sink(db: Path, no_record: bool, in_process: bool, body_limit: int = DEFAULT_BODY_LIMIT,

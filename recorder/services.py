@@ -52,4 +52,12 @@ def start(options: Options, recorder: Any) -> list[Service]:
     """The services `options` turns on, started. One that cannot start is said and left out:
     recording goes on without it."""
     services: list[Service] = []
+    if options.otlp.get("endpoint"):
+        try:
+            from llmtap.recorder.otlp import OtlpService, shown
+
+            services.append(OtlpService(options.otlp))
+            log.info("llmtap recorder: traces go to %s", shown(options.otlp["endpoint"]))
+        except Exception as exc:
+            log.error("llmtap recorder: traces cannot be sent (%s); recording goes on without them", exc)
     return services
