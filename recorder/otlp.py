@@ -641,18 +641,21 @@ class Sender:
             log.warning("llmtap otlp: the collector at %s rejected %d spans: %s", shown(self.endpoint),
                         resp.partial_success.rejected_spans, resp.partial_success.error_message[:200])
 
-    def send(self, body: bytes, deadline: float | None = None, stop: threading.Event | None = None) -> str | None:
+    def send(self, body: bytes, deadline: float | None = None, stop: threading.Event | None = None,
+             failed: Callable[[str], None] | None = None) -> str | None:
         """Send with back-off until sent (None), or the reason it was given up (retries used up,
-        the deadline, or `stop` set while waiting)."""
+        the deadline, or `stop` set while waiting). `failed` hears of the first failed try."""
         delay = 0.5
         why = ""
-        for _ in range(RETRIES + 1):
+        for attempt in range(RETRIES + 1):
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0.05:
                 return why or "no time left"
             ok, after, why = self.post(body, None if remaining is None else min(self.timeout_s, remaining))
             if ok:
                 return None
+            if attempt == 0 and failed is not None:
+                failed(why)
             wait = min(BACKOFF_MAX_S, after if after is not None else delay)
             delay = min(BACKOFF_MAX_S, delay * 2)
             if deadline is not None and time.monotonic() + wait > deadline:
@@ -704,6 +707,7 @@ class OtlpService:
         self.dropped = 0  # calls not exported: queue full, batches given up, left at close
         self._said_drop = False
         self._failing: str | None = None  # why the collector is not taking spans, while it is not
+        self._in_flight = 0  # calls of the batch being sent
         self._thread = threading.Thread(target=self._run, name="llmtap-otlp", daemon=True)
         self._thread.start()
 
@@ -758,14 +762,24 @@ class OtlpService:
                     break
                 self._ship(batch, None)
 
+    def _failed(self, why: str) -> None:
+        if self._failing is None:
+            self._failing = why
+            log.warning("llmtap otlp: the collector at %s does not take spans (%s); tried again with back-off, "
+                        "recording goes on", shown(self.sender.endpoint), why)
+
     def _ship(self, batch: list[tuple[dict, list[dict], int]], deadline: float | None) -> None:
+        self._in_flight = len(batch)
         try:
-            why = self.sender.send(self._encode(batch), deadline, self._stop if deadline is None else None)
+            why = self.sender.send(self._encode(batch), deadline, self._stop if deadline is None else None,
+                                   self._failed)
         except Rejected as exc:
             why = str(exc)
         except Exception as exc:  # never let the thread die: the next batch may go through
             log.exception("llmtap otlp: sending a batch failed")
             why = str(exc)
+        finally:
+            self._in_flight = 0
         if why is None:
             self.sent += len(batch)
             if self._failing is not None:
@@ -773,10 +787,7 @@ class OtlpService:
                             shown(self.sender.endpoint), self.dropped)
                 self._failing, self._said_drop = None, False
             return
-        if self._failing is None:
-            self._failing = why
-            log.warning("llmtap otlp: the collector at %s does not take spans (%s); retried with back-off",
-                        shown(self.sender.endpoint), why)
+        self._failed(why)
         self._dropped(len(batch), f"the collector at {shown(self.sender.endpoint)} did not take a batch ({why})")
 
     def close(self) -> None:
@@ -793,7 +804,9 @@ class OtlpService:
                 self._dropped(len(batch), "the proxy stopped")
                 continue
             self._ship(batch, deadline)
-        left = len(self._take(len(self._queue)))
+        # A batch still on its way when the stop is over (a collector slower than the flush)
+        # is as good as lost: the process ends.
+        left = len(self._take(len(self._queue))) + (self._in_flight if self._thread.is_alive() else 0)
         if left:
             self._dropped(left, "the proxy stopped before they were sent")
         if self.dropped:

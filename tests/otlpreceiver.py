@@ -49,6 +49,7 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[Span] = []
         self.posts: list[dict[str, Any]] = []  # {"path", "headers", "spans": n}
+        self.bodies: list[bytes] = []  # every POST's body as it arrived (secrets must not be in any)
         self.answer: tuple[int, dict[str, str]] = (200, {})
         self.delay_s = 0.0
         self.refused = 0
@@ -68,6 +69,9 @@ class OtlpReceiver:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if not receiver.count_only:
+                    with receiver._cond:
+                        receiver.bodies.append(body)
                 if receiver.delay_s:
                     receiver._release.wait(receiver.delay_s)
                 code, extra = receiver.answer
