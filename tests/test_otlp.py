@@ -20,10 +20,9 @@ import openai
 import pytest
 
 from fakeprovider import FakeProvider, status
+from llmtap.recorder import otlp
 from otlpreceiver import OtlpReceiver, Span
 from test_cli import Lines
-
-from llmtap.recorder import otlp
 
 KEY = "sk-proj-PLANTEDotlp0123456789abcdefghijklmnop"
 CLIENT = 3  # SPAN_KIND_CLIENT
