@@ -47,6 +47,8 @@ examples:
   llmtap run --proxy off --db /tmp/try.duckdb   only the gateway, another file
   llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN: anyone there can use it,
                                       and with --gateway-token anyone who has the token
+  llmtap run --otlp http://127.0.0.1:4318   each call as an OpenTelemetry span (Jaeger, Tempo,
+                                      Langfuse, Phoenix); --otlp-content full adds the messages
 
 security:
   The gateway adds a provider's key_env key only for a client that sent the llmtap gateway

@@ -376,6 +376,8 @@ class SpanBuilder:
             ("gen_ai.response.id", response_id),
             ("gen_ai.request.stream", True if call.get("stream") else None),
             ("gen_ai.conversation.id", call.get("session_id")),
+            # The general registry's name for it, which Langfuse and Phoenix group sessions by.
+            ("session.id", call.get("session_id")),
             ("gen_ai.usage.input_tokens", input_tokens),
             ("gen_ai.usage.output_tokens", output_tokens),
             ("gen_ai.usage.reasoning.output_tokens", call.get("reasoning_tokens")),
@@ -560,7 +562,23 @@ def capped_json(value: list[dict], cap: int, messages: bool) -> tuple[str, bool]
     return text, True
 
 
-def encode(spans: list[Any], service_name: str = "llmtap") -> bytes:
+def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The resource every span comes from: service.name ($OTEL_SERVICE_NAME, default llmtap) and
+    $OTEL_RESOURCE_ATTRIBUTES (`key=value,...`, e.g. Phoenix's openinference.project.name)."""
+    from llmtap import __version__
+
+    env = os.environ if environ is None else environ
+    attrs = {"service.name": "llmtap", "service.version": __version__, "telemetry.sdk.name": "llmtap"}
+    for item in (env.get("OTEL_RESOURCE_ATTRIBUTES") or "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip():
+            attrs[unquote(key.strip())] = unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = env["OTEL_SERVICE_NAME"]
+    return attrs
+
+
+def encode(spans: list[Any], resource: Mapping[str, str] | None = None) -> bytes:
     """One ExportTraceServiceRequest for `spans`."""
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
     from opentelemetry.proto.common.v1 import common_pb2
@@ -569,7 +587,7 @@ def encode(spans: list[Any], service_name: str = "llmtap") -> bytes:
 
     req = trace_service_pb2.ExportTraceServiceRequest()
     rs = req.resource_spans.add()
-    for k, v in (("service.name", service_name), ("service.version", __version__), ("telemetry.sdk.name", "llmtap")):
+    for k, v in (resource or resource_attributes({})).items():
         rs.resource.attributes.append(common_pb2.KeyValue(key=k, value=common_pb2.AnyValue(string_value=v)))
     ss = rs.scope_spans.add()
     ss.scope.name, ss.scope.version = "llmtap", __version__
@@ -600,7 +618,7 @@ class Sender:
         self.gzip = (env.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION")
                      or env.get("OTEL_EXPORTER_OTLP_COMPRESSION") or "").lower() == "gzip"
         self.timeout_s = timeout_s if timeout_s is not None else _env_timeout(env)
-        self.service_name = env.get("OTEL_SERVICE_NAME") or "llmtap"
+        self.resource = resource_attributes(env)
         # trust_env=False: HTTPS_PROXY may well point at llmtap itself, and the collector is
         # addressed directly.
         self._client = httpx.Client(timeout=httpx.Timeout(self.timeout_s, connect=min(2.0, self.timeout_s)),
@@ -750,7 +768,7 @@ class OtlpService:
                 spans.extend(self.builder.spans(call, attempts))
             except Exception:  # one odd row costs its own span, never the batch
                 log.exception("llmtap otlp: cannot make a span of call %s", call.get("id"))
-        return encode(spans, self.sender.service_name)
+        return encode(spans, self.sender.resource)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -831,7 +849,7 @@ def backfill(rows: Iterable[tuple[dict, list[dict]]], options: Mapping[str, Any]
         if not batch:
             return
         try:
-            why = sender.send(encode(batch, sender.service_name))
+            why = sender.send(encode(batch, sender.resource))
         except Rejected as exc:
             why = str(exc)
         if why is not None:

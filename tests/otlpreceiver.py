@@ -166,3 +166,26 @@ class OtlpReceiver:
         with self._cond:
             return sorted((s for s in self.spans if s.parent_span_id == span.span_id and s.trace_id == span.trace_id),
                           key=lambda s: s.attrs.get("llmtap.attempt.n", 0))
+
+
+def main() -> int:
+    """Standalone, for benchmarks: prints `READY URL`, counts spans, and on SIGTERM prints
+    `RECEIVED N` and exits."""
+    import signal
+    import sys
+
+    rx = OtlpReceiver()
+    rx.count_only = True
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with rx:
+        print(f"READY {rx.url}", flush=True)
+        stop.wait()
+    print(f"RECEIVED {rx.received}", flush=True)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

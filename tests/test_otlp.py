@@ -182,7 +182,8 @@ def test_a_fallback_a_client_trace_and_opt_in_content_capped_and_masked(
     trace, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     with OtlpReceiver() as rx:
         # Langfuse's way in: a base URL with a path, Basic auth in the standard variable.
-        env = {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Basic%20cGs6c2s=,x-extra=1"}
+        env = {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Basic%20cGs6c2s=,x-extra=1",
+               "OTEL_RESOURCE_ATTRIBUTES": "openinference.project.name=agents,deployment.environment=dev"}
         with Run(tmp_path, rules, "--otlp", rx.url + "/api/public/otel", "--otlp-content", "full",
                  "--otlp-content-max", "4000", env=env) as run:
             claude = anthropic.Anthropic(base_url=f"{run.gateway}/a1", api_key=KEY, max_retries=0)
@@ -208,6 +209,7 @@ def test_a_fallback_a_client_trace_and_opt_in_content_capped_and_masked(
     # The collector got the headers, at the path under the base URL.
     assert {p["path"] for p in rx.posts} == {"/api/public/otel/v1/traces"}
     assert rx.posts[0]["headers"]["authorization"] == "Basic cGs6c2s=" and rx.posts[0]["headers"]["x-extra"] == "1"
+    assert fallback.resource["openinference.project.name"] == "agents" and fallback.resource["service.name"] == "llmtap"
 
     # Content, opt-in: the conversation as the conventions shape it, masked as the record is.
     msgs = json.loads(fallback.attrs["gen_ai.input.messages"])
@@ -325,3 +327,18 @@ def test_content_over_the_cap_stays_valid_json_and_marks_what_it_left_out() -> N
     assert "turn 49" in kept[-1]["parts"][0]["content"]  # the newest turn is what stays
     small, cut = otlp.capped_json(messages[:1], 2000, True)
     assert not cut and json.loads(small) == messages[:1]
+
+
+def test_a_known_session_is_the_conversation_id() -> None:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    from otlpreceiver import _value
+
+    row = {"id": "01J00000000000000000000001", "api": "anthropic.messages", "url": "http://127.0.0.1:8081/a/v1/messages",
+           "method": "POST", "status": 200, "model_requested": "claude-x", "session_id": "sess-42",
+           "request_headers": "{}", "response_body": "{}"}
+    spans = otlp.SpanBuilder().spans(otlp.slim(row, "none"), [])
+    (span,) = trace_service_pb2.ExportTraceServiceRequest.FromString(otlp.encode(spans)).resource_spans[0].scope_spans[0].spans
+    attrs = {kv.key: _value(kv.value) for kv in span.attributes}
+    assert attrs["gen_ai.conversation.id"] == attrs["session.id"] == "sess-42"
+    assert span.name == "chat claude-x"
