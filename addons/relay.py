@@ -23,6 +23,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from llmtap.addons.upstream import Origin, Pool, Response, StreamCut, UpstreamError, UpstreamTimeout
+from llmtap.dialects import registry
 from llmtap.recorder.record import DEFAULT_BODY_LIMIT, Attempt, Call, Sink, body_cut_note, utcnow
 from llmtap.recorder.redact import redact_headers
 
@@ -579,25 +580,6 @@ def _own_error(api_family: str, attempts: list[Attempt]) -> bytes:
 
 
 def error_body(family: str, status: int, message: str, code: str, attempts: list[dict] | None = None) -> bytes:
-    """llmtap's own error in the shape the client's SDK reads for its API family; `attempts`
-    (the upstream tries that failed) ride along where that shape has room for them."""
-    payload: dict[str, object]
-    if family == "anthropic":
-        kind = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error"}.get(status, "api_error")
-        payload = {"type": "error", "error": {"type": kind, "message": message}}
-    elif family == "ollama":
-        payload = {"error": message}
-    elif family == "gemini":
-        state = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                 502: "UNAVAILABLE"}.get(status, "UNKNOWN")
-        payload = {"error": {"code": status, "message": message, "status": state}}
-    else:
-        kind = {400: "invalid_request_error", 403: "permission_denied", 404: "invalid_request_error",
-                502: "upstream_unavailable"}.get(status, "api_error")
-        error: dict[str, object] = {"message": message, "type": kind, "param": None, "code": code}
-        if attempts is not None:
-            error["attempts"] = attempts
-        payload = {"error": error}
-    if attempts is not None and family in ("anthropic", "ollama", "gemini"):
-        payload["llmtap_attempts"] = attempts
-    return json.dumps(payload).encode()
+    """llmtap's own error in the shape the client's SDK reads for its API family (its dialect's
+    error body); `attempts` (the upstream tries that failed) ride along where that shape has room."""
+    return registry.for_family(family).error_body(status, message, code, attempts)

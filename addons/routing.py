@@ -11,7 +11,6 @@ import hmac
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -25,14 +24,14 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 from llmtap.addons import rules as rules_mod
 from llmtap.addons.relay import HOP_BY_HOP, PLAN_HEADER, Plan, Policy, Relay, Target, error_body
 from llmtap.addons.upstream import Origin
+from llmtap.dialects import registry
 from llmtap.recorder.record import API_OTHER, Call, body_cut_note, detect_api, new_id, utcnow
 from llmtap.recorder.redact import collect_secrets, redact_headers, redact_url
 
 log = logging.getLogger("llmtap.routing")
 
-# Credentials a client may carry; they go only to the provider the client addressed.
-AUTH_HEADERS = frozenset({"authorization", "x-api-key", "api-key", "x-goog-api-key"})
-_GEMINI_MODEL = re.compile(r"(/models/)([^/:]+)(:[A-Za-z]+)")
+# Credentials a client may carry, in any format; they go only to the provider the client addressed.
+AUTH_HEADERS = registry.credential_headers()
 
 
 def _family(api: str) -> str:
@@ -259,33 +258,9 @@ class Router:
     @staticmethod
     def _read_body(content_type: str, body: bytes, api: str, path: str,
                    notes: list[str]) -> tuple[str | None, bool | None, dict | None]:
-        """(model, stream, parsed JSON object) from a request; notes say what could not be read."""
-        model: str | None = None
-        stream: bool | None = None
-        doc: dict | None = None
-        if api == "gemini.generate":
-            m = _GEMINI_MODEL.search(path)
-            model = m.group(2) if m else None
-            stream = "streamGenerateContent" in path
-        if body and ("json" in content_type or body[:1] in (b"{", b"[")):
-            try:
-                parsed = json.loads(body)
-            except UnicodeDecodeError:
-                notes.append("request body is not UTF-8; passed through unchanged")
-            except ValueError as exc:
-                notes.append(f"request body is not valid JSON ({exc}); passed through unchanged")
-            else:
-                if isinstance(parsed, dict):
-                    doc = parsed
-                    if isinstance(parsed.get("model"), str):
-                        model = parsed["model"]
-                    if isinstance(parsed.get("stream"), bool):
-                        stream = parsed["stream"]
-                    elif api == "ollama.chat":
-                        stream = True  # Ollama streams unless told not to
-        elif body and api != API_OTHER and api != "gemini.generate":
-            notes.append(f"request body is not JSON (content-type {content_type or 'none'}); passed through unchanged")
-        return model, stream, doc
+        """(model, stream, parsed JSON object) from a request, as its dialect reads them; notes
+        say what could not be read."""
+        return registry.get(api).peek(content_type, body, path, notes)
 
     def _take_token(self, headers: list[tuple[str, str]], query: str) -> tuple[list[tuple[str, str]], str, bool]:
         """(headers, query, sent the token): the llmtap token taken out of wherever the client
@@ -322,11 +297,10 @@ class Router:
             query = urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() != "key"])
         drop: frozenset[str] = frozenset()
         if new_model != old_model and new_model is not None:
-            if api == "gemini.generate":
-                target_path = _GEMINI_MODEL.sub(lambda m: f"{m.group(1)}{new_model}{m.group(3)}", target_path, count=1)
-            elif doc is not None:
-                doc = dict(doc, model=new_model)
-                body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+            # Where the model is (the body, or the URL path for Gemini) is the dialect's to say.
+            new_doc, target_path = registry.get(api).rewrite_model(doc, target_path, new_model)
+            if new_doc is not None and new_doc is not doc:
+                body = json.dumps(new_doc, ensure_ascii=False, separators=(",", ":")).encode()
                 if content_encoding is not None:
                     # The rewritten body is encoded as the client's was, so body and header agree.
                     # An encoding mitmproxy can decode but not encode: send it decoded and drop
@@ -479,8 +453,8 @@ def _fmt_host(host: str) -> str:
 
 def error_family(method: str, path: str) -> str:
     """The API family whose error shape llmtap answers a request in, from its path alone."""
-    family = _family(detect_api(method, path))
-    return family if family in ("anthropic", "gemini", "ollama") else "openai"
+    family = registry.detect(method, path).family
+    return family if family != registry.OTHER else "openai"
 
 
 def _kept(body: bytes, limit: int, notes: list[str]) -> bytes:
@@ -511,11 +485,8 @@ def _forward_headers(client_headers: list[tuple[str, str]], origin: Origin, *, k
 
 
 def _auth_header(api: str, key: str) -> tuple[bytes, bytes]:
-    if api == "anthropic":
-        return (b"x-api-key", key.encode())
-    if api == "gemini":
-        return (b"x-goog-api-key", key.encode())
-    return (b"authorization", b"Bearer " + key.encode())
+    """How a provider speaking `api` (rules.yaml's family) is sent a key: its dialect's header."""
+    return registry.for_family(api).auth_header(key)
 
 
 def _policy(route: rules_mod.Route | None, rules: rules_mod.Rules) -> Policy:

@@ -16,6 +16,7 @@ from typing import Any
 
 M001 = "m001_calls_and_attempts"
 M003 = "m003_prompt"
+M004 = "m004_usage"
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("id", "VARCHAR PRIMARY KEY", "ULID: sorts by start time"),
     ("started_at", "TIMESTAMPTZ NOT NULL", ""),
     ("client", "VARCHAR", "User-Agent"),
-    ("api", "VARCHAR NOT NULL", "openai.chat, openai.responses, anthropic.messages, ollama.chat, gemini.generate, other"),
+    ("api", "VARCHAR NOT NULL", "the dialect (llmtap.dialects.registry.names()): openai.chat, anthropic.messages, ..., other"),
     ("method", "VARCHAR NOT NULL", ""),
     ("url", "VARCHAR NOT NULL", "as the client addressed it, secrets redacted"),
     ("status", "INTEGER", "what the client got; NULL while in progress"),
@@ -52,8 +53,8 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("content", "VARCHAR", ""),
     ("tool_calls", "JSON", "[{id, name, arguments}], arguments verbatim"),
     ("finish_reason", "VARCHAR", ""),
-    ("input_tokens", "BIGINT", ""),
-    ("output_tokens", "BIGINT", ""),
+    ("input_tokens", "BIGINT", "all input, cache reads and writes included"),
+    ("output_tokens", "BIGINT", "reasoning included"),
     ("reasoning_tokens", "BIGINT", ""),
     ("total_tokens", "BIGINT", ""),
     ("error", "VARCHAR", ""),
@@ -62,6 +63,13 @@ CALLS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (
     ("response_body_raw", "BLOB", "likewise"),
 )) + (
     Column("prompt", "VARCHAR", M003, "what this call added as text: system prompt and new messages"),
+) + (
+    # Usage as every dialect normalises it (llmtap.dialects.shapes.Usage). input_tokens counts
+    # cache reads and writes too, in every dialect (since m004: Anthropic's input_tokens was its
+    # own field alone before), and output_tokens counts reasoning (Gemini's thoughts, since m004).
+    Column("cache_read_tokens", "BIGINT", M004, "input tokens read from the provider's prompt cache (in input_tokens)"),
+    Column("cache_write_tokens", "BIGINT", M004, "input tokens written to the prompt cache (in input_tokens)"),
+    Column("usage_raw", "JSON", M004, "the provider's final usage object as sent, redacted; NULL before m004"),
 )
 
 ATTEMPTS: tuple[Column, ...] = tuple(Column(n, s, M001, note) for n, s, note in (

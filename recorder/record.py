@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Protocol
 
+from llmtap.dialects import registry
+
+# Body limits and their notes are the framing's, shared by the proxy and the recorder.
+from llmtap.dialects.framing import DEFAULT_BODY_LIMIT, body_cut_note, size_text  # noqa: F401
+
 # Values of `Call.api`: the wire dialect of the request (column `calls.api`).
 API_OPENAI_CHAT = "openai.chat"
 API_OPENAI_RESPONSES = "openai.responses"
@@ -32,50 +37,10 @@ APIS = (
     API_OTHER,
 )
 
-# The most of one body the record keeps (`llmtap run --max-body`): request and response bodies
-# as they crossed the wire, and the response once decoded. The traffic itself is never cut.
-DEFAULT_BODY_LIMIT = 8 << 20
-
-
-def size_text(n: int) -> str:
-    """`8 MiB`, `510 KiB`, `1.5 MiB`: sizes as notes and help show them."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.0f} {unit}" if value == int(value) or value >= 100 else f"{value:.1f} {unit}"
-    return f"{n} bytes"
-
-
-def body_cut_note(which: str, limit: int, size: int | None = None) -> str:
-    """The note of a request or response body the record keeps only the first `limit` bytes of
-    (the proxy and the recorder say it in the same words, so that a row carries it once)."""
-    whole = f" ({size_text(size)})" if size is not None else ""
-    got = "the upstream" if which == "request" else "the client"
-    return (f"{which} body over {size_text(limit)}{whole}: the record keeps the first "
-            f"{size_text(limit)}; {got} got all of it")
-
-
 def detect_api(method: str, path: str) -> str:
-    """The dialect of a request from its method and URL path (any gateway or base prefix).
-
-    Decided from the path alone so that the proxy can classify a call before reading its body,
-    and a body that is not JSON still gets the right `api`.
-    """
-    if method.upper() != "POST":
-        return API_OTHER
-    p = path.split("?", 1)[0].rstrip("/")
-    if p.endswith("/chat/completions"):
-        return API_OPENAI_CHAT
-    if p.endswith("/responses"):
-        return API_OPENAI_RESPONSES
-    if p.endswith("/messages") and not p.endswith("/threads/messages"):
-        return API_ANTHROPIC_MESSAGES
-    if p.endswith("/api/chat"):
-        return API_OLLAMA_CHAT
-    tail = p.rsplit("/", 1)[-1]
-    if "/models/" in p and (tail.endswith(":generateContent") or tail.endswith(":streamGenerateContent")):
-        return API_GEMINI_GENERATE
-    return API_OTHER
+    """The dialect of a request from its method and URL path (any gateway or base prefix): see
+    llmtap.dialects.registry.detect."""
+    return registry.detect(method, path).name
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -763,6 +763,9 @@ class Recorder(QueuedSink):
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
             "prompt": prompt_text(req_text),  # from the masked request text: no secret in it either
+            "cache_read_tokens": ex.cache_read_tokens if ex else None,
+            "cache_write_tokens": ex.cache_write_tokens if ex else None,
+            "usage_raw": _usage_json(ex, b),
         })
 
     # -- failure: spool --------------------------------------------------------------------------
@@ -989,6 +992,17 @@ class _Rows:
 
 def _job(call: Call, limit: int) -> Job:
     return (call.api, call.status, call.response_headers, call.response_body, limit)
+
+
+def _usage_json(ex: Extraction | None, scrub: Callable[[str | None], str | None]) -> str | None:
+    """The provider's usage object as JSON, through the call's scrubber like every body."""
+    raw = ex.usage.raw if ex is not None else None
+    if raw is None:
+        return None
+    try:
+        return scrub(json.dumps(raw, ensure_ascii=False))
+    except (TypeError, ValueError):
+        return None
 
 
 def _attempt_row(a: Attempt, scrub: Scrubber) -> tuple:

@@ -59,10 +59,18 @@ def _m003_prompt(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(statement)
 
 
+def _m004_usage(con: duckdb.DuckDBPyConnection) -> None:
+    # Cache tokens and the provider's own usage object, read by each dialect (llmtap.dialects):
+    # what pricing needs. Calls recorded before keep NULL.
+    for statement in add_columns("calls", "m004_usage"):
+        con.execute(statement)
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
     ("m003_prompt", _m003_prompt),
+    ("m004_usage", _m004_usage),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -111,7 +111,7 @@ def test_a_brotli_bomb_is_bounded() -> None:
 
 def test_a_brotli_bomb_is_bounded_by_a_brotli_module_without_an_output_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     brotli = pytest.importorskip("brotli")
-    import llmtap.recorder.extract as extract_mod
+    import llmtap.dialects.framing as extract_mod
 
     monkeypatch.setattr(extract_mod, "_brotli_bounded", lambda obj: False)  # as with Brotli < 1.2
     comp = brotli.Compressor(quality=5)

@@ -680,3 +680,24 @@ def test_a_column_listed_before_the_migration_order_is_refused(monkeypatch: pyte
     monkeypatch.setitem(schema.TABLES, "calls", (*columns.CALLS, columns.Column("x", "VARCHAR", "m999")))
     with pytest.raises(RuntimeError, match="not in schema.MIGRATIONS"):
         schema._check_spec()
+
+
+def test_cache_tokens_and_the_providers_usage_object_land_redacted(db: Path) -> None:
+    # An upstream that echoes the client's key inside its usage object must not get it stored.
+    usage = {"input_tokens": 12, "cache_read_input_tokens": 1000, "cache_creation_input_tokens": 50,
+             "output_tokens": 20, "echo": PLANTED}
+    body = ANTHROPIC_SSE.replace(b'"usage":{"input_tokens":12,"output_tokens":1}',
+                                 json.dumps({"usage": usage}, separators=(",", ":"))[1:-1].encode())
+    assert body != ANTHROPIC_SSE
+    rec = Recorder(db)
+    rec.start()
+    call, attempts = finish(make_call(), body)
+    rec.call_finished(call, attempts)
+    rec.close()
+    r = row(db, call.id)
+    assert (r["input_tokens"], r["cache_read_tokens"], r["cache_write_tokens"], r["output_tokens"]) == (1062, 1000, 50, 20)
+    raw = json.loads(r["usage_raw"])
+    assert raw["cache_read_input_tokens"] == 1000 and raw["output_tokens"] == 20
+    assert PLANTED not in r["usage_raw"] and raw["echo"].startswith("sk-")
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert ("m004_usage",) in con.execute("SELECT name FROM _migrations").fetchall()

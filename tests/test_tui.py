@@ -324,8 +324,14 @@ def test_conversation_of_every_dialect() -> None:
     ], "tools": [{"functionDeclarations": [{"name": "fc"}, {"name": "fd"}]}]})
     assert gemini.system == ["gsys"] and gemini.turns[1].role == "model" and len(gemini.tools) == 2
 
-    ollama = render.conversation({"model": "qwen3", "system": "osys", "prompt": "generate this"})
-    assert ollama.system == ["osys"] and ollama.turns[0].text == "generate this"
+    ollama = render.conversation({"model": "qwen3", "messages": [
+        {"role": "system", "content": "osys"}, {"role": "user", "content": "look", "images": ["aGk="]},
+        {"role": "tool", "tool_name": "weather", "content": "sunny"}]}, "ollama.chat")
+    assert ollama.system == ["osys"] and [t.text for t in ollama.turns] == ["look\n[image]", "sunny"]
+    # The call's own dialect reads it: Gemini's answers by name, Anthropic's by id.
+    gemini_result = render.conversation({"contents": [{"role": "user", "parts": [
+        {"functionResponse": {"name": "fc", "response": {"ok": True}}}]}]}, "gemini.generate")
+    assert gemini_result.turns[0].text.startswith("← fc:") and '"ok": true' in gemini_result.turns[0].text
     assert render.conversation("not an object").note
     assert render.conversation({"foo": 1}).note
 

@@ -843,7 +843,7 @@ class DetailScreen(Screen[None]):
             widgets.append(Static("The request body is not UTF-8; see the Raw tab.", classes="note"))
             conv = render.Conversation()
         else:
-            conv = render.conversation(render.parse_json(body))
+            conv = render.conversation(render.parse_json(body), rec.get("api"))
         if conv.note:
             widgets.append(Static(conv.note, classes="note"))
         if conv.system:

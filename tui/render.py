@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from llmtap.dialects import registry
+from llmtap.dialects.shapes import Message, Part, ToolSpec
+
 # Display caps: a 50 MB body must not freeze the terminal; the full text stays in the DB.
 BODY_DISPLAY_LIMIT = 256 * 1024
 TURN_DISPLAY_LIMIT = 16 * 1024
@@ -84,132 +87,63 @@ def pretty_arguments(arguments: Any) -> str:
     return pretty_json(arguments)
 
 
-def _text_of(content: Any) -> str:
-    """Text of a message `content` in any dialect: a string, or a list of typed blocks."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        content = [content]
-    if not isinstance(content, list):
-        return pretty_json(content)
-    out: list[str] = []
-    for block in content:
-        if isinstance(block, str):
-            out.append(block)
-            continue
-        if not isinstance(block, dict):
-            out.append(pretty_json(block))
-            continue
-        kind = block.get("type")
-        if "text" in block and isinstance(block["text"], str):
-            out.append(block["text"])
-        elif kind == "thinking":
-            out.append(f"[thinking]\n{block.get('thinking', '')}")
-        elif kind == "redacted_thinking":
-            out.append("[redacted thinking]")
-        elif kind == "tool_use":
-            out.append(f"→ {block.get('name')}({pretty_arguments(block.get('input'))})")
-        elif kind == "tool_result":
-            out.append(f"← result for {block.get('tool_use_id')}:\n{_text_of(block.get('content'))}")
-        elif kind in ("image", "image_url", "input_image") or "inlineData" in block or "inline_data" in block:
-            out.append("[image]")
-        elif "functionCall" in block:  # Gemini
-            call = block["functionCall"] or {}
-            out.append(f"→ {call.get('name')}({pretty_arguments(call.get('args'))})")
-        elif "functionResponse" in block:
-            resp = block["functionResponse"] or {}
-            out.append(f"← {resp.get('name')}:\n{pretty_arguments(resp.get('response'))}")
-        else:
-            out.append(pretty_json(block))
-    return "\n".join(out)
+def _part_text(part: Part, in_tool_turn: bool) -> str | None:
+    """One part of a message as the Conversation tab shows it."""
+    if part.kind == "text":
+        return part.text
+    if part.kind == "reasoning":
+        return "[redacted thinking]" if part.redacted else f"[thinking]\n{part.text or ''}"
+    if part.kind == "tool_call" and part.tool_call is not None:
+        call = part.tool_call
+        return f"→ {call.name}({pretty_arguments(call.arguments)})"
+    if part.kind == "tool_result" and part.tool_result is not None:
+        result = part.tool_result
+        if in_tool_turn:  # the turn's role already names the call it answers
+            return result.content
+        if result.name and not result.call_id:
+            return f"← {result.name}:\n{pretty_arguments(result.content)}"
+        return f"← result for {result.call_id or result.name}:\n{pretty_arguments(result.content)}"
+    if part.kind in ("image", "audio", "file"):
+        return f"[{part.kind}]"
+    return pretty_arguments(part.text) if part.text else None
 
 
-def _openai_tool_calls(msg: dict) -> str:
-    lines = []
-    for tc in msg.get("tool_calls") or []:
-        fn = (tc or {}).get("function") or {}
-        lines.append(f"→ {fn.get('name')}({pretty_arguments(fn.get('arguments'))})")
-    return "\n".join(lines)
+def _turn(msg: Message) -> Turn:
+    if msg.role == "tool":
+        ids = [r.call_id for r in msg.tool_results if r.call_id]
+        base = msg.native_role if msg.native_role in ("tool", "function") else "tool"
+        role = f"{base} ({ids[0]})" if ids else base
+    else:
+        role = msg.native_role or msg.role
+    texts = [t for t in (_part_text(p, msg.role == "tool") for p in msg.parts) if t]
+    return Turn(role, clip("\n".join(texts), TURN_DISPLAY_LIMIT))
 
 
-def conversation(body: Any) -> Conversation:
-    """Read a request body of any supported dialect as a chat.
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": spec.name}
+    if spec.kind != "function":
+        out["type"] = spec.kind
+    if spec.description:
+        out["description"] = spec.description
+    if spec.parameters is not None:
+        out["parameters"] = spec.parameters
+    return out
 
-    Dialects are told apart by their keys, not by `calls.api`, so a body recorded as `other`
-    still reads well when it looks like one of them."""
+
+def conversation(body: Any, api: str | None = None) -> Conversation:
+    """A request body as a chat, read by its dialect (`api`, a `calls.api` value) into the
+    normalised Request; a body of no known dialect (`other`, or None) is read as the format it
+    looks like."""
     conv = Conversation()
     if not isinstance(body, dict):
         conv.note = "the request body is not a JSON object"
         return conv
-    # System prompts: Anthropic `system`, Responses `instructions`, Gemini `systemInstruction`,
-    # Ollama generate `system`.
-    system = body.get("system")
-    if system:
-        conv.system.append(_text_of(system))
-    if isinstance(body.get("instructions"), str) and body["instructions"]:
-        conv.system.append(body["instructions"])
-    si = body.get("systemInstruction") or body.get("system_instruction")
-    if isinstance(si, dict):
-        conv.system.append(_text_of(si.get("parts")))
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        for tool in tools:
-            if isinstance(tool, dict) and isinstance(tool.get("functionDeclarations"), list):
-                conv.tools.extend(tool["functionDeclarations"])  # Gemini nests them
-            else:
-                conv.tools.append(tool)
-
-    def add(role: str, text: str) -> None:
-        conv.turns.append(Turn(role, clip(text, TURN_DISPLAY_LIMIT)))
-
-    if isinstance(body.get("messages"), list):  # OpenAI chat, Anthropic, Ollama chat
-        for msg in body["messages"]:
-            if not isinstance(msg, dict):
-                continue
-            role = str(msg.get("role", "?"))
-            text = _text_of(msg.get("content"))
-            calls = _openai_tool_calls(msg)
-            if calls:
-                text = f"{text}\n{calls}" if text else calls
-            if msg.get("tool_call_id"):
-                role = f"{role} ({msg['tool_call_id']})"
-            if role in ("system", "developer") and not conv.turns:
-                conv.system.append(text)  # leading system turns are the system prompt
-            else:
-                add(role, text)
-    elif "input" in body:  # OpenAI Responses
-        items = body["input"]
-        if isinstance(items, str):
-            add("user", items)
-        elif isinstance(items, list):
-            for item in items:
-                if not isinstance(item, dict):
-                    add("user", _text_of(item))
-                    continue
-                kind = item.get("type")
-                if kind == "function_call":
-                    add("assistant", f"→ {item.get('name')}({pretty_arguments(item.get('arguments'))})")
-                elif kind == "function_call_output":
-                    add(f"tool ({item.get('call_id')})", _text_of(item.get("output")))
-                elif kind == "reasoning":
-                    add("reasoning", _text_of(item.get("summary")))
-                else:
-                    role = str(item.get("role", kind or "?"))
-                    text = _text_of(item.get("content"))
-                    if role in ("system", "developer") and not conv.turns:
-                        conv.system.append(text)
-                    else:
-                        add(role, text)
-    elif isinstance(body.get("contents"), list):  # Gemini
-        for content in body["contents"]:
-            if isinstance(content, dict):
-                add(str(content.get("role", "user")), _text_of(content.get("parts")))
-    elif isinstance(body.get("prompt"), str):  # Ollama generate, legacy completions
-        add("user", body["prompt"])
-    else:
-        conv.note = "no messages, input, contents or prompt in this request body"
+    req = registry.read_request(api, body)
+    conv.system = [s for s in req.system if s]
+    conv.tools = [_tool(t) for t in req.tools]
+    conv.turns = [_turn(m) for m in req.messages if m.role != "system"]
+    if not req.messages and not req.system:
+        conv.note = "no conversation in this request body" + (f" ({'; '.join(req.notes)})" if req.notes else "")
     if len(conv.turns) > MAX_TURNS:
         hidden = len(conv.turns) - MAX_TURNS
         conv.turns = conv.turns[-MAX_TURNS:]
