@@ -304,12 +304,6 @@ class SpanBuilder:
         self.content = content
         self.content_max = max(256, content_max)
         self._pb, self._common = trace_pb2, common_pb2
-        try:  # the normalised request of llmtap.dialects, when that module has a reader
-            from llmtap.dialects import registry  # type: ignore[attr-defined]
-
-            self._read_request: Callable[[str, Any], Any] | None = getattr(registry, "read_request", None)
-        except ImportError:
-            self._read_request = None
 
     # attributes
     def _kv(self, key: str, value: Any) -> Any:
@@ -355,12 +349,13 @@ class SpanBuilder:
         address, port = _server(upstream)
         head, tail = call.get("_head"), call.get("_tail")
         input_tokens, output_tokens = call.get("input_tokens"), call.get("output_tokens")
-        cache_read = cache_write = None
-        if op is not None:
+        cache_read, cache_write = call.get("cache_read_tokens"), call.get("cache_write_tokens")
+        if op is not None and cache_read is None and cache_write is None and call.get("usage_raw") is None:
+            # A row recorded before llmtap had the cache columns (m004): read them from the
+            # answer's last usage. Anthropic then counted them apart from input_tokens; the
+            # conventions' input tokens include them, as the columns since m004 do.
             cache_read, cache_write = _last_int(_CACHE_READ, head, tail), _last_int(_CACHE_WRITE, head, tail)
             if api == "anthropic.messages" and isinstance(input_tokens, int):
-                # Anthropic counts cache reads and writes apart from input_tokens; the
-                # conventions' input tokens include them.
                 input_tokens += (cache_read or 0) + (cache_write or 0)
         response_id = None
         if op is not None and isinstance(status, int) and status < 400 and head:
@@ -444,36 +439,39 @@ class SpanBuilder:
 
     # content
     def _content(self, span: Any, call: Mapping[str, Any], api: str) -> None:
-        system, messages = self._input(call, api)
+        system, messages, tools = self._input(call, api)
         output = self._output(call)
         truncated = False
         for key, value in (("gen_ai.system_instructions", system), ("gen_ai.input.messages", messages),
-                           ("gen_ai.output.messages", output)):
+                           ("gen_ai.output.messages", output), ("gen_ai.tool.definitions", tools)):
             if not value:
                 continue
-            text, cut = capped_json(value, self.content_max, key != "gen_ai.system_instructions")
+            text, cut = capped_json(value, self.content_max, key in ("gen_ai.input.messages", "gen_ai.output.messages"))
             truncated = truncated or cut
             span.attributes.append(self._kv(key, text))
         if truncated:
             span.attributes.append(self._kv("llmtap.content.truncated", True))
 
-    def _input(self, call: Mapping[str, Any], api: str) -> tuple[list[dict], list[dict]]:
+    def _input(self, call: Mapping[str, Any], api: str) -> tuple[list[dict], list[dict], list[dict]]:
         body = call.get("request_body")
-        if self._read_request is not None and isinstance(body, str):
-            try:
-                parsed = json.loads(body)
-                req = self._read_request(api, parsed)
+        if isinstance(body, str):
+            from llmtap.dialects.registry import read_request
+
+            try:  # the request as its own dialect reads it (shapes.Request)
+                req = read_request(api, body, urlsplit(str(call.get("url") or "")).path)
             except Exception:  # a body no dialect reads: the prompt column below
                 req = None
-            if req is not None and getattr(req, "messages", None):
+            if req is not None and req.messages:
                 messages = [_message(m) for m in req.messages]
                 in_history = any(m["role"] == "system" for m in messages)
                 system = [] if in_history else [{"type": "text", "content": s} for s in req.system]
-                return system, messages
-        # Without a request reader: what this call added, as text (llmtap's `prompt` column:
-        # the system prompt and the messages after the model's last turn), as one user turn.
+                tools = [{"type": t.kind, "name": t.name, **({"description": t.description} if t.description else {}),
+                          **({"parameters": t.parameters} if t.parameters is not None else {})} for t in req.tools]
+                return system, messages, tools
+        # A body no dialect reads (cut by --max-body, not JSON): what this call added, as text
+        # (llmtap's `prompt` column: the system prompt and the new messages), as one user turn.
         prompt = call.get("prompt")
-        return [], ([{"role": "user", "parts": [{"type": "text", "content": prompt}]}] if prompt else [])
+        return [], ([{"role": "user", "parts": [{"type": "text", "content": prompt}]}] if prompt else []), []
 
     @staticmethod
     def _output(call: Mapping[str, Any]) -> list[dict]:

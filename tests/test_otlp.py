@@ -192,7 +192,11 @@ def test_a_fallback_a_client_trace_and_opt_in_content_capped_and_masked(
                                    extra_headers={"traceparent": f"00-{trace}-{parent}-01", "tracestate": "vendor=1"})
             gpt = openai.OpenAI(base_url=f"{run.gateway}/oa", api_key=KEY, max_retries=0)
             gpt.chat.completions.create(model="gpt-long", messages=[{"role": "system", "content": "Be brief."},
-                                                                    {"role": "user", "content": long_text}])
+                                                                    {"role": "user", "content": long_text}],
+                                        tools=[{"type": "function", "function": {
+                                            "name": "fold", "description": "Fold it",
+                                            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}}],
+                                        tool_choice="none")
             rx.wait_spans(5)
             assert run.stop() == 0
     spans = by_model(rx)
@@ -212,17 +216,23 @@ def test_a_fallback_a_client_trace_and_opt_in_content_capped_and_masked(
     assert fallback.resource["openinference.project.name"] == "agents" and fallback.resource["service.name"] == "llmtap"
 
     # Content, opt-in: the conversation as the conventions shape it, masked as the record is.
-    msgs = json.loads(fallback.attrs["gen_ai.input.messages"])
-    texts = [p.get("content", "") for m in msgs for p in m["parts"]]
-    assert any("fold" in t for t in texts) and not any(KEY in t for t in texts)
-    assert any("sk-proj-…" in t for t in texts)  # the fingerprint the record keeps
+    (msg,) = json.loads(fallback.attrs["gen_ai.input.messages"])
+    assert msg["role"] == "user" and msg["parts"][0]["type"] == "text"
+    text = msg["parts"][0]["content"]
+    assert text.startswith("my key is sk-proj-…") and text.endswith(", fold") and KEY not in text  # the record's fingerprint
+    assert json.loads(fallback.attrs["gen_ai.system_instructions"]) == [{"type": "text", "content": "You fold paper."}]
     out = json.loads(fallback.attrs["gen_ai.output.messages"])
     assert out == [{"role": "assistant", "parts": [{"type": "text", "content": fake2.reply_text}], "finish_reason": "stop"}]
     assert all(KEY.encode() not in body for body in rx.bodies)
     long = spans["gpt-long"].attrs
     assert len(long["gen_ai.input.messages"]) <= 4000 and long["llmtap.content.truncated"] is True
     cut = json.loads(long["gen_ai.input.messages"])  # still valid JSON, and says what it left out
-    assert "more characters not exported]" in json.dumps(cut, ensure_ascii=False)
+    assert [m["role"] for m in cut] == ["system", "user"] and cut[0]["parts"][0]["content"] == "Be brief."
+    assert cut[1]["parts"][0]["content"].startswith("word word") and cut[1]["parts"][0]["content"].endswith("more characters not exported]")
+    assert "gen_ai.system_instructions" not in long  # the system message is in the history, where it was sent
+    assert json.loads(long["gen_ai.tool.definitions"]) == [
+        {"type": "function", "name": "fold", "description": "Fold it",
+         "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}}}]
     answer = json.loads(long["gen_ai.output.messages"])[0]["parts"]
     assert answer[0] == {"type": "reasoning", "content": fake.reasoning_text}
     assert answer[1] == {"type": "text", "content": fake.reply_text}
@@ -342,3 +352,22 @@ def test_a_known_session_is_the_conversation_id() -> None:
     attrs = {kv.key: _value(kv.value) for kv in span.attributes}
     assert attrs["gen_ai.conversation.id"] == attrs["session.id"] == "sess-42"
     assert span.name == "chat claude-x"
+
+
+def test_a_call_recorded_before_the_cache_columns_reads_its_cache_counts_from_the_answer() -> None:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    from otlpreceiver import _value
+
+    # As `llmtap export otlp` reads an older file: no cache columns, Anthropic's input_tokens
+    # without the cache, and the answer's usage saying how much was read and written.
+    body = json.dumps({"type": "message", "usage": {"input_tokens": 5, "cache_read_input_tokens": 30,
+                                                    "cache_creation_input_tokens": 7, "output_tokens": 2}})
+    row = {"id": "01J00000000000000000000002", "api": "anthropic.messages", "url": "http://h/a/v1/messages",
+           "method": "POST", "status": 200, "model_requested": "claude-x", "input_tokens": 5, "output_tokens": 2,
+           "request_headers": "{}", "response_body": body}
+    (span,) = trace_service_pb2.ExportTraceServiceRequest.FromString(
+        otlp.encode(otlp.SpanBuilder().spans(otlp.slim(row, "none"), []))).resource_spans[0].scope_spans[0].spans
+    attrs = {kv.key: _value(kv.value) for kv in span.attributes}
+    assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.cache_read.input_tokens"],
+            attrs["gen_ai.usage.cache_creation.input_tokens"]) == (42, 30, 7)
