@@ -48,6 +48,7 @@ QUEUE_CHARS = 64 << 20  # text the waiting calls hold (with --otlp-content full:
 BATCH_CALLS = 256
 RETRIES = 5  # per batch, then it is dropped (counted); `llmtap export otlp` sends it again
 BACKOFF_MAX_S = 30.0
+GATHER_S = 1.0  # how long a span waits for others to go in one request
 CLOSE_FLUSH_S = 3.0  # what `close()` gives the queue before counting the rest as dropped
 
 # gen_ai.operation.name by llmtap's dialect; OpenAI Responses is "chat" with openai.api.type.
@@ -772,6 +773,10 @@ class OtlpService:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            if len(self._queue) < BATCH_CALLS:
+                # Let the writer's commits (every 250 ms) gather into one request: fewer, larger
+                # POSTs cost the recorder's process, which shares the CPUs with the proxy, less.
+                self._stop.wait(GATHER_S)
             while not self._stop.is_set():
                 batch = self._take(BATCH_CALLS)
                 if not batch:

@@ -371,3 +371,41 @@ def test_a_call_recorded_before_the_cache_columns_reads_its_cache_counts_from_th
     attrs = {kv.key: _value(kv.value) for kv in span.attributes}
     assert (attrs["gen_ai.usage.input_tokens"], attrs["gen_ai.usage.cache_read.input_tokens"],
             attrs["gen_ai.usage.cache_creation.input_tokens"]) == (42, 30, 7)
+
+
+def rows(n: int, base: int = 0) -> list[dict]:
+    return [{"id": f"01J000000000000000000{base + i:05d}", "api": "openai.chat", "url": "http://x/v1/chat/completions",
+             "method": "POST", "status": 200, "model_requested": "m", "started_at": None, "duration_ms": 1.0}
+            for i in range(n)]
+
+
+def test_a_collector_that_says_retry_later_gets_the_batch_again_and_nothing_is_dropped() -> None:
+    with OtlpReceiver() as rx:
+        rx.answer = (503, {"retry-after": "0"})
+        service = otlp.OtlpService({"endpoint": rx.url + "/v1/traces", "content": "none"}, environ={})
+        try:
+            service.committed(rows(3), [])
+            rx.wait_refused(2)  # refused, and asked again
+            rx.answer = (200, {})
+            got = rx.wait_spans(3)
+        finally:
+            service.close()
+        assert sorted(s.attrs["llmtap.call.id"] for s in got) == [r["id"] for r in rows(3)]
+        assert service.dropped == 0 and service.sent == 3
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    assert otlp._retry_after("7") == 7.0 and otlp._retry_after(None) is None and otlp._retry_after("soon") is None
+    later = otlp._retry_after(format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True))
+    assert later is not None and 20 < later <= 30
+
+
+def test_calls_committed_just_before_the_stop_are_sent_by_the_stop() -> None:
+    with OtlpReceiver() as rx:
+        service = otlp.OtlpService({"endpoint": rx.url + "/v1/traces", "content": "none"}, environ={})
+        service.committed(rows(5), [])
+        service.close()  # at once: the spans had no time to leave on their own
+        assert len(rx.spans) == 5 and service.sent == 5 and service.dropped == 0
