@@ -173,7 +173,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _register_export_otlp(exp: argparse.ArgumentParser) -> None:
     from llmtap.helpformat import HelpFormatter
 
-    targets = exp.add_subparsers(dest="target", metavar="otlp", required=False)
+    targets = exp.add_subparsers(dest="target", metavar="[otlp]", required=False,
+                                 help="`llmtap export otlp`: send the calls to an OpenTelemetry collector "
+                                 "instead of writing a file (see `llmtap export otlp --help`)")
     otlp = targets.add_parser(
         "otlp",
         help="send recorded calls to an OpenTelemetry collector (OTLP/HTTP) instead of a file",
