@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 log = logging.getLogger("llmtap.recorder")
 
@@ -99,7 +99,7 @@ def traces_url(base: str, what: str = "--otlp") -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise OtlpError(f"{what} {base!r}: expected an http:// or https:// URL, e.g. "
                         f"http://127.0.0.1:4318 (OTLP/HTTP's port; spans go to URL{TRACES_PATH})")
-    return base.strip().rstrip("/") + TRACES_PATH
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + TRACES_PATH))
 
 
 def resolve(url: str | None = None, content: str | None = None, content_max: int | None = None,
@@ -108,6 +108,7 @@ def resolve(url: str | None = None, content: str | None = None, content_max: int
     Headers are not in it: they carry credentials, so the process that sends reads them from
     its environment, and they never appear on a command line."""
     env = os.environ if environ is None else environ
+    from_env = not url
     if url:
         endpoint = traces_url(url)
     elif env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -128,7 +129,23 @@ def resolve(url: str | None = None, content: str | None = None, content_max: int
     if content is None:
         capture = env.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").lower()
         content = "full" if capture in ("true", "span_only", "span_and_event") else "none"
-    return {"endpoint": endpoint, "content": content, "content_max": content_max or DEFAULT_CONTENT_MAX}
+    # The options cross to the recorder's process on its command line, where any local user can
+    # read them: an endpoint from a variable (which may hold user:password@ or a ?token=) is
+    # named there only as shown(), and the process reads the variable itself.
+    return {"endpoint": shown(endpoint) if from_env else endpoint, "from_env": from_env,
+            "content": content, "content_max": content_max or DEFAULT_CONTENT_MAX}
+
+
+def endpoint_of(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> str:
+    """The endpoint to POST to, as `resolve` found it (from the environment again, see there)."""
+    return _env_endpoint(environ) if options.get("from_env") else str(options["endpoint"])
+
+
+def _env_endpoint(environ: Mapping[str, str] | None) -> str:
+    env = os.environ if environ is None else environ
+    if env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        return env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"].strip()
+    return traces_url(env["OTEL_EXPORTER_OTLP_ENDPOINT"], "OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
 def parse_headers(text: str, what: str) -> dict[str, str]:
@@ -713,7 +730,7 @@ class OtlpService:
                  queue_calls: int = QUEUE_CALLS, queue_chars: int = QUEUE_CHARS) -> None:
         self.content = str(options.get("content") or "none")
         self.builder = SpanBuilder(self.content, int(options.get("content_max") or DEFAULT_CONTENT_MAX))
-        self.sender = Sender(str(options["endpoint"]), environ=environ)
+        self.sender = Sender(endpoint_of(options, environ), environ=environ)
         self.queue_calls, self.queue_chars = queue_calls, queue_chars
         self._queue: collections.deque[tuple[dict, list[dict], int]] = collections.deque()
         self._chars = 0
@@ -842,7 +859,7 @@ def backfill(rows: Iterable[tuple[dict, list[dict]]], options: Mapping[str, Any]
     calls sent. Raises OtlpError when the collector does not take a batch."""
     content = str(options.get("content") or "none")
     builder = SpanBuilder(content, int(options.get("content_max") or DEFAULT_CONTENT_MAX))
-    sender = Sender(str(options["endpoint"]), environ=environ)
+    sender = Sender(endpoint_of(options, environ), environ=environ)
     sent = 0
     batch: list[Any] = []
     n = 0

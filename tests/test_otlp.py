@@ -311,6 +311,11 @@ def test_the_standard_variables_choose_the_endpoint_and_the_flag_wins() -> None:
     assert otlp.resolve(environ=env)["endpoint"] == "http://tempo:4318/custom"  # used as given
     assert otlp.resolve("http://flag:4318", environ=env)["endpoint"] == "http://flag:4318/v1/traces"
     assert otlp.resolve(environ={}) == {}
+    # A secret in a variable's URL is not copied onto the recorder process's command line.
+    secret = {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://u:hunter22@collector:4318/?token=t0ps3cret"}
+    options = otlp.resolve(environ=secret)
+    assert "hunter22" not in json.dumps(options) and "t0ps3cret" not in json.dumps(options)
+    assert otlp.endpoint_of(options, secret) == "https://u:hunter22@collector:4318/v1/traces?token=t0ps3cret"
     assert otlp.resolve(environ={**env, "OTEL_SDK_DISABLED": "true"}) == {}
     assert otlp.resolve(environ={**env, "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"})["content"] == "full"
     with pytest.raises(otlp.OtlpError, match="http/protobuf"):
