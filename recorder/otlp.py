@@ -11,24 +11,27 @@ are hashes of it. Exporting a call again (a backfill after an outage) sends the 
 backend that keys spans by id (Langfuse, Tempo's dedup) keeps one copy. A client that sent a
 W3C `traceparent` gets the call's span inside its own trace instead.
 
-Encoding is done here with `opentelemetry-proto`'s messages and POSTed with httpx rather than
-through the SDK's span exporter: the SDK's exporter takes only SDK `ReadableSpan`s, whose ids
+Spans are written in OTLP's protobuf wire format here (see "the OTLP wire format" below for why
+not as opentelemetry-proto messages, which the tests decode them with) and POSTed with httpx,
+rather than through the SDK's span exporter: that one takes only SDK `ReadableSpan`s, whose ids
 come from the SDK's random id generator, and retries inside `export()` with sleeps of its own
 (up to a minute) that a bounded queue in front of it could not see. Here a batch is one
-protobuf message, retried on this module's terms (back-off, `Retry-After` on 429/503, a short
-timeout), and an unreachable collector costs counted drops and one warning, never the writer.
+request, retried on this module's terms (back-off, `Retry-After` on 429/503, a short timeout),
+and an unreachable collector costs counted drops and one warning, never the writer.
 """
 
 from __future__ import annotations
 
 import base64
 import collections
+import functools
 import gzip
 import hashlib
 import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -78,6 +81,7 @@ _CACHE_READ = re.compile(r'"(?:cache_read_input_tokens|cached_tokens|cachedConte
                          r'prompt_cache_hit_tokens)"\s*:\s*(\d+)')
 _CACHE_WRITE = re.compile(r'"cache_creation_input_tokens"\s*:\s*(\d+)')
 _RESPONSE_ID = re.compile(r'"(?:id|responseId)"\s*:\s*"([^"\\]{1,200})"')
+_NAMES_TRACEPARENT = re.compile(r'"traceparent"', re.IGNORECASE)
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 EDGE = 4096  # of an answer's text, the head (its id) and the tail (its final usage) are kept
 
@@ -191,17 +195,17 @@ def shown(url: str) -> str:
 
 
 # -- ids ---------------------------------------------------------------------------------------------
-_CROCKFORD = {c: i for i, c in enumerate("0123456789ABCDEFGHJKMNPQRSTVWXYZ")}
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
+# Crockford's base32 (ULIDs) to RFC 4648's, which base64.b32decode reads in C.
+_TO_RFC4648 = str.maketrans("0123456789ABCDEFGHJKMNPQRSTVWXYZ", "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 
 def trace_id_of(call_id: str) -> bytes:
     """The ULID's 128 bits; a call id that is not one (none llmtap makes) is hashed instead."""
     text = call_id.upper()
-    if len(text) == 26 and all(c in _CROCKFORD for c in text) and text[0] in "01234567":
-        n = 0
-        for c in text:
-            n = n * 32 + _CROCKFORD[c]
-        value = n.to_bytes(16, "big")
+    if _ULID.fullmatch(text):
+        # 26 characters are 130 bits: six zero characters in front make 160, whole bytes.
+        value = base64.b32decode("AAAAAA" + text.translate(_TO_RFC4648))[-16:]
         if any(value):
             return value
     return hashlib.blake2b(call_id.encode(), digest_size=16, person=b"llmtap-trace").digest()
@@ -251,6 +255,7 @@ def _end(start: Any, duration_ms: Any) -> int:
     return begin + int(duration_ms * 1_000_000) if isinstance(duration_ms, (int, float)) else begin
 
 
+@functools.lru_cache(maxsize=512)  # a few upstreams, the same URL call after call
 def _server(url: str | None) -> tuple[str | None, int | None]:
     if not url:
         return None, None
@@ -262,6 +267,7 @@ def _server(url: str | None) -> tuple[str | None, int | None]:
     return p.hostname, port
 
 
+@functools.lru_cache(maxsize=512)
 def provider_name(api: str, provider: str | None, upstream_url: str | None) -> str | None:
     host = (_server(upstream_url)[0] or "").lower()
     for suffix, name in _HOSTS:
@@ -300,7 +306,9 @@ def slim(row: Mapping[str, Any], content: str) -> dict[str, Any]:
     body = row.get("response_body")
     if isinstance(body, str):
         out["_head"], out["_tail"] = body[:EDGE], (body[-EDGE:] if len(body) > EDGE else "")
-    out["_parent"] = parent_of(row.get("request_headers"))
+    headers = row.get("request_headers")
+    # Most calls carry no trace context: parse their headers only when one is named.
+    out["_parent"] = parent_of(headers) if not isinstance(headers, str) or _NAMES_TRACEPARENT.search(headers) else None
     if content == "full":
         for k in _CONTENT_COLUMNS:
             out[k] = row.get(k)
@@ -311,40 +319,112 @@ def weight(item: Mapping[str, Any]) -> int:
     return 512 + sum(len(v) for k in _CONTENT_COLUMNS if isinstance(v := item.get(k), str))
 
 
+# -- the OTLP wire format -----------------------------------------------------------------------------
+# Spans are written straight to protobuf's wire format rather than built as opentelemetry-proto
+# messages: setting a field of a message from Python costs ~1-2 us, ~35 attributes a span, and
+# measured in the recorder's process that was ~140 us a call, most of what the export cost (the
+# recorder's own work for a call is ~190 us). Here an attribute whose value repeats call after
+# call (model, provider, host, status) is encoded once and reused. The messages are OTLP's
+# stable 1.x protobuf (opentelemetry/proto/trace/v1/trace.proto, common.proto); the tests decode
+# every request llmtap sends with opentelemetry-proto itself.
+_U64 = (1 << 64) - 1
+
+
+def _varint(n: int) -> bytes:
+    n &= _U64  # a negative int64 goes as its two's complement, as protobuf does
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _ld(tag: int, payload: bytes) -> bytes:
+    """A length-delimited field; `tag` is field << 3 | 2, below 128."""
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+def _any(value: Any) -> bytes:
+    """An AnyValue: string 1, bool 2, int 3, double 4, array 5 (of AnyValue strings)."""
+    t = type(value)
+    if t is str:
+        return _ld(0x0A, value.encode("utf-8", "replace"))
+    if t is bool:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if t is int:
+        return b"\x18" + _varint(value)
+    if t is float:
+        return b"\x21" + struct.pack("<d", value)
+    if t is list or t is tuple:
+        return _ld(0x2A, b"".join(_ld(0x0A, _any(str(v))) for v in value))
+    return _ld(0x0A, str(value).encode("utf-8", "replace"))
+
+
+def _kv(key: str, value: Any) -> bytes:
+    """A KeyValue (key 1, value 2)."""
+    return _ld(0x0A, key.encode()) + _ld(0x12, _any(value))
+
+
+_CALL_KEYS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
+              "gen_ai.request.stream", "gen_ai.response.finish_reasons", "openai.api.type", "error.type",
+              "server.address", "server.port", "http.request.method", "http.response.status_code", "url.full",
+              "user_agent.original", "llmtap.api", "llmtap.provider", "llmtap.route", "llmtap.model_sent",
+              "llmtap.attempts", "llmtap.complete")
+_ATTEMPT_KEYS = ("http.request.method", "url.full", "server.address", "server.port", "http.response.status_code",
+                 "error.type", "llmtap.attempt.n", "llmtap.provider", "llmtap.model_sent")
+_BLOCKS: dict[tuple, bytes] = {}
+
+
+def _attr(key: str, value: Any) -> bytes:
+    """A span's attribute field (9)."""
+    return _ld(0x4A, _kv(key, value))
+
+
+def _block(keys: tuple[str, ...], values: tuple) -> bytes:
+    """The attribute fields of `keys` (values None or "" left out), from a cache: these values
+    repeat call after call."""
+    ck = (keys, values)
+    got = _BLOCKS.get(ck)
+    if got is None:
+        if len(_BLOCKS) > 4096:  # many distinct models or clients: start over rather than grow
+            _BLOCKS.clear()
+        got = _BLOCKS[ck] = b"".join(_attr(k, v) for k, v in zip(keys, values) if v is not None and v != "")
+    return got
+
+
+def _span(trace_id: bytes, span_id: bytes, parent: bytes, trace_state: str, name: str, start: int, end: int,
+          attrs: list[bytes], error: str | None) -> bytes:
+    """A Span: trace_id 1, span_id 2, trace_state 3, parent_span_id 4, name 5, kind 6 (CLIENT),
+    start 7 and end 8 (fixed64 ns), attributes 9, status 15 (message 2, code 3: ERROR)."""
+    parts = [_ld(0x0A, trace_id), _ld(0x12, span_id)]
+    if trace_state:
+        parts.append(_ld(0x1A, trace_state.encode()))
+    if parent:
+        parts.append(_ld(0x22, parent))
+    parts += [_ld(0x2A, name.encode("utf-8", "replace")), b"\x30\x03",
+              b"\x39" + struct.pack("<Q", start & _U64), b"\x41" + struct.pack("<Q", end & _U64)]
+    parts += attrs
+    if error is not None:
+        parts.append(_ld(0x7A, (_ld(0x12, error.encode("utf-8", "replace")) if error else b"") + b"\x18\x02"))
+    return b"".join(parts)
+
+
 class SpanBuilder:
-    """Rows (slimmed) -> OTLP protobuf spans. `content` "none" or "full"; `content_max` caps each
-    content attribute, in characters."""
+    """Rows (slimmed) -> OTLP spans (each a Span message's bytes). `content` "none" or "full";
+    `content_max` caps each content attribute, in characters."""
 
     def __init__(self, content: str = "none", content_max: int = DEFAULT_CONTENT_MAX) -> None:
-        from opentelemetry.proto.common.v1 import common_pb2
-        from opentelemetry.proto.trace.v1 import trace_pb2
-
         self.content = content
         self.content_max = max(256, content_max)
-        self._pb, self._common = trace_pb2, common_pb2
 
-    # attributes
-    def _kv(self, key: str, value: Any) -> Any:
-        kv = self._common.KeyValue(key=key)
-        v = kv.value
-        if isinstance(value, bool):
-            v.bool_value = value
-        elif isinstance(value, int):
-            v.int_value = value
-        elif isinstance(value, float):
-            v.double_value = value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                v.array_value.values.add(string_value=str(item))
-        else:
-            v.string_value = str(value)
-        return kv
+    @staticmethod
+    def _attrs(attrs: Iterable[tuple[str, Any]]) -> list[bytes]:
+        return [_attr(k, v) for k, v in attrs if v is not None and v != ""]
 
-    def _attrs(self, span: Any, attrs: Iterable[tuple[str, Any]]) -> None:
-        span.attributes.extend(self._kv(k, v) for k, v in attrs if v is not None and v != "")
-
-    def spans(self, call: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]) -> list[Any]:
-        pb = self._pb
+    def spans(self, call: Mapping[str, Any], attempts: Sequence[Mapping[str, Any]]) -> list[bytes]:
         cid = str(call["id"])
         parent = call.get("_parent")
         trace_id = parent[0] if parent else trace_id_of(cid)
@@ -354,14 +434,9 @@ class SpanBuilder:
         upstream = last.get("url") if last else None
         op = _operation(api, url)
         model = call.get("model_requested") or call.get("model_sent")
-        span = pb.Span(trace_id=trace_id, span_id=span_id, kind=pb.Span.SPAN_KIND_CLIENT,
-                       start_time_unix_nano=_nanos(call.get("started_at")),
-                       end_time_unix_nano=_end(call.get("started_at"), call.get("duration_ms")))
-        if parent:
-            span.parent_span_id, span.trace_state = parent[1], parent[2]
         # The conventions' inference span is CLIENT: llmtap makes the call to the model on the
         # client's behalf. A call that is no model call (a model list) is a plain HTTP span.
-        span.name = f"{op} {model}" if op and model else (op or f"{method} {urlsplit(url).path or '/'}".strip())
+        name = f"{op} {model}" if op and model else (op or f"{method} {urlsplit(url).path or '/'}".strip())
         status = call.get("status")
         error_type = self._error_type(status, call.get("error"), call.get("complete"))
         address, port = _server(upstream)
@@ -381,13 +456,16 @@ class SpanBuilder:
             response_id = m.group(1) if m else None
         finish = call.get("finish_reason")
         ttfb = call.get("ttfb_ms")
-        self._attrs(span, [
-            ("gen_ai.operation.name", op),
-            ("gen_ai.provider.name", provider_name(api, call.get("provider"), upstream) if op else None),
-            ("gen_ai.request.model", model if op else None),
-            ("gen_ai.response.model", call.get("model_reported")),
+        # What repeats call after call (model, provider, host, status, client) is one block,
+        # encoded once per distinct combination; what is the call's own is encoded each time.
+        attrs = [_block(_CALL_KEYS, (
+            op, provider_name(api, call.get("provider"), upstream) if op else None, model if op else None,
+            call.get("model_reported"), True if call.get("stream") else None, (finish,) if finish else None,
+            OPENAI_API_TYPE.get(api), error_type, address, port, method, status, url, call.get("client"), api,
+            call.get("provider"), call.get("route"), call.get("model_sent"), call.get("attempts"),
+            call.get("complete")))]
+        attrs += self._attrs([
             ("gen_ai.response.id", response_id),
-            ("gen_ai.request.stream", True if call.get("stream") else None),
             ("gen_ai.conversation.id", call.get("session_id")),
             # The general registry's name for it, which Langfuse and Phoenix group sessions by.
             ("session.id", call.get("session_id")),
@@ -396,50 +474,34 @@ class SpanBuilder:
             ("gen_ai.usage.reasoning.output_tokens", call.get("reasoning_tokens")),
             ("gen_ai.usage.cache_read.input_tokens", cache_read),
             ("gen_ai.usage.cache_creation.input_tokens", cache_write),
-            ("gen_ai.response.finish_reasons", [finish] if finish else None),
             ("gen_ai.response.time_to_first_chunk",
              float(ttfb) / 1000 if call.get("stream") and isinstance(ttfb, (int, float)) else None),
-            ("openai.api.type", OPENAI_API_TYPE.get(api)),
-            ("error.type", error_type),
-            ("server.address", address), ("server.port", port),
-            ("http.request.method", method), ("http.response.status_code", status),
-            ("url.full", url), ("user_agent.original", call.get("client")),
-            ("llmtap.call.id", cid), ("llmtap.api", api), ("llmtap.provider", call.get("provider")),
-            ("llmtap.route", call.get("route")), ("llmtap.model_sent", call.get("model_sent")),
-            ("llmtap.attempts", call.get("attempts")), ("llmtap.complete", call.get("complete")),
+            ("llmtap.call.id", cid),
             ("llmtap.ttfb_ms", float(ttfb) if isinstance(ttfb, (int, float)) else None),
         ])
         if self.content == "full" and op is not None:
-            self._content(span, call, api)
-        self._status(span, error_type, call.get("error") or (f"HTTP {status}" if error_type == str(status) else None))
-        out = [span]
+            attrs += self._content(call, api)
+        out = [_span(trace_id, span_id, parent[1] if parent else b"", parent[2] if parent else "", name,
+                     _nanos(call.get("started_at")), _end(call.get("started_at"), call.get("duration_ms")), attrs,
+                     self._status(error_type, call.get("error"), status))]
         for a in sorted(attempts, key=lambda a: a.get("n") or 0):
             out.append(self._attempt(trace_id, span_id, cid, method, a))
         return out
 
-    def _attempt(self, trace_id: bytes, parent: bytes, cid: str, method: str, a: Mapping[str, Any]) -> Any:
-        pb = self._pb
+    def _attempt(self, trace_id: bytes, parent: bytes, cid: str, method: str, a: Mapping[str, Any]) -> bytes:
         n = int(a.get("n") or 0)
-        span = pb.Span(trace_id=trace_id, span_id=span_id_of(cid, n), parent_span_id=parent,
-                       kind=pb.Span.SPAN_KIND_CLIENT, name=method or "HTTP",
-                       start_time_unix_nano=_nanos(a.get("started_at")),
-                       end_time_unix_nano=_end(a.get("started_at"), a.get("duration_ms")))
         status = a.get("status")
         error_type = self._error_type(status, a.get("error"), None)
         address, port = _server(a.get("url"))
         ttfb = a.get("ttfb_ms")
         # HTTP client attributes only: gen_ai.* here would count the call's model call once per
         # attempt in backends that bill generations (Langfuse).
-        self._attrs(span, [
-            ("http.request.method", method), ("url.full", a.get("url")),
-            ("server.address", address), ("server.port", port),
-            ("http.response.status_code", status), ("error.type", error_type),
-            ("llmtap.attempt.n", n), ("llmtap.provider", a.get("provider")),
-            ("llmtap.model_sent", a.get("model_sent")),
-            ("llmtap.ttfb_ms", float(ttfb) if isinstance(ttfb, (int, float)) else None),
-        ])
-        self._status(span, error_type, a.get("error") or (f"HTTP {status}" if error_type == str(status) else None))
-        return span
+        attrs = [_block(_ATTEMPT_KEYS, (method, a.get("url"), address, port, status, error_type, n, a.get("provider"),
+                                        a.get("model_sent")))]
+        if isinstance(ttfb, (int, float)):
+            attrs.append(_attr("llmtap.ttfb_ms", float(ttfb)))
+        return _span(trace_id, span_id_of(cid, n), parent, "", method or "HTTP", _nanos(a.get("started_at")),
+                     _end(a.get("started_at"), a.get("duration_ms")), attrs, self._status(error_type, a.get("error"), status))
 
     @staticmethod
     def _error_type(status: Any, error: Any, complete: Any) -> str | None:
@@ -449,26 +511,29 @@ class SpanBuilder:
             return "_OTHER"
         return None
 
-    def _status(self, span: Any, error_type: str | None, message: Any) -> None:
-        if error_type is not None:
-            span.status.code = self._pb.Status.STATUS_CODE_ERROR
-            if message:
-                span.status.message = str(message)[:1024]
+    @staticmethod
+    def _status(error_type: str | None, error: Any, status: Any) -> str | None:
+        """The span's status message when it ended in an error (then its code is ERROR), else None."""
+        if error_type is None:
+            return None
+        return str(error)[:1024] if error else (f"HTTP {status}" if error_type == str(status) else "")
 
     # content
-    def _content(self, span: Any, call: Mapping[str, Any], api: str) -> None:
+    def _content(self, call: Mapping[str, Any], api: str) -> list[bytes]:
         system, messages, tools = self._input(call, api)
         output = self._output(call)
         truncated = False
+        out: list[bytes] = []
         for key, value in (("gen_ai.system_instructions", system), ("gen_ai.input.messages", messages),
                            ("gen_ai.output.messages", output), ("gen_ai.tool.definitions", tools)):
             if not value:
                 continue
             text, cut = capped_json(value, self.content_max, key in ("gen_ai.input.messages", "gen_ai.output.messages"))
             truncated = truncated or cut
-            span.attributes.append(self._kv(key, text))
+            out.append(_attr(key, text))
         if truncated:
-            span.attributes.append(self._kv("llmtap.content.truncated", True))
+            out.append(_attr("llmtap.content.truncated", True))
+        return out
 
     def _input(self, call: Mapping[str, Any], api: str) -> tuple[list[dict], list[dict], list[dict]]:
         body = call.get("request_body")
@@ -594,21 +659,14 @@ def resource_attributes(environ: Mapping[str, str] | None = None) -> dict[str, s
     return attrs
 
 
-def encode(spans: list[Any], resource: Mapping[str, str] | None = None) -> bytes:
-    """One ExportTraceServiceRequest for `spans`."""
-    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
-    from opentelemetry.proto.common.v1 import common_pb2
-
+def encode(spans: list[bytes], resource: Mapping[str, str] | None = None) -> bytes:
+    """One ExportTraceServiceRequest (resource_spans 1) of `spans`: ResourceSpans (resource 1,
+    scope_spans 2), ScopeSpans (scope 1: name 1, version 2; spans 2)."""
     from llmtap import __version__
 
-    req = trace_service_pb2.ExportTraceServiceRequest()
-    rs = req.resource_spans.add()
-    for k, v in (resource or resource_attributes({})).items():
-        rs.resource.attributes.append(common_pb2.KeyValue(key=k, value=common_pb2.AnyValue(string_value=v)))
-    ss = rs.scope_spans.add()
-    ss.scope.name, ss.scope.version = "llmtap", __version__
-    ss.spans.extend(spans)
-    return req.SerializeToString()
+    res = b"".join(_ld(0x0A, _kv(k, v)) for k, v in (resource or resource_attributes({})).items())
+    scope = _ld(0x0A, _ld(0x0A, b"llmtap") + _ld(0x12, __version__.encode())) + b"".join(_ld(0x12, sp) for sp in spans)
+    return _ld(0x0A, _ld(0x0A, res) + _ld(0x12, scope))
 
 
 # -- sending -----------------------------------------------------------------------------------------
