@@ -38,6 +38,27 @@ def start_receiver() -> tuple[subprocess.Popen, str]:
     return proc, line.split()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (the recorder process), from /proc."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
@@ -82,6 +103,8 @@ def main() -> int:
                 if t.name == "otlp-on":
                     calls_on += a.per * 5 + 1 + 16  # the batches and their warm-up calls
             print(f"  round {r + 1}/{a.rounds} done", file=sys.stderr)
+        cpu = {name: round(cpu_seconds(proc.pid), 2) for name, proc in runs.items()}
+        cpu["receiver"] = round(cpu_seconds(rx.pid), 2)
         for proc in runs.values():
             proc.terminate()
             proc.wait(60)
@@ -103,6 +126,8 @@ def main() -> int:
             "otlp_on_vs_off_added_latency": round(result["added_p50_ms"]["otlp-on"] / result["added_p50_ms"]["otlp-off"], 3),
         }
         # Each call is a span and its attempt a child span: 2 per call.
+        # CPU seconds each llmtap (proxy and recorder process) and the receiver used over the run.
+        result["cpu_s"] = cpu
         result["spans"] = {"calls_with_export": calls_on, "spans_received": received,
                            "calls_exported": received // 2 if received >= 0 else None}
         print(json.dumps(result, indent=2))
