@@ -463,6 +463,8 @@ def _service_options(args: argparse.Namespace) -> Options:
     """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
     options = Options()
     if args.no_record:
+        if args.otlp:
+            print("llmtap: --otlp sends the recorded calls as spans; with --no-record there are none", file=sys.stderr)
         return options  # traces are made from committed rows: none without a record
     from llmtap.recorder.otlp import OtlpError, resolve
 
