@@ -748,7 +748,8 @@ class Sender:
                 return None
             if attempt == 0 and failed is not None:
                 failed(why)
-            wait = min(BACKOFF_MAX_S, after if after is not None else delay)
+            # Retry-After is the least wait (a "0" would make a hot loop of the retries).
+            wait = min(BACKOFF_MAX_S, max(after or 0.0, delay))
             delay = min(BACKOFF_MAX_S, delay * 2)
             if deadline is not None and time.monotonic() + wait > deadline:
                 return why
@@ -845,6 +846,14 @@ class OtlpService:
         return encode(spans, self.sender.resource)
 
     def _run(self) -> None:
+        try:
+            # A low priority for this thread alone (Linux: a thread's nice value is its own):
+            # when the CPUs are busy, the proxy and the writer come first (~9:1 at nice 10), and
+            # the spans wait in the bounded queue. Not 19: on a machine busy with other work
+            # too, the export would then hardly run at all.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()

@@ -51,6 +51,7 @@ class OtlpReceiver:
         self.posts: list[dict[str, Any]] = []  # {"path", "headers", "spans": n}
         self.bodies: list[bytes] = []  # every POST's body as it arrived (secrets must not be in any)
         self.answer: tuple[int, dict[str, str]] = (200, {})
+        self.refuse_next = 0  # with `answer` not 200: refuse only this many posts, then take them
         self.delay_s = 0.0
         self.refused = 0
         self.count_only = False  # benchmarks: count spans, keep none
@@ -74,7 +75,12 @@ class OtlpReceiver:
                         receiver.bodies.append(body)
                 if receiver.delay_s:
                     receiver._release.wait(receiver.delay_s)
-                code, extra = receiver.answer
+                with receiver._cond:
+                    code, extra = receiver.answer
+                    if code != 200 and receiver.refuse_next:
+                        receiver.refuse_next -= 1
+                        if not receiver.refuse_next:
+                            receiver.answer = (200, {})
                 if code != 200:
                     with receiver._cond:
                         receiver.refused += 1

@@ -386,13 +386,12 @@ def rows(n: int, base: int = 0) -> list[dict]:
 
 def test_a_collector_that_says_retry_later_gets_the_batch_again_and_nothing_is_dropped() -> None:
     with OtlpReceiver() as rx:
-        rx.answer = (503, {"retry-after": "0"})
+        rx.answer, rx.refuse_next = (503, {"retry-after": "0"}), 2  # refused twice, then taken
         service = otlp.OtlpService({"endpoint": rx.url + "/v1/traces", "content": "none"}, environ={})
         try:
             service.committed(rows(3), [])
-            rx.wait_refused(2)  # refused, and asked again
-            rx.answer = (200, {})
             got = rx.wait_spans(3)
+            assert rx.refused == 2
         finally:
             service.close()
         assert sorted(s.attrs["llmtap.call.id"] for s in got) == [r["id"] for r in rows(3)]
