@@ -49,6 +49,8 @@ examples:
   llmtap run --gateway 0.0.0.0:8081   gateway reachable from the LAN: anyone there can use it,
                                       and with --gateway-token anyone who has the token
   llmtap run --metrics 9464           Prometheus metrics at http://127.0.0.1:9464/metrics
+  llmtap run --otlp http://127.0.0.1:4318   each call as an OpenTelemetry span (Jaeger, Tempo,
+                                      Langfuse, Phoenix); --otlp-content full adds the messages
 
 security:
   The gateway adds a provider's key_env key only for a client that sent the llmtap gateway
@@ -126,6 +128,22 @@ def register(sub: argparse._SubParsersAction, run_tui: TuiRunner | None = None) 
                      help="a session found from its traffic (tool calls, history) ends after this long "
                           "without a call: the next one starts a new session (default: 30m; e.g. 10m, 2h). "
                           "Ids a tool sends and --session labels name their session whatever the gap")
+    # -- OpenTelemetry traces (recorder/otlp.py)
+    run.add_argument("--otlp", metavar="URL", default=None, type=_otlp_url,
+                     help="send each finished call as an OpenTelemetry span (GenAI conventions) over "
+                          "OTLP/HTTP to URL/v1/traces, e.g. http://127.0.0.1:4318 (Jaeger, Tempo, a "
+                          "collector) or https://cloud.langfuse.com/api/public/otel. Default: "
+                          "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (as given) or $OTEL_EXPORTER_OTLP_ENDPOINT; "
+                          "headers (credentials) from $OTEL_EXPORTER_OTLP_HEADERS. A collector that is "
+                          "down or slow never slows the proxy: spans beyond a bounded queue are dropped, "
+                          "counted, and `llmtap export otlp` sends them later")
+    run.add_argument("--otlp-content", choices=("none", "full"), default=None,
+                     help="full: also send prompts, answers and reasoning (gen_ai.input.messages, "
+                          "gen_ai.output.messages, gen_ai.system_instructions), masked as the record is "
+                          "(default: none; full when $OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true)")
+    run.add_argument("--otlp-content-max", metavar="CHARS", type=_positive_int, default=None,
+                     help="with --otlp-content full, the most characters of each of those attributes; "
+                          "longer texts are cut with a mark saying how much was left out (default: 32768)")
     run.set_defaults(func=functools.partial(cmd_run, run_tui=run_tui))
 
     env = sub.add_parser(
@@ -383,6 +401,12 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
             lines.append(f"token     {where}: send it as the API key to use the key_env keys")
         lines.append(f"db        {'not recording' if recorder is None else db}")
         lines.append(f"CA        {confdir / 'mitmproxy-ca-cert.pem'}")
+        if services.otlp:
+            from llmtap.recorder.otlp import shown
+
+            content = services.otlp["content"]
+            lines.append(f"traces    {shown(services.otlp['endpoint'])}   (OTLP/HTTP; message content: {content}"
+                         f"{'' if content == 'full' else ', --otlp-content full sends it'})")
         print("llmtap " + "\n       ".join(lines), file=sys.stderr, flush=True)
 
     try:
@@ -492,6 +516,16 @@ def _with_sessions(options: Options, args: argparse.Namespace) -> Options:
     return options
 
 
+def _otlp_url(text: str) -> str:
+    from llmtap.recorder.otlp import OtlpError, traces_url
+
+    try:
+        traces_url(text)
+    except OtlpError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--otlp {text!r}: ")) from None
+    return text
+
+
 def _service_options(args: argparse.Namespace) -> Options:
     """What the recorder's process runs beside its writer, from `llmtap run`'s flags."""
     options = Options(metrics=args.metrics)
@@ -516,6 +550,16 @@ def _service_options(args: argparse.Namespace) -> Options:
             raise SystemExit(2)
         to = archive_to if archive_to.startswith("s3://") else str(Path(archive_to).expanduser().absolute())
         options.archive = {"to": to, "every_s": seconds["--archive-every"], "keep": keep}
+    if args.no_record:
+        if args.otlp:
+            print("llmtap: --otlp sends the recorded calls as spans; with --no-record there are none", file=sys.stderr)
+        return options  # traces are made from committed rows: none without a record
+    from llmtap.recorder.otlp import OtlpError, resolve
+
+    try:
+        options.otlp = resolve(args.otlp, args.otlp_content, args.otlp_content_max)
+    except OtlpError as exc:  # from a variable (a bad --otlp stops at the parser)
+        print(f"llmtap: {exc}; traces are off", file=sys.stderr)
     return options
 
 

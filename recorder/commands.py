@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     exp.add_argument("--db", type=Path, default=None, metavar="PATH",
                      help=f"the DuckDB file (default: {paths.default_db()})")
-    exp.add_argument("--out", type=Path, required=True, metavar="FILE",
-                     help="where to write; replaced only once the export is complete")
+    exp.add_argument("--out", type=Path, default=None, metavar="FILE",
+                     help="where to write (required); replaced only once the export is complete")
     exp.add_argument("--format", choices=FORMATS, default=None,
                      help="parquet, csv or jsonl (default: from FILE's extension; an extension "
                      "that names no format is an error)")
@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "of the database's (`llmtap sql 'SHOW TABLES'`); --since/--until apply to those "
                      "with a started_at, --model to calls only")
     exp.set_defaults(func=cmd_export)
+    _register_export_otlp(exp)
 
     st = sub.add_parser(
         "stats",
@@ -177,6 +178,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from llmtap.recorder.export import ExportError, format_for, parse_time
     from llmtap.recorder.reader import ReaderError, open_reader
 
+    if args.out is None:
+        print("llmtap export: --out FILE is required (e.g. --out calls.parquet); to send calls to an "
+              "OpenTelemetry collector instead: llmtap export otlp --since 1d --otlp URL", file=sys.stderr)
+        return 2
     try:
         fmt = format_for(args.out, args.format)
         since = parse_time(args.since, "--since")
@@ -421,6 +426,8 @@ def _archive_local(db: Path, target, older_than: str | None, delete: bool, progr
             print(f"llmtap archive: the archived calls are removed, but {db} could not be rewritten smaller "
                   f"({exc}); DuckDB reuses the space for new calls", file=sys.stderr)
     return result
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -512,4 +519,111 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     for s in shares:
         console.print(Text(f"  {printable(s['client'])}: {s['failed']} of {s['sessions']} failed "
                            f"({s['failed_share']:.0%})"))
+    return 0
+
+
+# -- llmtap export otlp (recorder/otlp.py) -----------------------------------------------------------
+def _register_export_otlp(exp: argparse.ArgumentParser) -> None:
+    from llmtap.helpformat import HelpFormatter
+
+    targets = exp.add_subparsers(dest="target", metavar="[otlp]", required=False,
+                                 help="`llmtap export otlp`: send the calls to an OpenTelemetry collector "
+                                 "instead of writing a file (see `llmtap export otlp --help`)")
+    otlp = targets.add_parser(
+        "otlp",
+        help="send recorded calls to an OpenTelemetry collector (OTLP/HTTP) instead of a file",
+        description="Send finished calls as spans over OTLP/HTTP, as `llmtap run --otlp` does live: "
+        "to backfill a collector that was down, or traces recorded before --otlp was on. Each span "
+        "keeps the ids derived from its call, so sending a call twice gives the collector the same "
+        "span again, not a second one. Works while `llmtap run` is recording (it reads through it).",
+        epilog="examples:\n"
+        "  llmtap export otlp --since 1d --otlp http://127.0.0.1:4318\n"
+        "  OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 llmtap export otlp --since 2026-11-01\n"
+        "  llmtap export otlp --since 7d --model 'claude-*' --otlp-content full \\\n"
+        "                     --otlp https://cloud.langfuse.com/api/public/otel",
+        formatter_class=HelpFormatter,
+    )
+    otlp.add_argument("--db", type=Path, default=None, metavar="PATH",
+                      help=f"the DuckDB file (default: {paths.default_db()})")
+    otlp.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
+    otlp.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
+    otlp.add_argument("--model", metavar="GLOB",
+                      help="only calls whose model asked for or sent matches, e.g. 'gpt-4o*'")
+    otlp.add_argument("--otlp", metavar="URL", default=None,
+                      help="the collector's base URL; spans go to URL/v1/traces (default: "
+                      "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT as given, or $OTEL_EXPORTER_OTLP_ENDPOINT); "
+                      "headers from $OTEL_EXPORTER_OTLP_HEADERS")
+    otlp.add_argument("--otlp-content", choices=("none", "full"), default=None,
+                      help="full: also send prompts, answers and reasoning, masked as the record is "
+                      "(default: none)")
+    otlp.add_argument("--otlp-content-max", metavar="CHARS", type=int, default=None,
+                      help="with --otlp-content full, the most characters of each content attribute "
+                      "(default: 32768)")
+    otlp.set_defaults(func=cmd_export_otlp)
+
+
+PAGE = 256
+
+
+def cmd_export_otlp(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llmtap.recorder.export import ExportError, parse_time, where_clause
+    from llmtap.recorder.otlp import EDGE, OtlpError, backfill, resolve, shown
+    from llmtap.recorder.reader import ReaderError, open_reader
+
+    try:
+        options = resolve(args.otlp, args.otlp_content, args.otlp_content_max)
+        if not options:
+            raise OtlpError("no collector given: pass --otlp URL (e.g. http://127.0.0.1:4318) or set "
+                            "OTEL_EXPORTER_OTLP_ENDPOINT")
+        since = parse_time(args.since, "--since")
+        until = parse_time(args.until, "--until")
+        reader = open_reader(args.db or paths.default_db())
+    except (ExportError, ReaderError, OtlpError) as exc:
+        print(f"llmtap export otlp: {exc}", file=sys.stderr)
+        return 2
+    where, params = where_clause(since, until, args.model)
+    where += " AND duration_ms IS NOT NULL"  # calls in progress are sent once they finish
+    # Of an answer's body a span needs its edges only (its id, its final usage): the rest stays
+    # in the file, and the pages stay small through the running llmtap's endpoint.
+    drop = "response_body, response_body_raw, request_body_raw, response_headers"
+    if options["content"] != "full":
+        drop += ", request_body"
+    select = (f"SELECT * EXCLUDE ({drop}), left(response_body, {EDGE}) AS _head, "
+              f"CASE WHEN length(response_body) > {EDGE} THEN right(response_body, {EDGE}) ELSE '' END AS _tail "
+              f"FROM calls WHERE {where} AND id > ? ORDER BY id LIMIT {PAGE}")
+
+    def rows():
+        last = ""
+        while True:
+            columns, page = reader.query(select, [*params, last])
+            if not page:
+                return
+            calls = [dict(zip(columns, r)) for r in page]
+            ids = [c["id"] for c in calls]
+            acols, arows = reader.query(f"SELECT * FROM attempts WHERE call_id IN ({', '.join('?' * len(ids))}) "
+                                        "ORDER BY call_id, n", ids)
+            by_call: dict[str, list[dict]] = {}
+            for a in arows:
+                row = dict(zip(acols, a))
+                by_call.setdefault(row["call_id"], []).append(row)
+            for c in calls:
+                yield c, by_call.get(c["id"], [])
+            last = ids[-1]
+
+    bar = Progress(TextColumn("sending spans"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True)
+    try:
+        total = reader.query(f"SELECT count(*) FROM calls WHERE {where}", params)[1][0][0]
+        task = bar.add_task("otlp", total=total)
+        with bar:
+            sent = backfill(rows(), options, progress=lambda n: bar.update(task, completed=n))
+    except (ReaderError, OtlpError) as exc:
+        print(f"llmtap export otlp: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        reader.close()
+    via = " (read through the running llmtap)" if reader.kind == "remote" else ""
+    print(f"sent {sent} calls as traces to {shown(options['endpoint'])}{via}", file=sys.stderr)
     return 0

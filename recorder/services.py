@@ -71,4 +71,12 @@ def start(options: Options, recorder: Any) -> list[Service]:
             services.append(ArchiveService(options.archive, recorder))
         except Exception as exc:
             log.error("llmtap recorder: --archive-to: %s; recording goes on without the archive", exc)
+    if options.otlp.get("endpoint"):
+        try:
+            from llmtap.recorder.otlp import OtlpService, shown
+
+            services.append(OtlpService(options.otlp))
+            log.info("llmtap recorder: traces go to %s", shown(options.otlp["endpoint"]))
+        except Exception as exc:
+            log.error("llmtap recorder: traces cannot be sent (%s); recording goes on without them", exc)
     return services
