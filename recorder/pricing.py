@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -171,7 +172,12 @@ class Pricer:
 
     def warm(self) -> None:
         """Load genai-prices ahead of the first call (~0.4 s of imports), off the writer; a
-        failure is said by the first call that needs the table."""
+        failure is said by the first call that needs the table. At the lowest CPU priority:
+        `llmtap run` is starting meanwhile, and its own imports must not wait behind these."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only, on Linux
+        except (AttributeError, OSError):
+            pass
         try:
             self._load()
         except Exception:
