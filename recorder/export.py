@@ -141,7 +141,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
     try:
         if table != "calls":
             return _export_table(con, out, fmt, options, table, since=since, until=until, model=model,
-                                 where_sql=where_sql, progress=progress)
+                                 where_sql=where_sql, progress=progress, slice_rows=slice_rows)
         return _export(con, out, fmt, options, where, args, progress, slice_rows)
     finally:
         try:
@@ -152,7 +152,7 @@ def export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str = "parquet", *, s
 
 def _export_table(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, table: str, *,
                   since: str | None, until: str | None, model: str | None, where_sql: str | None,
-                  progress: Callable[[int, int], None] | None) -> int:
+                  progress: Callable[[int, int], None] | None, slice_rows: int) -> int:
     """Another table of the database (attempts, dropped, and whatever later migrations add),
     found in DuckDB's catalog rather than in a list here. --since/--until apply where it has a
     `started_at`; --model and the UI's filter are about calls."""
@@ -170,39 +170,19 @@ def _export_table(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: 
         raise ExportError(f"--since/--until need a started_at column, which {table} has not")
     where, args = where_clause(since, until)
     ident = '"' + table.replace('"', '""') + '"'
-    order = " ORDER BY id" if "id" in cols else " ORDER BY call_id, n" if {"call_id", "n"} <= set(cols) else ""
-    total = con.execute(f"SELECT count(*) FROM {ident} WHERE {where}", args).fetchall()[0][0]
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))
-    except OSError as exc:
-        raise ExportError(f"cannot write in {out.parent}: {exc.strerror or exc}") from None
-    writer: duckdb.DuckDBPyConnection | None = None
-    try:
-        writer = _writer(tmpdir)
-        final_tmp = tmpdir / ("all." + fmt)
-        writer.register("rows", _Rows(con.sql(f"SELECT * FROM {ident} WHERE {where}{order}", params=args)))
-        writer.execute(f"COPY (SELECT * FROM rows) TO {_quoted(final_tmp)} ({options})")
-        if progress:
-            progress(total, total)
-        os.chmod(final_tmp, 0o600)
-        final_tmp.replace(out)
-    except duckdb.Error as exc:
-        raise ExportError(f"export to {out} failed: {exc}") from None
-    except OSError as exc:
-        raise ExportError(f"export to {out} failed: {exc.strerror or exc}") from None
-    finally:
-        if writer is not None:
-            writer.close()
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return int(total)
+    order = "id" if "id" in cols else "call_id, n" if {"call_id", "n"} <= set(cols) else None
+    return _export(con, out, fmt, options, where, args, progress, slice_rows, table=ident, order=order)
 
 
 def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, where: str, args: list,
-            progress: Callable[[int, int], None] | None, slice_rows: int) -> int:
+            progress: Callable[[int, int], None] | None, slice_rows: int, *, table: str = "calls",
+            order: str | None = "id") -> int:
+    """Write `table`'s rows matching `where` to `out`, in `order`. Over `slice_rows` rows of a
+    table with ids, in slices by id (progress after each); otherwise in one COPY."""
     import duckdb
 
     try:
-        total = con.execute(f"SELECT count(*) FROM calls WHERE {where}", args).fetchall()[0][0]
+        total = con.execute(f"SELECT count(*) FROM {table} WHERE {where}", args).fetchall()[0][0]
         tmpdir = Path(tempfile.mkdtemp(prefix=".llmtap-export-", dir=out.parent))
     except duckdb.Error as exc:
         raise ExportError(f"the export's filter is not valid: {exc}") from None
@@ -221,15 +201,16 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
     try:
         writer = _writer(tmpdir)
         final_tmp = tmpdir / ("all." + fmt)
-        if total <= slice_rows:
-            copy(f"SELECT * FROM calls WHERE {where} ORDER BY id", args, final_tmp, options)
+        if total <= slice_rows or order != "id":
+            ordered = f" ORDER BY {order}" if order else ""
+            copy(f"SELECT * FROM {table} WHERE {where}{ordered}", args, final_tmp, options)
             if progress:
                 progress(total, total)
         else:
             # Slice boundaries by id (ULIDs sort by time) so each COPY is a range of its own and
             # progress is real. DuckDB's own query_progress() jumps 0 -> 100 on a COPY.
             bounds = [r[0] for r in con.execute(
-                f"SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM calls WHERE {where}) "
+                f"SELECT id FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM {table} WHERE {where}) "
                 f"WHERE n % {int(slice_rows)} = 1 ORDER BY id", args).fetchall()]
             done = 0
             parts: list[Path] = []
@@ -243,7 +224,7 @@ def _export(con: duckdb.DuckDBPyConnection, out: Path, fmt: str, options: str, w
                 part = tmpdir / f"part-{i:05d}.{fmt}"
                 if fmt == "csv" and i == 1:
                     part_options = "FORMAT csv, HEADER false"  # the parts are concatenated: one header
-                copy(f"SELECT * FROM calls WHERE {cond} ORDER BY id", args + [low] + ([high] if high else []),
+                copy(f"SELECT * FROM {table} WHERE {cond} ORDER BY id", args + [low] + ([high] if high else []),
                      part, part_options)
                 parts.append(part)
                 done = min(total, done + slice_rows)
