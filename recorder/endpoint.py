@@ -8,9 +8,6 @@ Each request runs on its own cursor, so a slow reader never holds up the writer.
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import decimal
 import functools
 import hmac
 import json
@@ -19,7 +16,6 @@ import secrets
 import select
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 import duckdb
 
 from llmtap.recorder import schema
+from llmtap.recorder.values import jsonable
 
 if TYPE_CHECKING:
     from llmtap.recorder.recorder import Recorder
@@ -236,22 +233,6 @@ class RowStream:
             self.cur.execute("ROLLBACK")
         except duckdb.Error:
             pass  # the query's own error ended the transaction; that error is the one to report
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"base64": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, (uuid.UUID, dt.timedelta)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    return value
 
 
 class Endpoint:

@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import datetime as dt
-import decimal
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from llmtap import paths
+from llmtap.recorder.values import jsonable
 
 if TYPE_CHECKING:
     from llmtap.recorder.reader import Rows
@@ -200,21 +197,7 @@ def _more(rows: Rows, args: argparse.Namespace) -> str:
 # -- values ------------------------------------------------------------------------------------
 def _plain(value: Any) -> Any:
     """A value as JSON would carry it (what --json and --csv print)."""
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"base64": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, decimal.Decimal):
-        return float(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN or infinity
-    if isinstance(value, (uuid.UUID, dt.timedelta)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+    return jsonable(value, finite=True)
 
 
 def _json_value(value: Any, is_json: bool) -> Any:
