@@ -33,3 +33,13 @@ class HelpFormatter(argparse.HelpFormatter):
                 prose.append(line.strip())
         flush()
         return "\n".join(out)
+
+
+def add_db_argument(parser: argparse.ArgumentParser) -> None:
+    """`--db PATH`, as every command that reads the record takes it."""
+    from pathlib import Path
+
+    from llmtap import paths
+
+    parser.add_argument("--db", type=Path, default=None, metavar="PATH",
+                        help=f"the DuckDB file (default: {paths.default_db()})")

@@ -15,7 +15,7 @@ TIME_HELP = ("an age (2h, 30m, 7d, 1w) or a date, e.g. 2026-11-01 or 2026-11-01T
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmtap.helpformat import HelpFormatter
+    from llmtap.helpformat import HelpFormatter, add_db_argument
     from llmtap.recorder.export import FORMATS
 
     exp = sub.add_parser(
@@ -36,8 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  .venv/bin/python -c \"import duckdb; print(duckdb.sql(\\\"FROM 'calls.parquet' LIMIT 5\\\"))\"",
         formatter_class=HelpFormatter,
     )
-    exp.add_argument("--db", type=Path, default=None, metavar="PATH",
-                     help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(exp)
     exp.add_argument("--out", type=Path, default=None, metavar="FILE",
                      help="where to write (required); replaced only once the export is complete")
     exp.add_argument("--format", choices=FORMATS, default=None,
@@ -69,8 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  llmtap stats --since 2026-11-20 --until 2026-11-21 --json | jq '.[0]'",
         formatter_class=HelpFormatter,
     )
-    st.add_argument("--db", type=Path, default=None, metavar="PATH",
-                    help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(st)
     st.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
     st.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
     st.add_argument("--model", metavar="GLOB",
@@ -111,8 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     ar.add_argument("--to", required=True, metavar="DIR|s3://BUCKET/PREFIX",
                     help="the archive: a folder (made if missing) or an S3 prefix")
-    ar.add_argument("--db", type=Path, default=None, metavar="PATH",
-                    help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(ar)
     ar.add_argument("--older-than", metavar="AGE",
                     help="only calls started before AGE ago (or a date), e.g. 30d; default: every finished call")
     ar.add_argument("--delete", action="store_true",
@@ -148,8 +145,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ss.add_argument("id", nargs="?", metavar="ID",
                     help="show this session as a timeline: its id, or the name it was given (a --session "
                     "label, an x-llmtap-session header's value)")
-    ss.add_argument("--db", type=Path, default=None, metavar="PATH",
-                    help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(ss)
     ss.add_argument("--since", metavar="WHEN", help=f"only sessions active at or after WHEN: {TIME_HELP}")
     ss.add_argument("--client", metavar="GLOB", help="only sessions of clients (User-Agent) matching GLOB, "
                     "ignoring case; without * or ? it matches anywhere in the name")
@@ -524,7 +520,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 # -- llmtap export otlp (recorder/otlp.py) -----------------------------------------------------------
 def _register_export_otlp(exp: argparse.ArgumentParser) -> None:
-    from llmtap.helpformat import HelpFormatter
+    from llmtap.helpformat import HelpFormatter, add_db_argument
 
     targets = exp.add_subparsers(dest="target", metavar="[otlp]", required=False,
                                  help="`llmtap export otlp`: send the calls to an OpenTelemetry collector "
@@ -543,8 +539,7 @@ def _register_export_otlp(exp: argparse.ArgumentParser) -> None:
         "                     --otlp https://cloud.langfuse.com/api/public/otel",
         formatter_class=HelpFormatter,
     )
-    otlp.add_argument("--db", type=Path, default=None, metavar="PATH",
-                      help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(otlp)
     otlp.add_argument("--since", metavar="WHEN", help=f"only calls started at or after WHEN: {TIME_HELP}")
     otlp.add_argument("--until", metavar="WHEN", help="only calls started before WHEN (same forms)")
     otlp.add_argument("--model", metavar="GLOB",

@@ -17,7 +17,7 @@ BATCH = 2000
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmtap.helpformat import HelpFormatter
+    from llmtap.helpformat import HelpFormatter, add_db_argument
     from llmtap.recorder.commands import TIME_HELP
 
     cost = sub.add_parser(
@@ -38,8 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  llmtap cost backfill --since 7d --all    # re-price last week after editing rules.yaml\n"
         "  llmtap cost backfill --rules ~/work/rules.yaml --db ~/work/calls.duckdb",
         formatter_class=HelpFormatter)
-    back.add_argument("--db", type=Path, default=None, metavar="PATH",
-                      help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(back)
     back.add_argument("--rules", type=Path, default=None, metavar="PATH",
                       help="the rules file whose prices apply (default: ./rules.yaml if present, else "
                       f"{paths.config_dir() / 'rules.yaml'}, if present)")

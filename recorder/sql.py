@@ -41,7 +41,7 @@ class SqlError(Exception):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from llmtap.helpformat import HelpFormatter
+    from llmtap.helpformat import HelpFormatter, add_db_argument
 
     p = sub.add_parser(
         "sql",
@@ -64,8 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("query", nargs="?", metavar="QUERY",
                    help="the SQL; without it, a prompt (on a terminal) or stdin (piped)")
-    p.add_argument("--db", type=Path, default=None, metavar="PATH",
-                   help=f"the DuckDB file (default: {paths.default_db()})")
+    add_db_argument(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--csv", action="store_true", help="CSV with a header row on stdout, every row")
     out.add_argument("--json", action="store_true",
