@@ -183,14 +183,17 @@ class Recorder(QueuedSink):
         while records wait (see the module docstring)."""
         # The thread that starts the recorder is the one that will feed it (the proxy's loop).
         self._follow = CpuFollower()
+        # Services first: opening the store imports a spool left by a full disk, and those
+        # calls reach the services like any other commit.
+        if self.options.any():
+            self.services = start_services(self.options, self)
         try:
             self._open_store()
         except RecorderError:
+            self._close_services()
             raise
         except Exception as exc:
             self._failed(exc, opening=True)
-        if self.options.any():
-            self.services = start_services(self.options, self)
         if self.pricer is not None:  # its ~0.4 s of imports, before the first call needs them
             threading.Thread(target=self.pricer.warm, name="llmtap-prices", daemon=True).start()
         self._thread = threading.Thread(target=self._run, name="llmtap-writer", daemon=True)
@@ -283,12 +286,7 @@ class Recorder(QueuedSink):
             self._thread.join()
             self._thread = None
         self.helpers.stop()
-        for service in self.services:
-            try:
-                service.close()
-            except Exception:
-                log.exception("llmtap recorder: a service failed to close")
-        self.services = []
+        self._close_services()
         if self.con is not None:
             self.con.close()
             self.con = None
@@ -497,7 +495,7 @@ class Recorder(QueuedSink):
         self._in_progress.difference_update(batch.final_rows.ids)
         self._write_sessions()
         if self.services and batch.final_rows.ids:
-            self._tell_services(batch)
+            self._tell_services(batch.final_rows.all(), batch.attempt_rows)
         self._import_due()
 
     def _write_sessions(self) -> None:
@@ -518,9 +516,18 @@ class Recorder(QueuedSink):
             return
         store.committed()
 
-    def _tell_services(self, batch: _Batch) -> None:
-        calls = [dict(zip(CALL_COLUMNS, row)) for row in batch.final_rows.all()]
-        attempts = [dict(zip(ATTEMPT_COLUMNS, row)) for row in batch.attempt_rows]
+    def _close_services(self) -> None:
+        for service in self.services:
+            try:
+                service.close()
+            except Exception:
+                log.exception("llmtap recorder: a service failed to close")
+        self.services = []
+
+    def _tell_services(self, call_rows: list, attempt_rows: list) -> None:
+        """Every commit of finished calls, the spool's import included, tells the services."""
+        calls = [dict(zip(CALL_COLUMNS, row)) for row in call_rows]
+        attempts = [dict(zip(ATTEMPT_COLUMNS, row)) for row in attempt_rows]
         for service in self.services:
             try:
                 service.committed(calls, attempts)
@@ -974,6 +981,8 @@ class Recorder(QueuedSink):
                 self.index.add_late(ids)
         self._in_progress.difference_update(ids)
         path.unlink()
+        if self.services and calls:
+            self._tell_services(calls, attempts)
         log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
                     len(calls), path)
 

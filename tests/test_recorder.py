@@ -216,6 +216,38 @@ def test_records_are_spooled_when_the_db_fails_and_imported_on_next_start(db: Pa
         assert con.execute("SELECT count(*) FROM attempts").fetchone()[0] == 10
 
 
+def test_calls_imported_from_the_spool_reach_the_services_like_any_commit(
+        db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics and traces hear of the calls that waited out a full disk, once imported."""
+    rec = Recorder(db)
+    rec.start()
+    rec._commit = lambda *a: (_ for _ in ()).throw(duckdb.IOException("No space left on device"))  # type: ignore[method-assign]
+    calls = [finish(make_call()) for _ in range(3)]
+    for c in calls:
+        rec.call_finished(Call.finished(*c))
+    rec.close()
+    assert spool_path(db).exists()
+
+    heard: list[tuple[list[str], int]] = []
+
+    class Listener:
+        def committed(self, calls: list[dict], attempts: list[dict]) -> None:
+            heard.append(([c["id"] for c in calls], len(attempts)))
+
+        def close(self) -> None:
+            pass
+
+    from llmtap.recorder import recorder as recorder_mod
+    from llmtap.recorder.services import Options
+
+    monkeypatch.setattr(recorder_mod, "start_services", lambda options, rec: [Listener()])
+    again = Recorder(db, services=Options(metrics="127.0.0.1:0"))
+    again.start()
+    again.close()
+    assert not spool_path(db).exists()
+    assert heard == [([c.id for c, _ in calls], 6)]
+
+
 def test_a_full_queue_drops_the_oldest_and_records_how_many(db: Path) -> None:
     rec = Recorder(db, queue_limit=2)
     calls = [finish(make_call()) for _ in range(10)]
