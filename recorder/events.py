@@ -18,44 +18,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
+
+from llmtap.dialects.shapes import fast_init
 
 API_OTHER = "other"  # record.API_OTHER, repeated: record imports this module
-_T = TypeVar("_T")
 
 
-def _fast_init(cls: type[_T]) -> type[_T]:
-    """Give a frozen slots dataclass an `__init__` that fills each slot through its own
-    descriptor instead of `object.__setattr__`: about twice as fast to build
-    (`scripts/bench_recorder.py --handoff`), which counts on the proxy's event loop, where a
-    Chunk is made per chunk.
-    Nothing else changes: assigning a field afterwards still raises FrozenInstanceError."""
-    ns: dict[str, Any] = {"_NOTHING": object()}
-    params, lines = [], []
-    for f in fields(cls):  # type: ignore[arg-type]
-        ns[f"_set_{f.name}"] = getattr(cls, f.name).__set__
-        value = f.name
-        if f.default is not MISSING:
-            ns[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-        elif f.default_factory is not MISSING:
-            ns[f"_factory_{f.name}"] = f.default_factory
-            params.append(f"{f.name}=_NOTHING")
-            value = f"_factory_{f.name}() if {f.name} is _NOTHING else {f.name}"
-        else:
-            params.append(f.name)
-        lines.append(f"    _set_{f.name}(self, {value})")
-    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines), ns)
-    init = ns["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    init.dataclass_init = cls.__init__  # the one it replaces, for the benchmark's baseline
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
-
-
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One upstream attempt of a call: a row of the `attempts` table."""
@@ -72,7 +44,7 @@ class Attempt:
     ttfb_ms: float | None = None
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallStarted:
     """A client request arrived: everything known about the call before any upstream answered."""
@@ -106,7 +78,7 @@ class CallStarted:
         return self.id
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ResponseHead:
     """The head of the answer the client gets arrived (the relay emits it before forwarding
@@ -120,7 +92,7 @@ class ResponseHead:
     ttfb_ms: float  # when the head reached llmtap, ms after the relay took the call
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Chunk:
     """A piece of the response body, after it was forwarded to the client."""
@@ -129,7 +101,7 @@ class Chunk:
     data: bytes
 
 
-@_fast_init
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CallFinished:
     """The exchange ended (normally, by error, or by the client leaving): the call's final values.
