@@ -19,7 +19,7 @@ from llmtap.dialects.framing import DEFAULT_BODY_LIMIT, Headers, decode_body, de
 from llmtap.dialects.shapes import Response, Usage
 
 __all__ = ["Extraction", "Extractor", "decode_body", "decoded_cap_note", "detect_api", "extract", "make_extractor",
-           "prompt_text"]
+           "json_object", "prompt_text"]
 
 
 def detect_api(method: str, path: str, body: bytes = b"") -> str:
@@ -58,6 +58,12 @@ class Extraction:
     # usage.cost) and the provider's final usage object (`raw`), for pricing.
     usage: Usage = field(default_factory=Usage)
     response_id: str | None = None  # the provider's id of the answer (Responses chain by it: sessions)
+    # Read of the request by a helper process (workers.extract_job), when it was given one:
+    # `prompt_text` of the body as it crossed (to be masked), and what sessions read of the
+    # request and this answer (sessions.Facts; None: the writer reads them).
+    prompt: str | None = None
+    prompt_read: bool = False
+    facts: Any = None
 
 
 def extraction(r: Response) -> Extraction:
@@ -168,18 +174,24 @@ def _prompt_parts(value: Any, out: list[str], depth: int) -> None:
             _prompt_parts(value["output"], out, depth + 1)
 
 
+def json_object(body: str | bytes | None) -> dict | None:
+    """`body` parsed, when it is a JSON object; else None. Never raises."""
+    if not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def prompt_text(body: str | bytes | dict | None) -> str | None:
     """What the user sent in a request body -- the system prompt and this turn's messages (see
     _this_turn), text parts only, joined by newlines -- or None when the body is not a JSON
     object or holds no text. The dialect is told by the keys, so a body recorded as `other` is
     read too. Never raises."""
-    if not body:
-        return None
-    try:
-        obj = body if isinstance(body, dict) else json.loads(body)  # parsed once by the recorder
-    except (ValueError, TypeError, RecursionError):
-        return None
-    if not isinstance(obj, dict):
+    obj = body if isinstance(body, dict) else json_object(body)
+    if obj is None:
         return None
     out: list[str] = []
     try:

@@ -484,7 +484,7 @@ class Recorder(QueuedSink):
         """Commit a batch with the drop counts owed; replaces the in-progress rows of its calls."""
         replace = [cid for cid in batch.final_rows.ids if cid in self._in_progress]
         owed = dict(self._owed)
-        self._commit_indexed(batch.new_rows, batch.final_rows, batch.attempt_rows, replace, owed)
+        self._commit_with_sessions(batch.new_rows, batch.final_rows, batch.attempt_rows, replace, owed)
         for reason, count in owed.items():
             left = self._owed.get(reason, 0) - count
             if left > 0:
@@ -493,27 +493,33 @@ class Recorder(QueuedSink):
                 self._owed.pop(reason, None)
         self._in_progress.update(r[0] for r in batch.new_rows)
         self._in_progress.difference_update(batch.final_rows.ids)
-        self._write_sessions()
         if self.services and batch.final_rows.ids:
             self._tell_services(batch.final_rows.all(), batch.attempt_rows)
         self._import_due()
 
-    def _write_sessions(self) -> None:
-        """The sessions the committed calls touched, in a transaction of their own: nothing
-        wrong with a session row can hold up or spool its calls."""
+    def _commit_with_sessions(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
+                              replace: list[str], dropped: dict[str, int]) -> None:
+        """_commit_indexed, with the sessions the batch touched written in the same transaction.
+        One commit a batch, not two: DuckDB checkpoints at the first commit past its WAL limit,
+        and a second, small commit after each batch's made that come a batch sooner, each time
+        (a checkpoint more for every few; a third more of the writer's time at 2,000 calls/s).
+        Nothing wrong with a session row costs a call: should those rows be refused, the calls
+        go in without them, and those sessions' rows are left as they were."""
         store = self.sessions
-        if store is None or self.con is None or not store.grouper.dirty:
+        if store is None:
+            self._commit_indexed(new_rows, final_rows, attempt_rows, replace, dropped)
             return
         try:
-            with schema.transaction(self.con):
-                store.write(self.con)
-        except Exception as exc:
-            lost = not _storage_failure(exc)  # else written with the next batch
-            store.failed(drop=lost)
-            if lost:
-                log.exception("llmtap recorder: writing sessions failed; their calls are recorded, and "
-                              "those sessions' rows are left as they were")
+            self._commit_indexed(new_rows, final_rows, attempt_rows, replace, dropped, store)
+        except _SessionsRefused as exc:
+            store.failed(drop=True)
+            log.error("llmtap recorder: writing sessions failed (%s); their calls are recorded, and those "
+                      "sessions' rows are left as they were", exc.__cause__)
+            self._commit_indexed(new_rows, final_rows, attempt_rows, replace, dropped)
             return
+        except BaseException:
+            store.failed(drop=False)  # written with the batch that is tried next
+            raise
         store.committed()
 
     def _close_services(self) -> None:
@@ -668,25 +674,26 @@ class Recorder(QueuedSink):
                       "imported on the next start", self.db_path, spool_path(self.db_path))
 
     def _commit_indexed(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
-                        replace: list[str], dropped: dict[str, int]) -> None:
+                        replace: list[str], dropped: dict[str, int], sessions: SessionStore | None = None) -> None:
         """_commit, with the words of calls that land in an already indexed chunk added in the
         same transaction. Should that part fail, the rows still go in, and their chunks are
         dropped from the index instead (searches then read those calls)."""
         index = self.index
         ids = final_rows.ids
         if index is None or not ids or min(ids) > index.covered_to:
-            self._commit(new_rows, final_rows, attempt_rows, replace, dropped)
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, None, sessions)
             return
         try:
-            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.add_late(ids))
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.add_late(ids), sessions)
         except Exception as exc:
-            if _storage_failure(exc):
+            if _storage_failure(exc) or isinstance(exc, _SessionsRefused):
                 raise
-            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.uncover(ids))
+            self._commit(new_rows, final_rows, attempt_rows, replace, dropped, lambda: index.uncover(ids), sessions)
             log.exception("llmtap recorder: indexing late calls failed; their chunks are left out of the index")
 
     def _commit(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
-                replace: list[str], dropped: dict[str, int], also: Callable[[], None] | None = None) -> None:
+                replace: list[str], dropped: dict[str, int], also: Callable[[], None] | None = None,
+                sessions: SessionStore | None = None) -> None:
         con = self.con
         if con is None:
             raise OSError("the database is not open")
@@ -708,6 +715,13 @@ class Recorder(QueuedSink):
                 con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
             if also is not None:
                 also()
+            if sessions is not None:
+                try:
+                    sessions.write(con)
+                except Exception as exc:
+                    if _storage_failure(exc):
+                        raise
+                    raise _SessionsRefused(str(exc)) from exc
 
     def _bound(self, call: Call) -> None:
         """No more of a body than the limit, whatever was handed over (the proxy's own limit
@@ -764,7 +778,8 @@ class Recorder(QueuedSink):
         to the helpers at once, whole bodies, even where a live extractor has read part of one:
         their time is not taken from the proxy. Fewer are extracted here, as they are read."""
         if len(calls) >= self.offload_min and self.helpers.count:
-            answers = self.helpers.map([_job(c, self.body_limit) for c in calls], ROWS_PART)
+            answers = self.helpers.map([_job(c, self.body_limit, True, self.sessions is not None) for c in calls],
+                                       ROWS_PART)
             return (ex for part in answers for ex in part)
         return (self._extraction(c) for c in calls)
 
@@ -789,7 +804,7 @@ class Recorder(QueuedSink):
                 return extractor.finish()
             except Exception:
                 log.exception("llmtap recorder: live extraction failed for call %s", call.id)
-        return extract_job(_job(call, self.body_limit))
+        return extract_job(_job(call, self.body_limit, False, False))
 
     # -- rows --------------------------------------------------------------------------------------
     def _call_row(self, call: Call, ex: Extraction | None = None, scrub: Scrubber | None = None) -> tuple:
@@ -831,8 +846,6 @@ class Recorder(QueuedSink):
         whole = (ex is None or not ex.complete or (call.status or 0) >= 400 or call.api == "other"
                  or scrub.found_shapes)
         resp_text = b(resp_text) if whole else scrub.literal(resp_text)
-        # The masked request, parsed once for `prompt` and for sessions.
-        doc = _json_object(req_text) if ex is not None and self.sessions is not None else None
         row = {
             "id": call.id, "started_at": call.started_at, "client": t(call.client), "api": call.api,
             "method": call.method, "url": t(redact_url(call.url)),
@@ -854,7 +867,8 @@ class Recorder(QueuedSink):
             "reasoning_tokens": ex.reasoning_tokens if ex else None, "total_tokens": ex.total_tokens if ex else None,
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
-            "prompt": prompt_text(doc if doc is not None else req_text),  # masked: no secret in it either
+            # From the masked body; or read by a helper from the body as it crossed, then masked.
+            "prompt": b(ex.prompt) if ex is not None and ex.prompt_read else prompt_text(req_text),
             "cache_read_tokens": ex.cache_read_tokens if ex else None,
             "cache_write_tokens": ex.cache_write_tokens if ex else None,
             "usage_raw": _usage_json(ex, b),
@@ -862,7 +876,7 @@ class Recorder(QueuedSink):
             "session_id": None, "session_link": None, "parent_call_id": None, "turn": None,
         }
         if ex is not None and self.sessions is not None:
-            self.sessions.link(call, row, doc, ex.tool_calls, ex.response_id)
+            self.sessions.link(call, row, ex.facts, ex.content, ex.tool_calls, ex.response_id, t)
         return call_tuple(row)
 
     def _cost(self, call: Call, ex: Extraction | None) -> dict[str, Any]:
@@ -1101,8 +1115,15 @@ class _Rows:
         return [row for part in self for row in part]
 
 
-def _job(call: Call, limit: int) -> Job:
-    return (call.api, call.status, call.response_headers, call.response_body, limit)
+class _SessionsRefused(Exception):
+    """The database refused the session rows of a batch (not its calls, not a storage failure)."""
+
+
+def _job(call: Call, limit: int, request: bool, sessions: bool) -> Job:
+    # The request body goes along to a helper, which parses it once for the search text and,
+    # when sessions are on, for grouping: the writer then parses no request at all.
+    return (call.api, call.status, call.response_headers, call.response_body, limit,
+            call.request_body if request else None, sessions)
 
 
 def _usage_json(ex: Extraction | None, scrub: Callable[[str | None], str | None]) -> str | None:
@@ -1131,16 +1152,6 @@ def _text(body: bytes | None) -> tuple[str | None, bytes | None]:
         return body.decode("utf-8"), None
     except UnicodeDecodeError:
         return None, bytes(body)
-
-
-def _json_object(text: str | None) -> dict | None:
-    if not text:
-        return None
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def _jsonable(value: Any) -> Any:

@@ -23,23 +23,29 @@ Ids a tool sends for its session (headers) and labels name their session whateve
 ids in the body are weaker (OpenAI's `user` names a person, not a task): the idle gap splits
 them too.
 
-Matching is a few dict lookups per call: each finished call leaves fingerprints (Python hashes
-of normalised messages, kept in memory only) of what its continuation would carry, in an LRU
-per client, so memory is bounded whatever the traffic. The grouper runs on the recorder's
-writer thread as rows are made; the sessions a batch touched are written right after its calls
-commit, in a transaction of their own, so that nothing wrong with a session row costs a call.
+Matching is a few dict lookups per call: each finished call leaves fingerprints (hashes of
+normalised messages, kept in memory only) of what its continuation would carry, in an LRU per
+client, so memory is bounded whatever the traffic. Reading a request and hashing it is most of
+the work, and it is done where the bodies are read (`Facts`, made in the recorder's extraction
+helpers under load: workers.py), so the hashes are stable ones, the same in every process. The
+grouper itself runs on the writer thread as rows are made, lookups only; the sessions a batch
+touched are written right after its calls commit, in a transaction of their own, so that
+nothing wrong with a session row costs a call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections import OrderedDict
+import zlib
+from array import array
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from itertools import repeat
+from typing import Any, NamedTuple
 
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
@@ -63,7 +69,8 @@ MAX_SESSIONS = 20_000
 MAX_NAMED = 65_536
 # A quote is found by runs of QUOTE_WORDS words an answer had, QUOTE_HITS of them at least (one
 # common phrase is not a quote); of an answer its first QUOTE_ANSWER_WORDS words count, of a
-# request this turn's first QUOTE_SCAN_CHARS characters.
+# request this turn's first QUOTE_SCAN_CHARS characters. Every run counts (no sampling): the
+# quotes that tie a research pipeline are often short, a generated question of ten words.
 QUOTE_WORDS = 5
 QUOTE_HITS = 2
 QUOTE_ANSWER_WORDS = 1024
@@ -92,23 +99,31 @@ SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
 SESSION_FIELDS: tuple[str, ...] = tuple(c[0] for c in SESSION_COLUMNS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CallInfo:
-    """What grouping reads of one finished call."""
+    """What grouping reads of one finished call. Not frozen: made for every call on the
+    writer's thread, and a frozen dataclass sets each of its fields the slow way."""
 
     id: str
     started_at: datetime
     client: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     label: tuple[str, str] | None = None  # ("wrap" | "path", NAME)
+    # What grouping reads of the request and answer; made from `request` and `response` when
+    # not given (see `facts_of`).
+    facts: Facts | None = None
     request: Request | None = None
     response: Response | None = None
+    response_id: str | None = None  # the answer's id, when `response` is not given
     duration_ms: float | None = None
     failed: bool = False
     fallback: bool = False
     input_tokens: int | None = None
     output_tokens: int | None = None
     cost_usd: Decimal | None = None
+    # What of the facts is stored (the title, ids in the body) goes through this first: the
+    # call's scrubber. Called only for what is stored, which most calls are not.
+    mask: Callable[[str | None], str | None] | None = None
     # Where the conversation as sent has its last answer, and how many items it has (the
     # request may be read cut to a few messages: see `trimmed`); None: from `request.messages`.
     answer_at: int | None = None
@@ -117,6 +132,25 @@ class CallInfo:
     @property
     def ended_at(self) -> datetime:
         return self.started_at + timedelta(milliseconds=self.duration_ms or 0.0)
+
+
+class Facts(NamedTuple):
+    """What grouping reads of one call's request and answer, read and hashed where the bodies
+    are (a helper process under load): the writer then only looks these up and stores them.
+    Word-run hashes are `_shingles` bytes. A tuple: it crosses the helpers' pipe at C speed."""
+
+    readable: bool = False  # the request had a conversation to read (else only ids count)
+    ids: tuple[tuple[str, str], ...] = ()  # Request.ids, unmasked: the writer masks what it stores
+    title: str | None = None  # likewise
+    results: tuple[str, ...] = ()  # the call ids this turn's tool results answer
+    grow: int | None = None  # this request as an earlier one grown by that call's answer
+    tail: int | None = None  # its last exchange, for a history compacted around it
+    quotes: bytes = b""  # word runs of this turn's user text (`_shingles`)
+    # What this call's continuation will carry:
+    calls: tuple[str, ...] = ()  # the answer's tool call ids
+    next_grow: int | None = None
+    next_tail: int | None = None
+    said: bytes = b""  # word runs of the answer's text
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +222,35 @@ class _Lru(OrderedDict):
         return value
 
 
-_SPACE = re.compile(r"\s+")
+class _Quotes:
+    """Word-run hash -> (session id, call id), at most `cap` of them: two generations of plain
+    dicts, the older dropped whole when the newer is full, so that an answer's thousand runs
+    are put, and a prompt's looked up, in a few C calls instead of a thousand LRU moves."""
+
+    def __init__(self, cap: int) -> None:
+        self.half = max(cap // 2, 1)
+        self.new: dict[int, tuple[str, str]] = {}
+        self.old: dict[int, tuple[str, str]] = {}
+
+    def put(self, runs: Iterable[int], where: tuple[str, str]) -> None:
+        self.new.update(zip(runs, repeat(where)))
+        if len(self.new) >= self.half:
+            self.old, self.new = self.new, {}
+
+    def hits(self, runs: memoryview) -> Counter[tuple[str, str]]:
+        """How many of `runs` each earlier answer had."""
+        found = Counter(filter(None, map(self.new.get, runs)))
+        if self.old:
+            # A run in both generations counts once, for its newer answer.
+            found.update(w for h, w in zip(runs, map(self.old.get, runs)) if w is not None and h not in self.new)
+        return found
+
+    def __len__(self) -> int:
+        return len(self.new) + len(self.old)
 
 
 def _norm_text(text: str) -> str:
-    return _SPACE.sub(" ", text).strip()
+    return " ".join(text.split())
 
 
 def _call_key(c: ToolCall) -> str:
@@ -254,13 +312,25 @@ class _Conv:
         return got
 
 
+def _key(*parts: str) -> int:
+    """A stable 64-bit hash: fingerprints made in a helper process meet those made in the
+    writer (Python's `hash` of a string differs between processes). CRC-32 and Adler-32 side
+    by side: a fingerprint, not a signature, at a fifth of blake2b's time on a long history."""
+    data = "\x1e".join(parts).encode("utf-8", "surrogatepass")
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
+
+
 def _grow_key(conv: _Conv, i: int, depth: int, answer: str) -> int:
     # What a continuation carries around the answer: the conversation's first message, the
     # message the answer answered, the answer, and where in the history it sits. O(1) messages
     # per call, where a hash of the whole prefix would read the whole history (agents resend it
     # every turn); a history cut in the middle moves the answer, and is matched by its tail.
     first = conv.norm(0) if i > 0 else answer
-    return hash(("grow", depth, first, conv.norm(i - 1), answer))
+    return _key("grow", str(depth), first, conv.norm(i - 1), answer)
+
+
+def _tail_key(before: str, answer: str) -> int:
+    return _key("tail", before, answer)
 
 
 def _answer_start(roles: list[str | None]) -> int | None:
@@ -278,13 +348,76 @@ def _this_turn(msgs: list[Message]) -> list[Message]:
     return msgs
 
 
-_WORD = re.compile(r"\w+")
+# Bytes that end a word: ASCII that is not a letter, digit or underscore. UTF-8's multi-byte
+# characters stay inside words.
+_NOT_WORD = bytes(c if chr(c).isalnum() or c == 95 or c >= 128 else 32 for c in range(256))
 
 
-def _shingles(text: str, words: int | None = None) -> set[int]:
-    """Hashes of every run of QUOTE_WORDS words, case and punctuation aside."""
-    w = _WORD.findall(text[:QUOTE_SCAN_CHARS].lower())[:words]
-    return {hash(tuple(w[i:i + QUOTE_WORDS])) for i in range(len(w) - QUOTE_WORDS + 1)}
+def _shingles(text: str, words: int | None = None) -> bytes:
+    """Hashes of the runs of QUOTE_WORDS words, once each, ASCII case and punctuation aside,
+    as `array("q")` bytes, which cross a pipe as one object. Stable in every process: a word
+    is its CRC-32, a run the hash of a tuple of ints (no seed in that). Each step is one C call
+    over the whole text, a fraction of a microsecond a word."""
+    data = text[:QUOTE_SCAN_CHARS].encode("utf-8", "surrogatepass").lower().translate(_NOT_WORD)
+    w = list(map(zlib.crc32, data.split()[:words]))
+    runs = map(hash, zip(*(w[i:] for i in range(QUOTE_WORDS))))
+    return array("q", set(runs)).tobytes()
+
+
+def _runs(data: bytes) -> memoryview:
+    return memoryview(data).cast("q")
+
+
+def facts_of(req: Request | None, resp: Response | None, answer_at: int | None = None,
+             history_len: int | None = None) -> Facts:
+    """What grouping reads of a call: `answer_at` and `history_len` as `trimmed` gives them
+    (None: from `req.messages`, read whole)."""
+    if req is None:
+        return Facts()
+    ids = tuple((k, str(v)) for k, v in req.ids.items() if v)
+    conv = _Conv(req)
+    msgs = conv.msgs
+    turn = _this_turn(msgs)
+    results = tuple(r.call_id for m in (turn or msgs) for r in m.tool_results if r.call_id)
+    grow = tail = None
+    last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
+    if last is not None:
+        depth = answer_at if answer_at is not None else _answer_start([m.role for m in req.messages])
+        said_before = conv.norm(last)
+        grow = _grow_key(conv, last, depth or 0, said_before)
+        tail = _tail_key(conv.norm(last - 1), said_before)
+    text = "\n".join(m.text for m in turn if m.role == "user")
+    quotes = _shingles(text) if text else b""
+    calls: tuple[str, ...] = ()
+    next_grow = next_tail = None
+    said = b""
+    if resp is not None:
+        calls = tuple(tc.id for tc in resp.tool_calls if tc.id)
+        answer = resp.message()
+        if answer.parts:
+            at = len(msgs)
+            depth = history_len if history_len is not None else len(req.messages)
+            if at and msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
+                answer = Message("assistant", msgs[-1].parts + answer.parts)
+                at -= 1
+                depth = answer_at if answer_at is not None else depth - 1
+            norm = norm_message(answer)
+            next_grow = _grow_key(conv, at, depth, norm)
+            next_tail = _tail_key(conv.norm(at - 1), norm)
+            if resp.content:
+                said = _shingles(resp.content, QUOTE_ANSWER_WORDS)
+    return Facts(readable=True, ids=ids, title=title_of(req), results=results, grow=grow, tail=tail,
+                 quotes=quotes, calls=calls, next_grow=next_grow, next_tail=next_tail, said=said)
+
+
+def read_facts(api: str, body: str | bytes | dict | None, response: Response | None) -> Facts:
+    """`facts_of` a request body as it crossed (or already parsed) and its answer. Never raises:
+    a body of a shape nobody expected is grouped as having no conversation."""
+    request, answer_at, history_len = read_request(api, body)
+    try:
+        return facts_of(request, response, answer_at, history_len)
+    except Exception:
+        return Facts()
 
 
 def title_of(req: Request | None) -> str | None:
@@ -310,20 +443,20 @@ class Grouper:
         self._sessions: _Lru = _Lru(MAX_SESSIONS)
         self._named: _Lru = _Lru(MAX_NAMED)  # "header:x-llmtap-session=abc" -> session id
         self._clients: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of fingerprint -> (session id, call id)
-        self._quotes: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of word-run hash -> (session id, call id)
+        self._quotes: _Lru = _Lru(MAX_CLIENTS)  # client -> _Quotes
         self._responses: _Lru = _Lru(MAX_NAMED)  # Responses' response id -> (session id, call id)
         self._calls_of: dict[str, int] = {}
         self.dirty: dict[str, Session] = {}  # touched since the last write
 
     # -- the one entry point ------------------------------------------------------------------
     def add(self, c: CallInfo) -> Link:
-        named, link, parent = self._explicit(c)
+        f = c.facts if c.facts is not None else facts_of(c.request, c.response, c.answer_at, c.history_len)
+        named, link, parent = self._explicit(c, f)
         named = _utf8(named)  # a header's bytes that are not UTF-8: the key is looked up in the store
-        conv = _Conv(c.request) if c.request is not None else None
         session: Session | None = None
         if named is not None:
             session = self._session(self._named.look(named) or self._from_store(named))
-            found = self._structural(c, conv)
+            found = self._structural(c, f)
             if session is not None and found is not None and found[2] == session.id:
                 parent = parent or found[1]
             if session is not None and link.startswith("body:") and link != "body:previous_response_id" \
@@ -333,7 +466,7 @@ class Grouper:
             elif session is not None:
                 parent = parent or session.last_call_id
         else:
-            found = self._structural(c, conv)
+            found = self._structural(c, f)
             if found is not None:
                 link, parent, sid = found
                 session = self._session(sid)
@@ -342,17 +475,17 @@ class Grouper:
             else:
                 link, parent = "new", None
         if session is None:
-            session = Session(id=c.id, source=link, key=named, client=c.client, title=title_of(c.request),
+            session = Session(id=c.id, source=link, key=named, client=c.client, title=self._title(c, f),
                               started_at=c.started_at, ended_at=c.ended_at)
             self._sessions.put(session.id, session)
         if named is not None and not named.startswith("session="):
             self._named.put(named, session.id)
-        self._account(session, c)
-        self._remember(session, c, conv)
+        self._account(session, c, f)
+        self._remember(session, c, f)
         return Link(session.id, link, parent, session.calls)
 
     # -- evidence -------------------------------------------------------------------------------
-    def _explicit(self, c: CallInfo) -> tuple[str | None, str, str | None]:
+    def _explicit(self, c: CallInfo, f: Facts) -> tuple[str | None, str, str | None]:
         """(the key naming the session, the link, the parent call) for rungs 1 and 2."""
         for name in SESSION_HEADERS:
             value = c.headers.get(name)
@@ -361,7 +494,7 @@ class Grouper:
                 # as a hash, as the record masks headers named *session*.
                 shown = value if name == "x-llmtap-session" else hashlib.sha256(value.encode()).hexdigest()[:16]
                 return f"header:{name}={shown}", f"header:{name}", None
-        ids = c.request.ids if c.request is not None else {}
+        ids = dict(f.ids)
         prev = ids.get("previous_response_id")
         if prev and prev in self._responses:
             sid, call_id = self._responses.look(prev)
@@ -369,43 +502,31 @@ class Grouper:
         for name in BODY_IDS[1:]:
             value = ids.get(name)
             if value:
-                return f"body:{name}={value}", f"body:{name}", None
+                return f"body:{name}={c.mask(value) if c.mask else value}", f"body:{name}", None
         if c.label is not None:
             kind, name = c.label
             return f"label={name}", f"label:{kind}", None
         return None, "", None
 
-    def _structural(self, c: CallInfo, conv: _Conv | None) -> tuple[str, str | None, str] | None:
+    def _structural(self, c: CallInfo, f: Facts) -> tuple[str, str | None, str] | None:
         """(link, parent call, session id) from tool-call continuity, then conversation growth."""
         keys = self._clients.get(c.client)
-        if conv is None or keys is None:
+        if not f.readable or keys is None:
             return None
-        msgs = conv.msgs
-        turn = _this_turn(msgs)
-        for m in turn or msgs:
-            for r in m.tool_results:
-                hit = keys.look(("tool", r.call_id)) if r.call_id else None
-                if hit is not None:
-                    return f"tool_call:{r.call_id}", hit[1], hit[0]
-        last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
-        if last is not None:
-            depth = c.answer_at
-            if depth is None and c.request is not None:
-                depth = _answer_start([m.role for m in c.request.messages])
-            hit = keys.look(_grow_key(conv, last, depth or 0, conv.norm(last)))
+        for call_id in f.results:
+            hit = keys.look(("tool", call_id))
+            if hit is not None:
+                return f"tool_call:{call_id}", hit[1], hit[0]
+        if f.grow is not None:
+            hit = keys.look(f.grow)
             if hit is not None:
                 return "history", hit[1], hit[0]
-            hit = keys.look(("tail", hash((conv.norm(last - 1), conv.norm(last)))))
+            hit = keys.look(("tail", f.tail))
             if hit is not None:
                 return "history:compacted", hit[1], hit[0]
         quotes = self._quotes.get(c.client)
-        text = "\n".join(m.text for m in turn if m.role == "user")
-        if quotes is not None and text:
-            hits: dict[tuple[str, str], int] = {}
-            for h in _shingles(text):
-                where = quotes.get(h)
-                if where is not None:
-                    hits[where] = hits.get(where, 0) + 1
+        if quotes is not None and f.quotes:
+            hits = quotes.hits(_runs(f.quotes))
             best = max(hits.items(), key=lambda kv: (kv[1], kv[0][1]), default=None)
             if best is not None and best[1] >= QUOTE_HITS:
                 (sid, call_id), _ = best
@@ -424,12 +545,16 @@ class Grouper:
                 self._sessions.put(sid, s)
         return s
 
+    @staticmethod
+    def _title(c: CallInfo, f: Facts) -> str | None:
+        return c.mask(f.title) if c.mask is not None and f.title else f.title
+
     def _from_store(self, key: str) -> str | None:
         if self._named_in_store is None or key.startswith("session="):
             return key[len("session="):] if key.startswith("session=") else None
         return self._named_in_store(key)
 
-    def _account(self, s: Session, c: CallInfo) -> None:
+    def _account(self, s: Session, c: CallInfo, f: Facts) -> None:
         s.calls += 1
         s.errors += c.failed
         s.fallbacks += c.fallback
@@ -438,48 +563,39 @@ class Grouper:
         if c.output_tokens is not None:
             s.output_tokens = (s.output_tokens or 0) + c.output_tokens
         if c.cost_usd is not None:
-            s.cost_usd = (s.cost_usd or Decimal(0)) + Decimal(c.cost_usd)
-        if c.ended_at > s.ended_at:
-            s.ended_at = c.ended_at
+            s.cost_usd = (s.cost_usd or Decimal(0)) + c.cost_usd
+        ended = c.ended_at
+        if ended > s.ended_at:
+            s.ended_at = ended
         if s.title is None:
-            s.title = title_of(c.request)
+            s.title = self._title(c, f)
         s.last_call_id = c.id
         self.dirty[s.id] = s
 
-    def _remember(self, s: Session, c: CallInfo, conv: _Conv | None) -> None:
+    def _remember(self, s: Session, c: CallInfo, f: Facts) -> None:
         """The fingerprints this call's continuation would carry."""
         keys = self._clients.look(c.client)
         if keys is None:
             keys = _Lru(KEYS_PER_CLIENT)
             self._clients.put(c.client, keys)
         where = (s.id, c.id)
-        resp = c.response
-        if resp is not None and resp.id:
-            self._responses.put(resp.id, where)
-        if conv is None or resp is None:
+        rid = c.response_id or (c.response.id if c.response is not None else None)
+        if rid:
+            self._responses.put(rid, where)
+        if not f.readable:
             return
-        answer = resp.message()
-        for tc in resp.tool_calls:
-            if tc.id:
-                keys.put(("tool", tc.id), where)
-        if not answer.parts:
+        for call_id in f.calls:
+            keys.put(("tool", call_id), where)
+        if f.next_grow is None:
             return
-        at = len(conv.msgs)
-        depth = c.history_len if c.history_len is not None else len(c.request.messages) if c.request else 0
-        if at and conv.msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
-            answer = Message("assistant", conv.msgs[-1].parts + answer.parts)
-            at -= 1
-            depth = c.answer_at if c.answer_at is not None else depth - 1
-        said = norm_message(answer)
-        keys.put(_grow_key(conv, at, depth, said), where)
-        keys.put(("tail", hash((conv.norm(at - 1), said))), where)
-        if resp.content:
+        keys.put(f.next_grow, where)
+        keys.put(("tail", f.next_tail), where)
+        if f.said:
             quotes = self._quotes.look(c.client)
             if quotes is None:
-                quotes = _Lru(QUOTES_PER_CLIENT)
+                quotes = _Quotes(QUOTES_PER_CLIENT)
                 self._quotes.put(c.client, quotes)
-            for h in _shingles(resp.content, QUOTE_ANSWER_WORDS):
-                quotes.put(h, where)
+            quotes.put(_runs(f.said), where)
 
 
 # -- reading requests and answers -----------------------------------------------------------------
@@ -589,23 +705,25 @@ class SessionStore:
                                [key]).fetchone()
         return row[0] if row else None
 
-    def link(self, call: Any, row: dict[str, Any], req_text: str | dict | None, tool_calls: list[dict] | None,
-             response_id: str | None) -> None:
+    def link(self, call: Any, row: dict[str, Any], facts: Facts | None, content: str | None,
+             tool_calls: list[dict] | None, response_id: str | None, mask: Callable[[str | None], str | None]) -> None:
         """Fill `row`'s session columns from the call; never raises (a row without its session
-        is better than no row)."""
+        is better than no row). `facts` as a helper made them, or None to read them here, from
+        the bodies as they crossed, as a helper does (so that fingerprints agree whichever made
+        them); `mask` is the call's scrubber, for what of them is stored (title, ids)."""
         try:
+            if facts is None:
+                facts = read_facts(call.api, call.request_body, response_of(call.api, content, tool_calls, response_id))
             status, error = row.get("status"), row.get("error")
             cost = row.get("cost_usd")
-            request, answer_at, history_len = read_request(call.api, req_text)
             info = CallInfo(
                 id=call.id, started_at=call.started_at, client=row.get("client"),
-                headers=getattr(call, "session_headers", None) or {},
-                label=getattr(call, "session_label", None), request=request, answer_at=answer_at, history_len=history_len,
-                response=response_of(call.api, row.get("content"), tool_calls, response_id),
+                headers=call.session_headers or {}, label=call.session_label, facts=facts,
+                response_id=response_id,
                 duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
                 fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),
                 output_tokens=row.get("output_tokens"),
-                cost_usd=Decimal(str(cost)) if cost is not None else None)
+                cost_usd=cost if cost is None or isinstance(cost, Decimal) else Decimal(str(cost)), mask=mask)
             found = self.grouper.add(info)
         except Exception:
             if not self._said:

@@ -563,7 +563,9 @@ def test_cli_errors_name_the_flag_and_exit_2(db: Path, tmp_path: Path) -> None:
 
 WIRE = Path(__file__).resolve().parent / "fixtures" / "wire"
 EXTRACTED = ("status", "stream", "complete", "model_reported", "reasoning", "content", "tool_calls", "finish_reason",
-             "input_tokens", "output_tokens", "reasoning_tokens", "error", "notes", "response_body", "response_body_raw")
+             "input_tokens", "output_tokens", "reasoning_tokens", "error", "notes", "response_body", "response_body_raw",
+             "prompt", "session_id", "session_link", "parent_call_id", "turn")
+SHAPED = "sk-proj-" + "Zx9" * 12  # a key shape no call carried as a secret
 
 
 def wire_calls(copies: int) -> list[Call]:
@@ -578,6 +580,11 @@ def wire_calls(copies: int) -> list[Call]:
         req, resp = fx["request"], fx["response"]
         call = make_call()
         call.api = detect_api(req["method"], req["path"], json.dumps(req.get("body")).encode())
+        body = req.get("body")
+        if isinstance(body, dict) and isinstance(body.get("messages"), list):
+            # A user who pasted keys: the search text (`prompt`) must be masked whoever reads it.
+            body = {**body, "messages": [*body["messages"], {"role": "user", "content": f"keys {PLANTED} {SHAPED}"}]}
+        call.request_body = json.dumps(body).encode()
         call.status, call.response_headers = int(resp["status"]), dict(resp["headers"])
         call.response_body = base64.b64decode(resp["body_b64"]) if "body_b64" in resp else resp["body_raw"].encode()
         calls.append(call)
@@ -621,6 +628,8 @@ def test_helper_processes_extract_a_busy_batch_exactly_as_the_writer_would(tmp_p
     record_all(alone, calls + more, helpers=0).close()
     assert extracted(tmp_path / "helped.duckdb") == extracted(alone)
     assert any(r[5] for r in extracted(alone))  # the corpus has answers to compare
+    prompts = [r[15] for r in extracted(alone) if r[15]]
+    assert any("keys" in p for p in prompts) and not any(PLANTED in p or SHAPED in p for p in prompts)
 
 
 def test_a_helper_that_dies_costs_no_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -20,9 +20,20 @@ import pytest
 from fakeprovider import FakeProvider, ok, status
 from llmtap.cli import main as llmtap_main
 from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
-from llmtap.recorder.recorder import Recorder
-from llmtap.recorder.sessions import KEYS_PER_CLIENT, MAX_CLIENTS, CallInfo, Grouper
+from llmtap.recorder.record import Call
+from llmtap.recorder.recorder import Recorder, _job, spool_path
+from llmtap.recorder.sessions import (
+    KEYS_PER_CLIENT,
+    MAX_CLIENTS,
+    QUOTES_PER_CLIENT,
+    CallInfo,
+    Grouper,
+    Session,
+    SessionStore,
+)
+from llmtap.recorder.workers import Helpers, extract_job
 from proxyharness import RunningProxy
+from waiting import wait_until
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 KEY = "sk-test-sessions-0123456789abcdef"
@@ -182,6 +193,81 @@ def test_memory_stays_bounded_by_the_lru() -> None:
     # The newest are still matched.
     _, last = run.call([result(f"id{KEYS_PER_CLIENT - 1}", "r")], client="busy")
     assert last.link == f"tool_call:id{KEYS_PER_CLIENT - 1}"
+
+
+def test_quotes_memory_stays_bounded_whatever_the_answers() -> None:
+    g = Grouper()
+    run = Run(g, client="writer")
+    for i in range(QUOTES_PER_CLIENT // 100):
+        run.call([user(f"t{i}")], answer(" ".join(f"w{i}x{j}" for j in range(300))))
+    assert 0 < len(g._quotes.get("writer")) <= QUOTES_PER_CLIENT
+    # The newest answers are still found when quoted.
+    _, last = run.call([user("Findings: " + " ".join(f"w{i}x{j}" for j in range(20)))])
+    assert last.link == "quote"
+
+
+def _chat_call(cid: str, messages: list[dict], answer_text: str) -> Call:
+    c = Call(id=cid, started_at=T0, method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
+             api="openai.chat", client="pipeline/1.0", request_body=json.dumps({"model": "m", "messages": messages}).encode())
+    c.status, c.duration_ms = 200, 10.0
+    c.response_headers = {"content-type": "application/json"}
+    c.response_body = json.dumps({"id": f"r-{cid}", "object": "chat.completion", "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": answer_text}, "finish_reason": "stop"}]}).encode()
+    return c
+
+
+def test_fingerprints_from_a_helper_process_meet_those_made_in_the_writer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under load the request is read and hashed in an extraction helper (another interpreter,
+    # with a hash seed of its own); at other times in the writer. A session must go on across
+    # the switch: conversation growth and quotes are matched by hashes made on both sides.
+    monkeypatch.setenv("PYTHONHASHSEED", "4242")  # the helper's str hashes surely differ from ours
+    task = "Write a report on tides"
+    first = _chat_call("C1", [{"role": "user", "content": task}], "Step one: the moon pulls the sea toward it")
+    second = _chat_call("C2", [{"role": "user", "content": task},
+                               {"role": "assistant", "content": "Step one: the moon pulls the sea toward it"},
+                               {"role": "user", "content": "go on"}], "Step two: the sun adds its own pull twice a month")
+    third = _chat_call("C3", [{"role": "user", "content": "Findings so far: the sun adds its own pull twice a month. "
+                                                          "Write the report."}], "Report")
+    helpers = Helpers(1, None)
+    try:
+        in_helper = next(helpers.map([_job(c, 1 << 20, True, True) for c in (second, third)], 8))
+        assert helpers.running == 1
+    finally:
+        helpers.stop()
+    store = SessionStore()
+    links = []
+    for call, facts in ((first, None), (second, in_helper[0].facts), (third, in_helper[1].facts)):
+        row: dict[str, Any] = {"client": call.client, "status": 200}
+        ex = extract_job(_job(call, 1 << 20, False, False))
+        store.link(call, row, facts, ex.content, ex.tool_calls, ex.response_id, lambda t: t)
+        links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
+    assert in_helper[0].facts is not None and in_helper[1].facts is not None
+    assert links == [("C1", "new", None), ("C1", "history", "C1"), ("C1", "quote", "C2")]
+
+
+def test_session_rows_the_database_refuses_cost_no_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sessions are written in their calls' transaction (one commit a batch); a session row
+    # DuckDB refuses (here a NOT NULL column left empty) must not take the calls with it.
+    real_row = Session.row
+    monkeypatch.setattr(Session, "row", lambda self: (self.id, None, *real_row(self)[2:]))
+    db = tmp_path / "refused.duckdb"
+    rec = Recorder(db, serve=False)
+    rec.start()
+    try:
+        for i in range(3):
+            rec.call_finished(_chat_call(f"R{i}", [{"role": "user", "content": f"task {i}"}], "ok").finished())
+        wait_until(lambda: rec.written == 3, what="three calls written")
+        monkeypatch.setattr(Session, "row", real_row)  # the next batch's sessions go in again
+        rec.call_finished(_chat_call("R9", [{"role": "user", "content": "task 9"}], "fine").finished())
+        wait_until(lambda: rec.written == 4, what="the fourth call written")
+    finally:
+        rec.close()
+    assert not spool_path(db).exists()
+    with duckdb.connect(str(db), read_only=True) as con:
+        calls = con.execute("SELECT id, session_id FROM calls ORDER BY id").fetchall()
+        sessions = con.execute("SELECT id FROM sessions").fetchall()
+    assert calls == [("R0", "R0"), ("R1", "R1"), ("R2", "R2"), ("R9", "R9")]
+    assert sessions == [("R9",)]
 
 
 # -- real traffic through the proxy into DuckDB ---------------------------------------------------
