@@ -2,20 +2,25 @@
 """Sessions benchmark, each part against a baseline measured in the same run.
 
   --append N   append rate of N finished calls handed to the Recorder at once, grouping into
-               sessions on vs off (Options(sessions={"off": True})), alternating runs; the calls
-               are agent tool loops of 8 turns whose ~4 KB request carries the whole history
-               and answers the last turn's tool call, in JSON that parses (so grouping does its
-               whole work), with a streamed 8 KB answer as scripts/bench_recorder.py hands over
+               sessions on vs off (Options(sessions={"off": True})), --rounds runs of each,
+               alternating; the calls are agent tool loops of 8 turns whose 2-8 KB request
+               carries the whole history and answers the last turn's tool call, in JSON that
+               parses (so grouping does its whole work), with a streamed 8 KB answer as
+               scripts/bench_recorder.py hands over, the last turn's a text of 200 words.
+               Figures: calls/s, and CPU per call of the writer's thread, of the recorder's
+               process and of its extraction helpers, each as the median of the rounds
   --big N      `llmtap sessions` (the whole command, first page; its queries alone; one session's
                timeline) on a generated N-call DB in sessions of 4 calls, vs `llmtap stats` on it
 
-    .venv/bin/python scripts/bench_sessions.py --append 20000 --big 1000000
+    .venv/bin/python scripts/bench_sessions.py --append 10000 --rounds 5 --big 1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +46,12 @@ def tool_event(call_id: str) -> bytes:
             '"arguments":"{\\"path\\": \\"a.py\\"}"}}]}}]}\n\n' % call_id).encode()
 
 
+def text_event(words: int) -> bytes:
+    text = " ".join(f"word{i % 97} finding{i % 13}" for i in range(words // 2))
+    return ('data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":'
+            '{"content":"%s"}}]}\n\n' % text).encode()
+
+
 FILLER = ('data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":'
           '{"reasoning_content":"tok "}}]}\n\n').encode()
 
@@ -55,7 +66,8 @@ def make_calls(n: int) -> list[Call]:
             cid = f"call_{task}_{turn}"
             body = json.dumps({"model": "gpt-4o", "stream": True, "messages": [
                 {"role": "system", "content": "You are a careful agent. " * 40}, *history]}).encode()
-            response = FILLER * (8192 // len(FILLER)) + tool_event(cid) + b"data: [DONE]\n\n"
+            last = turn == TURNS - 1
+            response = FILLER * (8192 // len(FILLER)) + (text_event(200) if last else tool_event(cid)) + b"data: [DONE]\n\n"
             c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
                      api="openai.chat", client="bench/1.0", model_requested="gpt-4o", stream=True,
                      request_headers={"content-type": "application/json"}, request_body=body)
@@ -69,41 +81,63 @@ def make_calls(n: int) -> list[Call]:
     return calls
 
 
-def append_rate(n: int, db: Path, grouping: bool) -> tuple[float, float, int]:
+def _cpu_s(stat: str) -> float:
+    """utime + stime of a /proc/.../stat file, in seconds (0 where there is no /proc)."""
+    try:
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def append_rate(n: int, db: Path, grouping: bool) -> dict[str, float]:
+    """One run: calls/s, and CPU per call of the writer's thread (what limits the append rate
+    where the helpers have CPUs of their own), of the whole recorder process (DuckDB's threads
+    too) and of the extraction helpers (which, on a 2-CPU machine, take CPU from the writer)."""
     rec = Recorder(db, serve=False, services=Options(sessions={} if grouping else {"off": True}))
     rec.start()
     events = [c.finished() for c in make_calls(n)]
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    writer = f"/proc/self/task/{rec._thread.native_id}/stat"
+    w0, t0, cpu0 = _cpu_s(writer), time.perf_counter(), time.process_time()
     for e in events:
         rec.call_finished(e)
     while rec.written + rec.dropped_total < n:
         time.sleep(0.005)
-    rate = n / (time.perf_counter() - t0)
-    cpu = (time.process_time() - cpu0) / n
+    wall = time.perf_counter() - t0
+    out = {"rate": n / wall, "writer_us": (_cpu_s(writer) - w0) / n * 1e6,
+           "process_us": (time.process_time() - cpu0) / n * 1e6,
+           "helpers_us": sum(_cpu_s(f"/proc/{pid}/stat") for pid in rec.helpers.pids()) / n * 1e6}
     rec.close()
     with duckdb.connect(str(db), read_only=True) as con:
-        sessions = con.execute("SELECT count(*) FROM sessions").fetchone()[0]
-    return rate, cpu, sessions
+        out["sessions"] = con.execute("SELECT count(*) FROM sessions").fetchone()[0]
+    db.unlink()
+    return out
 
 
-def bench_append(n: int, tmp: Path, rounds: int = 2) -> dict:
-    """Best of `rounds` alternating runs; also the recorder's CPU time per call (all its
-    threads, DuckDB's included), which a machine shared with other work disturbs less."""
-    on, off, cpu_on, cpu_off = [], [], [], []
-    sessions = 0
+def bench_append(n: int, tmp: Path, rounds: int) -> dict:
+    """`rounds` runs of each, alternating, so that a busy spell of the machine hits both; the
+    median of each figure, and the ratios of the medians (on / off: 1.0 is no cost)."""
+    runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for i in range(rounds):
-        r, cpu, _ = append_rate(n, tmp / f"off{i}.duckdb", False)
-        off.append(r)
-        cpu_off.append(cpu)
-        r, cpu, sessions = append_rate(n, tmp / f"on{i}.duckdb", True)
-        on.append(r)
-        cpu_on.append(cpu)
-    best_on, best_off = max(on), max(off)
-    return {"calls": n, "sessions_found": sessions, "expected_sessions": -(-n // TURNS),
-            "grouping_on_calls_per_s": round(best_on), "grouping_off_calls_per_s": round(best_off),
-            "ratio_on_vs_off": round(best_on / best_off, 3),
-            "cpu_us_per_call_on": round(min(cpu_on) * 1e6), "cpu_us_per_call_off": round(min(cpu_off) * 1e6),
-            "cpu_ratio_off_vs_on": round(min(cpu_off) / min(cpu_on), 3)}
+        for grouping in (False, True):
+            runs[grouping].append(append_rate(n, tmp / f"r{i}{int(grouping)}.duckdb", grouping))
+            print(f"  {'on ' if grouping else 'off'} " + "  ".join(f"{k} {v:.0f}" for k, v in runs[grouping][-1].items()),
+                  file=sys.stderr, flush=True)
+
+    def med(grouping: bool, key: str) -> float:
+        return statistics.median(r[key] for r in runs[grouping])
+
+    out: dict = {"calls": n, "rounds": rounds, "sessions_found": int(runs[True][-1]["sessions"]),
+                 "expected_sessions": -(-n // TURNS)}
+    for key, unit in (("rate", "calls_per_s"), ("writer_us", "writer_cpu_us_per_call"),
+                      ("process_us", "process_cpu_us_per_call"), ("helpers_us", "helpers_cpu_us_per_call")):
+        on, off = med(True, key), med(False, key)
+        out[f"{unit}_on"], out[f"{unit}_off"] = round(on), round(off)
+        out[f"{unit}_ratio_on_vs_off"] = round(on / off, 3) if off else None
+    total_on = med(True, "process_us") + med(True, "helpers_us")
+    total_off = med(False, "process_us") + med(False, "helpers_us")
+    out["all_cpu_us_per_call_ratio_on_vs_off"] = round(total_on / total_off, 3)
+    return out
 
 
 def bench_big(n: int, tmp: Path) -> dict:
@@ -174,13 +208,14 @@ def bench_big(n: int, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--append", type=int, default=0, metavar="N")
+    ap.add_argument("--rounds", type=int, default=5, metavar="R", help="runs of each, on and off (default 5)")
     ap.add_argument("--big", type=int, default=0, metavar="N")
     args = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-sessions-") as d:
         tmp = Path(d)
         if args.append:
-            out["append"] = bench_append(args.append, tmp)
+            out["append"] = bench_append(args.append, tmp, args.rounds)
         if args.big:
             out["big"] = bench_big(args.big, tmp)
     print(json.dumps(out, indent=2))
