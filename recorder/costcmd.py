@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "figure where it stated one, else the prices in rules.yaml, else genai-prices' table "
         "(the one `llmtap prices update` saved, or the one it ships with), at each call's date. "
         "Without --all only calls without a cost are priced (recorded before llmtap priced calls, "
-        "or whose model had no known price then). Offline. The file must not be held by "
+        "or whose model had no known price then). The sessions of the calls priced get their "
+        "cost summed again. Offline. The file must not be held by "
         "`llmtap run`: stop the run first (its own calls are priced as they finish).",
         epilog="examples:\n"
         "  llmtap cost backfill                     # calls that have no cost yet\n"
@@ -184,17 +185,20 @@ def backfill(db: Path, rules: Path | None, *, since: str | None = None, everythi
         pricer = Pricer(rules, prices_file if prices_file is not None else paths.default_prices())
         priced = unknown = done = 0
         after = ""
+        sessions: set[str] = set()
         while True:
             rows = con.execute(
                 f"SELECT id, started_at, provider, url, model_reported, model_sent, model_requested, input_tokens, "
                 f"output_tokens, reasoning_tokens, {c('cache_read_tokens')}, {c('cache_write_tokens')}, "
-                f"{c('usage_raw')} FROM calls WHERE {cond} AND id > ? ORDER BY id LIMIT {BATCH}",
+                f"{c('usage_raw')}, {c('session_id')} FROM calls WHERE {cond} AND id > ? ORDER BY id LIMIT {BATCH}",
                 [*params, after]).fetchall()
             if not rows:
                 break
             updates = []
             for (cid, started, provider, url, reported, sent, asked, inp, out, reasoning, read, write,
-                 raw) in rows:
+                 raw, session) in rows:
+                if session is not None:
+                    sessions.add(session)
                 usage = Usage(input_tokens=inp, output_tokens=out, reasoning_tokens=reasoning,
                               cache_read_tokens=read, cache_write_tokens=write, cost_usd=_stated_cost(raw))
                 p = pricer.price(usage, provider=provider, models=(reported, sent, asked), url=url, when=started)
@@ -213,9 +217,23 @@ def backfill(db: Path, rules: Path | None, *, since: str | None = None, everythi
             done += len(rows)
             if progress is not None:
                 progress(done, total)
+        _resum_sessions(con, sessions)
         return priced, unknown, kept
     finally:
         con.close()
+
+
+def _resum_sessions(con: Any, ids: set[str]) -> None:
+    """The sessions of the calls just priced get their cost summed again from their calls
+    (the recorder sums it as calls arrive; a price change would leave it stale)."""
+    if not ids:
+        return
+    from llmtap.recorder import schema
+
+    with schema.transaction(con):
+        con.execute("CREATE OR REPLACE TEMP TABLE _resum AS SELECT unnest(?::VARCHAR[]) AS id", [sorted(ids)])
+        con.execute("UPDATE sessions SET cost_usd = t.cost FROM (SELECT session_id, sum(cost_usd) AS cost FROM calls "
+                    "WHERE session_id IN (SELECT id FROM _resum) GROUP BY session_id) t WHERE sessions.id = t.session_id")
 
 
 def _stated_cost(raw: Any) -> Decimal | None:

@@ -268,6 +268,9 @@ def test_backfill_prices_old_calls_and_again_after_a_rules_change(tmp_path: Path
     assert r.returncode == 0 and "priced 2 calls" in r.stderr, r.stderr
     with duckdb.connect(str(db), read_only=True) as con:
         assert {c for (c,) in con.execute("SELECT cost_usd FROM calls").fetchall()} == {Decimal("0.011")}
+        # The sessions' totals follow their calls' new prices.
+        sessions = con.execute("SELECT cost_usd FROM sessions").fetchall()
+    assert sessions and all(cost == Decimal("0.011") for (cost,) in sessions)
 
 
 def test_rules_prices_follow_edits_while_recording(tmp_path: Path) -> None:
