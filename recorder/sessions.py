@@ -40,7 +40,7 @@ import json
 import zlib
 from array import array
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -232,10 +232,10 @@ class _Quotes:
         self.new: dict[int, tuple[str, str]] = {}
         self.old: dict[int, tuple[str, str]] = {}
 
-    def put(self, runs: Iterable[int], where: tuple[str, str]) -> None:
-        self.new.update(zip(runs, repeat(where)))
-        if len(self.new) >= self.half:
+    def put(self, runs: memoryview, where: tuple[str, str]) -> None:
+        if len(self.new) + len(runs) > self.half:  # an answer has at most QUOTE_ANSWER_WORDS runs
             self.old, self.new = self.new, {}
+        self.new.update(zip(runs, repeat(where)))
 
     def hits(self, runs: memoryview) -> Counter[tuple[str, str]]:
         """How many of `runs` each earlier answer had."""
