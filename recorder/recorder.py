@@ -500,9 +500,9 @@ class Recorder(QueuedSink):
     def _commit_with_sessions(self, new_rows: list[tuple], final_rows: _Rows, attempt_rows: list[tuple],
                               replace: list[str], dropped: dict[str, int]) -> None:
         """_commit_indexed, with the sessions the batch touched written in the same transaction.
-        One commit a batch, not two: DuckDB checkpoints at the first commit past its WAL limit,
-        and a second, small commit after each batch's made that come a batch sooner, each time
-        (a checkpoint more for every few; a third more of the writer's time at 2,000 calls/s).
+        One commit a batch, not two: DuckDB checkpoints at the first commit after its WAL has
+        passed the limit, and a small second commit after each batch's brought every checkpoint
+        a batch sooner: more checkpoints, up to a third more of the writer's time at 2,000 calls/s.
         Nothing wrong with a session row costs a call: should those rows be refused, the calls
         go in without them, and those sessions' rows are left as they were."""
         store = self.sessions

@@ -29,8 +29,9 @@ client, so memory is bounded whatever the traffic. Reading a request and hashing
 the work, and it is done where the bodies are read (`Facts`, made in the recorder's extraction
 helpers under load: workers.py), so the hashes are stable ones, the same in every process. The
 grouper itself runs on the writer thread as rows are made, lookups only; the sessions a batch
-touched are written right after its calls commit, in a transaction of their own, so that
-nothing wrong with a session row costs a call.
+touched are written in its calls' transaction, and should the database refuse those rows, the
+calls are committed again without them (Recorder._commit_with_sessions): nothing wrong with a
+session row costs a call.
 """
 
 from __future__ import annotations
