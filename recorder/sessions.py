@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import zlib
 from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from itertools import repeat
 from typing import Any, NamedTuple
@@ -77,6 +78,9 @@ QUOTE_HITS = 2
 QUOTE_ANSWER_WORDS = 1024
 QUOTE_SCAN_CHARS = 16 << 10
 QUOTES_PER_CLIENT = 16_384
+# What a restarted recorder reads back of the calls it recorded (SessionStore.recall).
+RECALL_CALLS = 512
+RECALL_BYTES = 32 << 20
 
 # Columns of the `sessions` table, in its order (schema.py creates it from this).
 SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -575,12 +579,19 @@ class Grouper:
 
     def _remember(self, s: Session, c: CallInfo, f: Facts) -> None:
         """The fingerprints this call's continuation would carry."""
-        keys = self._clients.look(c.client)
+        rid = c.response_id or (c.response.id if c.response is not None else None)
+        self._leave((s.id, c.id), c.client, rid, f)
+
+    def recall(self, session_id: str, call_id: str, client: str | None, f: Facts) -> None:
+        """What a call an earlier run recorded left, read back (see SessionStore.recall): a
+        restarted recorder goes on with the sessions it was following."""
+        self._leave((session_id, call_id), client, None, f)
+
+    def _leave(self, where: tuple[str, str], client: str | None, rid: str | None, f: Facts) -> None:
+        keys = self._clients.look(client)
         if keys is None:
             keys = _Lru(KEYS_PER_CLIENT)
-            self._clients.put(c.client, keys)
-        where = (s.id, c.id)
-        rid = c.response_id or (c.response.id if c.response is not None else None)
+            self._clients.put(client, keys)
         if rid:
             self._responses.put(rid, where)
         if not f.readable:
@@ -592,10 +603,10 @@ class Grouper:
         keys.put(f.next_grow, where)
         keys.put(("tail", f.next_tail), where)
         if f.said:
-            quotes = self._quotes.look(c.client)
+            quotes = self._quotes.look(client)
             if quotes is None:
                 quotes = _Quotes(QUOTES_PER_CLIENT)
-                self._quotes.put(c.client, quotes)
+                self._quotes.put(client, quotes)
             quotes.put(_runs(f.said), where)
 
 
@@ -689,22 +700,62 @@ class SessionStore:
         self.grouper = Grouper(idle_s or DEFAULT_IDLE_S, load=self._load, named=self._named)
         self._writing: list[Session] = []
         self._said = False
+        self._recalled = False
 
     def attach(self, con: Any) -> None:
         self.con = con
 
+    def recall(self) -> int:
+        """A restart's memory: the newest calls of the last idle gap (RECALL_CALLS of them at
+        most, RECALL_BYTES of request bodies) leave their fingerprints again, oldest first, so
+        that an inferred session goes on across a restart of `llmtap run` (sessions named by
+        an id or a label are found in the store anyway). Read from the record, masked: a key a
+        user pasted into a message no longer matches, which costs that one link. Returns the
+        calls read back; never raises."""
+        self._recalled = True
+        if self.con is None:
+            return 0
+        try:
+            since = datetime.now(timezone.utc) - self.grouper.idle
+            newest = self.con.execute(
+                "SELECT id, coalesce(length(request_body), 0) FROM calls WHERE session_id IS NOT NULL "
+                "AND status IS NOT NULL AND started_at >= ? ORDER BY id DESC LIMIT ?", [since, RECALL_CALLS]).fetchall()
+            ids, budget = [], RECALL_BYTES
+            for cid, size in newest:
+                budget -= size
+                if budget < 0:
+                    break
+                ids.append(cid)
+            ids.reverse()
+            for i in range(0, len(ids), 64):  # a few bodies in memory at a time
+                for cid, sid, client, api, body, content, tool_calls in self.con.execute(
+                        "SELECT id, session_id, client, api, request_body, content, tool_calls FROM calls "
+                        "WHERE id IN (SELECT unnest(?)) ORDER BY id", [ids[i:i + 64]]).fetchall():
+                    calls = json.loads(tool_calls) if tool_calls else None
+                    facts = read_facts(api, body, response_of(api, content, calls if isinstance(calls, list) else None,
+                                                              None))
+                    self.grouper.recall(sid, cid, client, facts)
+            return len(ids)
+        except Exception:
+            logging.getLogger("llmtap.recorder").exception(
+                "llmtap recorder: reading back the last sessions failed; inferred sessions start anew")
+            return 0
+
     def _load(self, sid: str) -> tuple | None:
         if self.con is None:
             return None
-        return self.con.execute(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions WHERE id = ?", [sid]).fetchone()
+        # fetchall, never fetchone: this runs while the calls' appender is open, and a result
+        # left unfinished makes DuckDB refuse the appender's flush, the whole batch with it.
+        rows = self.con.execute(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions WHERE id = ?", [sid]).fetchall()
+        return rows[0] if rows else None
 
     def _named(self, key: str) -> str | None:
         # A session named by an id or label in an earlier run (or evicted from memory) goes on.
         if self.con is None:
             return None
-        row = self.con.execute("SELECT id FROM sessions WHERE key = ? ORDER BY started_at DESC LIMIT 1",
-                               [key]).fetchone()
-        return row[0] if row else None
+        rows = self.con.execute("SELECT id FROM sessions WHERE key = ? ORDER BY started_at DESC LIMIT 1",
+                                [key]).fetchall()  # not fetchone: see _load
+        return rows[0][0] if rows else None
 
     def link(self, call: Any, row: dict[str, Any], facts: Facts | None, content: str | None,
              tool_calls: list[dict] | None, response_id: str | None, mask: Callable[[str | None], str | None]) -> None:
@@ -712,6 +763,8 @@ class SessionStore:
         is better than no row). `facts` as a helper made them, or None to read them here, from
         the bodies as they crossed, as a helper does (so that fingerprints agree whichever made
         them); `mask` is the call's scrubber, for what of them is stored (title, ids)."""
+        if not self._recalled:
+            self.recall()
         try:
             if facts is None:
                 facts = read_facts(call.api, call.request_body, response_of(call.api, content, tool_calls, response_id))
@@ -729,8 +782,6 @@ class SessionStore:
         except Exception:
             if not self._said:
                 self._said = True
-                import logging
-
                 logging.getLogger("llmtap.recorder").exception(
                     "llmtap recorder: grouping call %s into a session failed; it is recorded without one", call.id)
             return
