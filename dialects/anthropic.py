@@ -28,6 +28,14 @@ from llmtap.dialects.base import (
 from llmtap.dialects.shapes import Message, Part, Request, Role, ToolCall, ToolResult, ToolSpec
 
 
+def one_hour_writes(usage: Any) -> int | None:
+    """Of an Anthropic usage object's cache writes, those for an hour: `cache_creation`'s
+    `ephemeral_1h_input_tokens` (None when it does not say). Also read by `llmtap cost backfill`
+    from the usage object kept in `calls.usage_raw`."""
+    split = usage.get("cache_creation") if isinstance(usage, dict) else None
+    return as_int(split.get("ephemeral_1h_input_tokens")) if isinstance(split, dict) else None
+
+
 class MessagesReader(ResponseReader):
     """Messages API: typed SSE events, or one `message` object when not streamed."""
 
@@ -47,6 +55,7 @@ class MessagesReader(ResponseReader):
         st.usage_raw = raw
         st.cache_read_tokens = as_int(raw.get("cache_read_input_tokens"))
         st.cache_write_tokens = as_int(raw.get("cache_creation_input_tokens"))
+        st.cache_write_1h_tokens = one_hour_writes(raw)
         st.input_tokens = add_up(as_int(raw.get("input_tokens")), st.cache_read_tokens, st.cache_write_tokens)
 
     def event(self, name: str | None, obj: Any) -> None:

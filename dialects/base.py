@@ -166,6 +166,7 @@ class State:
         self.total_tokens: int | None = None
         self.cache_read_tokens: int | None = None
         self.cache_write_tokens: int | None = None
+        self.cache_write_1h_tokens: int | None = None
         self.cost_usd: Decimal | None = None
         self.usage_raw: dict | None = None
         self.error: dict | None = None
@@ -215,6 +216,7 @@ class State:
             reasoning_tokens=self.reasoning_tokens, cache_read_tokens=self.cache_read_tokens,
             cache_write_tokens=self.cache_write_tokens, total_tokens=self.total_tokens,
             cost_usd=self.cost_usd, raw=dict(self.usage_raw) if self.usage_raw is not None else None,
+            cache_write_1h_tokens=self.cache_write_1h_tokens,
         )
         return Response(
             api=api, stream=stream, complete=self.complete, model=self.model, id=self.id,

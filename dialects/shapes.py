@@ -175,6 +175,9 @@ class Usage:
     cache_write_tokens: int | None = None
     total_tokens: int | None = None
     cost_usd: Decimal | None = None  # what the provider itself says the call cost (OpenRouter's usage.cost)
+    # Of cache_write_tokens, those written to last an hour (Anthropic's `"ttl": "1h"`), which cost
+    # more than the 5-minute writes the price tables list.
+    cache_write_1h_tokens: int | None = None
     raw: dict[str, Any] | None = None  # the provider's final usage object, as sent
 
 

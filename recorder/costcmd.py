@@ -200,7 +200,8 @@ def backfill(db: Path, rules: Path | None, *, since: str | None = None, everythi
                 if session is not None:
                     sessions.add(session)
                 usage = Usage(input_tokens=inp, output_tokens=out, reasoning_tokens=reasoning,
-                              cache_read_tokens=read, cache_write_tokens=write, cost_usd=_stated_cost(raw))
+                              cache_read_tokens=read, cache_write_tokens=write, cost_usd=_stated_cost(raw),
+                              cache_write_1h_tokens=_hour_writes(raw))
                 p = pricer.price(usage, provider=provider, models=(reported, sent, asked), url=url, when=started)
                 updates.append((cid, p.cost_usd, p.source, p.detail_json()))
                 if p.cost_usd is None:
@@ -234,6 +235,16 @@ def _resum_sessions(con: Any, ids: set[str]) -> None:
         con.execute("CREATE OR REPLACE TEMP TABLE _resum AS SELECT unnest(?::VARCHAR[]) AS id", [sorted(ids)])
         con.execute("UPDATE sessions SET cost_usd = t.cost FROM (SELECT session_id, sum(cost_usd) AS cost FROM calls "
                     "WHERE session_id IN (SELECT id FROM _resum) GROUP BY session_id) t WHERE sessions.id = t.session_id")
+
+
+def _hour_writes(raw: Any) -> int | None:
+    """Anthropic's one-hour cache writes, from the usage object kept in `usage_raw`."""
+    from llmtap.dialects.anthropic import one_hour_writes
+
+    try:
+        return one_hour_writes(json.loads(raw)) if isinstance(raw, str) and "ephemeral_1h" in raw else None
+    except ValueError:
+        return None
 
 
 def _stated_cost(raw: Any) -> Decimal | None:

@@ -43,10 +43,10 @@ GENAI_PROVIDER = {"gemini": "google", "xai": "x-ai"}
 LOCAL_PROVIDERS = frozenset({"ollama"})
 # genai-prices' price keys of the token kinds llmtap counts, and llmtap's names for them.
 _KINDS = {"input_mtok": "input", "output_mtok": "output", "cache_read_mtok": "cache_read",
-          "cache_write_mtok": "cache_write"}
-# Every other price key is of a unit llmtap's usage never reports (audio, images, Anthropic's
-# 1-hour cache writes, web searches...), which costs nothing in genai-prices' own sum either;
-# except this one, a price per request, which genai-prices adds to every call.
+          "cache_write_mtok": "cache_write", "cache_write_1h_mtok": "cache_write_1h"}
+# Every other price key is of a unit llmtap's usage never reports (audio, images, web
+# searches...), which costs nothing in genai-prices' own sum either; except this one, a price
+# per request, which genai-prices adds to every call.
 _PER_REQUEST = "requests_kcount"
 UNKNOWN = "unknown"
 
@@ -92,7 +92,8 @@ class _Entry:
     exact: bool  # this module's arithmetic gives genai-prices' result
     checked: bool = False  # one call was priced both ways and agreed
     texts: dict[tuple[str, ...], str] = field(default_factory=dict)  # cost_detail by the prices used
-    flat: tuple[Decimal, ...] | None = None  # (input, output, cache_read, cache_write) when no tier applies
+    # (input, output, cache_read, cache_write, cache_write_1h) when no tier applies
+    flat: tuple[Decimal, ...] | None = None
     flat_used: tuple[str, ...] = ()
 
 
@@ -102,6 +103,11 @@ def _tokens(usage: Usage) -> tuple[int, int, int, int]:
     write = usage.cache_write_tokens or 0
     total_in = usage.input_tokens or 0
     return max(total_in - read - write, 0), usage.output_tokens or 0, read, write
+
+
+def _hour_writes(usage: Usage, write: int) -> int:
+    """Of the cache writes, those for an hour (Anthropic's), never more than the writes."""
+    return min(usage.cache_write_1h_tokens or 0, write)
 
 
 Kinds = dict[str, tuple[Decimal, tuple[tuple[int, Decimal], ...]]]  # kind -> (base, ((start, price), ...))
@@ -114,6 +120,8 @@ def _linear(kinds: Kinds, usage: Usage) -> tuple[Decimal, tuple[str, ...]]:
     write = usage.cache_write_tokens or 0
     total_in = usage.input_tokens or 0
     out = usage.output_tokens or 0
+    # An hour's writes at their own price where the entry has one, else as any write.
+    hour = _hour_writes(usage, write) if "cache_write_1h" in kinds else 0
     cost = Decimal(0)
     used = []
     for kind, (price, tiers) in kinds.items():
@@ -122,8 +130,8 @@ def _linear(kinds: Kinds, usage: Usage) -> tuple[Decimal, tuple[str, ...]]:
                 price = tier_price
                 break
         used.append(price)
-        n = (out if kind == "output" else read if kind == "cache_read" else write if kind == "cache_write"
-             else max(total_in - read - write, 0))
+        n = (out if kind == "output" else read if kind == "cache_read" else write - hour if kind == "cache_write"
+             else hour if kind == "cache_write_1h" else max(total_in - read - write, 0))
         if n:
             cost += price * n
     return cost.scaleb(-6), tuple(map(str, used))
@@ -287,7 +295,7 @@ class Pricer:
         if not any(tiers for _, tiers in kinds.values()):  # no tiers: the same four prices for every call
             zero = Decimal(0)
             entry.flat = tuple(kinds[k][0] if k in kinds else zero for k in ("input", "output", "cache_read",
-                                                                               "cache_write"))
+                                                                               "cache_write", "cache_write_1h"))
             entry.flat_used = tuple(str(base) for base, _ in kinds.values())
         if exact and len(self._cache) < 100_000:  # a time-of-day price is never cached by date
             self._cache[key] = entry
@@ -299,9 +307,10 @@ class Pricer:
         if flat is not None and entry.checked:  # the common case, kept short
             read = usage.cache_read_tokens or 0
             write = usage.cache_write_tokens or 0
+            hour = _hour_writes(usage, write) if "cache_write_1h" in entry.kinds else 0
             plain = max((usage.input_tokens or 0) - read - write, 0)
             cost = (flat[0] * plain + flat[1] * (usage.output_tokens or 0) + flat[2] * read
-                    + flat[3] * write).scaleb(-6)
+                    + flat[3] * (write - hour) + flat[4] * hour).scaleb(-6)
             return Priced(cost, self._source, text=entry.texts.get(entry.flat_used) or self._detail_text(
                 entry, entry.flat_used, model, when))
         cost, used = _linear(entry.kinds, usage)
@@ -334,7 +343,7 @@ class Pricer:
         try:
             return entry.model_price.calc_price(GenaiUsage(
                 input_tokens=plain + read + write, output_tokens=out, cache_read_tokens=read,
-                cache_write_tokens=write))["total_price"]
+                cache_write_tokens=write, cache_write_1h_tokens=_hour_writes(usage, write)))["total_price"]
         except Exception:
             return None
 

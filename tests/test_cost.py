@@ -70,7 +70,14 @@ def test_anthropic_cache_read_and_write_and_the_long_context_tier() -> None:
     usage = Usage(input_tokens=6000, output_tokens=500, cache_read_tokens=2000, cache_write_tokens=3000)
     p = price(usage, "anthropic", "claude-sonnet-4-5")
     assert p.cost_usd == Decimal("0.02235")
-    assert p.detail["per_million"] == {"input": "3", "cache_write": "3.75", "cache_read": "0.3", "output": "15"}
+    assert p.detail["per_million"] == {"input": "3", "cache_write": "3.75", "cache_write_1h": "6", "cache_read": "0.3",
+                                       "output": "15"}
+    # Writes for an hour ("ttl": "1h") cost $6 a million, not the 5-minute $3.75: of the 3000
+    # written, 2000 for an hour: 1000 × 3 + 2000 × 0.3 + 1000 × 3.75 + 2000 × 6 + 500 × 15
+    # = 3000 + 600 + 3750 + 12000 + 7500 = 26850 / 1e6
+    hour = Usage(input_tokens=6000, output_tokens=500, cache_read_tokens=2000, cache_write_tokens=3000,
+                 cache_write_1h_tokens=2000)
+    assert price(hour, "anthropic", "claude-sonnet-4-5").cost_usd == Decimal("0.02685")
     # Over 200k input tokens every price doubles ($6, $0.60, $7.50, $22.50 output):
     # 295000 × 6 + 2000 × 0.6 + 3000 × 7.5 + 500 × 22.5 = 1770000 + 1200 + 22500 + 11250 = 1804950 / 1e6
     big = Usage(input_tokens=300_000, output_tokens=500, cache_read_tokens=2000, cache_write_tokens=3000)
@@ -356,6 +363,15 @@ WIRE = {
         "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
         "usage": {"input_tokens": 1000, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 2000,
                   "output_tokens": 500}}, Decimal("0.02235")),
+    # The same with 2000 of the 3000 written for an hour ($6 a million, not $3.75), as Anthropic
+    # splits them in `cache_creation`: 1000 × 3 + 2000 × 0.3 + 1000 × 3.75 + 2000 × 6 + 500 × 15
+    # = 26850 / 1e6
+    "anthropic_1h": ("anthropic.messages", "anthropic", "claude-sonnet-4-5", {
+        "id": "msg_2", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": 1000, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 2000,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000},
+                  "output_tokens": 500}}, Decimal("0.02685")),
     # gemini-2.5-flash as above: 200 answer + 500 thought tokens are all output:
     # 1000 × 0.3 + 700 × 2.5 = 2050 / 1e6
     "gemini": ("gemini.generate", "gemini", "gemini-2.5-flash", {
@@ -404,6 +420,12 @@ def test_each_dialects_wire_usage_is_priced_exactly(tmp_path: Path) -> None:
     assert by_name["anthropic"][2:] == (2000, 3000)
     assert by_name["openrouter"][1] == "provider" and by_name["ollama"][1] == "rules.yaml"
     assert by_name["gemini"][1].startswith("genai-prices")
+    # Priced again from what the record kept (the usage object too, for the hour's writes): the same.
+    r = llmtap("cost", "backfill", "--db", str(db), "--rules", str(rules), "--all")
+    assert r.returncode == 0, r.stderr
+    with duckdb.connect(str(db), read_only=True) as con:
+        again = {names[cid]: cost for cid, cost in con.execute("SELECT id, cost_usd FROM calls").fetchall()}
+    assert again == {name: expected for name, (*_, expected) in WIRE.items()}
 
 
 # -- llmtap prices update: online only when asked ----------------------------------------------------------
