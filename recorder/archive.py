@@ -408,34 +408,75 @@ def _archive(cursor: Callable[[], duckdb.DuckDBPyConnection], target: Target, ol
 
 
 def _archive_sessions(con: duckdb.DuckDBPyConnection, target: Target, writer: _Writer, instance: str) -> int:
-    """Sessions, when the DB has that table: by the day of its first timestamp column, a row
-    once its day is over (UTC), keyed by its first column; never deleted locally."""
+    """Sessions, when the DB has that table, by the day of their first timestamp column (their
+    start), keyed by their first column, never deleted locally. A session is written once its
+    last call ended on a day that is over (UTC; `ended_at`, where the table has it). One that
+    went on after it was archived (a named session resumed days later, a task over midnight)
+    has changed (`calls`, `last_call_id`): its day's files of this instance are then written
+    again as one, holding every session of that day as it is now, and the old ones removed;
+    a run that dies in between leaves a row twice, which the next run's rewrite mends."""
     cols = [(str(r[0]), str(r[1])) for r in con.execute(
         "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'main' "
         "AND table_name = 'sessions' ORDER BY ordinal_position").fetchall()]
     when = _day_of(cols)
     if not cols or when is None:
         return 0
-    key = cols[0][0]
+    names = [n for n, _ in cols]
+    key = names[0]
+    marks: list[str] = [m for m in ("calls", "last_call_id") if m in names]
+    settled = "ended_at" if "ended_at" in names else when
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    q = (f'SELECT CAST("{key}" AS VARCHAR), strftime(timezone(\'UTC\', "{when}"), \'%Y-%m-%d\') AS d '
-         f'FROM sessions WHERE "{when}" IS NOT NULL')
-    by_day: dict[str, list[str]] = {}
-    for k, day in con.execute(q).fetchall():
-        if day < today:
-            by_day.setdefault(day, []).append(k)
+
+    def day(column: str) -> str:
+        return f"strftime(timezone('UTC', \"{column}\"), '%Y-%m-%d')"
+
+    mark_sql = "".join(f', CAST("{m}" AS VARCHAR)' for m in marks)
+    local: dict[str, dict[str, tuple]] = {}
+    for k, d, done, *mark in con.execute(
+            f'SELECT CAST("{key}" AS VARCHAR), {day(when)}, {day(settled)}{mark_sql} FROM sessions '
+            f'WHERE "{when}" IS NOT NULL').fetchall():
+        if d < today:
+            local.setdefault(d, {})[k] = (done, *mark)
     written = 0
-    for day, keys in sorted(by_day.items()):
-        there = _ids_in(target, _files(target, "sessions", day, instance).values(), key)
-        todo = sorted(k for k in keys if k not in there)
+    for d, here in sorted(local.items()):
+        old = _files(target, "sessions", d, instance)
+        there = _marks_in(target, old.values(), key, marks)
+        ready = {k for k, (done, *_) in here.items() if done < today}
+        changed = any(k in there and tuple(m) != there[k] for k, (_, *m) in here.items() if k in ready)
+        twice = any(v is None for v in there.values())
+        if changed or twice:
+            # This day again, whole: what was archived goes on being archived, as it is now.
+            todo = sorted(ready | (set(there) & set(here)))
+        else:
+            todo = sorted(k for k in ready if k not in there)
         if not todo:
             continue
         name = f"{instance}-{todo[0]}-{todo[-1]}.parquet"
         writer.write(con.sql(f'SELECT * FROM sessions WHERE CAST("{key}" AS VARCHAR) IN (SELECT unnest(?)) '
                              f'ORDER BY "{key}"', params=[todo]),
-                     target.path("sessions", f"date={day}", name), len(todo))
+                     target.path("sessions", f"date={d}", name), len(todo))
+        if changed or twice:
+            for other, path in old.items():
+                if other != name:
+                    target.fs.delete_file(path)
         written += len(todo)
     return written
+
+
+def _marks_in(target: Target, paths: Iterable[str], key: str, marks: list[str]) -> dict[str, tuple | None]:
+    """key -> the change marks (`calls`, `last_call_id`, as text) of the sessions in these files;
+    a key in more than one file (a rewrite a run did not finish) maps to None."""
+    import pyarrow.parquet as pq
+
+    out: dict[str, tuple | None] = {}
+    for p in paths:
+        table = pq.read_table(p, columns=[key, *marks], filesystem=target.fs)
+        columns = [table.column(c).to_pylist() for c in (key, *marks)]
+        for k, *mark in zip(*columns):
+            k = str(k)
+            value = tuple(None if v is None else str(v) for v in mark)
+            out[k] = None if k in out else value
+    return out
 
 
 def delete_calls(cursor: Callable[[], duckdb.DuckDBPyConnection], ids: list[str], progress: Progress | None = None,

@@ -374,15 +374,28 @@ def test_sessions_are_archived_by_day_once_their_day_is_over(tmp_path: Path) -> 
         con.execute("INSERT INTO sessions (id, source, started_at, ended_at, calls, errors, failed, fallbacks) VALUES "
                     "('s-old', 'new', now() - INTERVAL 2 DAY, now() - INTERVAL 2 DAY, 3, 0, false, 0), "
                     "('s-old2', 'new', now() - INTERVAL 2 DAY, now() - INTERVAL 2 DAY, 1, 0, false, 0), "
+                    "('s-late', 'new', now() - INTERVAL 2 DAY, now(), 4, 0, false, 0), "
                     "('s-today', 'new', now(), now(), 1, 0, false, 0)")
     r = llmtap("archive", "--db", str(db), "--to", str(root))
     assert r.returncode == 0 and "2 sessions" in r.stderr, r.stderr
-    got = rows(duckdb.connect(), f"SELECT id, calls FROM read_parquet('{root}/sessions/**/*.parquet', "
-                                 "hive_partitioning = true) ORDER BY id")
-    assert got == [("s-old", 3), ("s-old2", 1)]  # today's may still grow: not yet
+    archived_sessions = f"SELECT id, calls FROM read_parquet('{root}/sessions/**/*.parquet', hive_partitioning = true) ORDER BY id"
+    # Today's may still grow, and so may one that started two days ago and went on until now: not yet.
+    assert rows(duckdb.connect(), archived_sessions) == [("s-old", 3), ("s-old2", 1)]
     again = llmtap("archive", "--db", str(db), "--to", str(root))
     assert again.returncode == 0 and "archived 0 calls (0 attempts) to" in again.stderr, again.stderr
     assert len(files(root / "sessions")) == 1
+    # A session archived, then resumed (a named one, days later): its day is written again, as it
+    # is now, in one file; and the one that went on past midnight once its last day is over.
+    with duckdb.connect(str(db)) as con:
+        con.execute("UPDATE sessions SET calls = 5, last_call_id = 'c-later', ended_at = now() - INTERVAL 1 DAY "
+                    "WHERE id = 's-old'")
+        con.execute("UPDATE sessions SET ended_at = now() - INTERVAL 1 DAY WHERE id = 's-late'")
+    third = llmtap("archive", "--db", str(db), "--to", str(root))
+    assert third.returncode == 0 and "3 sessions" in third.stderr, third.stderr
+    assert rows(duckdb.connect(), archived_sessions) == [("s-late", 4), ("s-old", 5), ("s-old2", 1)]
+    assert len(files(root / "sessions")) == 1
+    last = llmtap("archive", "--db", str(db), "--to", str(root))
+    assert last.returncode == 0 and " in 0 files" in last.stderr, last.stderr  # nothing changed since: nothing written
 
 
 def test_run_with_an_unreachable_archive_says_so_and_goes_on_recording(
