@@ -404,6 +404,8 @@ class Recorder(QueuedSink):
         # the live machinery and are read once, whole, at the end (about a tenth less writer
         # time per short call, time the writer would otherwise take from the proxy).
         items = without_brief(self._drain())
+        if self.sessions is not None:
+            self.sessions.recall()  # a restart's memory of the sessions it followed: once, first
         total = self.dropped_total
         if total > self._dropped_recorded:
             self._owed["queue"] = self._owed.get("queue", 0) + total - self._dropped_recorded

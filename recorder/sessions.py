@@ -711,10 +711,11 @@ class SessionStore:
         that an inferred session goes on across a restart of `llmtap run` (sessions named by
         an id or a label are found in the store anyway). Read from the record, masked: a key a
         user pasted into a message no longer matches, which costs that one link. Returns the
-        calls read back; never raises."""
-        self._recalled = True
-        if self.con is None:
+        calls read back; never raises. Once, with the store open: the writer calls it before
+        each batch, outside any transaction (a failed query inside one would abort it)."""
+        if self._recalled or self.con is None:
             return 0
+        self._recalled = True
         try:
             since = datetime.now(timezone.utc) - self.grouper.idle
             newest = self.con.execute(
@@ -763,8 +764,6 @@ class SessionStore:
         is better than no row). `facts` as a helper made them, or None to read them here, from
         the bodies as they crossed, as a helper does (so that fingerprints agree whichever made
         them); `mask` is the call's scrubber, for what of them is stored (title, ids)."""
-        if not self._recalled:
-            self.recall()
         try:
             if facts is None:
                 facts = read_facts(call.api, call.request_body, response_of(call.api, content, tool_calls, response_id))
