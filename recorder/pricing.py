@@ -292,7 +292,7 @@ class Pricer:
             else:
                 exact = False
         entry = _Entry(gp.id, gm.id, kinds, model_price, exact)
-        if not any(tiers for _, tiers in kinds.values()):  # no tiers: the same four prices for every call
+        if not any(tiers for _, tiers in kinds.values()):  # no tiers: the same prices for every call
             zero = Decimal(0)
             entry.flat = tuple(kinds[k][0] if k in kinds else zero for k in ("input", "output", "cache_read",
                                                                                "cache_write", "cache_write_1h"))
