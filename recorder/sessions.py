@@ -582,10 +582,10 @@ class Grouper:
         rid = c.response_id or (c.response.id if c.response is not None else None)
         self._leave((s.id, c.id), c.client, rid, f)
 
-    def recall(self, session_id: str, call_id: str, client: str | None, f: Facts) -> None:
+    def recall(self, session_id: str, call_id: str, client: str | None, f: Facts, response_id: str | None) -> None:
         """What a call an earlier run recorded left, read back (see SessionStore.recall): a
         restarted recorder goes on with the sessions it was following."""
-        self._leave((session_id, call_id), client, None, f)
+        self._leave((session_id, call_id), client, response_id, f)
 
     def _leave(self, where: tuple[str, str], client: str | None, rid: str | None, f: Facts) -> None:
         keys = self._clients.look(client)
@@ -729,13 +729,16 @@ class SessionStore:
                 ids.append(cid)
             ids.reverse()
             for i in range(0, len(ids), 64):  # a few bodies in memory at a time
-                for cid, sid, client, api, body, content, tool_calls in self.con.execute(
-                        "SELECT id, session_id, client, api, request_body, content, tool_calls FROM calls "
+                # A Responses answer's id is in its body only (the first event of a stream).
+                for cid, sid, client, api, body, content, tool_calls, rid in self.con.execute(
+                        "SELECT id, session_id, client, api, request_body, content, tool_calls, "
+                        "CASE WHEN api = 'openai.responses' THEN regexp_extract(response_body, "
+                        "'\"id\"\\s*:\\s*\"(resp_[A-Za-z0-9_-]+)\"', 1) END FROM calls "
                         "WHERE id IN (SELECT unnest(?)) ORDER BY id", [ids[i:i + 64]]).fetchall():
                     calls = json.loads(tool_calls) if tool_calls else None
                     facts = read_facts(api, body, response_of(api, content, calls if isinstance(calls, list) else None,
                                                               None))
-                    self.grouper.recall(sid, cid, client, facts)
+                    self.grouper.recall(sid, cid, client, facts, rid or None)
             return len(ids)
         except Exception:
             logging.getLogger("llmtap.recorder").exception(

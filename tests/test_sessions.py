@@ -270,6 +270,16 @@ def test_session_rows_the_database_refuses_cost_no_call(tmp_path: Path, monkeypa
     assert sessions == [("R9",)]
 
 
+def _responses_call(cid: str, request: dict, response_id: str) -> Call:
+    c = _chat_call(cid, [], "")
+    c.api, c.url = "openai.responses", "http://127.0.0.1:8081/openai/responses"
+    c.request_body = json.dumps({"model": "m", **request}).encode()
+    c.response_body = json.dumps({"id": response_id, "object": "response", "status": "completed", "model": "m",
+                                  "output": [{"type": "message", "role": "assistant",
+                                              "content": [{"type": "output_text", "text": "hi"}]}]}).encode()
+    return c
+
+
 def test_an_inferred_session_goes_on_after_the_recorder_restarts(tmp_path: Path) -> None:
     # `llmtap run` stopped and started again in the middle of an agent's task: the grouper's
     # memory is read back from the record, so the next turn still continues the task.
@@ -280,33 +290,36 @@ def test_an_inferred_session_goes_on_after_the_recorder_restarts(tmp_path: Path)
     other = _chat_call("B1", [{"role": "user", "content": "Something else"}], "Unrelated answer")
     named = _chat_call("N1", [{"role": "user", "content": "a job"}], "step")
     named.session_headers = {"x-llmtap-session": "job-7"}
-    for c in (first, other, named):
+    chained = _responses_call("P1", {"input": "start"}, "resp_abc123")
+    for c in (first, other, named, chained):
         c.started_at = now - timedelta(minutes=2)
     for run in range(2):
         rec = Recorder(db, serve=False, helpers=0)
         rec.start()
         try:
             if run == 0:
-                for c in (first, other, named):
+                for c in (first, other, named, chained):
                     rec.call_finished(c.finished())
             else:
                 nxt = _chat_call("A2", [*task, {"role": "assistant", "content": "I split the tokenizer out of the parser"},
                                         {"role": "user", "content": "now the tests"}], "done")
                 again = _chat_call("N2", [{"role": "user", "content": "the job's next step"}], "ok")
                 again.session_headers = {"x-llmtap-session": "job-7"}
-                for c in (nxt, again):
+                follow = _responses_call("P2", {"input": "go on", "previous_response_id": "resp_abc123"}, "resp_def")
+                for c in (nxt, again, follow):
                     c.started_at = now
                     rec.call_finished(c.finished())
-            want = 3 - run
+            want = 4 if run == 0 else 3
             wait_until(lambda r=rec, n=want: r.written == n, what="the calls written")
         finally:
             rec.close()
     assert not spool_path(db).exists()  # the sessions read from the store cost no batch
     with duckdb.connect(str(db), read_only=True) as con:
         got = dict(con.execute("SELECT id, (session_id, session_link, parent_call_id, turn) FROM calls "
-                               "WHERE id IN ('A2', 'N2')").fetchall())
+                               "WHERE id IN ('A2', 'N2', 'P2')").fetchall())
         calls = dict(con.execute("SELECT id, calls FROM sessions WHERE id IN ('A1', 'N1')").fetchall())
-    assert got == {"A2": ("A1", "history", "A1", 2), "N2": ("N1", "header:x-llmtap-session", "N1", 2)}
+    assert got == {"A2": ("A1", "history", "A1", 2), "N2": ("N1", "header:x-llmtap-session", "N1", 2),
+                   "P2": ("P1", "body:previous_response_id", "P1", 2)}
     assert calls == {"A1": 2, "N1": 2}
 
 
