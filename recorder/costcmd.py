@@ -154,6 +154,7 @@ def backfill(db: Path, rules: Path | None, *, since: str | None = None, everythi
              prices_file: Path | None = None) -> tuple[int, int, int]:
     """Price the calls of `db` (`since`: as export.parse_time gives it); returns (priced, left
     unpriced, kept the provider's figure)."""
+    from llmtap.dialects.anthropic import one_hour_writes
     from llmtap.dialects.shapes import Usage
     from llmtap.recorder import schema
     from llmtap.recorder.pricing import Pricer
@@ -199,9 +200,10 @@ def backfill(db: Path, rules: Path | None, *, since: str | None = None, everythi
                  raw, session) in rows:
                 if session is not None:
                     sessions.add(session)
+                stated = _usage_raw(raw)
                 usage = Usage(input_tokens=inp, output_tokens=out, reasoning_tokens=reasoning,
-                              cache_read_tokens=read, cache_write_tokens=write, cost_usd=_stated_cost(raw),
-                              cache_write_1h_tokens=_hour_writes(raw))
+                              cache_read_tokens=read, cache_write_tokens=write, cost_usd=_stated_cost(stated),
+                              cache_write_1h_tokens=one_hour_writes(stated))
                 p = pricer.price(usage, provider=provider, models=(reported, sent, asked), url=url, when=started)
                 updates.append((cid, p.cost_usd, p.source, p.detail_json()))
                 if p.cost_usd is None:
@@ -237,24 +239,18 @@ def _resum_sessions(con: Any, ids: set[str]) -> None:
                     "WHERE session_id IN (SELECT id FROM _resum) GROUP BY session_id) t WHERE sessions.id = t.session_id")
 
 
-def _hour_writes(raw: Any) -> int | None:
-    """Anthropic's one-hour cache writes, from the usage object kept in `usage_raw`."""
-    from llmtap.dialects.anthropic import one_hour_writes
-
+def _usage_raw(raw: Any) -> dict | None:
+    """The provider's usage object kept in `usage_raw` (JSON text), or None."""
     try:
-        return one_hour_writes(json.loads(raw)) if isinstance(raw, str) and "ephemeral_1h" in raw else None
+        obj = json.loads(raw) if isinstance(raw, str) and raw else None
     except ValueError:
         return None
+    return obj if isinstance(obj, dict) else None
 
 
-def _stated_cost(raw: Any) -> Decimal | None:
-    """The cost a provider stated in its usage object (OpenRouter's `cost`), from `usage_raw`."""
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw).get("cost") if isinstance(raw, str) else None
-    except (ValueError, AttributeError):
-        return None
+def _stated_cost(usage: dict | None) -> Decimal | None:
+    """The cost a provider stated in its usage object (OpenRouter's `cost`)."""
+    value = usage.get("cost") if usage is not None else None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
     return None

@@ -58,11 +58,10 @@ class Extraction:
     # usage.cost) and the provider's final usage object (`raw`), for pricing.
     usage: Usage = field(default_factory=Usage)
     response_id: str | None = None  # the provider's id of the answer (Responses chain by it: sessions)
-    # Read of the request by a helper process (workers.extract_job), when it was given one:
-    # `prompt_text` of the body as it crossed (to be masked), and what sessions read of the
-    # request and this answer (sessions.Facts; None: the writer reads them).
+    # Read of the request with the answer (workers.with_request): `prompt_text` of the body as
+    # it crossed (to be masked), and what sessions read of the request and this answer
+    # (sessions.Facts; None with sessions off).
     prompt: str | None = None
-    prompt_read: bool = False
     facts: Any = None
 
 

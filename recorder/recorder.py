@@ -52,7 +52,7 @@ from llmtap.recorder.search_index import CHUNK_CALLS, MAX_LEVEL, SearchIndex
 from llmtap.recorder.services import Options, Service
 from llmtap.recorder.services import start as start_services
 from llmtap.recorder.sessions import SessionStore
-from llmtap.recorder.workers import Helpers, Job, extract_job
+from llmtap.recorder.workers import Helpers, Job, extract_job, with_request
 
 log = logging.getLogger("llmtap.recorder")
 # json.dumps with options builds a new encoder per call; headers are encoded twice per call.
@@ -780,8 +780,7 @@ class Recorder(QueuedSink):
         to the helpers at once, whole bodies, even where a live extractor has read part of one:
         their time is not taken from the proxy. Fewer are extracted here, as they are read."""
         if len(calls) >= self.offload_min and self.helpers.count:
-            answers = self.helpers.map([_job(c, self.body_limit, True, self.sessions is not None) for c in calls],
-                                       ROWS_PART)
+            answers = self.helpers.map([_job(c, self.body_limit, self.sessions is not None) for c in calls], ROWS_PART)
             return (ex for part in answers for ex in part)
         return (self._extraction(c) for c in calls)
 
@@ -803,10 +802,10 @@ class Recorder(QueuedSink):
         extractor, fed = self._extractors.get(call.id, (None, 0))
         if extractor is not None and fed == len(call.response_body):
             try:
-                return extractor.finish()
+                return with_request(extractor.finish(), call.api, call.request_body, self.sessions is not None)
             except Exception:
                 log.exception("llmtap recorder: live extraction failed for call %s", call.id)
-        return extract_job(_job(call, self.body_limit, False, False))
+        return extract_job(_job(call, self.body_limit, self.sessions is not None))
 
     # -- rows --------------------------------------------------------------------------------------
     def _call_row(self, call: Call, ex: Extraction | None = None, scrub: Scrubber | None = None) -> tuple:
@@ -869,8 +868,9 @@ class Recorder(QueuedSink):
             "reasoning_tokens": ex.reasoning_tokens if ex else None, "total_tokens": ex.total_tokens if ex else None,
             "error": t(error), "notes": json.dumps(notes) if notes else None,
             "request_body_raw": scrub.raw(req_raw), "response_body_raw": scrub.raw(resp_raw),
-            # From the masked body; or read by a helper from the body as it crossed, then masked.
-            "prompt": b(ex.prompt) if ex is not None and ex.prompt_read else prompt_text(req_text),
+            # Read with the answer from the body as it crossed, then masked (workers.with_request);
+            # of a call in progress, from the masked body.
+            "prompt": b(ex.prompt) if ex is not None else prompt_text(req_text),
             "cache_read_tokens": ex.cache_read_tokens if ex else None,
             "cache_write_tokens": ex.cache_write_tokens if ex else None,
             "usage_raw": _usage_json(ex, b),
@@ -878,7 +878,7 @@ class Recorder(QueuedSink):
             "session_id": None, "session_link": None, "parent_call_id": None, "turn": None,
         }
         if ex is not None and self.sessions is not None:
-            self.sessions.link(call, row, ex.facts, ex.content, ex.tool_calls, ex.response_id, t)
+            self.sessions.link(call, row, ex.facts, ex.response_id, t)
         return call_tuple(row)
 
     def _cost(self, call: Call, ex: Extraction | None) -> dict[str, Any]:
@@ -1121,11 +1121,8 @@ class _SessionsRefused(Exception):
     """The database refused the session rows of a batch (not its calls, not a storage failure)."""
 
 
-def _job(call: Call, limit: int, request: bool, sessions: bool) -> Job:
-    # The request body goes along to a helper, which parses it once for the search text and,
-    # when sessions are on, for grouping: the writer then parses no request at all.
-    return (call.api, call.status, call.response_headers, call.response_body, limit,
-            call.request_body if request else None, sessions)
+def _job(call: Call, limit: int, sessions: bool) -> Job:
+    return (call.api, call.status, call.response_headers, call.response_body, limit, call.request_body, sessions)
 
 
 def _usage_json(ex: Extraction | None, scrub: Callable[[str | None], str | None]) -> str | None:

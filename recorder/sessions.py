@@ -450,7 +450,6 @@ class Grouper:
         self._clients: _Lru = _Lru(MAX_CLIENTS)  # client -> _Lru of fingerprint -> (session id, call id)
         self._quotes: _Lru = _Lru(MAX_CLIENTS)  # client -> _Quotes
         self._responses: _Lru = _Lru(MAX_NAMED)  # Responses' response id -> (session id, call id)
-        self._calls_of: dict[str, int] = {}
         self.dirty: dict[str, Session] = {}  # touched since the last write
 
     # -- the one entry point ------------------------------------------------------------------
@@ -526,7 +525,7 @@ class Grouper:
             hit = keys.look(f.grow)
             if hit is not None:
                 return "history", hit[1], hit[0]
-            hit = keys.look(("tail", f.tail))
+            hit = keys.look(f.tail)
             if hit is not None:
                 return "history:compacted", hit[1], hit[0]
         quotes = self._quotes.get(c.client)
@@ -601,7 +600,7 @@ class Grouper:
         if f.next_grow is None:
             return
         keys.put(f.next_grow, where)
-        keys.put(("tail", f.next_tail), where)
+        keys.put(f.next_tail, where)
         if f.said:
             quotes = self._quotes.look(client)
             if quotes is None:
@@ -761,20 +760,18 @@ class SessionStore:
                                 [key]).fetchall()  # not fetchone: see _load
         return rows[0][0] if rows else None
 
-    def link(self, call: Any, row: dict[str, Any], facts: Facts | None, content: str | None,
-             tool_calls: list[dict] | None, response_id: str | None, mask: Callable[[str | None], str | None]) -> None:
+    def link(self, call: Any, row: dict[str, Any], facts: Facts | None, response_id: str | None,
+             mask: Callable[[str | None], str | None]) -> None:
         """Fill `row`'s session columns from the call; never raises (a row without its session
-        is better than no row). `facts` as a helper made them, or None to read them here, from
-        the bodies as they crossed, as a helper does (so that fingerprints agree whichever made
-        them); `mask` is the call's scrubber, for what of them is stored (title, ids)."""
+        is better than no row). `facts` as they were read with the answer (workers.with_request,
+        in a helper or in the writer: the same hashes either way); `mask` is the call's
+        scrubber, for what of them is stored (title, ids)."""
         try:
-            if facts is None:
-                facts = read_facts(call.api, call.request_body, response_of(call.api, content, tool_calls, response_id))
             status, error = row.get("status"), row.get("error")
             cost = row.get("cost_usd")
             info = CallInfo(
                 id=call.id, started_at=call.started_at, client=row.get("client"),
-                headers=call.session_headers or {}, label=call.session_label, facts=facts,
+                headers=call.session_headers or {}, label=call.session_label, facts=facts or Facts(),
                 response_id=response_id,
                 duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
                 fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),

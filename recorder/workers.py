@@ -33,9 +33,8 @@ from llmtap.recorder.sessions import read_facts, response_of
 
 log = logging.getLogger("llmtap.recorder")
 
-# api, status, response headers, body, body limit; the request body, to read (None: not read
-# here) and whether sessions read it too
-Job = tuple[str, int | None, dict[str, str], bytes, int, bytes | None, bool]
+# api, status, response headers, body, body limit, the request body, and whether sessions read it
+Job = tuple[str, int | None, dict[str, str], bytes, int, bytes, bool]
 _LEN = struct.Struct("<Q")
 # Linux lets an unprivileged process grow a pipe to 1 MiB: results then wait in the pipe while
 # the writer appends, instead of stalling the helper after 64 KiB.
@@ -44,20 +43,25 @@ _PIPE_BYTES = 1 << 20
 
 def extract_job(job: Job) -> Extraction:
     """`extract`, which should never raise; should it, the row is still written, with a note.
-    Given the request body, it is parsed once, here, for its search text (`Extraction.prompt`,
-    unmasked: the writer masks it) and for what sessions read of the call (`facts`): parsing
-    the whole history an agent resends every turn is the most costly part of a row."""
+    The request is read too (`with_request`)."""
     api, status, headers, body, limit, request, sessions = job
     try:
         ex = extract(api, status, headers, body, limit)
     except Exception as exc:
         log.exception("llmtap recorder: extraction failed")
-        return Extraction(notes=[f"extraction failed ({type(exc).__name__}: {exc}); see response_body"])
-    if request is not None:
-        doc = json_object(request)
-        ex.prompt, ex.prompt_read = prompt_text(doc), True
-        if sessions:
-            ex.facts = read_facts(api, doc, response_of(api, ex.content, ex.tool_calls, ex.response_id))
+        ex = Extraction(notes=[f"extraction failed ({type(exc).__name__}: {exc}); see response_body"])
+    return with_request(ex, api, request, sessions)
+
+
+def with_request(ex: Extraction, api: str, request: bytes, sessions: bool) -> Extraction:
+    """`ex` with the request body parsed once, where the answer was read (a helper process
+    under load, else the writer): its search text (`Extraction.prompt`, unmasked: the writer
+    masks it) and, with `sessions`, what grouping reads of the call (`facts`). Parsing the
+    whole history an agent resends every turn is the most costly part of a row."""
+    doc = json_object(request)
+    ex.prompt = prompt_text(doc)
+    if sessions:
+        ex.facts = read_facts(api, doc, response_of(api, ex.content, ex.tool_calls, ex.response_id))
     return ex
 
 

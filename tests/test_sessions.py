@@ -230,16 +230,16 @@ def test_fingerprints_from_a_helper_process_meet_those_made_in_the_writer(monkey
                                                           "Write the report."}], "Report")
     helpers = Helpers(1, None)
     try:
-        in_helper = next(helpers.map([_job(c, 1 << 20, True, True) for c in (second, third)], 8))
+        in_helper = next(helpers.map([_job(c, 1 << 20, True) for c in (second, third)], 8))
         assert helpers.running == 1
     finally:
         helpers.stop()
     store = SessionStore()
     links = []
-    for call, facts in ((first, None), (second, in_helper[0].facts), (third, in_helper[1].facts)):
+    in_writer = extract_job(_job(first, 1 << 20, True))  # this process: the writer's own path
+    for call, ex in ((first, in_writer), (second, in_helper[0]), (third, in_helper[1])):
         row: dict[str, Any] = {"client": call.client, "status": 200}
-        ex = extract_job(_job(call, 1 << 20, False, False))
-        store.link(call, row, facts, ex.content, ex.tool_calls, ex.response_id, lambda t: t)
+        store.link(call, row, ex.facts, ex.response_id, lambda t: t)
         links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
     assert in_helper[0].facts is not None and in_helper[1].facts is not None
     assert links == [("C1", "new", None), ("C1", "history", "C1"), ("C1", "quote", "C2")]
