@@ -14,8 +14,8 @@ wrong grouping can be seen and explained:
 4. conversation growth: the request's messages are an earlier request's messages plus that
    call's answer, system prompts left out as agents rewrite them every turn (`history`); or
    the history was compacted and only its last exchange is still there (`history:compacted`);
-   or this turn quotes an earlier answer, as a research pipeline hands one step's answer to
-   the next (`quote`);
+   or a fresh prompt (one that carries no earlier answer) quotes an earlier answer that called
+   no tools, as a research pipeline hands one step's answer to the next (`quote`);
 5. else a new session (`new`); a call that would continue a session idle for longer than
    `idle_s` starts a new one instead (`idle`, its parent the call it would have continued).
 
@@ -39,8 +39,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 import zlib
-from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,8 +71,8 @@ MAX_SESSIONS = 20_000
 MAX_NAMED = 65_536
 # A quote is found by runs of QUOTE_WORDS words an answer had, QUOTE_HITS of them at least (one
 # common phrase is not a quote); of an answer its first QUOTE_ANSWER_WORDS words count, of a
-# request this turn's first QUOTE_SCAN_CHARS characters. Every run counts (no sampling): the
-# quotes that tie a research pipeline are often short, a generated question of ten words.
+# fresh prompt (see facts_of) its first QUOTE_SCAN_CHARS characters. Every run counts (no
+# sampling): the quotes that tie a research pipeline are often short, a question of ten words.
 QUOTE_WORDS = 5  # _shingles spells its runs out, five slices
 QUOTE_HITS = 2
 QUOTE_ANSWER_WORDS = 1024
@@ -302,40 +302,47 @@ def _conversation(req: Request) -> list[Message]:
 
 
 class _Conv:
-    """A request's conversation, each message normalised at most once."""
+    """A request's conversation, each message normalised and hashed at most once: the first
+    message (often a long task statement) is in both fingerprints a call leaves."""
 
     def __init__(self, req: Request) -> None:
         self.msgs = _conversation(req)
-        self._norms: dict[int, str] = {}
+        self._hashes: dict[int, int] = {}
 
-    def norm(self, i: int) -> str:
-        if i < 0:
-            return ""
-        got = self._norms.get(i)
+    def hash(self, i: int) -> int:
+        got = self._hashes.get(i)
         if got is None:
-            got = self._norms[i] = norm_message(self.msgs[i])
+            got = self._hashes[i] = _digest(norm_message(self.msgs[i]) if i >= 0 else "")
         return got
 
 
-def _key(*parts: str) -> int:
+def _digest(text: str) -> int:
     """A stable 64-bit hash: fingerprints made in a helper process meet those made in the
     writer (Python's `hash` of a string differs between processes). CRC-32 and Adler-32 side
     by side: a fingerprint, not a signature, at a fifth of blake2b's time on a long history."""
-    data = "\x1e".join(parts).encode("utf-8", "surrogatepass")
+    data = text.encode("utf-8", "surrogatepass")
     return zlib.crc32(data) << 32 | zlib.adler32(data)
 
 
-def _grow_key(conv: _Conv, i: int, depth: int, answer: str) -> int:
+# A fingerprint of messages' hashes: its kind, where in the history the answer sits, and three
+# hashes, packed, so that a long message is encoded and hashed once, not once per fingerprint.
+_FINGERPRINT = struct.Struct("<BqQQQ")
+_GROW, _TAIL = 1, 2
+
+
+def _grow_key(conv: _Conv, i: int, depth: int, answer: int) -> int:
     # What a continuation carries around the answer: the conversation's first message, the
     # message the answer answered, the answer, and where in the history it sits. O(1) messages
     # per call, where a hash of the whole prefix would read the whole history (agents resend it
     # every turn); a history cut in the middle moves the answer, and is matched by its tail.
-    first = conv.norm(0) if i > 0 else answer
-    return _key("grow", str(depth), first, conv.norm(i - 1), answer)
+    first = conv.hash(0) if i > 0 else answer
+    data = _FINGERPRINT.pack(_GROW, depth, first, conv.hash(i - 1), answer)
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
 
 
-def _tail_key(before: str, answer: str) -> int:
-    return _key("tail", before, answer)
+def _tail_key(before: int, answer: int) -> int:
+    data = _FINGERPRINT.pack(_TAIL, 0, 0, before, answer)
+    return zlib.crc32(data) << 32 | zlib.adler32(data)
 
 
 def _answer_start(roles: list[str | None]) -> int | None:
@@ -360,13 +367,15 @@ _NOT_WORD = bytes(c if chr(c).isalnum() or c == 95 or c >= 128 else 32 for c in 
 
 def _shingles(text: str, words: int | None = None) -> bytes:
     """Hashes of the runs of QUOTE_WORDS words, once each, ASCII case and punctuation aside,
-    as `array("q")` bytes, which cross a pipe as one object. Stable in every process: a word
-    is its CRC-32, a run the hash of a tuple of ints (no seed in that). Each step is one C call
-    over the whole text, a fraction of a microsecond a word."""
+    as native int64 bytes (`_runs` reads them), which cross a pipe as one object. Stable in
+    every process: a word is its CRC-32, a run the hash of a tuple of ints (no seed in that).
+    Each step is one C call over the whole text; still about 3,500 instructions a word, which
+    is why only fresh prompts and answers without tool calls are read for quotes."""
     data = text[:QUOTE_SCAN_CHARS].encode("utf-8", "surrogatepass").lower().translate(_NOT_WORD)
     w = list(map(zlib.crc32, data.split()[:words]))
     runs = map(hash, zip(w, w[1:], w[2:], w[3:], w[4:]))  # QUOTE_WORDS of them
-    return array("q", set(runs)).tobytes()
+    unique = set(runs)
+    return struct.pack(f"{len(unique)}q", *unique)  # half what array("q", unique) costs
 
 
 def _runs(data: bytes) -> memoryview:
@@ -388,10 +397,14 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
     last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
     if last is not None:
         depth = answer_at if answer_at is not None else _answer_start([m.role for m in req.messages])
-        said_before = conv.norm(last)
+        said_before = conv.hash(last)
         grow = _grow_key(conv, last, depth or 0, said_before)
-        tail = _tail_key(conv.norm(last - 1), said_before)
-    text = "\n".join(m.text for m in turn if m.role == "user")
+        tail = _tail_key(conv.hash(last - 1), said_before)
+    # Quotes tie fresh prompts (a pipeline's next step, a history replaced by its summary):
+    # a request that carries an earlier answer is matched by its history. Scanning every agent
+    # turn's text for quotes too (Cline's tool results come as user text: QUOTE_SCAN_CHARS of
+    # it, about 2,500 words) would cost more than reading the call's answer.
+    text = "\n".join(m.text for m in turn if m.role == "user") if last is None else ""
     quotes = _shingles(text) if text else b""
     calls: tuple[str, ...] = ()
     next_grow = next_tail = None
@@ -406,10 +419,10 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
                 answer = Message("assistant", msgs[-1].parts + answer.parts)
                 at -= 1
                 depth = answer_at if answer_at is not None else depth - 1
-            norm = norm_message(answer)
-            next_grow = _grow_key(conv, at, depth, norm)
-            next_tail = _tail_key(conv.norm(at - 1), norm)
-            if resp.content:
+            said_now = _digest(norm_message(answer))
+            next_grow = _grow_key(conv, at, depth, said_now)
+            next_tail = _tail_key(conv.hash(at - 1), said_now)
+            if resp.content and not calls:  # an answer that calls tools goes on by their results
                 said = _shingles(resp.content, QUOTE_ANSWER_WORDS)
     return Facts(readable=True, ids=ids, title=title_of(req), results=results, grow=grow, tail=tail,
                  quotes=quotes, calls=calls, next_grow=next_grow, next_tail=next_tail, said=said)
@@ -614,8 +627,8 @@ class Grouper:
 # cut to the messages grouping reads: agents resend the whole history every turn, and reading
 # every message of it into shapes would cost O(history) per call.
 _CONVERSATION_KEYS = ("messages", "input", "contents")  # chat / Anthropic / Ollama, Responses, Gemini
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
-          "tool": "tool", "function": "tool"}
+_ROLES: dict[Any, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+                          "model": "assistant", "tool": "tool", "function": "tool"}
 KEEP_WHOLE = 8  # a history this short is read whole
 
 
@@ -630,6 +643,16 @@ def _role_of(item: Any) -> str | None:
     return _ROLES.get(str(item.get("role")), "user")
 
 
+def _roles(items: list) -> list[str | None]:
+    """`_role_of` each item: a history's items are mostly plain messages, read here without a
+    call each (this is O(history) per call, the one part of grouping that is)."""
+    try:
+        return [_ROLES.get(it.get("role"), "user") if type(it) is dict and "type" not in it else _role_of(it)
+                for it in items]
+    except TypeError:  # a role that is not hashable (a list): the careful reading
+        return [_role_of(it) for it in items]
+
+
 def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
     """`doc` with its conversation cut to what grouping reads, in order: the first message and
     the first user message, the last answer (the run of assistant items ending the history, or
@@ -641,7 +664,7 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
             break
     else:
         return doc, None, None
-    roles = [_role_of(it) for it in items]
+    roles = _roles(items)
     at = _answer_start(roles)
     if len(items) <= KEEP_WHOLE:
         return doc, at, len(items)

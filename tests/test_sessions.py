@@ -216,6 +216,25 @@ def _chat_call(cid: str, messages: list[dict], answer_text: str) -> Call:
     return c
 
 
+def test_a_long_history_with_a_role_that_is_not_a_string_still_continues_its_session() -> None:
+    # A broken client: a role that is a list, in a history long enough to be cut before it is
+    # read. The fast reading of roles must not give up on the body: the call goes on by history.
+    history: list[dict[str, Any]] = [{"role": "user", "content": "the task"}]
+    for i in range(5):
+        history += [{"role": "assistant", "content": f"step {i}"}, {"role": ["odd"], "content": f"more {i}"}]
+    first = _chat_call("C1", history, "step 5")
+    second = _chat_call("C2", history + [{"role": "assistant", "content": "step 5"}, {"role": "user", "content": "go on"}],
+                        "step 6")
+    store = SessionStore()
+    links = []
+    for call in (first, second):
+        ex = extract_job(_job(call, 1 << 20, True))
+        row: dict[str, Any] = {"client": call.client, "status": 200}
+        store.link(call, row, ex.facts, ex.response_id, lambda t: t)
+        links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
+    assert links == [("C1", "new", None), ("C1", "history", "C1")]
+
+
 def test_fingerprints_from_a_helper_process_meet_those_made_in_the_writer(monkeypatch: pytest.MonkeyPatch) -> None:
     # Under load the request is read and hashed in an extraction helper (another interpreter,
     # with a hash seed of its own); at other times in the writer. A session must go on across
