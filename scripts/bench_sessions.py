@@ -9,6 +9,9 @@
                scripts/bench_recorder.py hands over, the last turn's a text of 200 words.
                Figures: calls/s, and CPU per call of the writer's thread, of the recorder's
                process and of its extraction helpers, each as the median of the rounds
+  --shape cline  --append's calls in Cline's shape instead: tasks of 20 turns whose 13-90 KB
+               requests carry a 12 KB system prompt and the whole history, tools as XML in the
+               streamed answer's text, their results sent back as user text
   --big N      `llmtap sessions` (the whole command, first page; its queries alone; one session's
                timeline) on a generated N-call DB in sessions of 4 calls, vs `llmtap stats` on it
 
@@ -81,6 +84,50 @@ def make_calls(n: int) -> list[Call]:
     return calls
 
 
+CLINE_TURNS = 20
+ENV = ("<environment_details>\n# VSCode Visible Files\nsrc/app.py\n# Current Time\n2026-12-02 10:00\n"
+       "# Current Working Directory Files\n" + "".join(f"src/module_{i}.py\n" for i in range(40)) + "</environment_details>")
+
+
+def cline_event(text: str) -> bytes:
+    return ('data: {"id":"gen-1","object":"chat.completion.chunk","model":"anthropic/claude-sonnet-4.5","choices":'
+            '[{"index":0,"delta":{"content":%s}}]}\n\n' % json.dumps(text)).encode()
+
+
+def make_cline_calls(n: int) -> list[Call]:
+    """Cline's shape: no native tools; a 12 KB system prompt, tools as XML in the answer's text,
+    their results (and environment details) sent back as user text; the whole history each turn,
+    so that requests grow from 13 KB to about 90 KB over a task of CLINE_TURNS turns."""
+    system = "You are Cline, a highly skilled software engineer. " + "TOOL USE rules and examples. " * 420
+    calls: list[Call] = []
+    for task in range(n // CLINE_TURNS + 1):
+        history: list[dict] = [{"role": "user", "content": f"<task>\nTask {task}: fix the failing tests in src/</task>\n{ENV}"}]
+        for turn in range(CLINE_TURNS):
+            if len(calls) == n:
+                return calls
+            body = json.dumps({"model": "anthropic/claude-sonnet-4.5", "stream": True,
+                               "messages": [{"role": "system", "content": system}, *history]}).encode()
+            said = (f"<thinking>Turn {turn} of task {task}: the next file to read is module_{turn}.py, since the "
+                    f"failure points at it.</thinking>\n<read_file>\n<path>src/module_{turn}.py</path>\n</read_file>")
+            pieces = [said[i:i + 24] for i in range(0, len(said), 24)]
+            response = b"".join(map(cline_event, pieces)) + b"data: [DONE]\n\n"
+            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openrouter/chat/completions",
+                     api="openai.chat", client="Cline/3.38", model_requested="anthropic/claude-sonnet-4.5", stream=True,
+                     request_headers={"content-type": "application/json"}, request_body=body)
+            c.status, c.model_sent, c.provider, c.attempts = 200, "anthropic/claude-sonnet-4.5", "openrouter", 1
+            c.response_headers = {"content-type": "text/event-stream"}
+            c.response_body, c.ttfb_ms, c.duration_ms = response, 20.0, 400.0
+            calls.append(c)
+            result = "".join(f"{i:4d} | def function_{turn}_{i}(x): return x * {i}\n" for i in range(60))
+            history += [{"role": "assistant", "content": said},
+                        {"role": "user", "content": [{"type": "text", "text": f"[read_file for 'src/module_{turn}.py'] Result:\n{result}"},
+                                                     {"type": "text", "text": ENV}]}]
+    return calls
+
+
+SHAPES = {"tools": (make_calls, TURNS), "cline": (make_cline_calls, CLINE_TURNS)}
+
+
 def _cpu_s(stat: str) -> float:
     """utime + stime of a /proc/.../stat file, in seconds (0 where there is no /proc)."""
     try:
@@ -90,13 +137,13 @@ def _cpu_s(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def append_rate(n: int, db: Path, grouping: bool) -> dict[str, float]:
+def append_rate(n: int, db: Path, grouping: bool, shape: str = "tools") -> dict[str, float]:
     """One run: calls/s, and CPU per call of the writer's thread (what limits the append rate
     where the helpers have CPUs of their own), of the whole recorder process (DuckDB's threads
     too) and of the extraction helpers (which, on a 2-CPU machine, take CPU from the writer)."""
     rec = Recorder(db, serve=False, services=Options(sessions={} if grouping else {"off": True}))
     rec.start()
-    events = [c.finished() for c in make_calls(n)]
+    events = [c.finished() for c in SHAPES[shape][0](n)]
     writer = f"/proc/self/task/{rec._thread.native_id}/stat"
     w0, t0, cpu0 = _cpu_s(writer), time.perf_counter(), time.process_time()
     for e in events:
@@ -104,7 +151,7 @@ def append_rate(n: int, db: Path, grouping: bool) -> dict[str, float]:
     while rec.written + rec.dropped_total < n:
         time.sleep(0.005)
     wall = time.perf_counter() - t0
-    out = {"rate": n / wall, "writer_us": (_cpu_s(writer) - w0) / n * 1e6,
+    out = {"rate": n / wall, "dropped": rec.dropped_total, "writer_us": (_cpu_s(writer) - w0) / n * 1e6,
            "process_us": (time.process_time() - cpu0) / n * 1e6,
            "helpers_us": sum(_cpu_s(f"/proc/{pid}/stat") for pid in rec.helpers.pids()) / n * 1e6}
     rec.close()
@@ -114,21 +161,21 @@ def append_rate(n: int, db: Path, grouping: bool) -> dict[str, float]:
     return out
 
 
-def bench_append(n: int, tmp: Path, rounds: int) -> dict:
+def bench_append(n: int, tmp: Path, rounds: int, shape: str = "tools") -> dict:
     """`rounds` runs of each, alternating, so that a busy spell of the machine hits both; the
     median of each figure, and the ratios of the medians (on / off: 1.0 is no cost)."""
     runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
     for i in range(rounds):
         for grouping in (False, True):
-            runs[grouping].append(append_rate(n, tmp / f"r{i}{int(grouping)}.duckdb", grouping))
+            runs[grouping].append(append_rate(n, tmp / f"r{i}{int(grouping)}.duckdb", grouping, shape))
             print(f"  {'on ' if grouping else 'off'} " + "  ".join(f"{k} {v:.0f}" for k, v in runs[grouping][-1].items()),
                   file=sys.stderr, flush=True)
 
     def med(grouping: bool, key: str) -> float:
         return statistics.median(r[key] for r in runs[grouping])
 
-    out: dict = {"calls": n, "rounds": rounds, "sessions_found": int(runs[True][-1]["sessions"]),
-                 "expected_sessions": -(-n // TURNS)}
+    out: dict = {"shape": shape, "calls": n, "rounds": rounds, "sessions_found": int(runs[True][-1]["sessions"]),
+                 "expected_sessions": -(-n // SHAPES[shape][1])}
     for key, unit in (("rate", "calls_per_s"), ("writer_us", "writer_cpu_us_per_call"),
                       ("process_us", "process_cpu_us_per_call"), ("helpers_us", "helpers_cpu_us_per_call")):
         on, off = med(True, key), med(False, key)
@@ -209,13 +256,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--append", type=int, default=0, metavar="N")
     ap.add_argument("--rounds", type=int, default=5, metavar="R", help="runs of each, on and off (default 5)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tools",
+                    help="the calls --append makes: tools (the default) or cline")
     ap.add_argument("--big", type=int, default=0, metavar="N")
     args = ap.parse_args()
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-sessions-") as d:
         tmp = Path(d)
         if args.append:
-            out["append"] = bench_append(args.append, tmp, args.rounds)
+            out["append"] = bench_append(args.append, tmp, args.rounds, args.shape)
         if args.big:
             out["big"] = bench_big(args.big, tmp)
     print(json.dumps(out, indent=2))
