@@ -422,7 +422,7 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
             said_now = _digest(norm_message(answer))
             next_grow = _grow_key(conv, at, depth, said_now)
             next_tail = _tail_key(conv.hash(at - 1), said_now)
-            if resp.content and not calls:  # an answer that calls tools goes on by their results
+            if resp.content and not resp.tool_calls:  # an answer that calls tools goes on by their results
                 said = _shingles(resp.content, QUOTE_ANSWER_WORDS)
     return Facts(readable=True, ids=ids, title=title_of(req), results=results, grow=grow, tail=tail,
                  quotes=quotes, calls=calls, next_grow=next_grow, next_tail=next_tail, said=said)
