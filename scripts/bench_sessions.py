@@ -59,6 +59,17 @@ FILLER = ('data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o","c
           '{"reasoning_content":"tok "}}]}\n\n').encode()
 
 
+def streamed(provider: str, client: str, model: str, body: bytes, response: bytes) -> Call:
+    """A finished Chat Completions call through the gateway, its answer streamed."""
+    c = Call(id=new_id(), started_at=utcnow(), method="POST", url=f"http://127.0.0.1:8081/{provider}/chat/completions",
+             api="openai.chat", client=client, model_requested=model, stream=True,
+             request_headers={"content-type": "application/json"}, request_body=body)
+    c.status, c.model_sent, c.provider, c.attempts = 200, model, provider, 1
+    c.response_headers = {"content-type": "text/event-stream"}
+    c.response_body, c.ttfb_ms, c.duration_ms = response, 20.0, 400.0
+    return c
+
+
 def make_calls(n: int) -> list[Call]:
     calls = []
     for task in range(n // TURNS + 1):
@@ -71,13 +82,7 @@ def make_calls(n: int) -> list[Call]:
                 {"role": "system", "content": "You are a careful agent. " * 40}, *history]}).encode()
             last = turn == TURNS - 1
             response = FILLER * (8192 // len(FILLER)) + (text_event(200) if last else tool_event(cid)) + b"data: [DONE]\n\n"
-            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openai/chat/completions",
-                     api="openai.chat", client="bench/1.0", model_requested="gpt-4o", stream=True,
-                     request_headers={"content-type": "application/json"}, request_body=body)
-            c.status, c.model_sent, c.provider, c.attempts = 200, "gpt-4o", "openai", 1
-            c.response_headers = {"content-type": "text/event-stream"}
-            c.response_body, c.ttfb_ms, c.duration_ms = response, 20.0, 400.0
-            calls.append(c)
+            calls.append(streamed("openai", "bench/1.0", "gpt-4o", body, response))
             history += [{"role": "assistant", "content": None, "tool_calls": [
                 {"id": cid, "type": "function", "function": {"name": "read_file", "arguments": '{"path":"a.py"}'}}]},
                 {"role": "tool", "tool_call_id": cid, "content": "file contents " * 20}]
@@ -111,13 +116,7 @@ def make_cline_calls(n: int) -> list[Call]:
                     f"failure points at it.</thinking>\n<read_file>\n<path>src/module_{turn}.py</path>\n</read_file>")
             pieces = [said[i:i + 24] for i in range(0, len(said), 24)]
             response = b"".join(map(cline_event, pieces)) + b"data: [DONE]\n\n"
-            c = Call(id=new_id(), started_at=utcnow(), method="POST", url="http://127.0.0.1:8081/openrouter/chat/completions",
-                     api="openai.chat", client="Cline/3.38", model_requested="anthropic/claude-sonnet-4.5", stream=True,
-                     request_headers={"content-type": "application/json"}, request_body=body)
-            c.status, c.model_sent, c.provider, c.attempts = 200, "anthropic/claude-sonnet-4.5", "openrouter", 1
-            c.response_headers = {"content-type": "text/event-stream"}
-            c.response_body, c.ttfb_ms, c.duration_ms = response, 20.0, 400.0
-            calls.append(c)
+            calls.append(streamed("openrouter", "Cline/3.38", "anthropic/claude-sonnet-4.5", body, response))
             result = "".join(f"{i:4d} | def function_{turn}_{i}(x): return x * {i}\n" for i in range(60))
             history += [{"role": "assistant", "content": said},
                         {"role": "user", "content": [{"type": "text", "text": f"[read_file for 'src/module_{turn}.py'] Result:\n{result}"},
