@@ -150,9 +150,11 @@ def test_the_recorder_indexes_when_idle_but_not_past_a_call_in_progress(tmp_path
 
 def test_a_failure_to_index_a_late_call_never_costs_the_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     db = tmp_path / "t.duckdb"
-    reader = make_reader(tmp_path, [{"content": f"old {i}"} for i in range(3)])
+    # Ids with gaps between them: ids made in one process are consecutive (new_id is monotonic),
+    # and a late id picked next to the first one took the second's, one run in 32.
+    prefix = new_id()[:-1]
+    reader = make_reader(tmp_path, [{"content": f"old {i}", "id": prefix + c} for i, c in enumerate("048")])
     SearchIndex(reader.con).build_all()
-    first_id = reader.query("SELECT min(id) FROM calls")[1][0][0]
     reader.close()
     rec = Recorder(db, serve=False)
     rec.start()
@@ -162,8 +164,7 @@ def test_a_failure_to_index_a_late_call_never_costs_the_call(tmp_path: Path, mon
 
         monkeypatch.setattr(rec.index, "add_late", broken)
         # A call whose id sorts inside the built chunk, as one imported from a spool would.
-        # (never first_id itself: a ULID ending in "0" made the two collide, 1 run in 32)
-        late_id = first_id[:-1] + ("1" if first_id.endswith("0") else "0")
+        late_id = prefix + "2"
         late = Call(id=late_id, started_at=utcnow(), method="POST", url="http://x/", api="other",
                     client="t", model_requested=None, stream=False, request_headers={}, request_body=b"")
         late.status, late.duration_ms, late.response_body = 200, 1.0, b"unparsed platypus"
