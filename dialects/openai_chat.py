@@ -255,13 +255,10 @@ def read_messages(messages: Any) -> tuple[list[Message], list[str]]:
         native = string(msg.get("role"), "user")
         role = _ROLES.get(native, "user")
         parts: list[Part] = []
-        # The membership tests first: most messages have neither, and this runs for every
-        # message of every history read (grouping reads a few per call).
-        if "reasoning" in msg or "reasoning_content" in msg:
-            for key in ("reasoning", "reasoning_content"):
-                if isinstance(msg.get(key), str) and msg[key]:
-                    parts.append(Part("reasoning", text=msg[key]))
-                    break
+        for key in ("reasoning", "reasoning_content"):
+            if isinstance(msg.get(key), str) and msg[key]:
+                parts.append(Part("reasoning", text=msg[key]))
+                break
         if role == "tool":
             call_id = msg.get("tool_call_id")
             parts.append(Part("tool_result", tool_result=ToolResult(
@@ -269,8 +266,7 @@ def read_messages(messages: Any) -> tuple[list[Message], list[str]]:
                 name=string(msg.get("name")))))
         else:
             parts += content_parts(msg.get("content"))
-        if "tool_calls" in msg or "function_call" in msg:
-            parts += _tool_calls(msg)
+        parts += _tool_calls(msg)
         m = Message(role, tuple(parts), native_role=native,  # type: ignore[arg-type]
                     name=msg.get("name") if isinstance(msg.get("name"), str) and role != "tool" else None)
         if role == "system":

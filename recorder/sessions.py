@@ -312,16 +312,20 @@ class _Conv:
     def hash(self, i: int) -> int:
         got = self._hashes.get(i)
         if got is None:
-            got = self._hashes[i] = _digest(norm_message(self.msgs[i]) if i >= 0 else "")
+            got = self._hashes[i] = _norm_digest(self.msgs[i] if i >= 0 else None)
         return got
 
 
-def _digest(text: str) -> int:
+def _digest(data: bytes) -> int:
     """A stable 64-bit hash: fingerprints made in a helper process meet those made in the
     writer (Python's `hash` of a string differs between processes). CRC-32 and Adler-32 side
     by side: a fingerprint, not a signature, at a fifth of blake2b's time on a long history."""
-    data = text.encode("utf-8", "surrogatepass")
     return zlib.crc32(data) << 32 | zlib.adler32(data)
+
+
+def _norm_digest(m: Message | None) -> int:
+    """A message's `_digest`, as its fingerprint reads it (`norm_message`); None: before the first."""
+    return _digest(norm_message(m).encode("utf-8", "surrogatepass") if m is not None else b"")
 
 
 # A fingerprint of messages' hashes: its kind, where in the history the answer sits, and three
@@ -336,13 +340,11 @@ def _grow_key(conv: _Conv, i: int, depth: int, answer: int) -> int:
     # per call, where a hash of the whole prefix would read the whole history (agents resend it
     # every turn); a history cut in the middle moves the answer, and is matched by its tail.
     first = conv.hash(0) if i > 0 else answer
-    data = _FINGERPRINT.pack(_GROW, depth, first, conv.hash(i - 1), answer)
-    return zlib.crc32(data) << 32 | zlib.adler32(data)
+    return _digest(_FINGERPRINT.pack(_GROW, depth, first, conv.hash(i - 1), answer))
 
 
 def _tail_key(before: int, answer: int) -> int:
-    data = _FINGERPRINT.pack(_TAIL, 0, 0, before, answer)
-    return zlib.crc32(data) << 32 | zlib.adler32(data)
+    return _digest(_FINGERPRINT.pack(_TAIL, 0, 0, before, answer))
 
 
 def _answer_start(roles: list[str | None]) -> int | None:
@@ -419,7 +421,7 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
                 answer = Message("assistant", msgs[-1].parts + answer.parts)
                 at -= 1
                 depth = answer_at if answer_at is not None else depth - 1
-            said_now = _digest(norm_message(answer))
+            said_now = _norm_digest(answer)
             next_grow = _grow_key(conv, at, depth, said_now)
             next_tail = _tail_key(conv.hash(at - 1), said_now)
             if resp.content and not resp.tool_calls:  # an answer that calls tools goes on by their results
@@ -627,8 +629,8 @@ class Grouper:
 # cut to the messages grouping reads: agents resend the whole history every turn, and reading
 # every message of it into shapes would cost O(history) per call.
 _CONVERSATION_KEYS = ("messages", "input", "contents")  # chat / Anthropic / Ollama, Responses, Gemini
-_ROLES: dict[Any, str] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
-                          "model": "assistant", "tool": "tool", "function": "tool"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
+          "tool": "tool", "function": "tool"}
 KEEP_WHOLE = 8  # a history this short is read whole
 
 
@@ -643,16 +645,6 @@ def _role_of(item: Any) -> str | None:
     return _ROLES.get(str(item.get("role")), "user")
 
 
-def _roles(items: list) -> list[str | None]:
-    """`_role_of` each item: a history's items are mostly plain messages, read here without a
-    call each (this is O(history) per call, the one part of grouping that is)."""
-    try:
-        return [_ROLES.get(it.get("role"), "user") if type(it) is dict and "type" not in it else _role_of(it)
-                for it in items]
-    except TypeError:  # a role that is not hashable (a list): the careful reading
-        return [_role_of(it) for it in items]
-
-
 def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
     """`doc` with its conversation cut to what grouping reads, in order: the first message and
     the first user message, the last answer (the run of assistant items ending the history, or
@@ -664,7 +656,7 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
             break
     else:
         return doc, None, None
-    roles = _roles(items)
+    roles = [_role_of(it) for it in items]
     at = _answer_start(roles)
     if len(items) <= KEEP_WHOLE:
         return doc, at, len(items)
