@@ -216,22 +216,28 @@ def _chat_call(cid: str, messages: list[dict], answer_text: str) -> Call:
     return c
 
 
+def _links(read: list[tuple[Call, Any]]) -> list[tuple[str, str, str | None]]:
+    """(session, link, parent) of each call in turn, linked through one SessionStore from its
+    extraction, as the writer does."""
+    store = SessionStore()
+    links = []
+    for call, ex in read:
+        row: dict[str, Any] = {"client": call.client, "status": 200}
+        store.link(call, row, ex.facts, ex.response_id, lambda t: t)
+        links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
+    return links
+
+
 def test_a_long_history_with_a_role_that_is_not_a_string_still_continues_its_session() -> None:
-    # A broken client: a role that is a list, in a history long enough to be cut before it is
-    # read. The fast reading of roles must not give up on the body: the call goes on by history.
+    # A broken client: a role that is a list, in a history long enough to be cut to the few
+    # messages grouping reads. Telling the roles apart must not give up on the body.
     history: list[dict[str, Any]] = [{"role": "user", "content": "the task"}]
     for i in range(5):
         history += [{"role": "assistant", "content": f"step {i}"}, {"role": ["odd"], "content": f"more {i}"}]
     first = _chat_call("C1", history, "step 5")
     second = _chat_call("C2", history + [{"role": "assistant", "content": "step 5"}, {"role": "user", "content": "go on"}],
                         "step 6")
-    store = SessionStore()
-    links = []
-    for call in (first, second):
-        ex = extract_job(_job(call, 1 << 20, True))
-        row: dict[str, Any] = {"client": call.client, "status": 200}
-        store.link(call, row, ex.facts, ex.response_id, lambda t: t)
-        links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
+    links = _links([(call, extract_job(_job(call, 1 << 20, True))) for call in (first, second)])
     assert links == [("C1", "new", None), ("C1", "history", "C1")]
 
 
@@ -253,13 +259,8 @@ def test_fingerprints_from_a_helper_process_meet_those_made_in_the_writer(monkey
         assert helpers.running == 1
     finally:
         helpers.stop()
-    store = SessionStore()
-    links = []
     in_writer = extract_job(_job(first, 1 << 20, True))  # this process: the writer's own path
-    for call, ex in ((first, in_writer), (second, in_helper[0]), (third, in_helper[1])):
-        row: dict[str, Any] = {"client": call.client, "status": 200}
-        store.link(call, row, ex.facts, ex.response_id, lambda t: t)
-        links.append((row["session_id"], row["session_link"], row["parent_call_id"]))
+    links = _links([(first, in_writer), (second, in_helper[0]), (third, in_helper[1])])
     assert in_helper[0].facts is not None and in_helper[1].facts is not None
     assert links == [("C1", "new", None), ("C1", "history", "C1"), ("C1", "quote", "C2")]
 
