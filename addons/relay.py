@@ -245,7 +245,7 @@ class _RelayConnection(asyncio.Protocol):
         self.closed = True
         self.relay._conns.discard(self)
         self._wake(ConnectionResetError("mitmproxy closed the relay connection"))
-        self.abort("client disconnected")
+        self.abort("client disconnected", client_left=True)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -324,11 +324,11 @@ class _RelayConnection(asyncio.Protocol):
         elif self.buf:
             self._next_request()
 
-    def abort(self, reason: str) -> asyncio.Task | None:
+    def abort(self, reason: str, *, client_left: bool = False) -> asyncio.Task | None:
         """Stop the exchange in flight (recording why) and drop the connection."""
         task, exchange = self.task, self.exchange
         if exchange is not None:
-            exchange.disconnected(reason)
+            exchange.disconnected(reason, client_left=client_left)
         if task is not None and not task.done():
             task.cancel()
         if self.transport is not None and not self.closed:
@@ -457,10 +457,12 @@ class _Exchange:
                 if not chunk:
                     continue
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if not has_length else chunk)
-                await writer.drain()
                 if self.ttfb_ms is None:
                     self.ttfb_ms = _ms(self.t0)
+                # Kept before the wait: bytes handed to the transport may reach a client that
+                # leaves during it, and the record must not hold less than the client got.
                 self._tee(chunk)
+                await writer.drain()
             if not has_length:
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
@@ -533,14 +535,14 @@ class _Exchange:
         summary = "; ".join(f"#{a.n} {a.provider or a.url}: {a.status or ''} {a.error or ''}".strip() for a in real)
         return f"all {len(real)} attempts failed: {summary}"
 
-    def disconnected(self, reason: str) -> None:
+    def disconnected(self, reason: str, *, client_left: bool = False) -> None:
         if self.done:
             return
         for attempt in self.attempts:
             if attempt.duration_ms is None:
                 attempt.duration_ms = (utcnow() - attempt.started_at).total_seconds() * 1000
                 attempt.error = attempt.error or reason
-        self.finish(error=reason, status=self.status if self.sent_head else 499)
+        self.finish(error=reason, status=self.status if self.sent_head else 499, client_left=client_left)
 
     def _head(self) -> None:
         """Tell the recorder the head of the answer the client is about to get."""
@@ -551,7 +553,7 @@ class _Exchange:
         except Exception:
             log.exception("recorder refused a response head")
 
-    def finish(self, *, error: str | None = None, status: int | None = None) -> None:
+    def finish(self, *, error: str | None = None, status: int | None = None, client_left: bool = False) -> None:
         if self.done:
             return
         self.done = True
@@ -562,7 +564,7 @@ class _Exchange:
             ttfb_ms=self.ttfb_ms, duration_ms=_ms(self.t0),
             attempts=sum(1 for a in self.attempts if not (a.error or "").startswith("skipped")),
             tries=tuple(a.frozen() for a in self.attempts), error=error or None,
-            notes=(*start.notes, *self.notes) if self.notes else start.notes))
+            notes=(*start.notes, *self.notes) if self.notes else start.notes, client_left=client_left))
 
 
 def _parse_head(head: bytes) -> tuple[str | None, int]:

@@ -122,6 +122,11 @@ class CallFinished:
     tries: tuple[Attempt, ...] = ()  # every attempt, skipped ones included: the `attempts` rows
     error: str | None = None  # proxy-side failure, e.g. "upstream cut the stream: reset"
     notes: tuple[str, ...] = ()  # the start's notes, then what the answer added
+    # The client closed its connection before the upstream's body ended. With `error` set to
+    # why; the recorder clears that error when the answer the client got had already ended as
+    # its API ends one (SDKs hang up on `[DONE]`, which may cross before the provider's end of
+    # body does).
+    client_left: bool = False
 
     # The request's side, read through: a finished call reads like the whole call.
     @property

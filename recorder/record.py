@@ -109,6 +109,7 @@ class Call:
     response_body: bytes = b""  # as the client received it (content-encoding intact)
     error: str | None = None  # proxy-side failure, e.g. "upstream cut the stream: reset"
     notes: list[str] = field(default_factory=list)  # what went wrong, e.g. "request body is not JSON"
+    client_left: bool = False  # events.CallFinished.client_left
     # Filled in by the recorder from the bytes above:
     model_reported: str | None = None
     complete: bool | None = None
@@ -151,7 +152,7 @@ class Call:
         call.status, call.provider, call.model_sent = e.status, e.provider, e.model_sent
         call.response_headers, call.response_body = dict(e.response_headers), e.response_body
         call.ttfb_ms, call.duration_ms, call.attempts = e.ttfb_ms, e.duration_ms, e.attempts
-        call.error, call.notes = e.error, list(e.notes)
+        call.error, call.notes, call.client_left = e.error, list(e.notes), e.client_left
         return call
 
     def started(self) -> CallStarted:
@@ -172,7 +173,8 @@ class Call:
         return CallFinished(start=self.started(), status=self.status, provider=self.provider,
                             model_sent=self.model_sent, response_headers=dict(self.response_headers),
                             response_body=self.response_body, ttfb_ms=self.ttfb_ms, duration_ms=self.duration_ms,
-                            attempts=self.attempts, tries=tuple(attempts), error=self.error, notes=tuple(self.notes))
+                            attempts=self.attempts, tries=tuple(attempts), error=self.error, notes=tuple(self.notes),
+                            client_left=self.client_left)
 
 
 class RecorderError(Exception):

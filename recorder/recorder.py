@@ -75,6 +75,8 @@ BUFFER_BYTES = 256 << 20
 # A failed open or write is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 5.0
+CLIENT_LEFT_NOTE = ("the client closed its connection after the answer's end, before the provider's end of body; "
+                    "the answer is whole")
 INTERRUPTED = "interrupted: the proxy stopped before this call ended"
 LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
         "(counted in the `dropped` table)")
@@ -831,7 +833,11 @@ class Recorder(QueuedSink):
             notes.append("request body is not UTF-8: kept in request_body_raw")
         if resp_raw is not None:
             notes.append("response body is not UTF-8: kept in response_body_raw")
-        error = call.error
+        error = proxy_error = call.error
+        if call.client_left and ex is not None and ex.complete and (call.status or 0) < 400:
+            # The answer had ended as its API ends one before the client hung up: it is whole.
+            error = proxy_error = None
+            notes.append(CLIENT_LEFT_NOTE)
         if ex is not None:
             notes += [n for n in ex.notes if n not in notes]
             if error is None and ex.error:
@@ -857,7 +863,7 @@ class Recorder(QueuedSink):
             "stream": call.stream if call.stream is not None else (ex.stream if ex else None),
             # A call the proxy saw fail (cut, reset, every attempt failed) did not complete,
             # whatever the part of the body that arrived looks like.
-            "complete": (False if call.error else ex.complete) if ex else None,
+            "complete": (False if proxy_error else ex.complete) if ex else None,
             "ttfb_ms": call.ttfb_ms, "duration_ms": call.duration_ms if ex is not None else None,
             "request_headers": t(_headers_json(redact_headers(call.request_headers.items()))),
             "request_body": req_text,

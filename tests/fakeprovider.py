@@ -45,7 +45,7 @@ from typing import Any
 
 __all__ = [
     "Behaviour", "FakeProvider", "RecordedRequest",
-    "ok", "status", "reset", "stall", "cut", "garbage", "slow",
+    "ok", "status", "reset", "stall", "cut", "garbage", "slow", "linger",
 ]
 
 
@@ -65,6 +65,7 @@ class Behaviour:
     then: "Behaviour | None" = None  # stall: what to do once the stall is over
     tool: str | bool | None = None  # ok: None calls the first declared tool, False none, a name that one
     tool_args: dict | None = None   # ok: the arguments of that tool call (None: fp.tool_arguments)
+    linger_s: float = 0.0           # ok, streamed: the wait between the last event and the end of body
 
 
 def ok(chunks: int | None = None, delay_s: float | None = None, tool: str | bool | None = None,
@@ -75,6 +76,13 @@ def ok(chunks: int | None = None, delay_s: float | None = None, tool: str | bool
     (with ``tool_args``), or none with ``tool=False`` -- how an agent loop ends.
     """
     return Behaviour("ok", chunks=chunks, delay_s=delay_s, tool=tool, tool_args=tool_args)
+
+
+def linger(seconds: float, tool: str | bool | None = None) -> Behaviour:
+    """A streamed ``ok`` whose end of body comes ``seconds`` after its last event (``[DONE]``,
+    ``message_stop``...), as from a provider that holds the stream open: an SDK that stops at
+    that event hangs up first. The wait ends as soon as the client goes away."""
+    return Behaviour("ok", tool=tool, linger_s=seconds)
 
 
 def slow(delay_s: float, chunks: int | None = None) -> Behaviour:
@@ -682,6 +690,8 @@ class FakeProvider:
                 await self._pause(conn, delay)
             self._kill(conn, beh.rst)
             return False
+        if beh.linger_s:
+            await self._pause(conn, beh.linger_s)
         if conn.chunked:
             await self._write(conn, b"0\r\n\r\n")
         else:

@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from fakeprovider import FakeProvider, ok, status
+from fakeprovider import FakeProvider, linger, ok, slow, status
 from llmtap.cli import main as llmtap_main
 from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
 from llmtap.recorder.record import Call
@@ -448,6 +448,31 @@ def test_cline_style_tool_loop_through_the_gateway_is_one_session(rec: Recorded,
     assert s[:7] == (ids[0], "new", calls and s[2], "<task> Fix the failing test </task>", 10, False, 0)
     assert s[2].startswith("OpenAI/Python") and s[9]
     assert (s[7], s[8]) == rec.rows("SELECT sum(input_tokens), sum(output_tokens) FROM calls")[0] and s[7] > 0
+
+
+def test_an_sdk_that_hangs_up_on_done_has_a_whole_answer_but_one_that_leaves_mid_stream_failed(
+        rec: Recorded, fake: FakeProvider) -> None:
+    """The openai SDK stops reading at `[DONE]` and closes the connection; a provider that is slow
+    to end its body (held here for a minute) is hung up on. The client had the whole answer: the
+    call and its session did not fail. A client gone before the answer's end did fail."""
+    fake.script(linger(60, tool=False))
+    client = openai.OpenAI(base_url=f"{rec.proxy.gateway_url}/fake", api_key=KEY, max_retries=0)
+    got = "".join(ev.choices[0].delta.content or "" for ev in client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hello"}], stream=True) if ev.choices)
+    fake.wait_disconnects(1, timeout=30)  # the client hung up before the provider's end of body
+    assert fake.requests[0].disconnected and got
+    fake.script(slow(0.2, chunks=200))
+    with httpx.stream("POST", f"{rec.proxy.gateway_url}/fake/chat/completions", timeout=30,
+                      headers={"authorization": f"Bearer {KEY}"},
+                      json={"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "other"}]}) as r:
+        next(r.iter_raw())
+    fake.wait_disconnects(2, timeout=30)
+    rec.recorder.close()
+    rows = rec.rows("SELECT content, error, complete, notes, session_id FROM calls ORDER BY id")
+    assert [r[:3] for r in rows] == [(got, None, True), (rows[1][0], "client disconnected", False)]
+    assert "the client closed its connection after the answer's end" in rows[0][3]
+    assert rec.rows("SELECT id, calls, errors, failed FROM sessions ORDER BY id") == [
+        (rows[0][4], 1, 0, False), (rows[1][4], 1, 1, True)]
 
 
 def test_anthropic_sdk_with_a_session_header_groups_unrelated_conversations(rec: Recorded, fake: FakeProvider) -> None:
