@@ -259,6 +259,28 @@ async def test_a_client_that_leaves_mid_stream_stops_the_upstream_and_is_recorde
     assert end.error == "client disconnected" and end.status == 200
 
 
+async def test_bytes_a_client_read_before_leaving_are_in_the_record_even_while_the_relay_waited_on_it(served) -> None:
+    # 8 MB in one piece: the relay hands it over, then waits for the client to take it; the
+    # client reads a little of it and leaves during that wait.
+    big = b"x" * (8 << 20)
+    quiet = asyncio.Event()
+    relay = await served(ScriptedPool(Answer(200, [big, quiet], headers=[(b"content-type", b"text/event-stream")])),
+                         body_limit=16 << 20)
+    sink = relay.sink
+    assert isinstance(sink, LoopSink)
+    key = relay.add_plan(plan(target("primary", "m-1")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"GET / HTTP/1.1\r\nhost: relay\r\n%s: %s\r\n\r\n" % (PLAN_HEADER.encode(), key.encode()))
+    got = b""
+    while got.count(b"x") < 65536:
+        got += await asyncio.wait_for(reader.read(65536), 30)
+    writer.close()
+    await asyncio.wait_for(sink.ended.wait(), 30)
+    end = finished(relay)
+    assert end.error == "client disconnected" and end.client_left
+    assert end.response_body == big  # not b"": the client had read part of it
+
+
 async def test_a_provider_cooling_down_is_skipped_and_the_skip_recorded(served) -> None:
     pool = ScriptedPool(ConnectFailed("refused"), Answer(200), Answer(200))
     relay = await served(pool, cooldown=Cooldown(threshold=1, seconds=600))
