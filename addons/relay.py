@@ -541,7 +541,10 @@ class _Exchange:
         for attempt in self.attempts:
             if attempt.duration_ms is None:
                 attempt.duration_ms = (utcnow() - attempt.started_at).total_seconds() * 1000
-                attempt.error = attempt.error or reason
+                # An answer being forwarded when the client left did not fail upstream: its
+                # leaving is the call's error, not the attempt's (whose errors are the upstream's).
+                if not (client_left and attempt.status is not None):
+                    attempt.error = attempt.error or reason
         self.finish(error=reason, status=self.status if self.sent_head else 499, client_left=client_left)
 
     def _head(self) -> None:

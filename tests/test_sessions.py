@@ -471,6 +471,8 @@ def test_an_sdk_that_hangs_up_on_done_has_a_whole_answer_but_one_that_leaves_mid
     rows = rec.rows("SELECT content, error, complete, notes, session_id FROM calls ORDER BY id")
     assert [r[:3] for r in rows] == [(got, None, True), (rows[1][0], "client disconnected", False)]
     assert "the client closed its connection after the answer's end" in rows[0][3]
+    # Neither answer failed upstream: the attempts say so (an OTLP attempt span is not an error).
+    assert rec.rows("SELECT status, error FROM attempts ORDER BY call_id") == [(200, None), (200, None)]
     assert rec.rows("SELECT id, calls, errors, failed FROM sessions ORDER BY id") == [
         (rows[0][4], 1, 0, False), (rows[1][4], 1, 1, True)]
 
