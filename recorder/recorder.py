@@ -75,8 +75,8 @@ BUFFER_BYTES = 256 << 20
 # A failed open or write is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 5.0
-CLIENT_LEFT_NOTE = ("the client closed its connection after the answer's end, before the provider's end of body; "
-                    "the answer is whole")
+CLIENT_LEFT_NOTE = ("the client closed its connection after the answer's end, before llmtap saw the provider's end "
+                    "of body; the answer is whole")
 INTERRUPTED = "interrupted: the proxy stopped before this call ended"
 LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
         "(counted in the `dropped` table)")
