@@ -833,11 +833,12 @@ class Recorder(QueuedSink):
             notes.append("request body is not UTF-8: kept in request_body_raw")
         if resp_raw is not None:
             notes.append("response body is not UTF-8: kept in response_body_raw")
-        error = proxy_error = call.error
+        proxy_error = call.error
         if call.client_left and ex is not None and ex.complete and (call.status or 0) < 400:
             # The answer had ended as its API ends one before the client hung up: it is whole.
-            error = proxy_error = None
+            proxy_error = None
             notes.append(CLIENT_LEFT_NOTE)
+        error = proxy_error
         if ex is not None:
             notes += [n for n in ex.notes if n not in notes]
             if error is None and ex.error:
