@@ -241,7 +241,8 @@ def _tool_calls(msg: dict) -> list[Part]:
     return out
 
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+# Chat roles as the shapes name them (grouping reads them straight from the JSON too: recorder/sessions.py).
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
           "function": "tool"}
 
 
@@ -253,7 +254,7 @@ def read_messages(messages: Any) -> tuple[list[Message], list[str]]:
         if not isinstance(msg, dict):
             continue
         native = string(msg.get("role"), "user")
-        role = _ROLES.get(native, "user")
+        role = ROLES.get(native, "user")
         parts: list[Part] = []
         for key in ("reasoning", "reasoning_content"):
             if isinstance(msg.get(key), str) and msg[key]:
@@ -291,7 +292,8 @@ def read_tools(tools: Any) -> list[ToolSpec]:
 
 _READ = frozenset(("model", "stream", "messages", "tools", "functions", "tool_choice", "function_call", "user",
                    "prompt_cache_key", "safety_identifier"))
-_IDS = ("user", "prompt_cache_key", "safety_identifier")
+# Request.ids of this format (grouping reads them straight from the JSON too: recorder/sessions.py).
+ID_FIELDS = ("user", "prompt_cache_key", "safety_identifier")
 
 
 def error_body(status: int, message: str, code: str, attempts: list[dict] | None = None) -> bytes:
@@ -326,7 +328,7 @@ class OpenAIChat(Dialect):
         tools = read_tools(doc.get("tools")) + read_tools(doc.get("functions"))
         choice = doc.get("tool_choice", doc.get("function_call"))
         return Request(self.name, model=model, stream=stream, system=tuple(system), messages=tuple(messages),
-                       tools=tuple(tools), tool_choice=choice, params=params_of(doc, _READ), ids=ids_of(doc, _IDS))
+                       tools=tuple(tools), tool_choice=choice, params=params_of(doc, _READ), ids=ids_of(doc, ID_FIELDS))
 
 
 CHAT = OpenAIChat()

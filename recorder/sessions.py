@@ -50,6 +50,10 @@ from itertools import repeat
 from typing import Any, NamedTuple
 
 from llmtap.dialects import registry as dialects
+from llmtap.dialects.base import ids_of
+from llmtap.dialects.openai_chat import CHAT
+from llmtap.dialects.openai_chat import ID_FIELDS as CHAT_ID_FIELDS
+from llmtap.dialects.openai_chat import ROLES as CHAT_ROLES
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 
 # The headers tools already send for their session, lowercase, strongest first.
@@ -269,35 +273,124 @@ def _call_key(c: ToolCall) -> str:
     return f"{c.name}({args})"
 
 
-def norm_message(m: Message) -> str:
-    """One message as its fingerprint reads it: what a client resends of it unchanged. Reasoning
-    is left out (clients drop it or send it encrypted), text is compared without the whitespace
-    around it (clients strip an answer they resend) and as one piece (a client may join or split
-    an answer's text blocks), and a tool call is its id (its arguments come back re-serialised)."""
-    text = "".join(p.text for p in m.parts if p.kind == "text" and p.text).strip()
-    out = [m.role, text]
+class _Turn(NamedTuple):
+    """One message as a fingerprint reads it (`norm`): its role, its text parts, what else of
+    it a client resends unchanged (tool calls by id, tool results, media kinds) in order, and
+    the call ids its tool results answer. Made from a dialect's Message (`_turn_of`), or
+    straight from the JSON for the shapes agents send most (`_chat_turns`)."""
+
+    role: str
+    texts: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """Message.text: the text parts joined by newlines."""
+        return "\n".join(self.texts)
+
+    def norm(self) -> str:
+        """Reasoning is left out (clients drop it or send it encrypted), text is compared
+        without the whitespace around it (clients strip an answer they resend) and as one piece
+        (a client may join or split an answer's text blocks), and a tool call is its id (its
+        arguments come back re-serialised)."""
+        return "\x1f".join((self.role, "".join(self.texts).strip(), *self.extras))
+
+
+def _joined(a: _Turn, b: _Turn) -> _Turn:
+    return _Turn(a.role, a.texts + b.texts, a.extras + b.extras, a.results + b.results)
+
+
+def _turn_of(m: Message) -> _Turn:
+    texts: list[str] = []
+    extras: list[str] = []
+    results: list[str] = []
     for p in m.parts:
+        if p.kind == "text" and p.text:
+            texts.append(p.text)
         if p.tool_call is not None:
-            out.append(_call_key(p.tool_call))
+            extras.append(_call_key(p.tool_call))
         elif p.tool_result is not None:
             r = p.tool_result
-            out.append(f"<{r.call_id or r.name}>{r.content.strip()}")
+            extras.append(f"<{r.call_id or r.name}>{r.content.strip()}")
+            if r.call_id:
+                results.append(r.call_id)
         elif p.kind in ("image", "audio", "file"):
-            out.append(p.kind)
-    return "\x1f".join(out)
+            extras.append(p.kind)
+    return _Turn(m.role, tuple(texts), tuple(extras), tuple(results))
 
 
-def _conversation(req: Request) -> list[Message]:
+def norm_message(m: Message) -> str:
+    """One message as its fingerprint reads it: what a client resends of it unchanged (see `_Turn.norm`)."""
+    return _turn_of(m).norm()
+
+
+# A tuple, as openai_chat.content_parts tests it: a "type" that is not hashable is not text.
+_CHAT_TEXT_KINDS = (None, "text", "input_text", "output_text")
+
+
+def _chat_turns(items: list) -> list[_Turn] | None:
+    """Chat Completions messages read straight from their JSON into what `_turn_of` makes of
+    the dialect's reading (openai_chat.read_messages), for the shapes agents send: text, tool
+    calls with ids, tool results as text. None at anything else (media, refusals, calls
+    without ids, the deprecated function_call, ...), which the dialect reads instead. Half of
+    grouping's cost on a small agent call was building shapes it then reduced to these."""
+    out: list[_Turn] = []
+    for msg in items:
+        if not isinstance(msg, dict):
+            return None
+        native = msg.get("role")
+        role = CHAT_ROLES.get(native, "user") if isinstance(native, str) else "user"
+        content = msg.get("content")
+        texts: tuple[str, ...] = ()
+        extras: tuple[str, ...] = ()
+        results: tuple[str, ...] = ()
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id or not (content is None or isinstance(content, str)):
+                return None
+            extras, results = (f"<{call_id}>{(content or '').strip()}",), (call_id,)
+        elif isinstance(content, str):
+            texts = (content,) if content else ()
+        elif isinstance(content, list):
+            got: list[str] = []
+            for part in content:
+                text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
+                if not isinstance(text, str) or (part is not text and part.get("type") not in _CHAT_TEXT_KINDS):
+                    return None
+                if text:
+                    got.append(text)
+            texts = tuple(got)
+        elif content is not None:
+            return None
+        calls = msg.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                return None
+            keys = list(extras)
+            for tc in calls:
+                tid = tc.get("id") if isinstance(tc, dict) else None
+                if not isinstance(tid, str) or not tid:
+                    return None
+                keys.append("#" + tid)
+            extras = tuple(keys)
+        if msg.get("function_call") is not None:
+            return None
+        out.append(_Turn(role, texts, extras, results))
+    return out
+
+
+def _conversation(turns: list[_Turn]) -> list[_Turn]:
     # System prompts change under an agent every turn (dates, environment details): left out.
     # Consecutive assistant messages are one turn (a client may split text and tool calls).
-    out: list[Message] = []
-    for m in req.messages:
-        if m.role == "system":
+    out: list[_Turn] = []
+    for t in turns:
+        if t.role == "system":
             continue
-        if out and m.role == "assistant" and out[-1].role == "assistant":
-            out[-1] = Message("assistant", out[-1].parts + m.parts)
+        if out and t.role == "assistant" and out[-1].role == "assistant":
+            out[-1] = _joined(out[-1], t)
             continue
-        out.append(m)
+        out.append(t)
     return out
 
 
@@ -305,8 +398,8 @@ class _Conv:
     """A request's conversation, each message normalised and hashed at most once: the first
     message (often a long task statement) is in both fingerprints a call leaves."""
 
-    def __init__(self, req: Request) -> None:
-        self.msgs = _conversation(req)
+    def __init__(self, turns: list[_Turn]) -> None:
+        self.msgs = _conversation(turns)
         self._hashes: dict[int, int] = {}
 
     def hash(self, i: int) -> int:
@@ -323,9 +416,9 @@ def _digest(data: bytes) -> int:
     return zlib.crc32(data) << 32 | zlib.adler32(data)
 
 
-def _norm_digest(m: Message | None) -> int:
-    """A message's `_digest`, as its fingerprint reads it (`norm_message`); None: before the first."""
-    return _digest(norm_message(m).encode("utf-8", "surrogatepass") if m is not None else b"")
+def _norm_digest(t: _Turn | None) -> int:
+    """A message's `_digest`, as its fingerprint reads it (`_Turn.norm`); None: before the first."""
+    return _digest(t.norm().encode("utf-8", "surrogatepass") if t is not None else b"")
 
 
 # A fingerprint of messages' hashes: its kind, where in the history the answer sits, and three
@@ -355,7 +448,7 @@ def _answer_start(roles: list[str | None]) -> int | None:
     return j
 
 
-def _this_turn(msgs: list[Message]) -> list[Message]:
+def _this_turn(msgs: list[_Turn]) -> list[_Turn]:
     for i in range(len(msgs) - 1, -1, -1):
         if msgs[i].role == "assistant":
             return msgs[i + 1:]
@@ -391,14 +484,19 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
     if req is None:
         return Facts()
     ids = tuple((k, str(v)) for k, v in req.ids.items() if v)
-    conv = _Conv(req)
+    return _facts([_turn_of(m) for m in req.messages], ids, resp, answer_at, history_len)
+
+
+def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response | None, answer_at: int | None,
+           history_len: int | None) -> Facts:
+    conv = _Conv(turns)
     msgs = conv.msgs
     turn = _this_turn(msgs)
-    results = tuple(r.call_id for m in (turn or msgs) for r in m.tool_results if r.call_id)
+    results = tuple(r for m in (turn or msgs) for r in m.results)
     grow = tail = None
     last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
     if last is not None:
-        depth = answer_at if answer_at is not None else _answer_start([m.role for m in req.messages])
+        depth = answer_at if answer_at is not None else _answer_start([t.role for t in turns])
         said_before = conv.hash(last)
         grow = _grow_key(conv, last, depth or 0, said_before)
         tail = _tail_key(conv.hash(last - 1), said_before)
@@ -413,12 +511,13 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
     said = b""
     if resp is not None:
         calls = tuple(tc.id for tc in resp.tool_calls if tc.id)
-        answer = resp.message()
-        if answer.parts:
+        message = resp.message()
+        if message.parts:
+            answer = _turn_of(message)
             at = len(msgs)
-            depth = history_len if history_len is not None else len(req.messages)
+            depth = history_len if history_len is not None else len(turns)
             if at and msgs[-1].role == "assistant":  # a prefill: the answer continues that turn
-                answer = Message("assistant", msgs[-1].parts + answer.parts)
+                answer = _joined(msgs[-1], answer)
                 at -= 1
                 depth = answer_at if answer_at is not None else depth - 1
             said_now = _norm_digest(answer)
@@ -426,29 +525,38 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
             next_tail = _tail_key(conv.hash(at - 1), said_now)
             if resp.content and not resp.tool_calls:  # an answer that calls tools goes on by their results
                 said = _shingles(resp.content, QUOTE_ANSWER_WORDS)
-    return Facts(readable=True, ids=ids, title=title_of(req), results=results, grow=grow, tail=tail,
+    return Facts(readable=True, ids=ids, title=_title(turns), results=results, grow=grow, tail=tail,
                  quotes=quotes, calls=calls, next_grow=next_grow, next_tail=next_tail, said=said)
 
 
 def read_facts(api: str, body: str | bytes | dict | None, response: Response | None) -> Facts:
     """`facts_of` a request body as it crossed (or already parsed) and its answer. Never raises:
     a body of a shape nobody expected is grouped as having no conversation."""
-    request, answer_at, history_len = read_request(api, body)
     try:
+        doc = _json_object(body)
+        if api == CHAT.name and doc is not None and isinstance(doc.get("messages"), list):
+            cut, answer_at, history_len = trimmed(doc)
+            turns = _chat_turns(cut["messages"])
+            if turns is not None:
+                ids = tuple((k, v) for k, v in ids_of(doc, CHAT_ID_FIELDS).items())
+                return _facts(turns, ids, response, answer_at, history_len)
+        request, answer_at, history_len = read_request(api, doc if doc is not None else None)
         return facts_of(request, response, answer_at, history_len)
     except Exception:
         return Facts()
 
 
-def title_of(req: Request | None) -> str | None:
-    if req is None:
-        return None
-    for m in req.messages:
-        if m.role == "user":
-            t = _norm_text(m.text[:TITLE_CHARS * 4])
-            if t:
-                return t if len(t) <= TITLE_CHARS else t[: TITLE_CHARS - 1] + "…"
+def _title(turns: list[_Turn]) -> str | None:
+    for t in turns:
+        if t.role == "user":
+            text = _norm_text(t.text[:TITLE_CHARS * 4])
+            if text:
+                return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
     return None
+
+
+def title_of(req: Request | None) -> str | None:
+    return None if req is None else _title([_turn_of(m) for m in req.messages])
 
 
 class Grouper:
@@ -627,7 +735,8 @@ class Grouper:
 # -- reading requests and answers -----------------------------------------------------------------
 # Requests are read by their dialect (llmtap.dialects), from the body the recorder parsed once,
 # cut to the messages grouping reads: agents resend the whole history every turn, and reading
-# every message of it into shapes would cost O(history) per call.
+# every message of it into shapes would cost O(history) per call. Chat Completions bodies of
+# the usual shapes skip the shapes too (`_chat_turns`); a test holds both readings equal.
 _CONVERSATION_KEYS = ("messages", "input", "contents")  # chat / Anthropic / Ollama, Responses, Gemini
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
           "tool": "tool", "function": "tool"}
@@ -676,20 +785,22 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
     return {**doc, key: [items[i] for i in sorted(keep)]}, at, len(items)
 
 
+def _json_object(body: str | bytes | dict | None) -> dict | None:
+    if not body or isinstance(body, dict):
+        return body or None
+    try:
+        doc = json.loads(body)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | None, int | None, int | None]:
     """The request's shape as grouping reads it, where its last answer begins and how many items
     its conversation has (see `trimmed`); None when its body is not a JSON object. `body` may be
     the body already parsed. Never raises."""
-    if not body:
-        return None, None, None
-    if isinstance(body, dict):
-        doc = body
-    else:
-        try:
-            doc = json.loads(body)
-        except (ValueError, TypeError, RecursionError):
-            return None, None, None
-    if not isinstance(doc, dict):
+    doc = _json_object(body)
+    if doc is None:
         return None, None, None
     try:
         cut, at, n = trimmed(doc)

@@ -4,6 +4,7 @@ real tools through the real proxy into a real DuckDB file, and `llmtap sessions`
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ import pytest
 from fakeprovider import FakeProvider, linger, ok, slow, status
 from llmtap.cli import main as llmtap_main
 from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
+from llmtap.recorder import sessions as grouping
 from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import Recorder, _job, spool_path
 from llmtap.recorder.sessions import (
@@ -239,6 +241,78 @@ def test_a_long_history_with_a_role_that_is_not_a_string_still_continues_its_ses
                         "step 6")
     links = _links([(call, extract_job(_job(call, 1 << 20, True))) for call in (first, second)])
     assert links == [("C1", "new", None), ("C1", "history", "C1")]
+
+
+# Chat Completions bodies are read for grouping straight from their JSON where they have the
+# shapes agents send, and by the dialect otherwise; a session must not care which.
+_CONTENTS: list[Any] = [None, "", "  plain text  ", "x" * 600, 7, {"type": "text", "text": "a dict"},
+                        [{"type": "text", "text": "one"}, {"type": "text", "text": " two "}], ["bare", "strings"],
+                        [{"type": "input_text", "text": "in"}, {"text": "untyped"}], [{"type": "text", "text": ""}],
+                        [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, {"type": "text", "text": "see"}],
+                        [{"type": "refusal", "refusal": "no"}], [{"type": "thinking", "thinking": "hm"}],
+                        [{"type": "text", "text": 5}], [{"type": ["odd"], "text": "t"}], [{"type": "mystery"}], [3], []]
+_CALLS: list[Any] = [None, [], "not a list", [{"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                     [{"id": "call_b", "function": {"name": "g", "arguments": {"k": 1}}}, {"id": "call_c", "function": {}}],
+                     [{"function": {"name": "h", "arguments": "{\"z\": 1, \"a\": 2}"}}], [{"id": ""}], ["x"]]
+
+
+def _odd_message(rnd: Any) -> Any:
+    if rnd.random() < 0.03:
+        return rnd.choice(["a string", 4, None, ["list"]])
+    role = rnd.choice(["system", "developer", "user", "user", "assistant", "assistant", "tool", "tool", "function",
+                       "model", None, 5])
+    msg: dict[str, Any] = {"content": rnd.choice(_CONTENTS)}
+    if role is not None:
+        msg["role"] = role
+    if rnd.random() < 0.5:
+        msg["tool_calls"] = rnd.choice(_CALLS)
+    if role in ("tool", "function") or rnd.random() < 0.1:
+        msg["tool_call_id"] = rnd.choice(["call_a", "call_b", "", None, 9])
+    for key, values in (("reasoning_content", ["why", "", 3]), ("name", ["n", 2]),
+                        ("function_call", [{"name": "f", "arguments": "{}"}, "odd"])):
+        if rnd.random() < 0.08:
+            msg[key] = rnd.choice(values)
+    return msg
+
+
+def test_a_chat_body_read_straight_from_json_groups_as_the_dialect_reads_it() -> None:
+    rnd = random.Random(1515)
+    answers = [None, Response(api="openai.chat", content="the answer"),
+               Response(api="openai.chat", content="", tool_calls=(ToolCall("call_n", "f", "{}"),)),
+               Response(api="openai.chat", reasoning="only thought")]
+    direct = 0
+    for _case in range(3000):
+        messages = [_odd_message(rnd) for _ in range(rnd.randint(0, 14))]
+        doc: dict[str, Any] = {"model": "m", "messages": messages}
+        for key, value in (("user", "u-1"), ("prompt_cache_key", ""), ("safety_identifier", "s-1")):
+            if rnd.random() < 0.3:
+                doc[key] = value
+        answer = rnd.choice(answers)
+        request, answer_at, history_len = grouping.read_request("openai.chat", doc)
+        assert grouping.read_facts("openai.chat", doc, answer) == grouping.facts_of(request, answer, answer_at,
+                                                                                  history_len), messages
+        direct += grouping._chat_turns(grouping.trimmed(doc)[0]["messages"]) is not None
+    # The direct reading must be what agents' bodies get, else this compares the dialect with itself.
+    assert 100 < direct < 2900
+    loop = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "task"}]},
+            {"role": "assistant", "content": None, "tool_calls": _CALLS[3]},
+            {"role": "tool", "tool_call_id": "call_a", "content": "result"}]
+    assert grouping._chat_turns(loop) is not None
+
+
+def test_a_screenshot_in_the_middle_of_a_task_does_not_split_its_session() -> None:
+    # The turn that carries an image is read by the dialect, the turns around it straight from
+    # the JSON: the fingerprints each leaves must meet the other's.
+    shot = {"role": "user", "content": [{"type": "text", "text": "here is the page"},
+                                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}
+    turns = [{"role": "user", "content": "fix the layout"}]
+    calls = []
+    for i, extra in enumerate([None, shot, {"role": "user", "content": "now the footer"}]):
+        if extra is not None:
+            turns = turns + [{"role": "assistant", "content": f"done step {i - 1}"}, extra]
+        calls.append(_chat_call(f"S{i}", turns, f"done step {i}"))
+    links = _links([(call, extract_job(_job(call, 1 << 20, True))) for call in calls])
+    assert links == [("S0", "new", None), ("S0", "history", "S0"), ("S0", "history", "S1")]
 
 
 def test_fingerprints_from_a_helper_process_meet_those_made_in_the_writer(monkeypatch: pytest.MonkeyPatch) -> None:
