@@ -307,9 +307,31 @@ def format_call_line(call: CallFinished) -> str:
     fallback = f" {call.attempts}↻" if call.attempts > 1 else ""
     ms = f"{call.duration_ms:.0f}ms" if call.duration_ms is not None else "-"
     client = field((call.client or "-").split(" ", 1)[0])[:24]
-    tail = f"  ! {field(call.error)}" if call.error else ""
+    if call.error and _left_after_the_end(call):
+        tail = "  (the client hung up after the answer's end)"
+    else:
+        tail = f"  ! {field(call.error)}" if call.error else ""
     return (f"{t} {client:<24} {field(call.method)} {model}  {field(call.provider)}  {call.status or '-'}"
             f"{fallback}  {ms}{tail}")
+
+
+# The call line reads an answer the client hung up on, on the proxy's event loop: up to this much.
+# Above it the line keeps the relay's error; the record decides the same question either way.
+LINE_READ_BYTES = 256 << 10
+
+
+def _left_after_the_end(call: CallFinished) -> bool:
+    """Whether the client hung up on a whole answer, as the record will say (see
+    extract.left_after_the_end): an SDK closing on `[DONE]` is not a failed call."""
+    if not call.client_left or len(call.response_body) > LINE_READ_BYTES:
+        return False
+    from llmtap.recorder.extract import extract, left_after_the_end
+
+    try:
+        ex = extract(call.api, call.status, dict(call.response_headers), call.response_body)
+    except Exception:  # extraction never raises; if it did, the line says what the relay saw
+        return False
+    return left_after_the_end(call.client_left, call.status, ex)
 
 
 def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:

@@ -139,6 +139,19 @@ def extract(api: str, status: int | None, headers: Headers, body: bytes,
     return ex.finish()
 
 
+# What the record says of a call whose client hung up on a whole answer.
+CLIENT_LEFT_NOTE = ("the client closed its connection after the answer's end, before llmtap saw the provider's end "
+                    "of body; the answer is whole")
+
+
+def left_after_the_end(client_left: bool, status: int | None, ex: Extraction | None) -> bool:
+    """The client closed its connection after its answer had ended as its API ends one (SDKs hang
+    up on `[DONE]`, which may cross before the provider's end of body does): the answer it got
+    is whole, and the client's leaving is no error. The record and `llmtap run`'s call line
+    both decide it here."""
+    return client_left and ex is not None and bool(ex.complete) and (status or 0) < 400
+
+
 # and Ollama `messages`, Anthropic `system`, Responses `instructions` and `input`, Gemini
 # `contents` and `systemInstruction`, Ollama generate and legacy completions `prompt`.
 _PROMPT_KEYS = ("system", "systemInstruction", "system_instruction", "instructions", "messages", "input",

@@ -35,7 +35,16 @@ import duckdb
 from llmtap.recorder import schema
 from llmtap.recorder.columns import ATTEMPT_COLUMNS, CALL_COLUMNS, attempt_tuple, call_tuple
 from llmtap.recorder.events import Adopt, Attempt, CallFinished, CallStarted, Chunk, ResponseHead
-from llmtap.recorder.extract import Extraction, Extractor, decode_body, decoded_cap_note, make_extractor, prompt_text
+from llmtap.recorder.extract import (
+    CLIENT_LEFT_NOTE,
+    Extraction,
+    Extractor,
+    decode_body,
+    decoded_cap_note,
+    left_after_the_end,
+    make_extractor,
+    prompt_text,
+)
 from llmtap.recorder.follow import CpuFollower
 from llmtap.recorder.live import LiveHub
 from llmtap.recorder.pricing import NOT_PRICED, Priced, Pricer, usage_of
@@ -75,8 +84,6 @@ BUFFER_BYTES = 256 << 20
 # A failed open or write is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 5.0
-CLIENT_LEFT_NOTE = ("the client closed its connection after the answer's end, before llmtap saw the provider's end "
-                    "of body; the answer is whole")
 INTERRUPTED = "interrupted: the proxy stopped before this call ended"
 LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
         "(counted in the `dropped` table)")
@@ -834,8 +841,7 @@ class Recorder(QueuedSink):
         if resp_raw is not None:
             notes.append("response body is not UTF-8: kept in response_body_raw")
         proxy_error = call.error
-        if call.client_left and ex is not None and ex.complete and (call.status or 0) < 400:
-            # The answer had ended as its API ends one before the client hung up: it is whole.
+        if left_after_the_end(call.client_left, call.status, ex):
             proxy_error = None
             notes.append(CLIENT_LEFT_NOTE)
         error = proxy_error

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from fakeprovider import FakeProvider, linger, ok, slow, status
+from llmtap.addons.commands import format_call_line
 from llmtap.cli import main as llmtap_main
 from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
 from llmtap.recorder import sessions as grouping
@@ -549,6 +550,10 @@ def test_an_sdk_that_hangs_up_on_done_has_a_whole_answer_but_one_that_leaves_mid
     assert rec.rows("SELECT status, error FROM attempts ORDER BY call_id") == [(200, None), (200, None)]
     assert rec.rows("SELECT id, calls, errors, failed FROM sessions ORDER BY id") == [
         (rows[0][4], 1, 0, False), (rows[1][4], 1, 1, True)]
+    # `llmtap run`'s call lines say the same as the record.
+    whole, cut = (format_call_line(call) for call, _ in sorted(rec.proxy.lines, key=lambda line: line[0].id))
+    assert "!" not in whole and "hung up after the answer's end" in whole, whole
+    assert cut.endswith("! client disconnected"), cut
 
 
 def test_anthropic_sdk_with_a_session_header_groups_unrelated_conversations(rec: Recorded, fake: FakeProvider) -> None:
