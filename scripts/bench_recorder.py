@@ -17,6 +17,11 @@
                a recorder process as `llmtap run` does (what a killed proxy loses: the recorder
                process commits what it got and exits)
 
+  --grown DB   6,000 of --append's calls into a copy of DB, a grown file (make one with
+               scripts/make_big_db.py), vs into an empty file, --rounds K of each, alternating:
+               whether a file holding months of calls makes recording slower (checkpoints, the
+               search index); the rate and CPU per call, as grown / empty ratios of the medians
+
   --handoff N  the proxy's side of the hand-off, per call: N streamed calls as the relay emits them
                (a start, a response head, 20 chunks, the end: frozen events) queued and turned into
                the pickled frames the recorder process reads, vs the same values as bare tuples
@@ -32,7 +37,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,6 +262,51 @@ def bench_big(n: int, tmp: Path) -> dict:
             "parquet_bytes_per_call": round((tmp / "big.parquet").stat().st_size / n)}
 
 
+def _append_once(db: Path, n: int) -> dict[str, float]:
+    rec = Recorder(db, serve=False)
+    rec.start()
+    calls = [make_call() for _ in range(n)]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for call in calls:
+        hand_over(rec, call)
+    deadline = time.monotonic() + 600
+    while rec.written + rec.dropped_total < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out = {"rate": n / (time.perf_counter() - t0), "cpu_us": (time.process_time() - cpu0) / n * 1e6,
+           "dropped": rec.dropped_total}
+    rec.close()
+    return out
+
+
+def bench_grown(source: Path, n: int, rounds: int, tmp: Path) -> dict:
+    """--append's calls into a copy of a grown file (`source`, e.g. from make_big_db.py) vs into an
+    empty one, alternating: what a file holding months of calls costs the writer (checkpoints,
+    the search index, the sessions table). The copy is synced to disk first: its writeback would
+    otherwise compete with the run it is measured against."""
+    with duckdb.connect(str(source), read_only=True) as con:
+        held = con.execute("SELECT count(*) FROM calls").fetchone()[0]
+    runs: dict[str, list[dict[str, float]]] = {"empty": [], "grown": []}
+    for i in range(rounds):
+        for kind in ("empty", "grown"):
+            db = tmp / f"grown-{i}-{kind}.duckdb"
+            if kind == "grown":
+                shutil.copyfile(source, db)
+                os.sync()
+            runs[kind].append(_append_once(db, n))
+            print(f"  {kind:<5} " + "  ".join(f"{k} {v:.0f}" for k, v in runs[kind][-1].items()), file=sys.stderr)
+            db.unlink()
+
+    def med(kind: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[kind])
+
+    return {"calls_in_grown_file": held, "grown_file_mib": round(source.stat().st_size / 2**20), "appended": n,
+            "rounds": rounds, "empty_calls_per_s": round(med("empty", "rate")),
+            "grown_calls_per_s": round(med("grown", "rate")),
+            "ratio_grown_vs_empty_rate": round(med("grown", "rate") / med("empty", "rate"), 3),
+            "ratio_grown_vs_empty_cpu_per_call": round(med("grown", "cpu_us") / med("empty", "cpu_us"), 3),
+            "dropped": int(sum(r["dropped"] for rs in runs.values() for r in rs))}
+
+
 CHILD = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
@@ -332,9 +384,13 @@ def main() -> int:
     ap.add_argument("--big", type=int, default=0, metavar="N")
     ap.add_argument("--kill", type=int, default=0, metavar="N")
     ap.add_argument("--handoff", type=int, default=0, metavar="N")
+    ap.add_argument("--grown", type=Path, metavar="DB")
+    ap.add_argument("--rounds", type=int, default=3, metavar="K")
     a = ap.parse_args()
-    if not (a.append or a.steady or a.big or a.kill or a.handoff):
-        ap.error("choose at least one of --append N, --steady R, --big N, --kill N, --handoff N")
+    if not (a.append or a.steady or a.big or a.kill or a.handoff or a.grown):
+        ap.error("choose at least one of --append N, --steady R, --big N, --kill N, --handoff N, --grown DB")
+    if a.grown is not None and not a.grown.is_file():
+        ap.error(f"--grown {a.grown}: no such file; make one with scripts/make_big_db.py --db {a.grown} --calls 300000")
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-") as d:
         tmp = Path(d)
@@ -352,6 +408,10 @@ def main() -> int:
             out["kill_recorder"] = bench_kill(a.kill, tmp, separate=False)
             print(f"kill -9 of a proxy handing over to a recorder process: {a.kill} times ...", file=sys.stderr)
             out["kill_proxy"] = bench_kill(a.kill, tmp, separate=True)
+        if a.grown is not None:
+            n = 6000
+            print(f"grown: {n} calls into {a.grown} vs into an empty file, {a.rounds} rounds ...", file=sys.stderr)
+            out["grown"] = bench_grown(a.grown, n, a.rounds, tmp)
         if a.handoff:
             print(f"handoff: {a.handoff} calls, events vs bare tuples ...", file=sys.stderr)
             out["handoff"] = bench_handoff(a.handoff, tmp)

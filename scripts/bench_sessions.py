@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
 from llmtap.recorder.services import Options  # noqa: E402
+from make_big_db import ulid_sql  # noqa: E402
 
 PY = sys.executable
 TURNS = 8
@@ -199,12 +200,12 @@ def bench_big(n: int, tmp: Path) -> dict:
             INSERT INTO calls (id, started_at, client, api, method, url, status, model_requested, model_sent,
                                provider, attempts, duration_ms, input_tokens, output_tokens, content,
                                session_id, session_link, parent_call_id, turn)
-            SELECT lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0'),
+            SELECT {ulid_sql('epoch_ms(ts)', 'i')},
                    ts, ['Cline/3.38', 'local-deep-research/0.6', 'OpenAI/Python 2.8'][1 + (i // 4) % 3],
                    'openai.chat', 'POST', 'http://127.0.0.1:8081/openrouter/chat/completions',
                    CASE WHEN i % 97 = 0 THEN 500 ELSE 200 END, 'gpt-4o', 'gpt-4o', 'openrouter', 1, 900.0,
                    1200, 300, 'an answer',
-                   lpad(upper(to_hex(epoch_ms(ts0))), 10, '0') || lpad(upper(to_hex(i - i % 4)), 16, '0'),
+                   {ulid_sql('epoch_ms(ts0)', 'i - i % 4')},
                    CASE WHEN i % 4 = 0 THEN 'new' ELSE 'history' END, NULL, i % 4 + 1
             FROM (SELECT i, base + to_milliseconds(i * 31536) AS ts, base + to_milliseconds((i - i % 4) * 31536) AS ts0
                   FROM range({n}) t(i), (SELECT TIMESTAMPTZ '2025-12-01 00:00:00+00' AS base))""")

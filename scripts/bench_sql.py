@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 from bench_proxy import free_port, start_fake, wait_port  # noqa: E402
+from make_big_db import ulid_sql  # noqa: E402
 
 PY = sys.executable
 QUERIES = {
@@ -57,7 +58,7 @@ QUERIES = {
 # building the bodies (and their search index) takes on a busy machine. --db takes such a file.
 LEAN = """
 INSERT INTO calls BY NAME
-SELECT lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0') AS id, ts AS started_at,
+SELECT @ID@ AS id, ts AS started_at,
   ['Cline/3.38', 'local-deep-research/0.6', 'OpenAI/Python 2.8', 'Anthropic/Python 0.72', 'curl/8.5'][1 + i % 5] AS client,
   ['openai.chat', 'anthropic.messages', 'openai.chat', 'ollama.chat', 'openai.responses'][1 + i % 5] AS api,
   'POST' AS method, 'http://127.0.0.1:8081/openai/chat/completions' AS url,
@@ -85,7 +86,7 @@ def generate(db: Path, calls: int) -> None:
     t0 = time.perf_counter()
     con = duckdb.connect(str(db))
     migrate(con)
-    con.execute(LEAN.replace("@N@", str(calls)))
+    con.execute(LEAN.replace("@N@", str(calls)).replace("@ID@", ulid_sql("epoch_ms(ts)", "i")))
     con.execute("CHECKPOINT")
     con.close()
     print(f"  {db.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)

@@ -43,11 +43,23 @@ WORDS = (
 # words of 6-10 letters from a vocabulary this big.
 RARE_WORDS = 50_000
 
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def ulid_sql(ms: str, counter: str) -> str:
+    """A SQL expression for an id as record.new_id spells it (a ULID: 10 Crockford base32
+    characters of the millisecond `ms`, then 16 of `counter`), so that generated calls sort by
+    time among the ids a recorder then adds to the file."""
+    def digits(value: str, n: int) -> str:
+        return (f"list_reduce(list_transform(range({n - 1}, -1, -1), lambda k: substr('{_CROCKFORD}', "
+                f"((({value}) >> (5 * k)) & 31)::INTEGER + 1, 1)), lambda a, b: a || b)")
+    return f"({digits(ms, 10)} || '00000000' || {digits(counter, 8)})"
+
+
 INSERT = """
 INSERT INTO calls (@COLUMNS@)
 SELECT
-  -- ULID-like ids: 10 chars of time then 16 of the row number, so they sort by time
-  lpad(upper(to_hex(epoch_ms(ts))), 10, '0') || lpad(upper(to_hex(i)), 16, '0') AS id,
+  @ID@ AS id,
   ts AS started_at,
   ['Cline/3.38', 'local-deep-research/0.6', 'OpenAI/Python 2.8', 'Anthropic/Python 0.72', 'curl/8.5'][1 + i % 5] AS client,
   ['openai.chat', 'anthropic.messages', 'openai.chat', 'ollama.chat', 'openai.responses'][1 + i % 5] AS api,
@@ -123,7 +135,7 @@ def main() -> int:
         stop = min(a.calls, start + SLICE)
         sql = INSERT
         for token, value in (("@START@", start), ("@STOP@", stop), ("@TOTAL@", a.calls), ("@SPAN@", span_ms),
-                             ("@NP@", POOL), ("@COLUMNS@", GENERATED)):
+                             ("@NP@", POOL), ("@COLUMNS@", GENERATED), ("@ID@", ulid_sql("epoch_ms(ts)", "i"))):
             sql = sql.replace(token, str(value))
         con.execute(sql)
         print(f"  {stop:,} / {a.calls:,} calls  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
