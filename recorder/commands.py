@@ -244,8 +244,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           for r in rows], indent=2))
         return 0
     unpriced = sum(r["unpriced"] for r in rows)
-    total = sum((r["cost_usd"] for r in rows if r["cost_usd"] is not None), Decimal(0))
-    title = f"{sum(r['calls'] for r in rows)} calls, {usd(total)}"
+    priced = [r["cost_usd"] for r in rows if r["cost_usd"] is not None]
+    # No priced call: the cost is not known, which "$0" would claim it is.
+    n = sum(r["calls"] for r in rows)
+    title = f"{n:,} call{'' if n == 1 else 's'}, {usd(sum(priced, Decimal(0))) if priced else 'cost unknown'}"
     if unpriced:
         title += (f" ({unpriced} call{'s' if unpriced != 1 else ''} unpriced: no price known for the model; "
                   "give one in rules.yaml, then `llmtap cost backfill`)")

@@ -250,6 +250,9 @@ def test_recorded_calls_carry_exact_cost_and_stats_count_the_unpriced(tmp_path: 
     assert "3 calls, $0.007 (1 call unpriced" in " ".join(table.stdout.split())
     client = json.loads(llmtap("stats", "--db", str(db), "--by", "client", "--json").stdout)
     assert [(g["client"], g["calls"], g["cost_usd"], g["unpriced"]) for g in client] == [("agent/1", 3, 0.007, 1)]
+    # Only the unpriced call: its cost is not known, not $0.
+    alone = llmtap("stats", "--db", str(db), "--model", "my-finetune")
+    assert "1 call, cost unknown (1 call unpriced" in " ".join(alone.stdout.split()), alone.stdout
 
 
 def test_backfill_prices_old_calls_and_again_after_a_rules_change(tmp_path: Path) -> None:
