@@ -426,6 +426,11 @@ def _archive_local(db: Path, target, older_than: str | None, delete: bool, progr
     return result
 
 
+def _count(tokens: int | None) -> str:
+    """A token count for people: '-' when the provider reported none (0 would claim it did)."""
+    return "-" if tokens is None else f"{tokens:,}"
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -477,7 +482,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         console.print(f"found by {session['source']}{'  (' + printable(session['key']) + ')' if session['key'] else ''}"
                       f"   client {printable(session['client'] or '-')}   {session['calls']} calls, "
                       f"{session['errors']} errors, {session['fallbacks']} fallbacks   "
-                      f"tokens {session['input_tokens'] or 0} in / {session['output_tokens'] or 0} out"
+                      f"tokens {_count(session['input_tokens'])} in / {_count(session['output_tokens'])} out"
                       + (f"   ${session['cost_usd']}" if session.get("cost_usd") is not None else "")
                       + ("   FAILED" if session["failed"] else ""))
         table = Table(title_justify="left")
@@ -490,7 +495,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
             table.add_row(str(c["turn"] or ""), when(c["started_at"]), plain(c["session_link"]),
                           plain(c["model_sent"] or c["model_requested"]), str(c["status"] or "-"),
                           f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-",
-                          f"{c['input_tokens'] or 0}/{c['output_tokens'] or 0}",
+                          f"{_count(c['input_tokens'])}/{_count(c['output_tokens'])}",
                           Text(printable(" ".join(str(said).split())[:80]), style="bold red" if failed else ""),
                           style="red" if failed else None)
         console.print(table)
@@ -507,7 +512,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         table.add_column(name, justify="right" if name in ("calls", "errors", "tokens in/out", "cost $") else "left")
     for r in rows:
         table.add_row(r["id"], when(r["started_at"]), plain(r["client"]), plain(r["title"]), str(r["calls"]),
-                      str(r["errors"]), "FAILED" if r["failed"] else "", f"{r['input_tokens'] or 0}/{r['output_tokens'] or 0}",
+                      str(r["errors"]), "FAILED" if r["failed"] else "", f"{_count(r['input_tokens'])}/{_count(r['output_tokens'])}",
                       "-" if r.get("cost_usd") is None else str(r["cost_usd"]), plain(r["source"]),
                       style="red" if r["failed"] else None)
     console.print(table)

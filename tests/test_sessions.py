@@ -619,6 +619,11 @@ def test_langchain_like_research_run_and_its_failed_call(rec: Recorded, fake: Fa
     assert llmtap_main(["sessions", "--db", str(rec.db), first]) == 0
     timeline = capsys.readouterr().out
     assert "Generate two research questions" in timeline and "500" in timeline and "quote" in timeline
+    # The failed call reported no usage: its tokens are unknown, not 0/0.
+    tokens = rec.rows("SELECT input_tokens, output_tokens FROM calls ORDER BY id")
+    row_500 = next(line for line in timeline.splitlines() if "│    500 │" in line)
+    assert tokens[3] == (None, None) and "-/-" in row_500 and "0/0" not in timeline, timeline
+    assert f"{tokens[0][0]}/{tokens[0][1]}" in timeline
 
 
 def test_two_interleaved_cline_tasks_and_a_compacted_history(rec: Recorded, fake: FakeProvider) -> None:
