@@ -758,31 +758,48 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
     """`doc` with its conversation cut to what grouping reads, in order: the first message and
     the first user message, the last answer (the run of assistant items ending the history, or
     before a trailing prefill) with the message before it, and everything after it; and, in
-    the conversation as sent, where its last answer begins and how many items it has."""
+    the conversation as sent, where its last answer begins and how many items it has.
+
+    Reads the roles of the items it keeps and of few others: the last answer is sought from
+    the end, the first messages from the start, so that a history of hundreds of items costs
+    what one of ten does (agents resend all of it every turn)."""
     for key in _CONVERSATION_KEYS:
         items = doc.get(key)
         if isinstance(items, list):
             break
     else:
         return doc, None, None
-    roles = [_role_of(it) for it in items]
-    at = _answer_start(roles)
-    if len(items) <= KEEP_WHOLE:
-        return doc, at, len(items)
-    talk = [i for i, r in enumerate(roles) if r not in (None, "system")]
-    keep = set(talk[:1]) | set(next(([i] for i in talk if roles[i] == "user"), []))
-    ends = [i for i in talk if roles[i] == "assistant" and (i + 1 == len(items) or roles[i + 1] != "assistant")]
-    # The last answer; the one before too when an assistant prefill ends the request.
-    for end in ends[-2:] if roles[-1] == "assistant" else ends[-1:]:
-        start = end
-        while start > 0 and roles[start - 1] == "assistant":
-            start -= 1
+    n = len(items)
+    runs: list[tuple[int, int]] = []  # (start, end) of the last assistant run, then of the one before
+    i = n - 1
+    while i >= 0:
+        if _role_of(items[i]) == "assistant":
+            end = i
+            while i > 0 and _role_of(items[i - 1]) == "assistant":
+                i -= 1
+            runs.append((i, end))
+            if end != n - 1 or len(runs) == 2:  # the one before counts only when a prefill ends the request
+                break
+        i -= 1
+    at = runs[0][0] if runs else None
+    if n <= KEEP_WHOLE:
+        return doc, at, n
+    if not runs:
+        keep = {i for i, item in enumerate(items) if _role_of(item) not in (None, "system")}
+        return {**doc, key: [items[i] for i in sorted(keep)]}, at, n
+    keep = set(range(runs[0][1] + 1, n))
+    for start, end in runs:
         keep.update(range(max(start - 1, 0), end + 1))
-    if ends:
-        keep.update(range(ends[-1] + 1, len(items)))
-    else:
-        keep.update(talk)
-    return {**doc, key: [items[i] for i in sorted(keep)]}, at, len(items)
+    first_talk = first_user = None
+    for i, item in enumerate(items):
+        r = _role_of(item)
+        if first_talk is None and r not in (None, "system"):
+            first_talk = i
+        if r == "user":
+            first_user = i
+            break
+    keep.update(i for i in (first_talk, first_user) if i is not None)
+    return {**doc, key: [items[i] for i in sorted(keep)]}, at, n
 
 
 def _json_object(body: str | bytes | dict | None) -> dict | None:

@@ -269,11 +269,37 @@ def _odd_message(rnd: Any) -> Any:
         msg["tool_calls"] = rnd.choice(_CALLS)
     if role in ("tool", "function") or rnd.random() < 0.1:
         msg["tool_call_id"] = rnd.choice(["call_a", "call_b", "", None, 9])
+    if rnd.random() < 0.06:  # Responses items, and types no format has
+        msg["type"] = rnd.choice(["function_call", "function_call_output", "reasoning", "message", ["odd"], None])
+    if rnd.random() < 0.02:
+        msg["role"] = rnd.choice([["user"], {"r": 1}, True])
     for key, values in (("reasoning_content", ["why", "", 3]), ("name", ["n", 2]),
                         ("function_call", [{"name": "f", "arguments": "{}"}, "odd"])):
         if rnd.random() < 0.08:
             msg[key] = rnd.choice(values)
     return msg
+
+
+def _trimmed_by_every_role(doc: dict) -> tuple[dict, int | None, int | None]:
+    """sessions.trimmed as first written, reading every item's role: what the one that reads
+    from both ends must give."""
+    items = doc["messages"]
+    roles = [grouping._role_of(it) for it in items]
+    last = next((i for i in range(len(roles) - 1, -1, -1) if roles[i] == "assistant"), None)
+    while last and roles[last - 1] == "assistant":
+        last -= 1
+    if len(items) <= grouping.KEEP_WHOLE:
+        return doc, last, len(items)
+    talk = [i for i, r in enumerate(roles) if r not in (None, "system")]
+    keep = set(talk[:1]) | set(next(([i] for i in talk if roles[i] == "user"), []))
+    ends = [i for i in talk if roles[i] == "assistant" and (i + 1 == len(items) or roles[i + 1] != "assistant")]
+    for end in ends[-2:] if roles[-1] == "assistant" else ends[-1:]:
+        start = end
+        while start > 0 and roles[start - 1] == "assistant":
+            start -= 1
+        keep.update(range(max(start - 1, 0), end + 1))
+    keep.update(range(ends[-1] + 1, len(items)) if ends else talk)
+    return {**doc, "messages": [items[i] for i in sorted(keep)]}, last, len(items)
 
 
 def test_a_chat_body_read_straight_from_json_groups_as_the_dialect_reads_it() -> None:
@@ -283,12 +309,13 @@ def test_a_chat_body_read_straight_from_json_groups_as_the_dialect_reads_it() ->
                Response(api="openai.chat", reasoning="only thought")]
     direct = 0
     for _case in range(3000):
-        messages = [_odd_message(rnd) for _ in range(rnd.randint(0, 14))]
+        messages = [_odd_message(rnd) for _ in range(rnd.randint(0, 24))]
         doc: dict[str, Any] = {"model": "m", "messages": messages}
         for key, value in (("user", "u-1"), ("prompt_cache_key", ""), ("safety_identifier", "s-1")):
             if rnd.random() < 0.3:
                 doc[key] = value
         answer = rnd.choice(answers)
+        assert grouping.trimmed(doc) == _trimmed_by_every_role(doc), messages
         request, answer_at, history_len = grouping.read_request("openai.chat", doc)
         assert grouping.read_facts("openai.chat", doc, answer) == grouping.facts_of(request, answer, answer_at,
                                                                                   history_len), messages
