@@ -320,6 +320,13 @@ def _turn_of(m: Message) -> _Turn:
     return _Turn(m.role, tuple(texts), tuple(extras), tuple(results))
 
 
+def _answer_turn(resp: Response) -> _Turn | None:
+    """`_turn_of(resp.message())`, without building the message; None when it would have no parts."""
+    if not (resp.reasoning or resp.content or resp.tool_calls):
+        return None
+    return _Turn("assistant", (resp.content,) if resp.content else (), tuple(map(_call_key, resp.tool_calls)))
+
+
 def norm_message(m: Message) -> str:
     """One message as its fingerprint reads it: what a client resends of it unchanged (see `_Turn.norm`)."""
     return _turn_of(m).norm()
@@ -511,9 +518,8 @@ def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response 
     said = b""
     if resp is not None:
         calls = tuple(tc.id for tc in resp.tool_calls if tc.id)
-        message = resp.message()
-        if message.parts:
-            answer = _turn_of(message)
+        answer = _answer_turn(resp)
+        if answer is not None:
             at = len(msgs)
             depth = history_len if history_len is not None else len(turns)
             if at and msgs[-1].role == "assistant":  # a prefill: the answer continues that turn

@@ -306,7 +306,12 @@ def test_a_chat_body_read_straight_from_json_groups_as_the_dialect_reads_it() ->
     rnd = random.Random(1515)
     answers = [None, Response(api="openai.chat", content="the answer"),
                Response(api="openai.chat", content="", tool_calls=(ToolCall("call_n", "f", "{}"),)),
-               Response(api="openai.chat", reasoning="only thought")]
+               Response(api="openai.chat", reasoning="only thought"),
+               Response(api="openai.chat", content="both", tool_calls=(ToolCall(None, "f", '{"b": 1, "a": 2}'),)),
+               Response(api="openai.chat")]
+    for answer in answers[1:]:  # the answer is read without building its message
+        message = answer.message()
+        assert grouping._answer_turn(answer) == (grouping._turn_of(message) if message.parts else None)
     direct = 0
     for _case in range(3000):
         messages = [_odd_message(rnd) for _ in range(rnd.randint(0, 24))]
