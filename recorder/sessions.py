@@ -544,9 +544,8 @@ def read_facts(api: str, body: str | bytes | dict | None, response: Response | N
             cut, answer_at, history_len = trimmed(doc)
             turns = _chat_turns(cut["messages"])
             if turns is not None:
-                ids = tuple((k, v) for k, v in ids_of(doc, CHAT_ID_FIELDS).items())
-                return _facts(turns, ids, response, answer_at, history_len)
-        request, answer_at, history_len = read_request(api, doc if doc is not None else None)
+                return _facts(turns, tuple(ids_of(doc, CHAT_ID_FIELDS).items()), response, answer_at, history_len)
+        request, answer_at, history_len = read_request(api, doc)
         return facts_of(request, response, answer_at, history_len)
     except Exception:
         return Facts()
@@ -559,10 +558,6 @@ def _title(turns: list[_Turn]) -> str | None:
             if text:
                 return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
     return None
-
-
-def title_of(req: Request | None) -> str | None:
-    return None if req is None else _title([_turn_of(m) for m in req.messages])
 
 
 class Grouper:
