@@ -47,7 +47,7 @@ def detect_api(method: str, path: str) -> str:
     return registry.detect(method, path).name
 
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # the ULID alphabet (scripts/make_big_db.py spells ids in it too)
 _ulid_lock = threading.Lock()
 _ulid_last: tuple[int, int] = (0, 0)
 
@@ -67,7 +67,7 @@ def new_id(now_ms: int | None = None) -> str:
     value = (ms << 80) | (rand & ((1 << 80) - 1))
     out = []
     for _ in range(26):
-        out.append(_CROCKFORD[value & 31])
+        out.append(CROCKFORD[value & 31])
         value >>= 5
     return "".join(reversed(out))
 

@@ -89,18 +89,26 @@ def hand_over(rec: Recorder | RecorderProcess, call: Call) -> None:
     rec.call_finished(call.finished())
 
 
-def bench_append(n: int, tmp: Path) -> dict:
-    rec = Recorder(tmp / "append.duckdb", serve=False)
+def append_into(db: Path, n: int) -> tuple[Recorder, list[Call], dict[str, float]]:
+    """N calls handed over at once to a Recorder on `db`, waited for until written: the recorder
+    (still open), the calls, and calls/s, handed over calls/s and process CPU per call."""
+    rec = Recorder(db, serve=False)
     rec.start()
     calls = [make_call() for _ in range(n)]
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for call in calls:
         hand_over(rec, call)
     handed = time.perf_counter() - t0
     deadline = time.monotonic() + 600
     while rec.written + rec.dropped_total < n and time.monotonic() < deadline:
         time.sleep(0.01)
-    rate = n / (time.perf_counter() - t0)
+    return rec, calls, {"rate": n / (time.perf_counter() - t0), "handover_rate": n / handed,
+                        "cpu_us": (time.process_time() - cpu0) / n * 1e6}
+
+
+def bench_append(n: int, tmp: Path) -> dict:
+    rec, calls, figures = append_into(tmp / "append.duckdb", n)
+    rate = figures["rate"]
     rows = [rec._call_row(c, rec._extraction(c)) for c in calls[:2000]]
     rec.close()
     # Baseline: the same finished rows, appended raw in batches of 500.
@@ -139,7 +147,7 @@ def bench_append(n: int, tmp: Path) -> dict:
     proc_rate = n / (time.perf_counter() - t0)
     proc.close()
     return {"recorder_calls_per_s": round(rate), "recorder_process_calls_per_s": round(proc_rate),
-            "handover_calls_per_s": round(n / handed),
+            "handover_calls_per_s": round(figures["handover_rate"]),
             "extraction_only_calls_per_s": round(extract_rate),
             "written": rec.written, "dropped": rec.dropped_total, "raw_appender_rows_per_s": round(base),
             "ratio_recorder_vs_raw": round(rate / base, 2)}
@@ -262,22 +270,6 @@ def bench_big(n: int, tmp: Path) -> dict:
             "parquet_bytes_per_call": round((tmp / "big.parquet").stat().st_size / n)}
 
 
-def _append_once(db: Path, n: int) -> dict[str, float]:
-    rec = Recorder(db, serve=False)
-    rec.start()
-    calls = [make_call() for _ in range(n)]
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for call in calls:
-        hand_over(rec, call)
-    deadline = time.monotonic() + 600
-    while rec.written + rec.dropped_total < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    out = {"rate": n / (time.perf_counter() - t0), "cpu_us": (time.process_time() - cpu0) / n * 1e6,
-           "dropped": rec.dropped_total}
-    rec.close()
-    return out
-
-
 def bench_grown(source: Path, n: int, rounds: int, tmp: Path) -> dict:
     """--append's calls into a copy of a grown file (`source`, e.g. from make_big_db.py) vs into an
     empty one, alternating: what a file holding months of calls costs the writer (checkpoints,
@@ -292,7 +284,10 @@ def bench_grown(source: Path, n: int, rounds: int, tmp: Path) -> dict:
             if kind == "grown":
                 shutil.copyfile(source, db)
                 os.sync()
-            runs[kind].append(_append_once(db, n))
+            rec, _, figures = append_into(db, n)
+            figures["dropped"] = rec.dropped_total
+            rec.close()
+            runs[kind].append(figures)
             print(f"  {kind:<5} " + "  ".join(f"{k} {v:.0f}" for k, v in runs[kind][-1].items()), file=sys.stderr)
             db.unlink()
 

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmtap.recorder.columns import CALLS, M001, M003  # noqa: E402
+from llmtap.recorder.record import CROCKFORD  # noqa: E402
 from llmtap.recorder.schema import migrate  # noqa: E402
 
 # The columns the generated rows fill; those later migrations add stay NULL, as in a file
@@ -43,15 +44,12 @@ WORDS = (
 # words of 6-10 letters from a vocabulary this big.
 RARE_WORDS = 50_000
 
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
 def ulid_sql(ms: str, counter: str) -> str:
     """A SQL expression for an id as record.new_id spells it (a ULID: 10 Crockford base32
     characters of the millisecond `ms`, then 16 of `counter`), so that generated calls sort by
     time among the ids a recorder then adds to the file."""
     def digits(value: str, n: int) -> str:
-        return (f"list_reduce(list_transform(range({n - 1}, -1, -1), lambda k: substr('{_CROCKFORD}', "
+        return (f"list_reduce(list_transform(range({n - 1}, -1, -1), lambda k: substr('{CROCKFORD}', "
                 f"((({value}) >> (5 * k)) & 31)::INTEGER + 1, 1)), lambda a, b: a || b)")
     return f"({digits(ms, 10)} || '00000000' || {digits(counter, 8)})"
 
