@@ -10,7 +10,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -285,12 +287,14 @@ def parse_size(text: str) -> int:
     return size
 
 
-def format_call_line(call: CallFinished) -> str:
+def format_call_line(call: CallFinished, *, judge_hangup: bool = True) -> str:
     """One line per call, as mitmdump users expect to see traffic go by.
 
     Every field but the times comes from the network (the client's User-Agent, model names,
     the upstream's error): each is masked of the call's secrets and made printable, so an
-    escape sequence in an upstream error cannot act on the user's terminal."""
+    escape sequence in an upstream error cannot act on the user's terminal. With
+    `judge_hangup`, the answer of a client that hung up is read to tell a whole one from a cut
+    one (see `_left_after_the_end`): not on the proxy's event loop (`_print_line`)."""
     from llmtap.recorder.redact import Scrubber, printable
 
     # The request body is searched for credential fields only when there is an error to
@@ -307,7 +311,7 @@ def format_call_line(call: CallFinished) -> str:
     fallback = f" {call.attempts}↻" if call.attempts > 1 else ""
     ms = f"{call.duration_ms:.0f}ms" if call.duration_ms is not None else "-"
     client = field((call.client or "-").split(" ", 1)[0])[:24]
-    if call.error and _left_after_the_end(call):
+    if call.error and judge_hangup and _left_after_the_end(call):
         tail = "  (the client hung up after the answer's end)"
     else:
         tail = f"  ! {field(call.error)}" if call.error else ""
@@ -315,9 +319,15 @@ def format_call_line(call: CallFinished) -> str:
             f"{fallback}  {ms}{tail}")
 
 
-# The call line reads an answer the client hung up on, on the proxy's event loop: up to this much.
-# Above it the line keeps the relay's error; the record decides the same question either way.
+# The call line reads an answer the client hung up on up to this much; above it the line keeps
+# the relay's error (the record decides the same question either way).
 LINE_READ_BYTES = 256 << 10
+# Those answers are read in a thread of their own, at most this many waiting: past that (a flood
+# of hang-ups) a line keeps the relay's error, and memory stays bounded. A judged line may come
+# after lines of calls that ended later; each line carries its call's start time.
+_HANGUPS_WAITING = 16
+_HANGUP_SLOTS = threading.BoundedSemaphore(_HANGUPS_WAITING)
+_HANGUP_LINES = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmtap-call-line")
 
 
 def _left_after_the_end(call: CallFinished) -> bool:
@@ -446,6 +456,7 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
         if recorder is not None:
             recorder.close()
         if started:
+            _flush_lines()
             print(_stopped_line(recorder, db, handed), file=sys.stderr, flush=True)
         # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings (loaded
         # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
@@ -496,10 +507,31 @@ def _stopped_line(recorder: RecorderProcess | None, db: Path, handed: int) -> st
 
 
 def _print_line(call: CallFinished) -> None:
+    """Print the call's line. Runs on the proxy's event loop: a client that hung up has its
+    answer read (a few ms for 256 KiB) in the call-line thread instead."""
+    if call.client_left and call.error and _HANGUP_SLOTS.acquire(blocking=False):
+        _HANGUP_LINES.submit(_print_judged, call)
+    else:
+        _print(format_call_line(call, judge_hangup=False))
+
+
+def _print_judged(call: CallFinished) -> None:
     try:
-        print(format_call_line(call), flush=True)
+        _print(format_call_line(call))
+    finally:
+        _HANGUP_SLOTS.release()
+
+
+def _print(line: str) -> None:
+    try:
+        print(line, flush=True)
     except (BrokenPipeError, ValueError):  # stdout closed: keep proxying regardless
         pass
+
+
+def _flush_lines() -> None:
+    """Wait for the call lines still being judged, so that they come before the stop line."""
+    _HANGUP_LINES.submit(lambda: None).result()
 
 
 def _positive_int(text: str) -> int:

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,10 @@ import openai
 import pytest
 
 from fakeprovider import FakeProvider, linger, ok, slow, status
-from llmtap.addons.commands import format_call_line
+from llmtap.addons.commands import _flush_lines, _print_line, format_call_line
 from llmtap.cli import main as llmtap_main
 from llmtap.dialects.shapes import Message, Part, Request, Response, ToolCall, ToolResult
+from llmtap.recorder import extract as extract_module
 from llmtap.recorder import sessions as grouping
 from llmtap.recorder.record import Call
 from llmtap.recorder.recorder import Recorder, _job, spool_path
@@ -558,7 +560,7 @@ def test_cline_style_tool_loop_through_the_gateway_is_one_session(rec: Recorded,
 
 
 def test_an_sdk_that_hangs_up_on_done_has_a_whole_answer_but_one_that_leaves_mid_stream_failed(
-        rec: Recorded, fake: FakeProvider) -> None:
+        rec: Recorded, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The openai SDK stops reading at `[DONE]` and closes the connection; a provider that is slow
     to end its body (held here for a minute) is hung up on. The client had the whole answer: the
     call and its session did not fail. A client gone before the answer's end did fail."""
@@ -583,9 +585,23 @@ def test_an_sdk_that_hangs_up_on_done_has_a_whole_answer_but_one_that_leaves_mid
     assert rec.rows("SELECT id, calls, errors, failed FROM sessions ORDER BY id") == [
         (rows[0][4], 1, 0, False), (rows[1][4], 1, 1, True)]
     # `llmtap run`'s call lines say the same as the record.
-    whole, cut = (format_call_line(call) for call, _ in sorted(rec.proxy.lines, key=lambda line: line[0].id))
+    ended = [call for call, _ in sorted(rec.proxy.lines, key=lambda line: line[0].id)]
+    whole, cut = (format_call_line(call) for call in ended)
     assert "!" not in whole and "hung up after the answer's end" in whole, whole
     assert cut.endswith("! client disconnected"), cut
+    # As `llmtap run` prints them: the answers are read off the calling thread (the proxy's event
+    # loop), and a flood of hang-ups still prints every line, the first ones judged.
+    readers: list[str] = []
+    real_extract = extract_module.extract
+    monkeypatch.setattr(extract_module, "extract",
+                        lambda *a, **k: readers.append(threading.current_thread().name) or real_extract(*a, **k))
+    for call in ended * 20:
+        _print_line(call)
+    _flush_lines()
+    printed = capsys.readouterr().out.splitlines()
+    unjudged = format_call_line(ended[0], judge_hangup=False)  # a hang-up past the waiting ones
+    assert len(printed) == 40 and whole in printed and cut in printed and set(printed) <= {whole, cut, unjudged}
+    assert readers and threading.current_thread().name not in readers
 
 
 def test_anthropic_sdk_with_a_session_header_groups_unrelated_conversations(rec: Recorded, fake: FakeProvider) -> None:
