@@ -187,6 +187,8 @@ def read_usage(st: State, usage: dict) -> None:
 
 # --- the request side ---------------------------------------------------------------------------
 
+# The part types that are text (a tuple: a "type" a body gives as a list is no text, not an error).
+TEXT_KINDS = (None, "text", "input_text", "output_text")
 _MEDIA = {"image_url": "image", "input_image": "image", "input_audio": "audio", "file": "file", "input_file": "file"}
 
 
@@ -208,7 +210,7 @@ def content_parts(content: Any) -> list[Part]:
         if not isinstance(p, dict):
             continue
         kind = p.get("type")
-        if isinstance(p.get("text"), str) and kind in (None, "text", "input_text", "output_text"):
+        if isinstance(p.get("text"), str) and kind in TEXT_KINDS:
             parts.append(Part("text", text=p["text"]))
         elif kind == "refusal":
             parts.append(Part("text", text=string(p.get("refusal"))))

@@ -54,6 +54,7 @@ from llmtap.dialects.base import ids_of
 from llmtap.dialects.openai_chat import CHAT
 from llmtap.dialects.openai_chat import ID_FIELDS as CHAT_ID_FIELDS
 from llmtap.dialects.openai_chat import ROLES as CHAT_ROLES
+from llmtap.dialects.openai_chat import TEXT_KINDS as CHAT_TEXT_KINDS
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 
 # The headers tools already send for their session, lowercase, strongest first.
@@ -332,10 +333,6 @@ def norm_message(m: Message) -> str:
     return _turn_of(m).norm()
 
 
-# A tuple, as openai_chat.content_parts tests it: a "type" that is not hashable is not text.
-_CHAT_TEXT_KINDS = (None, "text", "input_text", "output_text")
-
-
 def _chat_turns(items: list) -> list[_Turn] | None:
     """Chat Completions messages read straight from their JSON into what `_turn_of` makes of
     the dialect's reading (openai_chat.read_messages), for the shapes agents send: text, tool
@@ -363,7 +360,7 @@ def _chat_turns(items: list) -> list[_Turn] | None:
             got: list[str] = []
             for part in content:
                 text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
-                if not isinstance(text, str) or (part is not text and part.get("type") not in _CHAT_TEXT_KINDS):
+                if not isinstance(text, str) or (part is not text and part.get("type") not in CHAT_TEXT_KINDS):
                     return None
                 if text:
                     got.append(text)
