@@ -49,12 +49,9 @@ from decimal import Decimal
 from itertools import repeat
 from typing import Any, NamedTuple
 
+from llmtap.dialects import openai_chat as chat
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.base import ids_of
-from llmtap.dialects.openai_chat import CHAT
-from llmtap.dialects.openai_chat import ID_FIELDS as CHAT_ID_FIELDS
-from llmtap.dialects.openai_chat import ROLES as CHAT_ROLES
-from llmtap.dialects.openai_chat import TEXT_KINDS as CHAT_TEXT_KINDS
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 
 # The headers tools already send for their session, lowercase, strongest first.
@@ -344,7 +341,7 @@ def _chat_turns(items: list) -> list[_Turn] | None:
         if not isinstance(msg, dict):
             return None
         native = msg.get("role")
-        role = CHAT_ROLES.get(native, "user") if isinstance(native, str) else "user"
+        role = chat.ROLES.get(native, "user") if isinstance(native, str) else "user"
         content = msg.get("content")
         texts: tuple[str, ...] = ()
         extras: tuple[str, ...] = ()
@@ -360,7 +357,7 @@ def _chat_turns(items: list) -> list[_Turn] | None:
             got: list[str] = []
             for part in content:
                 text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
-                if not isinstance(text, str) or (part is not text and part.get("type") not in CHAT_TEXT_KINDS):
+                if not isinstance(text, str) or (part is not text and part.get("type") not in chat.TEXT_KINDS):
                     return None
                 if text:
                     got.append(text)
@@ -537,11 +534,11 @@ def read_facts(api: str, body: str | bytes | dict | None, response: Response | N
     a body of a shape nobody expected is grouped as having no conversation."""
     try:
         doc = _json_object(body)
-        if api == CHAT.name and doc is not None and isinstance(doc.get("messages"), list):
+        if api == chat.CHAT.name and doc is not None and isinstance(doc.get("messages"), list):
             cut, answer_at, history_len = trimmed(doc)
             turns = _chat_turns(cut["messages"])
             if turns is not None:
-                return _facts(turns, tuple(ids_of(doc, CHAT_ID_FIELDS).items()), response, answer_at, history_len)
+                return _facts(turns, tuple(ids_of(doc, chat.ID_FIELDS).items()), response, answer_at, history_len)
         request, answer_at, history_len = read_request(api, doc)
         return facts_of(request, response, answer_at, history_len)
     except Exception:
