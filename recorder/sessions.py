@@ -53,6 +53,7 @@ from llmtap.dialects import openai_chat as chat
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.base import ids_of
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
+from llmtap.recorder.extract import json_object
 
 # The headers tools already send for their session, lowercase, strongest first.
 SESSION_HEADERS: tuple[str, ...] = (
@@ -356,8 +357,11 @@ def _chat_turns(items: list) -> list[_Turn] | None:
         elif isinstance(content, list):
             got: list[str] = []
             for part in content:
-                text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
-                if not isinstance(text, str) or (part is not text and part.get("type") not in chat.TEXT_KINDS):
+                if isinstance(part, str):
+                    text = part
+                elif isinstance(part, dict) and part.get("type") in chat.TEXT_KINDS and isinstance(part.get("text"), str):
+                    text = part["text"]
+                else:
                     return None
                 if text:
                     got.append(text)
@@ -798,13 +802,7 @@ def trimmed(doc: dict) -> tuple[dict, int | None, int | None]:
 
 
 def _json_object(body: str | bytes | dict | None) -> dict | None:
-    if not body or isinstance(body, dict):
-        return body or None
-    try:
-        doc = json.loads(body)
-    except (ValueError, TypeError, RecursionError):
-        return None
-    return doc if isinstance(doc, dict) else None
+    return body if isinstance(body, dict) else json_object(body)
 
 
 def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | None, int | None, int | None]:
