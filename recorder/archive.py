@@ -247,21 +247,28 @@ class _Writer:
         self.db.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def write(self, rows: duckdb.DuckDBPyRelation, dest: str, expect: int | None = None) -> int:
-        """COPY `rows` to a local file, then put it at `dest` whole and check what landed (the
-        rows COPY wrote, and `expect` when given). Returns the number of rows."""
+    def write(self, rows: duckdb.DuckDBPyRelation, dest: str, expect: int | None = None, also: Any = None) -> int:
+        """COPY `rows` (and the Arrow table `also`, its columns matched by name) to a local file,
+        then put it at `dest` whole and check what landed (the rows COPY wrote, and `expect`
+        when given). Returns the number of rows."""
         import pyarrow.parquet as pq
 
         from llmtap.recorder.export import _quoted, _Rows
 
         local = self.tmp / "part.parquet"
         self.db.register("rows", _Rows(rows))
+        query = "SELECT * FROM rows"
+        if also is not None:
+            self.db.register("also", also)
+            query += " UNION ALL BY NAME SELECT * FROM also"
         try:
-            row = self.db.execute(f"COPY (SELECT * FROM rows) TO {_quoted(local)} (FORMAT parquet, "
+            row = self.db.execute(f"COPY ({query}) TO {_quoted(local)} (FORMAT parquet, "
                                   "COMPRESSION zstd)").fetchone()
             written = int(row[0]) if row else 0
         finally:
             self.db.unregister("rows")
+            if also is not None:
+                self.db.unregister("also")
         size = local.stat().st_size
         if self.target.local:
             final = Path(dest)
@@ -451,10 +458,15 @@ def _archive_sessions(con: duckdb.DuckDBPyConnection, target: Target, writer: _W
             todo = sorted(k for k in ready if k not in there)
         if not todo:
             continue
-        name = f"{instance}-{todo[0]}-{todo[-1]}.parquet"
+        # Sessions archived under this instance that this DB does not hold (a copy of the DB
+        # archiving beside it, a DB restored from an older backup) go into the rewrite as they
+        # were: rewriting a day must never drop a row from the archive.
+        kept = _rows_of(target, old.values(), key, set(there) - set(here)) if changed or twice else None
+        keys = sorted(todo + (kept.column(key).to_pylist() if kept is not None else []))
+        name = f"{instance}-{keys[0]}-{keys[-1]}.parquet"
         writer.write(con.sql(f'SELECT * FROM sessions WHERE CAST("{key}" AS VARCHAR) IN (SELECT unnest(?)) '
                              f'ORDER BY "{key}"', params=[todo]),
-                     target.path("sessions", f"date={d}", name), len(todo))
+                     target.path("sessions", f"date={d}", name), len(keys), also=kept)
         if changed or twice:
             for other, path in old.items():
                 if other != name:
@@ -477,6 +489,27 @@ def _marks_in(target: Target, paths: Iterable[str], key: str, marks: list[str]) 
             value = tuple(None if v is None else str(v) for v in mark)
             out[k] = None if k in out else value
     return out
+
+
+def _rows_of(target: Target, paths: Iterable[str], key: str, wanted: set[str]) -> Any:
+    """The rows of these files whose `key` is in `wanted`, one per key (a rewrite a run did not
+    finish left some twice), as an Arrow table; None when there are none."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not wanted:
+        return None
+    tables = [pq.read_table(p, filesystem=target.fs, partitioning=None) for p in paths]
+    table = pa.concat_tables(tables, promote_options="permissive")
+    keys = pc.cast(table.column(key), pa.string())
+    table = table.filter(pc.is_in(keys, value_set=pa.array(sorted(wanted), pa.string())))
+    first: dict[str, int] = {}
+    for i, k in enumerate(pc.cast(table.column(key), pa.string()).to_pylist()):
+        first.setdefault(k, i)
+    table = table.take(sorted(first.values()))
+    return table.set_column(table.schema.get_field_index(key), key, pc.cast(table.column(key), pa.string())) \
+        if table.num_rows else None
 
 
 def delete_calls(cursor: Callable[[], duckdb.DuckDBPyConnection], ids: list[str], progress: Progress | None = None,

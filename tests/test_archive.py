@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -396,6 +397,30 @@ def test_sessions_are_archived_by_day_once_their_day_is_over(tmp_path: Path) -> 
     assert len(files(root / "sessions")) == 1
     last = llmtap("archive", "--db", str(db), "--to", str(root))
     assert last.returncode == 0 and " in 0 files" in last.stderr, last.stderr  # nothing changed since: nothing written
+
+
+def test_a_copy_of_the_db_rewriting_a_day_keeps_the_sessions_only_the_original_holds(tmp_path: Path) -> None:
+    # A copy made after the first archive shares the archive's instance name: when it rewrites a
+    # day (a session it holds changed), the sessions only the original archived since must stay.
+    db, copy, root = tmp_path / "calls.duckdb", tmp_path / "copy.duckdb", tmp_path / "archive"
+    build_db(db, {3: 1})
+    add = ("INSERT INTO sessions (id, source, started_at, ended_at, calls, errors, failed, fallbacks) VALUES "
+           "(?, 'new', now() - INTERVAL 2 DAY, now() - INTERVAL 2 DAY, 1, 0, false, 0)")
+    with duckdb.connect(str(db)) as con:
+        con.execute("DELETE FROM sessions")
+        con.execute(add, ["s-both"])
+    assert llmtap("archive", "--db", str(db), "--to", str(root)).returncode == 0
+    shutil.copy(db, copy)
+    with duckdb.connect(str(db)) as con:
+        con.execute(add, ["s-original"])
+    assert llmtap("archive", "--db", str(db), "--to", str(root)).returncode == 0
+    with duckdb.connect(str(copy)) as con:
+        con.execute("UPDATE sessions SET calls = 2, last_call_id = 'c-later' WHERE id = 's-both'")
+    r = llmtap("archive", "--db", str(copy), "--to", str(root))
+    assert r.returncode == 0, r.stderr
+    archived_sessions = f"SELECT id, calls FROM read_parquet('{root}/sessions/**/*.parquet') ORDER BY id"
+    assert rows(duckdb.connect(), archived_sessions) == [("s-both", 2), ("s-original", 1)]
+    assert len(files(root / "sessions")) == 1
 
 
 def test_run_with_an_unreachable_archive_says_so_and_goes_on_recording(
