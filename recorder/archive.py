@@ -502,14 +502,12 @@ def _rows_of(target: Target, paths: Iterable[str], key: str, wanted: set[str]) -
         return None
     tables = [pq.read_table(p, filesystem=target.fs, partitioning=None) for p in paths]
     table = pa.concat_tables(tables, promote_options="permissive")
-    keys = pc.cast(table.column(key), pa.string())
-    table = table.filter(pc.is_in(keys, value_set=pa.array(sorted(wanted), pa.string())))
+    table = table.set_column(table.schema.get_field_index(key), key, pc.cast(table.column(key), pa.string()))
     first: dict[str, int] = {}
-    for i, k in enumerate(pc.cast(table.column(key), pa.string()).to_pylist()):
-        first.setdefault(k, i)
-    table = table.take(sorted(first.values()))
-    return table.set_column(table.schema.get_field_index(key), key, pc.cast(table.column(key), pa.string())) \
-        if table.num_rows else None
+    for i, k in enumerate(table.column(key).to_pylist()):
+        if k in wanted:
+            first.setdefault(k, i)
+    return table.take(sorted(first.values())) if first else None
 
 
 def delete_calls(cursor: Callable[[], duckdb.DuckDBPyConnection], ids: list[str], progress: Progress | None = None,
