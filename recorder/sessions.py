@@ -41,7 +41,7 @@ import json
 import logging
 import struct
 import zlib
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -212,22 +212,41 @@ def _utf8(text: str | None) -> str | None:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-class _Lru(OrderedDict):
+class _Lru:
+    """At most `cap` entries, the least recently used dropped first, in two generations of
+    plain dicts (as `_Quotes`): a put is one dict store, a look one or two dict reads, where an
+    OrderedDict moved its entry at every touch; the writer makes a few of each per call. An
+    entry found in the older generation moves to the newer; the older is dropped whole when
+    the newer is full."""
+
+    __slots__ = ("half", "new", "old")
+
     def __init__(self, cap: int) -> None:
-        super().__init__()
-        self.cap = cap
+        self.half = max(cap // 2, 1)
+        self.new: dict[Any, Any] = {}
+        self.old: dict[Any, Any] = {}
 
     def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        if len(self) > self.cap:
-            self.popitem(last=False)
+        new = self.new
+        new[key] = value
+        if len(new) >= self.half:
+            self.old, self.new = new, {}
 
     def look(self, key: Any) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
+        value = self.new.get(key)
+        if value is None:
+            value = self.old.get(key)
+            if value is not None:
+                self.put(key, value)
         return value
+
+    get = look
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.new or key in self.old
+
+    def __len__(self) -> int:
+        return len(self.new.keys() | self.old.keys())
 
 
 class _Quotes:
@@ -608,22 +627,24 @@ class Grouper:
     # -- evidence -------------------------------------------------------------------------------
     def _explicit(self, c: CallInfo, f: Facts) -> tuple[str | None, str, str | None]:
         """(the key naming the session, the link, the parent call) for rungs 1 and 2."""
-        for name in SESSION_HEADERS:
+        # Most calls carry neither headers nor ids: the loops are skipped, not run empty.
+        for name in SESSION_HEADERS if c.headers else ():
             value = c.headers.get(name)
             if value:
                 # llmtap's own header is a name the user chose; another tool's id is kept only
                 # as a hash, as the record masks headers named *session*.
                 shown = value if name == "x-llmtap-session" else hashlib.sha256(value.encode()).hexdigest()[:16]
                 return f"header:{name}={shown}", f"header:{name}", None
-        ids = dict(f.ids)
-        prev = ids.get("previous_response_id")
-        if prev and prev in self._responses:
-            sid, call_id = self._responses.look(prev)
-            return f"session={sid}", "body:previous_response_id", call_id
-        for name in BODY_IDS[1:]:
-            value = ids.get(name)
-            if value:
-                return f"body:{name}={c.mask(value) if c.mask else value}", f"body:{name}", None
+        if f.ids:
+            ids = dict(f.ids)
+            prev = ids.get("previous_response_id")
+            if prev and prev in self._responses:
+                sid, call_id = self._responses.look(prev)
+                return f"session={sid}", "body:previous_response_id", call_id
+            for name in BODY_IDS[1:]:
+                value = ids.get(name)
+                if value:
+                    return f"body:{name}={c.mask(value) if c.mask else value}", f"body:{name}", None
         if c.label is not None:
             kind, name = c.label
             return f"label={name}", f"label:{kind}", None
@@ -659,10 +680,13 @@ class Grouper:
         if sid is None:
             return None
         s = self._sessions.look(sid)
-        if s is None and self._load is not None:
-            row = self._load(sid)
-            if row is not None:
-                s = Session.from_row(row)
+        if s is None:
+            # Dropped from memory before its row was written, the store's row is older.
+            s = self.dirty.get(sid)
+            if s is None and self._load is not None:
+                row = self._load(sid)
+                s = Session.from_row(row) if row is not None else None
+            if s is not None:
                 self._sessions.put(sid, s)
         return s
 

@@ -191,13 +191,25 @@ def test_memory_stays_bounded_by_the_lru() -> None:
     run = Run(g)
     for i in range(MAX_CLIENTS + 10):
         run.call([user(f"task {i}")], client=f"client-{i}")
-    assert len(g._clients) == MAX_CLIENTS
+    assert len(g._clients) <= MAX_CLIENTS
     for i in range(KEYS_PER_CLIENT):
         run.call([user(f"t{i}")], answer(f"a{i}", ToolCall(f"id{i}", "f", "{}")), client="busy")
     assert len(g._clients.get("busy")) <= KEYS_PER_CLIENT
     # The newest are still matched.
     _, last = run.call([result(f"id{KEYS_PER_CLIENT - 1}", "r")], client="busy")
     assert last.link == f"tool_call:id{KEYS_PER_CLIENT - 1}"
+
+
+def test_a_session_dropped_from_memory_before_its_row_is_written_still_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # More sessions touched than memory keeps, none written yet (no store): the first task's
+    # next call still joins it, instead of starting a second session under the same evidence.
+    monkeypatch.setattr(grouping, "MAX_SESSIONS", 4)
+    run = Run(Grouper())
+    first, _ = run.call([user("task A")], answer(None, ToolCall("call_a", "read", "{}")))
+    for i in range(6):
+        run.call([user(f"other task {i}")])
+    _, later = run.call([user("task A"), said(None, ToolCall("call_a", "read", "{}")), result("call_a", "x")])
+    assert (later.session_id, later.link, later.turn) == (first, "tool_call:call_a", 2)
 
 
 def test_quotes_memory_stays_bounded_whatever_the_answers() -> None:
