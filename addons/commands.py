@@ -495,7 +495,9 @@ def _stopped_line(recorder: RecorderProcess | None, db: Path, handed: int) -> st
 
     if recorder is None:
         return f"llmtap: stopped; {calls(handed)} proxied, none recorded (--no-record)"
-    committed = recorder.committed_total
+    # Calls the recorder lost (a full disk with no room for the spool) count as not recorded.
+    lost_there = recorder.lost_total
+    committed = recorder.committed_total - lost_there
     lost = handed - committed
     tail = "none lost" if lost <= 0 else f"{lost:,} not recorded (see the messages above)"
     # recorder.spool_path's name, not imported: that module loads DuckDB into the proxy.

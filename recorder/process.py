@@ -80,6 +80,8 @@ class RecorderProcess(QueuedSink):
         self._handed = 0  # finished calls written to the current child
         self._committed = 0  # of those, committed (or spooled), as the child last said
         self._committed_earlier = 0  # committed by the children before the current one
+        self._lost = 0  # of `_committed`, lost: neither its database nor its spool took them
+        self._lost_earlier = 0
         self._unacked: deque[tuple] = deque()  # the finished wire items handed but not yet committed
         self._exited = threading.Event()  # the current child closed its output
         self._progress: threading.Thread | None = None
@@ -104,8 +106,14 @@ class RecorderProcess(QueuedSink):
 
     @property
     def committed_total(self) -> int:
-        """Finished calls committed (or spooled) by every recorder process since start()."""
+        """Finished calls committed (or spooled, or lost and counted) by every recorder process
+        since start(): the calls the proxy need not hand over again."""
         return self._committed_earlier + self._committed
+
+    @property
+    def lost_total(self) -> int:
+        """Of `committed_total`, the calls lost: the disk took neither them nor the spool."""
+        return self._lost_earlier + self._lost
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,7 +171,7 @@ class RecorderProcess(QueuedSink):
             raise RecorderError(line.removeprefix("ERROR ") or
                                 f"the recorder process exited with code {proc.returncode} before it was ready")
         self.proc = proc
-        self._handed = self._committed = 0
+        self._handed = self._committed = self._lost = 0
         self._exited = threading.Event()
         self._progress = threading.Thread(target=self._read_progress, args=(proc, self._exited),
                                           name="llmtap-record-progress", daemon=True)
@@ -175,9 +183,10 @@ class RecorderProcess(QueuedSink):
         try:
             for line in proc.stdout:
                 try:
-                    self._committed = int(line)
+                    committed, lost = map(int, line.split())
                 except ValueError:
-                    pass
+                    continue
+                self._committed, self._lost = committed, lost
         finally:
             exited.set()
             self._wake.set()
@@ -296,7 +305,8 @@ class RecorderProcess(QueuedSink):
         again = [*self._unacked, *self._pending]
         self._unacked.clear()
         self._committed_earlier += self._committed
-        self._handed = self._committed = 0
+        self._lost_earlier += self._lost
+        self._handed = self._committed = self._lost = 0
         # Calls still open may have rows in progress, and the calls handed again may have been
         # committed after all: the next child replaces both.
         ids = [*self._open, *(cid for cid in map(_finished_id, again) if cid is not None)]
@@ -367,7 +377,7 @@ def _main(argv: list[str]) -> int:
 
     def written(count: int) -> None:
         try:
-            out.write(b"%d\n" % count)
+            out.write(b"%d %d\n" % (count, recorder.lost))
             out.flush()
         except (OSError, ValueError):
             pass  # the proxy is gone; we finish on the end of our input

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -84,6 +85,10 @@ BUFFER_BYTES = 256 << 20
 # A failed open or write is tried again after RETRY_FIRST_S, doubling up to RETRY_MAX_S.
 RETRY_FIRST_S = 0.25
 RETRY_MAX_S = 5.0
+# The spool is imported from its end, this much at a time (halved, down to SPOOL_PART_MIN,
+# while a part does not fit on the disk): see Recorder._import_spool.
+SPOOL_PART_BYTES = 4 << 20
+SPOOL_PART_MIN = 64 << 10
 INTERRUPTED = "interrupted: the proxy stopped before this call ended"
 LOST = ("not recorded: when this call ended neither the database nor its spool could be written "
         "(counted in the `dropped` table)")
@@ -301,6 +306,12 @@ class Recorder(QueuedSink):
             self.con = None
 
     @property
+    def lost(self) -> int:
+        """Of `written`, the finished calls lost: neither the database nor the spool could
+        take them (each counted in the `dropped` table)."""
+        return self._lost
+
+    @property
     def path(self) -> Path:
         """The DuckDB file (alias of `db_path`, for callers that label the source)."""
         return self.db_path
@@ -347,6 +358,8 @@ class Recorder(QueuedSink):
             if stopping and not self._queue:
                 self._last_try()
                 self._run_jobs()
+                if self.on_written is not None:  # the last try may have lost what waited
+                    self.on_written(self.written)
                 return
             if not stopping:
                 self._index_step(items)
@@ -968,14 +981,58 @@ class Recorder(QueuedSink):
         return key
 
     def _import_spool(self) -> None:
+        """Import the spool from its end, a part at a time, each committed and then cut off the
+        file: as the WAL grows by a part, the spool shrinks by it. An import so needs the free
+        space of one part, not of the whole spool beside its copy (a disk freed of a little
+        space drains; the whole spool at once did not fit until more was freed), and memory
+        holds one part, not hours of spooled traffic. A part that does not fit is halved and
+        tried again. No CHECKPOINT of its own: one that fails for space makes DuckDB give up
+        on the database until it is opened again (the WAL keeps what was committed; DuckDB
+        folds it in when it has room). The database keeps, in the part's own
+        transaction, which bytes of which spool it took (`_spool_import`), so that a crash
+        between the commit and the cut never imports a part twice. Raises what stopped it;
+        the parts imported before stay imported."""
         path = spool_path(self.db_path)
         self._spool_due = False
-        if not path.exists():
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
             return
+        assert self.con is not None
+        calls = 0
+        want = SPOOL_PART_BYTES
+        try:
+            self.con.execute("CREATE TABLE IF NOT EXISTS _spool_import (ino BIGINT, start BIGINT, stop BIGINT, "
+                             "crc BIGINT)")
+            self._cut_imported(fd)
+            while (size := os.fstat(fd).st_size) > 0:
+                start, part = _spool_tail(fd, size, want)
+                try:
+                    calls += self._import_part(os.fstat(fd).st_ino, start, size, part)
+                except Exception as exc:
+                    if _storage_failure(exc) and want > SPOOL_PART_MIN:
+                        want = max(want // 2, SPOOL_PART_MIN)
+                        continue
+                    raise
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+            if calls:
+                log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
+                            calls, path)
+        path.unlink()
+        try:
+            self.con.execute("DELETE FROM _spool_import")
+        except duckdb.Error:
+            pass  # stale: the next import checks the file it names before it trusts it
+
+    def _import_part(self, ino: int, start: int, stop: int, part: bytes) -> int:
+        """Commit the spool's bytes [start, stop) (whole lines); returns the calls they held."""
         assert self.con is not None
         calls, attempts, bad = [], [], 0
         dropped: dict[str, int] = {}
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        for line in part.decode("utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
             try:
@@ -993,7 +1050,7 @@ class Recorder(QueuedSink):
                 reason = str(item.get("reason", "lost before the spool could keep them"))
                 dropped[reason] = dropped.get(reason, 0) + int(item["dropped"])
         if bad:
-            key = f"{bad} cut lines of the spool {path.name}, each a record lost in a crash while it was written"
+            key = f"{bad} cut lines of the spool {spool_path(self.db_path).name}, each a record lost in a crash while it was written"
             dropped[key] = bad
         ids = [c[0] for c in calls]
         with schema.transaction(self.con):
@@ -1008,12 +1065,47 @@ class Recorder(QueuedSink):
                 self.con.execute("INSERT INTO dropped VALUES (now(), ?, ?)", [count, self._drop_reason(reason)])
             if self.index is not None:
                 self.index.add_late(ids)
+            self.con.execute("DELETE FROM _spool_import")
+            self.con.execute("INSERT INTO _spool_import VALUES (?, ?, ?, ?)", [ino, start, stop, zlib.crc32(part)])
         self._in_progress.difference_update(ids)
-        path.unlink()
         if self.services and calls:
             self._tell_services(calls, attempts)
-        log.warning("llmtap recorder: imported %d calls kept in %s while the database could not be written",
-                    len(calls), path)
+        return len(calls)
+
+    def _cut_imported(self, fd: int) -> None:
+        """Cut off the spool the part the database says it imported, should a crash have come
+        between that commit and the cut: the same file (inode), the same bytes (CRC-32)."""
+        assert self.con is not None
+        row = self.con.execute("SELECT ino, start, stop, crc FROM _spool_import").fetchall()
+        st = os.fstat(fd)
+        if not row or row[0][0] != st.st_ino or not 0 <= row[0][1] < row[0][2] <= st.st_size:
+            return
+        _, start, stop, crc = row[0]
+        if zlib.crc32(os.pread(fd, stop - start, start)) != crc:
+            return
+        # Lines appended after the crash move down over the imported part.
+        at = stop
+        while at < st.st_size:
+            piece = os.pread(fd, min(SPOOL_PART_BYTES, st.st_size - at), at)
+            os.pwrite(fd, piece, start + at - stop)
+            at += len(piece)
+        os.ftruncate(fd, st.st_size - (stop - start))
+        os.fsync(fd)
+        log.warning("llmtap recorder: %s: skipped the part already imported before a crash", spool_path(self.db_path))
+
+
+def _spool_tail(fd: int, size: int, want: int) -> tuple[int, bytes]:
+    """The last whole lines of a spool of `size` bytes, about `want` bytes of them (more when
+    its last line alone is longer), and where they start."""
+    lo = max(0, size - want)
+    while True:
+        data = os.pread(fd, size - lo, lo)
+        if lo == 0:
+            return 0, data
+        i = data.find(b"\n")
+        if 0 <= i < len(data) - 1:
+            return lo + i + 1, data[i + 1:]
+        lo = max(0, lo - (size - lo))  # inside the last line: read twice as far back
 
 
 class _Batch:
