@@ -213,11 +213,11 @@ def _utf8(text: str | None) -> str | None:
 
 
 class _Lru:
-    """At most `cap` entries, the least recently used dropped first, in two generations of
-    plain dicts (as `_Quotes`): a put is one dict store, a look one or two dict reads, where an
-    OrderedDict moved its entry at every touch; the writer makes a few of each per call. An
-    entry found in the older generation moves to the newer; the older is dropped whole when
-    the newer is full."""
+    """At most `cap` entries, the least recently used dropped first (roughly: the newest
+    `cap // 2` are always kept), in two generations of plain dicts (as `_Quotes`): a put is one
+    dict store, a look one or two dict reads, where an OrderedDict moved its entry at every
+    touch; the writer makes a few of each per call. An entry found in the older generation
+    moves to the newer; the older is dropped whole when the newer is full."""
 
     __slots__ = ("half", "new", "old")
 
