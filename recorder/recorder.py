@@ -1002,13 +1002,12 @@ class Recorder(QueuedSink):
         calls = 0
         want = SPOOL_PART_BYTES
         try:
-            self.con.execute("CREATE TABLE IF NOT EXISTS _spool_import (ino BIGINT, start BIGINT, stop BIGINT, "
-                             "crc BIGINT)")
             self._cut_imported(fd)
+            ino = os.fstat(fd).st_ino
             while (size := os.fstat(fd).st_size) > 0:
                 start, part = _spool_tail(fd, size, want)
                 try:
-                    calls += self._import_part(os.fstat(fd).st_ino, start, size, part)
+                    calls += self._import_part(ino, start, size, part)
                 except Exception as exc:
                     if _storage_failure(exc) and want > SPOOL_PART_MIN:
                         want = max(want // 2, SPOOL_PART_MIN)

@@ -80,6 +80,11 @@ def _m006_sessions(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("CREATE TABLE sessions (\n" + ",\n".join(f"    {n} {s}" for n, s, _ in SESSION_COLUMNS) + "\n)")
 
 
+def _m007_spool_import(con: duckdb.DuckDBPyConnection) -> None:
+    # Which bytes of which spool the last committed part of an import took (Recorder._import_spool).
+    con.execute("CREATE TABLE _spool_import (ino BIGINT, start BIGINT, stop BIGINT, crc BIGINT)")
+
+
 MIGRATIONS: list[Migration] = [
     ("m001_calls_and_attempts", _m001_calls_and_attempts),
     ("m002_search_index", _m002_search_index),
@@ -87,6 +92,7 @@ MIGRATIONS: list[Migration] = [
     ("m004_usage", _m004_usage),
     ("m005_cost", _m005_cost),
     ("m006_sessions", _m006_sessions),
+    ("m007_spool_import", _m007_spool_import),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
