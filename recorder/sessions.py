@@ -214,7 +214,7 @@ def _utf8(text: str | None) -> str | None:
 
 class _Lru:
     """At most `cap` entries, the least recently used dropped first (roughly: the newest
-    `cap // 2` are always kept), in two generations of plain dicts (as `_Quotes`): a put is one
+    `cap // 2` are always kept), in two generations of plain dicts: a put is one
     dict store, a look one or two dict reads, where an OrderedDict moved its entry at every
     touch; the writer makes a few of each per call. An entry found in the older generation
     moves to the newer; the older is dropped whole when the newer is full."""
@@ -249,17 +249,13 @@ class _Lru:
         return len(self.new.keys() | self.old.keys())
 
 
-class _Quotes:
-    """Word-run hash -> (session id, call id), at most `cap` of them: two generations of plain
-    dicts, the older dropped whole when the newer is full, so that an answer's thousand runs
-    are put, and a prompt's looked up, in a few C calls instead of a thousand LRU moves."""
+class _Quotes(_Lru):
+    """Word-run hash -> (session id, call id), bounded as `_Lru`, so that an answer's thousand
+    runs are put, and a prompt's looked up, in a few C calls instead of a thousand single ones."""
 
-    def __init__(self, cap: int) -> None:
-        self.half = max(cap // 2, 1)
-        self.new: dict[int, tuple[str, str]] = {}
-        self.old: dict[int, tuple[str, str]] = {}
+    __slots__ = ()
 
-    def put(self, runs: memoryview, where: tuple[str, str]) -> None:
+    def put_all(self, runs: memoryview, where: tuple[str, str]) -> None:
         if len(self.new) + len(runs) > self.half:  # an answer has at most QUOTE_ANSWER_WORDS runs
             self.old, self.new = self.new, {}
         self.new.update(zip(runs, repeat(where)))
@@ -271,9 +267,6 @@ class _Quotes:
             # A run in both generations counts once, for its newer answer.
             found.update(w for h, w in zip(runs, map(self.old.get, runs)) if w is not None and h not in self.new)
         return found
-
-    def __len__(self) -> int:
-        return len(self.new) + len(self.old)
 
 
 def _norm_text(text: str) -> str:
@@ -747,7 +740,7 @@ class Grouper:
             if quotes is None:
                 quotes = _Quotes(QUOTES_PER_CLIENT)
                 self._quotes.put(client, quotes)
-            quotes.put(_runs(f.said), where)
+            quotes.put_all(_runs(f.said), where)
 
 
 # -- reading requests and answers -----------------------------------------------------------------
