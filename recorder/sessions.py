@@ -507,7 +507,12 @@ def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response 
     results = tuple(r for m in (turn or msgs) for r in m.results)
     grow = tail = None
     last = next((i for i in range(len(msgs) - 1, -1, -1) if msgs[i].role == "assistant"), None)
-    if last is not None:
+    # Tool results continue the call whose answer made those calls, by their ids, and the
+    # grouper tries them before the history; an answer that calls tools is continued by their
+    # results (the APIs refuse a history that leaves one unanswered). So the history is
+    # fingerprinted only where no tool call ties it: on an agent's tool loop that is most of
+    # the hashing a call did, for a match the ids had already made.
+    if last is not None and not (turn and results):
         depth = answer_at if answer_at is not None else _answer_start([t.role for t in turns])
         said_before = conv.hash(last)
         grow = _grow_key(conv, last, depth or 0, said_before)
@@ -523,7 +528,7 @@ def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response 
     said = b""
     if resp is not None:
         calls = tuple(tc.id for tc in resp.tool_calls if tc.id)
-        answer = _answer_turn(resp)
+        answer = _answer_turn(resp) if not calls else None
         if answer is not None:
             at = len(msgs)
             depth = history_len if history_len is not None else len(turns)
