@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 from llmtap.dialects import openai_chat as chat
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.base import ids_of
-from llmtap.dialects.shapes import Message, Request, Response, ToolCall
+from llmtap.dialects.shapes import Message, Request, Response, ToolCall, Usage
 from llmtap.recorder.extract import json_object
 
 # The headers tools already send for their session, lowercase, strongest first.
@@ -270,6 +270,11 @@ class _Quotes(_Lru):
 
 
 def _norm_text(text: str) -> str:
+    # Most text is spaced by single spaces already, which two C scans tell (every other
+    # whitespace character is not printable): splitting it into words to join them again
+    # costs about a thousand instructions a word.
+    if "  " not in text and text.isprintable():
+        return text.strip(" ")
     return " ".join(text.split())
 
 
@@ -545,6 +550,9 @@ def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response 
                  quotes=quotes, calls=calls, next_grow=next_grow, next_tail=next_tail, said=said)
 
 
+_CHAT_ID_KEYS = frozenset(name.split(".")[0] for name in chat.ID_FIELDS)  # most bodies carry none
+
+
 def read_facts(api: str, body: str | bytes | dict | None, response: Response | None) -> Facts:
     """`facts_of` a request body as it crossed (or already parsed) and its answer. Never raises:
     a body of a shape nobody expected is grouped as having no conversation."""
@@ -554,7 +562,8 @@ def read_facts(api: str, body: str | bytes | dict | None, response: Response | N
             cut, answer_at, history_len = trimmed(doc)
             turns = _chat_turns(cut["messages"])
             if turns is not None:
-                return _facts(turns, tuple(ids_of(doc, chat.ID_FIELDS).items()), response, answer_at, history_len)
+                ids = () if doc.keys().isdisjoint(_CHAT_ID_KEYS) else tuple(ids_of(doc, chat.ID_FIELDS).items())
+                return _facts(turns, ids, response, answer_at, history_len)
         request, answer_at, history_len = read_request(api, doc)
         return facts_of(request, response, answer_at, history_len)
     except Exception:
@@ -564,10 +573,22 @@ def read_facts(api: str, body: str | bytes | dict | None, response: Response | N
 def _title(turns: list[_Turn]) -> str | None:
     for t in turns:
         if t.role == "user":
-            text = _norm_text(t.text[:TITLE_CHARS * 4])
+            text = _head(t.text, TITLE_CHARS + 1, TITLE_CHARS * 4)
             if text:
                 return text if len(text) <= TITLE_CHARS else text[: TITLE_CHARS - 1] + "…"
     return None
+
+
+def _head(text: str, want: int, most: int) -> str:
+    """`_norm_text(text[:most])` cut to `want` characters or more. Normalising a prefix gives a
+    prefix of the whole's, so a longer piece is read only where whitespace runs shrank the
+    first: a task statement is often pages long, and the title of every call is made."""
+    n = want
+    while True:
+        got = _norm_text(text[:n])
+        if len(got) >= want or n >= most or n >= len(text):
+            return got
+        n = min(n * 2, most)
 
 
 class Grouper:
@@ -836,11 +857,14 @@ def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | N
         return None, None, None
 
 
+_NO_USAGE = Usage()  # frozen: one for every answer grouping reads, which never looks at it
+
+
 def response_of(api: str, content: str | None, tool_calls: list[dict] | None, response_id: str | None) -> Response:
     """The answer's shape from what extraction found."""
     calls = tuple(ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
                   for t in tool_calls or () if isinstance(t, dict))
-    return Response(api=api, id=response_id, content=content, tool_calls=calls)
+    return Response(api=api, id=response_id, content=content, tool_calls=calls, usage=_NO_USAGE)
 
 
 class SessionStore:

@@ -105,6 +105,16 @@ def test_tool_loop_links_each_call_to_the_answer_whose_tool_call_it_answers() ->
     assert (l4.link, l4.parent_call_id, l4.turn, l4.session_id) == ("history", third, 4, first)
 
 
+def test_a_session_is_titled_by_its_task_folded_to_one_line_however_it_is_spaced() -> None:
+    run = Run()
+    # Cline-like: the task wrapped in blank lines and indentation, pages long.
+    spaced, _ = run.call([system("sys"), user("\n" * 300 + "  <task>\n\n\tFix   the failing\n\ntests " + "in src/ " * 400)])
+    short, _ = run.call([user(" " * 200 + "hello\n\n  world")], client="other/1.0")
+    titles = {sid: s.title for sid, s in run.g.dirty.items()}
+    assert titles[spaced] == ("<task> Fix the failing tests " + "in src/ " * 40)[:grouping.TITLE_CHARS - 1] + "…"
+    assert titles[short] == "hello world"
+
+
 def test_two_tasks_interleaved_from_one_client_stay_apart() -> None:
     run = Run()
     a1, _ = run.call([system("same"), user("task A")], answer("A says 1"))
