@@ -146,7 +146,7 @@ def _blocks(content: Any) -> list[Part]:
     for b in content if isinstance(content, list) else ():
         if not isinstance(b, dict):
             continue
-        typ = b.get("type")
+        typ = string(b.get("type"), "")  # a list would raise in the lookups below
         if typ == "text":
             parts.append(Part("text", text=string(b.get("text"))))
         elif typ == "thinking":

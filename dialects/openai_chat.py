@@ -210,7 +210,9 @@ def content_parts(content: Any) -> list[Part]:
         if not isinstance(p, dict):
             continue
         kind = p.get("type")
-        if isinstance(p.get("text"), str) and kind in TEXT_KINDS:
+        if not (kind is None or isinstance(kind, str)):  # a list would raise in the lookups below
+            parts.append(Part("other", text=dumps(p)))
+        elif isinstance(p.get("text"), str) and kind in TEXT_KINDS:
             parts.append(Part("text", text=p["text"]))
         elif kind == "refusal":
             parts.append(Part("text", text=string(p.get("refusal"))))

@@ -193,6 +193,8 @@ def read_input(items: Any) -> tuple[list[Message], list[str]]:
         if not isinstance(item, dict):
             continue
         typ = item.get("type")
+        if not (typ is None or isinstance(typ, str)):  # a list would raise in the lookups below
+            typ = ""
         if typ in (None, "message"):
             native = string(item.get("role"), "user")
             role = _ROLES.get(native, "user")

@@ -49,6 +49,22 @@ def test_detect_and_read_never_raise() -> None:
         assert registry.read_request(api, b"not json").notes
 
 
+@pytest.mark.parametrize("api,body", [
+    ("openai.chat", {"messages": [{"role": "user", "content": "hi"},
+                                  {"role": "user", "content": [{"type": ["odd"], "text": "t"}]}]}),
+    ("openai.responses", {"input": [{"role": "user", "content": "hi"}, {"type": {"odd": 1}},
+                                    {"role": "user", "content": [{"type": ["odd"], "text": "t"}]}]}),
+    ("anthropic.messages", {"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "user", "content": [{"type": ["odd"], "text": "t"}]}]}),
+])
+def test_a_part_typed_by_a_list_does_not_cost_the_rest_of_the_conversation(api: str, body: Any) -> None:
+    # A list or object as a `type` once raised in a lookup, and the request was recorded as unreadable.
+    req = read(api, body)
+    assert not req.notes
+    assert req.messages[0].text == "hi"
+    assert "other" in [p.kind for m in req.messages[1:] for p in m.parts]
+
+
 def test_every_dialect_has_a_unique_name_and_a_family() -> None:
     names = [d.name for d in registry.DIALECTS]
     assert len(names) == len(set(names)) and "other" not in names
