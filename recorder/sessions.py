@@ -559,15 +559,64 @@ def read_facts(api: str, body: str | bytes | dict | None, response: Response | N
     try:
         doc = _json_object(body)
         if api == chat.CHAT.name and doc is not None and isinstance(doc.get("messages"), list):
+            ids = () if doc.keys().isdisjoint(_CHAT_ID_KEYS) else tuple(ids_of(doc, chat.ID_FIELDS).items())
+            looped = _tool_loop_facts(doc["messages"], ids, response)
+            if looped is not None:
+                return looped
             cut, answer_at, history_len = trimmed(doc)
             turns = _chat_turns(cut["messages"])
             if turns is not None:
-                ids = () if doc.keys().isdisjoint(_CHAT_ID_KEYS) else tuple(ids_of(doc, chat.ID_FIELDS).items())
                 return _facts(turns, ids, response, answer_at, history_len)
         request, answer_at, history_len = read_request(api, doc)
         return facts_of(request, response, answer_at, history_len)
     except Exception:
         return Facts()
+
+
+# Roles every reading of a Chat Completions message agrees on (`trimmed` reads Responses items
+# and Gemini's "model" too): the messages `_tool_loop_facts` reads must have one of them.
+_PLAIN_ROLES = frozenset(("system", "developer", "user", "assistant", "tool"))
+
+
+def _plain_role(item: Any) -> str | None:
+    """A message's role, mapped as chat.ROLES maps it, when it is a plain one; else None."""
+    if not isinstance(item, dict) or "type" in item:
+        return None
+    native = item.get("role")
+    return chat.ROLES[native] if isinstance(native, str) and native in _PLAIN_ROLES else None
+
+
+def _tool_loop_facts(items: list, ids: tuple[tuple[str, str], ...], resp: Response | None) -> Facts | None:
+    """`_facts` of the most common agent turn, read from the turn alone: its tool results
+    answer the last answer's calls and its own answer calls tools. Such a call is tied both
+    ways by call ids and leaves no fingerprint of its history (see `_facts`), so of the
+    history it needs only the first user message (the title); reading the whole of it, which
+    an agent resends every turn, was most of what grouping cost such a call. None when the
+    call is not of that shape, or the messages it reads are not plain ones read straight from
+    the JSON (`_plain_role`, `_chat_turns`): then the whole reading decides."""
+    if resp is None or not any(tc.id for tc in resp.tool_calls):
+        return None
+    i = len(items)
+    while i and (role := _plain_role(items[i - 1])) != "assistant":
+        if role is None:
+            return None
+        i -= 1
+    first = 0
+    while first < i and (role := _plain_role(items[first])) != "user":
+        if role is None:
+            return None
+        first += 1
+    if first >= i:  # no answer yet (a fresh prompt), or none of the user's before it
+        return None
+    turn, head = _chat_turns(items[i:]), _chat_turns(items[first:first + 1])
+    if not turn or not head:
+        return None
+    results = tuple(r for m in turn for r in m.results)
+    title = _title(head)
+    if not results or title is None:  # untied, or an empty first prompt: the title is a later one's
+        return None
+    return Facts(readable=True, ids=ids, title=title, results=results,
+                 calls=tuple(tc.id for tc in resp.tool_calls if tc.id))
 
 
 def _title(turns: list[_Turn]) -> str | None:

@@ -336,21 +336,30 @@ def test_a_chat_body_read_straight_from_json_groups_as_the_dialect_reads_it() ->
     for answer in answers[1:]:  # the answer is read without building its message
         message = answer.message()
         assert grouping._answer_turn(answer) == (grouping._turn_of(message) if message.parts else None)
-    direct = 0
+    direct = looped = 0
     for _case in range(3000):
         messages = [_odd_message(rnd) for _ in range(rnd.randint(0, 24))]
+        answer = rnd.choice(answers)
+        if rnd.random() < 0.3:  # an agent's tool loop: read from its last turn alone (_tool_loop_facts)
+            answer = rnd.choice([answers[2], answers[2], answer])
+            if rnd.random() < 0.8:
+                messages.insert(0, {"role": "user", "content": rnd.choice(["the task", "the task", *_CONTENTS])})
+            messages += [{"role": "assistant", "content": None, "tool_calls": _CALLS[3]},
+                         {"role": "tool", "tool_call_id": "call_a", "content": rnd.choice(["r", " x ", None])},
+                         *(_odd_message(rnd) for _ in range(rnd.choice([0, 0, 1, 2])))]
         doc: dict[str, Any] = {"model": "m", "messages": messages}
         for key, value in (("user", "u-1"), ("prompt_cache_key", ""), ("safety_identifier", "s-1")):
             if rnd.random() < 0.3:
                 doc[key] = value
-        answer = rnd.choice(answers)
         assert grouping.trimmed(doc) == _trimmed_by_every_role(doc), messages
         request, answer_at, history_len = grouping.read_request("openai.chat", doc)
         assert grouping.read_facts("openai.chat", doc, answer) == grouping.facts_of(request, answer, answer_at,
                                                                                   history_len), messages
         direct += grouping._chat_turns(grouping.trimmed(doc)[0]["messages"]) is not None
-    # The direct reading must be what agents' bodies get, else this compares the dialect with itself.
+        looped += grouping._tool_loop_facts(messages, (), answer) is not None
+    # The direct readings must be what agents' bodies get, else this compares the dialect with itself.
     assert 100 < direct < 2900
+    assert 60 < looped < direct
     loop = [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "task"}]},
             {"role": "assistant", "content": None, "tool_calls": _CALLS[3]},
             {"role": "tool", "tool_call_id": "call_a", "content": "result"}]
