@@ -8,7 +8,8 @@
                parses (so grouping does its whole work), with a streamed 8 KB answer as
                scripts/bench_recorder.py hands over, the last turn's a text of 200 words.
                Figures: calls/s, and CPU per call of the writer's thread, of the recorder's
-               process and of its extraction helpers, each as the median of the rounds
+               process and of its extraction helpers, each as the median of the rounds; and
+               the median (and range) of each round's rate on over the rate off just before
   --shape cline  --append's calls in Cline's shape instead: tasks of 20 turns whose 13-90 KB
                requests carry a 12 KB system prompt and the whole history, tools as XML in the
                streamed answer's text, their results sent back as user text
@@ -184,6 +185,11 @@ def bench_append(n: int, tmp: Path, rounds: int, shape: str = "tools") -> dict:
     total_on = med(True, "process_us") + med(True, "helpers_us")
     total_off = med(False, "process_us") + med(False, "helpers_us")
     out["all_cpu_us_per_call_ratio_on_vs_off"] = round(total_on / total_off, 3)
+    # Each round's run with grouping on against the run off just before it: a slow spell of the
+    # machine (they last minutes here) then weighs on both sides of a ratio, not on one median.
+    paired = [on["rate"] / off["rate"] for on, off in zip(runs[True], runs[False]) if off["rate"]]
+    out["calls_per_s_ratio_paired_median"] = round(statistics.median(paired), 3) if paired else None
+    out["calls_per_s_ratio_paired_range"] = [round(min(paired), 3), round(max(paired), 3)] if paired else None
     return out
 
 
