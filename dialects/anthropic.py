@@ -24,6 +24,7 @@ from llmtap.dialects.base import (
     string,
     sub,
     text_of,
+    type_of,
 )
 from llmtap.dialects.shapes import Message, Part, Request, Role, ToolCall, ToolResult, ToolSpec
 
@@ -146,7 +147,7 @@ def _blocks(content: Any) -> list[Part]:
     for b in content if isinstance(content, list) else ():
         if not isinstance(b, dict):
             continue
-        typ = string(b.get("type"), "")  # a list would raise in the lookups below
+        typ = type_of(b)
         if typ == "text":
             parts.append(Part("text", text=string(b.get("text"))))
         elif typ == "thinking":

@@ -38,6 +38,13 @@ def string(v: Any, default: str | None = None) -> str | None:
     return v if isinstance(v, str) else default
 
 
+def type_of(obj: dict) -> str | None:
+    """`obj["type"]`, None when absent; "?" when it is not a string, so that a list or object
+    there (which would raise in a lookup) reads as a kind no format has, not as untyped."""
+    typ = obj.get("type")
+    return typ if typ is None or isinstance(typ, str) else "?"
+
+
 def dig(obj: Any, *keys: str) -> Any:
     for k in keys:
         if not isinstance(obj, dict):

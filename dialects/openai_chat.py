@@ -26,6 +26,7 @@ from llmtap.dialects.base import (
     string,
     sub,
     text_of,
+    type_of,
 )
 from llmtap.dialects.shapes import Message, Part, Request, ToolCall, ToolResult, ToolSpec
 
@@ -209,10 +210,8 @@ def content_parts(content: Any) -> list[Part]:
             continue
         if not isinstance(p, dict):
             continue
-        kind = p.get("type")
-        if not (kind is None or isinstance(kind, str)):  # a list would raise in the lookups below
-            parts.append(Part("other", text=dumps(p)))
-        elif isinstance(p.get("text"), str) and kind in TEXT_KINDS:
+        kind = type_of(p)
+        if isinstance(p.get("text"), str) and kind in TEXT_KINDS:
             parts.append(Part("text", text=p["text"]))
         elif kind == "refusal":
             parts.append(Part("text", text=string(p.get("refusal"))))

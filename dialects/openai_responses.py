@@ -23,6 +23,7 @@ from llmtap.dialects.base import (
     params_of,
     string,
     text_of,
+    type_of,
 )
 from llmtap.dialects.shapes import Message, Part, Request, ToolCall, ToolResult, ToolSpec
 
@@ -192,9 +193,7 @@ def read_input(items: Any) -> tuple[list[Message], list[str]]:
     for item in items if isinstance(items, list) else ():
         if not isinstance(item, dict):
             continue
-        typ = item.get("type")
-        if not (typ is None or isinstance(typ, str)):  # a list would raise in the lookups below
-            typ = ""
+        typ = type_of(item)
         if typ in (None, "message"):
             native = string(item.get("role"), "user")
             role = _ROLES.get(native, "user")
