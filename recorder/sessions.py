@@ -594,7 +594,8 @@ def _tool_loop_facts(items: list, ids: tuple[tuple[str, str], ...], resp: Respon
     an agent resends every turn, was most of what grouping cost such a call. None when the
     call is not of that shape, or the messages it reads are not plain ones read straight from
     the JSON (`_plain_role`, `_chat_turns`): then the whole reading decides."""
-    if resp is None or not any(tc.id for tc in resp.tool_calls):
+    calls = tuple(tc.id for tc in resp.tool_calls if tc.id) if resp is not None else ()
+    if not calls:
         return None
     i = len(items)
     while i and (role := _plain_role(items[i - 1])) != "assistant":
@@ -615,8 +616,7 @@ def _tool_loop_facts(items: list, ids: tuple[tuple[str, str], ...], resp: Respon
     title = _title(head)
     if not results or title is None:  # untied, or an empty first prompt: the title is a later one's
         return None
-    return Facts(readable=True, ids=ids, title=title, results=results,
-                 calls=tuple(tc.id for tc in resp.tool_calls if tc.id))
+    return Facts(readable=True, ids=ids, title=title, results=results, calls=calls)
 
 
 def _title(turns: list[_Turn]) -> str | None:
