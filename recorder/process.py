@@ -358,9 +358,11 @@ def _main(argv: list[str]) -> int:
     sweep = len(argv) <= 3 or argv[3] == "sweep"
     limit = int(argv[4]) if len(argv) > 4 else DEFAULT_BODY_LIMIT
     services = Options.from_json(argv[5]) if len(argv) > 5 else Options()
+    from llmtap import gctune
     from llmtap.paths import private_umask
 
     private_umask()  # DuckDB makes the DB, its WAL and temp files: the user's alone
+    gctune.settle()  # rows, extractions and the session grouper's memory: see llmtap.gctune
     out = sys.stdout.buffer
     recorder = (Recorder(db, flush_interval_s=flush, close_interrupted=sweep, body_limit=limit,
                          services=services) if buffer is None else

@@ -36,6 +36,7 @@ import duckdb
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from llmtap import gctune  # noqa: E402
 from llmtap.recorder.record import Call, new_id, utcnow  # noqa: E402
 from llmtap.recorder.recorder import Recorder  # noqa: E402
 from llmtap.recorder.services import Options  # noqa: E402
@@ -266,6 +267,7 @@ def main() -> int:
                     help="the calls --append makes: tools (the default) or cline")
     ap.add_argument("--big", type=int, default=0, metavar="N")
     args = ap.parse_args()
+    gctune.settle()  # as the recorder's process does (recorder/process.py), whose Recorder this is
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="llmtap-bench-sessions-") as d:
         tmp = Path(d)
