@@ -161,9 +161,10 @@ class Facts(NamedTuple):
     said: bytes = b""  # word runs of the answer's text
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """Where a call went: `calls.session_id`, `session_link`, `parent_call_id`, `turn`."""
+class Link(NamedTuple):
+    """Where a call went: `calls.session_id`, `session_link`, `parent_call_id`, `turn`. A tuple:
+    one is made for every call, on the writer's thread, where a frozen dataclass set each field
+    the slow way."""
 
     session_id: str
     link: str
@@ -659,8 +660,11 @@ class Grouper:
     # -- the one entry point ------------------------------------------------------------------
     def add(self, c: CallInfo) -> Link:
         f = c.facts if c.facts is not None else facts_of(c.request, c.response, c.answer_at, c.history_len)
-        named, link, parent = self._explicit(c, f)
-        named = _utf8(named)  # a header's bytes that are not UTF-8: the key is looked up in the store
+        named: str | None = None
+        link, parent = "", None
+        if c.headers or f.ids or c.label is not None:  # most calls carry none of these
+            named, link, parent = self._explicit(c, f)
+            named = _utf8(named)  # a header's bytes that are not UTF-8: the key is looked up in the store
         session: Session | None = None
         if named is not None:
             session = self._session(self._named.look(named) or self._from_store(named))
@@ -689,7 +693,8 @@ class Grouper:
         if named is not None and not named.startswith("session="):
             self._named.put(named, session.id)
         self._account(session, c, f)
-        self._remember(session, c, f)
+        rid = c.response_id or (c.response.id if c.response is not None else None)
+        self._leave((session.id, c.id), c.client, rid, f)
         return Link(session.id, link, parent, session.calls)
 
     # -- evidence -------------------------------------------------------------------------------
@@ -785,17 +790,13 @@ class Grouper:
         s.last_call_id = c.id
         self.dirty[s.id] = s
 
-    def _remember(self, s: Session, c: CallInfo, f: Facts) -> None:
-        """The fingerprints this call's continuation would carry."""
-        rid = c.response_id or (c.response.id if c.response is not None else None)
-        self._leave((s.id, c.id), c.client, rid, f)
-
     def recall(self, session_id: str, call_id: str, client: str | None, f: Facts, response_id: str | None) -> None:
         """What a call an earlier run recorded left, read back (see SessionStore.recall): a
         restarted recorder goes on with the sessions it was following."""
         self._leave((session_id, call_id), client, response_id, f)
 
     def _leave(self, where: tuple[str, str], client: str | None, rid: str | None, f: Facts) -> None:
+        """The fingerprints the continuation of the call at `where` would carry."""
         keys = self._clients.look(client)
         if keys is None:
             keys = _Lru(KEYS_PER_CLIENT)
