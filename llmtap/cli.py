@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:
+        # DuckDB's bindings turn a Ctrl-C during a query on the main thread into this error
+        # (imported here, not above: `llmtap run`'s process never loads DuckDB).
+        from llmtap.recorder.endpoint import is_interrupted
+
+        if is_interrupted(exc):
+            return 130
+        raise
     except BrokenPipeError:
         # `llmtap stats --json | head`: the reader has all it wanted. As Python's docs advise,
         # point stdout at devnull so the exit's own flush cannot fail again, and end as a

@@ -112,7 +112,21 @@ def _why_refused(sql: str) -> str | None:
 def _serialized(sql: str) -> dict:
     with _parser_lock:
         assert _parser is not None
-        return json.loads(_parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+        try:
+            return json.loads(_parser.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+        except RuntimeError as exc:
+            # A Ctrl-C that lands while DuckDB executes on the main thread is taken by DuckDB's
+            # bindings: the query stops with this error and the KeyboardInterrupt is gone. The
+            # `llmtap sql` prompt checks every query here first; without this, a Ctrl-C at that
+            # moment ended the prompt with a traceback instead of dropping the query.
+            if is_interrupted(exc):
+                raise KeyboardInterrupt from None
+            raise
+
+
+def is_interrupted(exc: BaseException) -> bool:
+    """`exc` is what DuckDB's Python bindings raise for a Ctrl-C during a query on the main thread."""
+    return type(exc) is RuntimeError and str(exc) == "Query interrupted"
 
 
 def _table_functions(node: Any) -> Iterator[str]:
