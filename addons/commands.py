@@ -396,8 +396,9 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
                                 buffer_mb=args.buffer_mb, wait=False, services=_with_sessions(services, args))
     if recorder is None and not args.no_record:
         return 2
+    from llmtap import gctune
     from llmtap.addons import rules as rules_mod
-    from llmtap.addons.runner import RunConfig, configure_logging, serve, settle_gc
+    from llmtap.addons.runner import RunConfig, configure_logging, serve
 
     configure_logging()
     if recorder is not None and not args.tui and not _recorder_ready(recorder, db):
@@ -416,7 +417,9 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
     async def ready(p) -> None:
         nonlocal started
         started = True
-        settle_gc()
+        # Start-up done: its objects (mitmproxy's modules, and Textual's and DuckDB's with --tui)
+        # frozen, the young generation collected less often (llmtap.gctune).
+        gctune.settle(freeze=True)
         if args.tui:
             return
         rules = p.rules.current
@@ -458,7 +461,7 @@ def cmd_run(args: argparse.Namespace, run_tui: TuiRunner | None = None) -> int:
         if started:
             _flush_lines()
             print(_stopped_line(recorder, db, handed), file=sys.stderr, flush=True)
-        # Objects frozen by settle_gc are never freed at exit, and DuckDB's bindings (loaded
+        # Objects frozen by gctune.settle are never freed at exit, and DuckDB's bindings (loaded
         # here with --tui) then print a screen of "nanobind: leaked ..." on every stop.
         gc.unfreeze()
     return 0

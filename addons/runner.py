@@ -59,7 +59,6 @@ from mitmproxy import options as mitm_options  # noqa: E402
 from mitmproxy.addons.proxyserver import Proxyserver  # noqa: E402
 from mitmproxy.proxy.mode_servers import ServerInstance  # noqa: E402
 
-from llmtap import gctune  # noqa: E402
 from llmtap.addons import http1guard  # noqa: E402
 from llmtap.addons import rules as rules_mod  # noqa: E402
 from llmtap.addons.hostport import StartupError, parse_hostport  # noqa: E402,F401 (re-exported)
@@ -391,13 +390,6 @@ async def serve(config: RunConfig, sink: Sink, *, ready: Callable[[Proxy], Await
         await proxy.wait()
     finally:
         await proxy.close()
-
-
-def settle_gc() -> None:
-    """Tune the garbage collector for a long-running proxy, once start-up is done: start-up's
-    objects frozen (mitmproxy's modules, and Textual's and DuckDB's with --tui; ~90k objects),
-    the young generation collected less often (llmtap.gctune)."""
-    gctune.settle(freeze=True)
 
 
 def configure_logging(stream=sys.stderr, verbose: bool = False) -> None:
