@@ -296,3 +296,22 @@ def test_starting_the_proxy_loads_neither_duckdb_nor_mitmproxys_unused_addons() 
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["[]", "31"]
+
+
+def test_a_command_duckdb_stops_for_ctrl_c_ends_with_130_and_no_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    # DuckDB's bindings raise RuntimeError('Query interrupted') for a Ctrl-C during a query on
+    # the main thread (`llmtap stats` on a file at rest, say), where a KeyboardInterrupt was meant.
+    from llmtap import cli
+
+    def fails(message: str) -> argparse.ArgumentParser:
+        def run(args: argparse.Namespace) -> int:
+            raise RuntimeError(message)
+        parser = argparse.ArgumentParser()
+        parser.set_defaults(func=run, command="wrap")  # "wrap": leaves this process's umask alone
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", lambda: fails("Query interrupted"))
+    assert cli.main([]) == 130
+    monkeypatch.setattr(cli, "build_parser", lambda: fails("something else broke"))
+    with pytest.raises(RuntimeError, match="something else"):
+        cli.main([])

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -489,8 +490,6 @@ def test_ctrl_c_while_the_prompt_checks_a_query_is_an_interrupt_not_a_crash() ->
     # the prompt, which drops the query on KeyboardInterrupt, ended with a traceback instead
     # (seen under load in CI). A Ctrl-C lands in DuckDB nearly every time in this loop; twenty
     # of them all come back as KeyboardInterrupt.
-    import threading
-
     from llmtap.recorder import endpoint
 
     endpoint.check_read_only("SELECT 1")  # the parser exists
