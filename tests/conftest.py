@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fakeprovider import FakeProvider  # noqa: E402
+
+# The Ctrl-C tests send SIGINT to the programs they start, as a terminal does to its foreground
+# job. A suite started as a background job of a non-interactive shell (`cmd &` in a script, as
+# some CI runners and `nohup sh -c '... &'` do) inherits SIGINT ignored, every program it starts
+# inherits that, and CPython keeps an ignored SIGINT ignored: those programs then never see
+# Ctrl-C and the tests hang until their timeouts. Catching it here gives the children the
+# default action back (exec resets caught signals, not ignored ones).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
