@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 from llmtap.dialects import openai_chat as chat
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.base import ids_of
-from llmtap.dialects.shapes import Message, Request, Response, ToolCall, Usage
+from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 from llmtap.recorder.extract import json_object
 
 # The headers tools already send for their session, lowercase, strongest first.
@@ -107,6 +107,21 @@ SESSION_COLUMNS: tuple[tuple[str, str, str], ...] = (
 SESSION_FIELDS: tuple[str, ...] = tuple(c[0] for c in SESSION_COLUMNS)
 
 
+class Answer(NamedTuple):
+    """What grouping reads of an answer: a dialect's Response's fields of the same names, as
+    extraction found them (`response_of`). A tuple: a helper makes one for every call it reads,
+    where a Response, frozen and of thirteen fields, cost more than reading a tool loop's turn."""
+
+    id: str | None
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str | None = None
+
+
+# What grouping reads an answer from: a dialect's whole Response, or extraction's Answer.
+AnswerLike = Response | Answer
+
+
 @dataclass(slots=True)
 class CallInfo:
     """What grouping reads of one finished call. Not frozen: made for every call on the
@@ -121,7 +136,7 @@ class CallInfo:
     # not given (see `facts_of`).
     facts: Facts | None = None
     request: Request | None = None
-    response: Response | None = None
+    response: AnswerLike | None = None
     response_id: str | None = None  # the answer's id, when `response` is not given
     duration_ms: float | None = None
     failed: bool = False
@@ -337,7 +352,7 @@ def _turn_of(m: Message) -> _Turn:
     return _Turn(m.role, tuple(texts), tuple(extras), tuple(results))
 
 
-def _answer_turn(resp: Response) -> _Turn | None:
+def _answer_turn(resp: AnswerLike) -> _Turn | None:
     """`_turn_of(resp.message())`, without building the message; None when it would have no parts."""
     if not (resp.reasoning or resp.content or resp.tool_calls):
         return None
@@ -495,7 +510,7 @@ def _runs(data: bytes) -> memoryview:
     return memoryview(data).cast("q")
 
 
-def facts_of(req: Request | None, resp: Response | None, answer_at: int | None = None,
+def facts_of(req: Request | None, resp: AnswerLike | None, answer_at: int | None = None,
              history_len: int | None = None) -> Facts:
     """What grouping reads of a call: `answer_at` and `history_len` as `trimmed` gives them
     (None: from `req.messages`, read whole)."""
@@ -505,7 +520,7 @@ def facts_of(req: Request | None, resp: Response | None, answer_at: int | None =
     return _facts([_turn_of(m) for m in req.messages], ids, resp, answer_at, history_len)
 
 
-def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response | None, answer_at: int | None,
+def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: AnswerLike | None, answer_at: int | None,
            history_len: int | None) -> Facts:
     conv = _Conv(turns)
     msgs = conv.msgs
@@ -554,7 +569,7 @@ def _facts(turns: list[_Turn], ids: tuple[tuple[str, str], ...], resp: Response 
 _CHAT_ID_KEYS = frozenset(name.split(".")[0] for name in chat.ID_FIELDS)  # most bodies carry none
 
 
-def read_facts(api: str, body: str | bytes | dict | None, response: Response | None) -> Facts:
+def read_facts(api: str, body: str | bytes | dict | None, response: AnswerLike | None) -> Facts:
     """`facts_of` a request body as it crossed (or already parsed) and its answer. Never raises:
     a body of a shape nobody expected is grouped as having no conversation."""
     try:
@@ -587,7 +602,7 @@ def _plain_role(item: Any) -> str | None:
     return chat.ROLES[native] if isinstance(native, str) and native in _PLAIN_ROLES else None
 
 
-def _tool_loop_facts(items: list, ids: tuple[tuple[str, str], ...], resp: Response | None) -> Facts | None:
+def _tool_loop_facts(items: list, ids: tuple[tuple[str, str], ...], resp: AnswerLike | None) -> Facts | None:
     """`_facts` of the most common agent turn, read from the turn alone: its tool results
     answer the last answer's calls and its own answer calls tools. Such a call is tied both
     ways by call ids and leaves no fingerprint of its history (see `_facts`), so of the
@@ -907,14 +922,13 @@ def read_request(api: str, body: str | bytes | dict | None) -> tuple[Request | N
         return None, None, None
 
 
-_NO_USAGE = Usage()  # frozen: one for every answer grouping reads, which never looks at it
-
-
-def response_of(api: str, content: str | None, tool_calls: list[dict] | None, response_id: str | None) -> Response:
-    """The answer's shape from what extraction found."""
-    calls = tuple(ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
-                  for t in tool_calls or () if isinstance(t, dict))
-    return Response(api=api, id=response_id, content=content, tool_calls=calls, usage=_NO_USAGE)
+def response_of(content: str | None, tool_calls: list[dict] | None, response_id: str | None) -> Answer:
+    """The answer as grouping reads it, from what extraction found."""
+    if not tool_calls:
+        return Answer(response_id, content)
+    calls = tuple([ToolCall(t.get("id"), t.get("name"), str(t.get("arguments") or ""))
+                   for t in tool_calls if isinstance(t, dict)])
+    return Answer(response_id, content, calls)
 
 
 class SessionStore:
@@ -962,8 +976,7 @@ class SessionStore:
                         "'\"id\"\\s*:\\s*\"(resp_[A-Za-z0-9_-]+)\"', 1) END FROM calls "
                         "WHERE id IN (SELECT unnest(?)) ORDER BY id", [ids[i:i + 64]]).fetchall():
                     calls = json.loads(tool_calls) if tool_calls else None
-                    facts = read_facts(api, body, response_of(api, content, calls if isinstance(calls, list) else None,
-                                                              None))
+                    facts = read_facts(api, body, response_of(content, calls if isinstance(calls, list) else None, None))
                     self.grouper.recall(sid, cid, client, facts, rid or None)
             return len(ids)
         except Exception:

@@ -62,7 +62,7 @@ def with_request(ex: Extraction, api: str, request: bytes, sessions: bool) -> Ex
     doc = json_object(request)
     ex.prompt = prompt_text(doc)
     if sessions:
-        ex.facts = read_facts(api, doc, response_of(api, ex.content, ex.tool_calls, ex.response_id))
+        ex.facts = read_facts(api, doc, response_of(ex.content, ex.tool_calls, ex.response_id))
     return ex
 
 
