@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 from llmtap.dialects import openai_chat as chat
 from llmtap.dialects import registry as dialects
 from llmtap.dialects.base import ids_of
+from llmtap.dialects.openai_responses import RESPONSES
 from llmtap.dialects.shapes import Message, Request, Response, ToolCall
 from llmtap.recorder.extract import json_object
 
@@ -154,7 +155,8 @@ class CallInfo:
 
     @property
     def ended_at(self) -> datetime:
-        return self.started_at + timedelta(milliseconds=self.duration_ms or 0.0)
+        # Positional: timedelta's keywords cost twice as much, read once or twice a call.
+        return self.started_at + timedelta(0, 0, 0, self.duration_ms or 0.0)
 
 
 class Facts(NamedTuple):
@@ -185,6 +187,11 @@ class Link(NamedTuple):
     link: str
     parent_call_id: str | None
     turn: int
+
+
+_NO_HEADERS: dict[str, str] = {}  # a call's headers when it sent none of SESSION_HEADERS; never written to
+_NO_FACTS = Facts()
+_new_tuple = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -675,6 +682,7 @@ class Grouper:
     # -- the one entry point ------------------------------------------------------------------
     def add(self, c: CallInfo) -> Link:
         f = c.facts if c.facts is not None else facts_of(c.request, c.response, c.answer_at, c.history_len)
+        ended = c.ended_at  # once: a new session starts with it, and every call's moves its end
         named: str | None = None
         link, parent = "", None
         if c.headers or f.ids or c.label is not None:  # most calls carry none of these
@@ -703,14 +711,15 @@ class Grouper:
                 link, parent = "new", None
         if session is None:
             session = Session(id=c.id, source=link, key=named, client=c.client, title=self._title(c, f),
-                              started_at=c.started_at, ended_at=c.ended_at)
+                              started_at=c.started_at, ended_at=ended)
             self._sessions.put(session.id, session)
         if named is not None and not named.startswith("session="):
             self._named.put(named, session.id)
-        self._account(session, c, f)
+        self._account(session, c, f, ended)
         rid = c.response_id or (c.response.id if c.response is not None else None)
         self._leave((session.id, c.id), c.client, rid, f)
-        return Link(session.id, link, parent, session.calls)
+        # tuple.__new__, as Link's own __new__ does, without the Python call around it.
+        return _new_tuple(Link, (session.id, link, parent, session.calls))
 
     # -- evidence -------------------------------------------------------------------------------
     def _explicit(self, c: CallInfo, f: Facts) -> tuple[str | None, str, str | None]:
@@ -787,7 +796,7 @@ class Grouper:
             return key[len("session="):] if key.startswith("session=") else None
         return self._named_in_store(key)
 
-    def _account(self, s: Session, c: CallInfo, f: Facts) -> None:
+    def _account(self, s: Session, c: CallInfo, f: Facts, ended: datetime) -> None:
         s.calls += 1
         s.errors += c.failed
         s.fallbacks += c.fallback
@@ -797,7 +806,6 @@ class Grouper:
             s.output_tokens = (s.output_tokens or 0) + c.output_tokens
         if c.cost_usd is not None:
             s.cost_usd = (s.cost_usd or Decimal(0)) + c.cost_usd
-        ended = c.ended_at
         if ended > s.ended_at:
             s.ended_at = ended
         if s.title is None:
@@ -1009,14 +1017,18 @@ class SessionStore:
         try:
             status, error = row.get("status"), row.get("error")
             cost = row.get("cost_usd")
-            info = CallInfo(
-                id=call.id, started_at=call.started_at, client=row.get("client"),
-                headers=call.session_headers or {}, label=call.session_label, facts=facts or Facts(),
-                response_id=response_id,
-                duration_ms=call.duration_ms, failed=bool(status is None or status >= 400 or error),
-                fallback=(call.attempts or 0) > 1, input_tokens=row.get("input_tokens"),
-                output_tokens=row.get("output_tokens"),
-                cost_usd=cost if cost is None or isinstance(cost, Decimal) else Decimal(str(cost)), mask=mask)
+            if cost is not None and not isinstance(cost, Decimal):
+                cost = Decimal(str(cost))
+            # Only a Responses id is ever named again (previous_response_id): a Chat Completions
+            # id would only push those out of the grouper's memory.
+            rid = response_id if call.api == RESPONSES.name else None
+            # Positional, in CallInfo's order: one is made for every call on the writer's
+            # thread, where matching sixteen keywords cost more than the grouping of a tool
+            # loop's turn.
+            info = CallInfo(call.id, call.started_at, row.get("client"), call.session_headers or _NO_HEADERS,
+                            call.session_label, facts or _NO_FACTS, None, None, rid, call.duration_ms,
+                            bool(status is None or status >= 400 or error), (call.attempts or 0) > 1,
+                            row.get("input_tokens"), row.get("output_tokens"), cost, mask)
             found = self.grouper.add(info)
         except Exception:
             if not self._said:
