@@ -111,7 +111,7 @@ SESSION_FIELDS: tuple[str, ...] = tuple(c[0] for c in SESSION_COLUMNS)
 class Answer(NamedTuple):
     """What grouping reads of an answer: a dialect's Response's fields of the same names, as
     extraction found them (`response_of`). A tuple: a helper makes one for every call it reads,
-    where a Response, frozen and of thirteen fields, cost more than reading a tool loop's turn."""
+    where building a frozen Response of thirteen fields took twice as long."""
 
     id: str | None
     content: str | None
@@ -1023,8 +1023,7 @@ class SessionStore:
             # id would only push those out of the grouper's memory.
             rid = response_id if call.api == RESPONSES.name else None
             # Positional, in CallInfo's order: one is made for every call on the writer's
-            # thread, where matching sixteen keywords cost more than the grouping of a tool
-            # loop's turn.
+            # thread, and matching sixteen keywords cost twice what the call itself does.
             info = CallInfo(call.id, call.started_at, row.get("client"), call.session_headers or _NO_HEADERS,
                             call.session_label, facts or _NO_FACTS, None, None, rid, call.duration_ms,
                             bool(status is None or status >= 400 or error), (call.attempts or 0) > 1,
